@@ -1,0 +1,1 @@
+"""ucloud.cli: the console entry points (ucloud, ucloud-audit)."""

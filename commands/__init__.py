@@ -1,0 +1,1 @@
+"""ucloud.commands: command handlers (load, decide, append with optimistic concurrency)."""

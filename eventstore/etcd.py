@@ -1,0 +1,386 @@
+"""etcd backend: the production log, and with a 3-member cluster no single point of failure.
+
+Key layout (prefix ``/v1`` by default):
+
+    /v1/events/<position:020d>            the event record (msgpack EventRecord)
+    /v1/streams/<stream>/<version:010d>   index: msgpack [position, event id]
+    /v1/head                              the last position, b"%020d"
+    /v1/tracking/<consumer>               a consumer's last position, b"%020d"
+    /v1/snapshots/<stream>                the newest snapshot (msgpack Snapshot)
+
+One append is one etcd transaction. It compares the head (so positions stay gap-free
+and totally ordered across every writer), and for every stream that the version it
+expects exists and the next one does not. The GroupCommitter packs many appends into
+one transaction; when it fails, the failure branch reads back exactly the keys that
+were compared, so each request is judged alone: a conflict is reported to its caller,
+the others go again in the next transaction.
+
+A write whose outcome is unknown (leader lost, connection cut) is simply tried again:
+the stream's next-version key then already holds our event id, which we recognise as
+our own earlier success instead of a conflict. So an acknowledged append is written
+exactly once, even across fail-over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Collection, Sequence
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from .errors import DataError, StreamConflict, TrackingConflict, UnavailableError
+from .etcd_client import (
+    EtcdClient,
+    RequestOp,
+    WatchCompacted,
+    cmp_value,
+    cmp_version,
+    op_get,
+    op_put,
+    prefix_end,
+    range_kvs,
+)
+from .group_commit import GroupCommitter, PendingAppend
+from .interface import EventStore
+from .records import (
+    RECORD_DECODER,
+    RECORD_ENCODER,
+    SNAPSHOT_DECODER,
+    EventRecord,
+    Snapshot,
+    StreamAppend,
+    Tracking,
+    to_record,
+    utcnow,
+    validate_append,
+)
+
+log = logging.getLogger(__name__)
+
+_INDEX = msgspec.msgpack.Decoder(tuple[int, bytes])
+PAGE = 1000
+
+
+def _pad(position: int) -> bytes:
+    return b"%020d" % position
+
+
+class EtcdEventStore(EventStore):
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        prefix: str = "/v1",
+        max_txn_ops: int = 128,
+        max_txn_bytes: int = 1024 * 1024,
+        append_timeout: float = 30.0,
+        timeout: float = 5.0,
+    ) -> None:
+        self.client = EtcdClient(endpoints, timeout=timeout)
+        self.prefix = prefix.rstrip("/").encode()
+        self.append_timeout = append_timeout
+        self._head_key = self.prefix + b"/head"
+        self._events = self.prefix + b"/events/"
+        # Cost of a request in etcd operations, bounded by --max-txn-ops: the success
+        # branch puts 2 keys per event, the compares and the failure branch touch 2 keys
+        # per stream; one op of every branch is reserved for the head.
+        self._committer = GroupCommitter(self._commit_batch, max_cost=max_txn_ops - 1, max_bytes=max_txn_bytes)
+        self.max_txn_ops = max_txn_ops
+        self._head_cache: int | None = None
+        self._tracking_cache: dict[str, int] = {}
+        self._known_head = 0
+        self._head_changed: asyncio.Condition | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- keys -------------------------------------------------------------------
+
+    def _event_key(self, position: int) -> bytes:
+        return self._events + _pad(position)
+
+    def _stream_prefix(self, stream: str) -> bytes:
+        return self.prefix + b"/streams/" + stream.encode() + b"/"
+
+    def _stream_key(self, stream: str, version: int) -> bytes:
+        return self._stream_prefix(stream) + b"%010d" % version
+
+    def _tracking_key(self, consumer: str) -> bytes:
+        return self.prefix + b"/tracking/" + consumer.encode()
+
+    # -- append -----------------------------------------------------------------
+
+    async def append(self, *appends: StreamAppend, tracking: Tracking | None = None) -> list[int]:
+        events = validate_append(appends, tracking)
+        cost = 2 * events + 2 * len(appends) + (1 if tracking else 0)
+        return await self._committer.submit(appends, tracking, cost)
+
+    async def _commit_batch(self, batch: list[PendingAppend]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.append_timeout
+        remaining = list(batch)
+        delay = 0.02
+        while remaining:
+            if self._head_cache is None:
+                self._head_cache = await self._read_head()
+            head = self._head_cache
+            compare, success, failure, positions = self._build_txn(remaining, head)
+            try:
+                result = await self.client.txn(compare, success, failure)
+            except UnavailableError as error:
+                # Outcome unknown: try again; our own earlier success is recognised.
+                self._head_cache = None
+                if loop.time() + delay > deadline:
+                    for request in remaining:
+                        request.resolve(UnavailableError(f"append not confirmed: {error}"))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if result.succeeded:
+                self._head_cache = head + sum(len(p) for p in positions)
+                for request, request_positions in zip(remaining, positions, strict=True):
+                    if request.tracking is not None:
+                        self._tracking_cache[request.tracking.consumer] = request.tracking.position
+                    request.resolve(request_positions)
+                self._note_head(self._head_cache)
+                return
+            remaining = self._judge_failure(remaining, result.responses)
+
+    def _build_txn(
+        self, requests: list[PendingAppend], head: int
+    ) -> tuple[list[Any], list[RequestOp], list[RequestOp], list[list[int]]]:
+        compare = [cmp_version(self._head_key, "==", 0) if head == 0 else cmp_value(self._head_key, "==", _pad(head))]
+        success: list[RequestOp] = []
+        failure: list[RequestOp] = [op_get(self._head_key)]
+        all_positions: list[list[int]] = []
+        position = head
+        now = utcnow()
+        for request in requests:
+            positions = []
+            for append in request.appends:
+                next_key = self._stream_key(append.stream, append.expected_version + 1)
+                compare.append(cmp_version(next_key, "==", 0))
+                failure.append(op_get(next_key))
+                if append.expected_version > 0:
+                    current_key = self._stream_key(append.stream, append.expected_version)
+                    compare.append(cmp_version(current_key, ">", 0))
+                    failure.append(op_get(current_key, keys_only=True))
+                for offset, event in enumerate(append.events, start=1):
+                    position += 1
+                    version = append.expected_version + offset
+                    record = to_record(event, append.stream, version, position, now)
+                    success.append(op_put(self._event_key(position), RECORD_ENCODER.encode(record)))
+                    success.append(op_put(self._stream_key(append.stream, version),
+                                          RECORD_ENCODER.encode((position, event.id.bytes))))
+                    positions.append(position)
+            if request.tracking is not None:
+                key = self._tracking_key(request.tracking.consumer)
+                recorded = self._tracking_cache.get(request.tracking.consumer)
+                if recorded is None:
+                    compare.append(cmp_version(key, "==", 0))
+                else:
+                    compare.append(cmp_value(key, "<", _pad(request.tracking.position)))
+                failure.append(op_get(key))
+                success.append(op_put(key, _pad(request.tracking.position)))
+            all_positions.append(positions)
+        success.append(op_put(self._head_key, _pad(position)))
+        return compare, success, failure, all_positions
+
+    def _judge_failure(self, requests: list[PendingAppend], responses: list[Any]) -> list[PendingAppend]:
+        """Read the failure branch in the order _build_txn wrote it; return who goes again."""
+        answers = iter(responses)
+        head_kvs = range_kvs(next(answers))
+        self._head_cache = int(head_kvs[0].value) if head_kvs else 0
+        again = []
+        for request in requests:
+            outcome: list[int] | Exception | None = None
+            own_positions: list[int] = []
+            for append in request.appends:
+                next_kvs = range_kvs(next(answers))
+                current_missing = False
+                if append.expected_version > 0:
+                    current_missing = not range_kvs(next(answers))
+                if outcome is not None:
+                    continue
+                if next_kvs:
+                    position, event_id = _INDEX.decode(next_kvs[0].value)
+                    if UUID(bytes=event_id) == append.events[0].id:
+                        own_positions.extend(range(position, position + len(append.events)))
+                        continue
+                    outcome = StreamConflict(append.stream, append.expected_version)
+                elif current_missing:
+                    outcome = StreamConflict(append.stream, append.expected_version)
+            if request.tracking is not None:
+                tracking_kvs = range_kvs(next(answers))
+                recorded = int(tracking_kvs[0].value) if tracking_kvs else 0
+                if tracking_kvs:
+                    self._tracking_cache[request.tracking.consumer] = recorded
+                else:
+                    self._tracking_cache.pop(request.tracking.consumer, None)
+                own = bool(own_positions) and recorded == request.tracking.position
+                if outcome is None and recorded >= request.tracking.position and not own:
+                    outcome = TrackingConflict(request.tracking.consumer, request.tracking.position, recorded)
+            if outcome is None and own_positions and len(own_positions) == sum(len(a.events) for a in request.appends):
+                outcome = own_positions  # an earlier, unconfirmed attempt did commit
+            if outcome is None:
+                again.append(request)
+            else:
+                request.resolve(outcome)
+        return again
+
+    # -- reads ------------------------------------------------------------------
+
+    async def _read_head(self) -> int:
+        kv = await self.client.get(self._head_key)
+        return int(kv.value) if kv else 0
+
+    async def head(self) -> int:
+        head = await self._read_head()
+        self._note_head(head)
+        return head
+
+    async def read_all(
+        self,
+        after: int = 0,
+        *,
+        up_to: int | None = None,
+        limit: int | None = None,
+        types: Collection[str] | None = None,
+    ) -> list[EventRecord]:
+        wanted = set(types) if types is not None else None
+        end = self._event_key(up_to + 1) if up_to is not None else prefix_end(self._events)
+        start = self._event_key(after + 1)
+        out: list[EventRecord] = []
+        revision = 0
+        while True:
+            # All pages at the revision of the first: one consistent cut of the log.
+            result = await self.client.range(start, end, limit=PAGE, revision=revision)
+            revision = result.revision
+            for kv in result.kvs:
+                record = _decode(kv.value)
+                if wanted is None or record.type in wanted:
+                    out.append(record)
+                    if limit is not None and len(out) >= limit:
+                        return out
+            if not result.more or not result.kvs:
+                return out
+            start = result.kvs[-1].key + b"\0"
+
+    async def read_stream(
+        self,
+        stream: str,
+        *,
+        after_version: int = 0,
+        up_to_version: int | None = None,
+        limit: int | None = None,
+        backwards: bool = False,
+    ) -> list[EventRecord]:
+        prefix = self._stream_prefix(stream)
+        start = self._stream_key(stream, after_version + 1)
+        end = self._stream_key(stream, up_to_version + 1) if up_to_version is not None else prefix_end(prefix)
+        index = await self.client.range(start, end, limit=limit or 0, descending=backwards)
+        positions = [_INDEX.decode(kv.value)[0] for kv in index.kvs]
+        records: list[EventRecord] = []
+        chunk = max(1, self.max_txn_ops)
+        for i in range(0, len(positions), chunk):
+            ops = [op_get(self._event_key(p)) for p in positions[i : i + chunk]]
+            result = await self.client.txn([], ops)
+            for response in result.responses:
+                kvs = range_kvs(response)
+                if not kvs:
+                    raise DataError(f"stream {stream!r} indexes an event that is missing from the log")
+                records.append(_decode(kvs[0].value))
+        return records
+
+    async def stream_version(self, stream: str) -> int:
+        prefix = self._stream_prefix(stream)
+        result = await self.client.range(prefix, prefix_end(prefix), limit=1, keys_only=True, descending=True)
+        return int(result.kvs[0].key[len(prefix):]) if result.kvs else 0
+
+    async def tracked_position(self, consumer: str) -> int:
+        kv = await self.client.get(self._tracking_key(consumer))
+        return int(kv.value) if kv else 0
+
+    # -- live -------------------------------------------------------------------
+
+    def _note_head(self, head: int) -> None:
+        if head > self._known_head:
+            self._known_head = head
+            condition = self._head_changed
+            if condition is not None:
+                asyncio.get_running_loop().create_task(_notify(condition))
+
+    async def wait_for_events(self, after: int, timeout: float) -> int:
+        if self._head_changed is None:
+            self._head_changed = asyncio.Condition()
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_head())
+        if self._known_head <= after:
+            async with self._head_changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._head_changed.wait_for(lambda: self._known_head > after), timeout)
+        # The watch only wakes us; the head itself is always read fresh.
+        return await self.head()
+
+    async def _watch_head(self) -> None:
+        """Follow the head key. Any failure (compaction, restart, fail-over) just
+        restarts the watch from a fresh read: readers go by position, so nothing
+        can be missed."""
+        delay = 0.05
+        while True:
+            try:
+                kv_rev = await self.client.range(self._head_key)
+                if kv_rev.kvs:
+                    self._note_head(int(kv_rev.kvs[0].value))
+                async for kvs in self.client.watch(self._head_key, start_revision=kv_rev.revision + 1):
+                    for kv in kvs:
+                        if kv.value:
+                            self._note_head(int(kv.value))
+                    delay = 0.05
+            except asyncio.CancelledError:
+                raise
+            except (UnavailableError, WatchCompacted, DataError) as error:
+                log.debug("head watch restarts after: %s", error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # -- snapshots --------------------------------------------------------------
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        key = self.prefix + b"/snapshots/" + snapshot.stream.encode()
+        current = await self.load_snapshot(snapshot.stream)
+        if current is not None and current.version >= snapshot.version:
+            return
+        await self.client.put(key, RECORD_ENCODER.encode(snapshot))
+
+    async def load_snapshot(self, stream: str) -> Snapshot | None:
+        kv = await self.client.get(self.prefix + b"/snapshots/" + stream.encode())
+        if kv is None:
+            return None
+        try:
+            return SNAPSHOT_DECODER.decode(kv.value)
+        except msgspec.DecodeError as error:
+            raise DataError(f"snapshot of {stream!r} does not decode: {error}") from error
+
+    async def close(self) -> None:
+        await self._committer.close()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+        await self.client.close()
+
+
+async def _notify(condition: asyncio.Condition) -> None:
+    async with condition:
+        condition.notify_all()
+
+
+def _decode(value: bytes) -> EventRecord:
+    try:
+        return RECORD_DECODER.decode(value)
+    except msgspec.DecodeError as error:
+        raise DataError(f"an event in the log does not decode: {error}") from error

@@ -1,0 +1,319 @@
+"""A thin asyncio etcd v3 client: the few calls ucloud needs, done completely.
+
+Why not a ready client: python-etcd3 does not import with protobuf >= 4 and ignores
+``limit`` and ``revision`` on ranges; aetcd (asyncio, current grpcio/protobuf) builds
+no ``limit``/``revision`` either and talks to one endpoint only. We keep aetcd for
+what it does well, the generated etcd v3 gRPC stubs, and add here: ranges with
+limit/revision/sort, transactions on raw protobuf ops, watches that report
+compaction, leases with keep-alive, and fail-over across the endpoints of a cluster.
+Every gRPC error becomes an ``UnavailableError`` or ``DataError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from aetcd import rpc
+
+from .errors import DataError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN}
+
+# Compare/RequestOp builders, so callers never touch protobuf enums directly.
+Compare = rpc.Compare
+RequestOp = rpc.RequestOp
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end that selects every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+def cmp_version(key: bytes, op: str, version: int) -> rpc.Compare:
+    return rpc.Compare(key=key, target=rpc.Compare.VERSION, result=_OPS[op], version=version)
+
+
+def cmp_value(key: bytes, op: str, value: bytes) -> rpc.Compare:
+    return rpc.Compare(key=key, target=rpc.Compare.VALUE, result=_OPS[op], value=value)
+
+
+def cmp_mod(key: bytes, op: str, revision: int) -> rpc.Compare:
+    return rpc.Compare(key=key, target=rpc.Compare.MOD, result=_OPS[op], mod_revision=revision)
+
+
+def cmp_create(key: bytes, op: str, revision: int) -> rpc.Compare:
+    return rpc.Compare(key=key, target=rpc.Compare.CREATE, result=_OPS[op], create_revision=revision)
+
+
+_OPS = {
+    "==": rpc.Compare.EQUAL,
+    "!=": rpc.Compare.NOT_EQUAL,
+    "<": rpc.Compare.LESS,
+    ">": rpc.Compare.GREATER,
+}
+
+
+def op_put(key: bytes, value: bytes, lease: int = 0) -> rpc.RequestOp:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
+
+
+def op_get(key: bytes, range_end: bytes | None = None, *, limit: int = 0, keys_only: bool = False,
+           descending: bool = False) -> rpc.RequestOp:
+    return rpc.RequestOp(request_range=_range_request(key, range_end, limit=limit, keys_only=keys_only,
+                                                      descending=descending))
+
+
+def op_delete(key: bytes, range_end: bytes | None = None) -> rpc.RequestOp:
+    request = rpc.DeleteRangeRequest(key=key)
+    if range_end is not None:
+        request.range_end = range_end
+    return rpc.RequestOp(request_delete_range=request)
+
+
+def _range_request(key: bytes, range_end: bytes | None, *, limit: int = 0, revision: int = 0,
+                   keys_only: bool = False, descending: bool = False,
+                   serializable: bool = False) -> rpc.RangeRequest:
+    request = rpc.RangeRequest(key=key, limit=limit, revision=revision, keys_only=keys_only,
+                               serializable=serializable)
+    if range_end is not None:
+        request.range_end = range_end
+    if descending:
+        request.sort_order = rpc.RangeRequest.DESCEND
+        request.sort_target = rpc.RangeRequest.KEY
+    return request
+
+
+@dataclass(frozen=True)
+class KV:
+    key: bytes
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    kvs: list[KV]
+    more: bool
+    revision: int
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    responses: list[Any]  # rpc.ResponseOp; use range_kvs() for range responses
+    revision: int
+
+
+def range_kvs(response: Any) -> list[KV]:
+    return [_kv(kv) for kv in response.response_range.kvs]
+
+
+def _kv(kv: Any) -> KV:
+    return KV(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+
+
+class WatchCompacted(Exception):
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"watch start revision was compacted (now {compact_revision})")
+        self.compact_revision = compact_revision
+
+
+class EtcdClient:
+    """Connects to one of ``endpoints`` ("host:port") and fails over to the next.
+
+    A unary call that fails with UNAVAILABLE is retried on the next endpoint when it
+    is a read; writes are not retried here, because only the caller can tell whether
+    a write that may have happened is safe to repeat.
+    """
+
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0, max_message: int = 64 * 1024 * 1024):
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self._options = [
+            ("grpc.max_send_message_length", max_message),
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1_000),
+        ]
+        self._index = 0
+        self._channel: grpc.aio.Channel | None = None
+        self._kv: Any = None
+        self._watch: Any = None
+        self._lease: Any = None
+        self._maintenance: Any = None
+        self._cluster: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[self._index % len(self.endpoints)]
+
+    def _connect(self) -> None:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.endpoint, options=self._options)
+            self._kv = rpc.KVStub(self._channel)
+            self._watch = rpc.WatchStub(self._channel)
+            self._lease = rpc.LeaseStub(self._channel)
+            self._maintenance = rpc.MaintenanceStub(self._channel)
+            self._cluster = rpc.ClusterStub(self._channel)
+
+    async def _fail_over(self, broken: grpc.aio.Channel | None) -> None:
+        """Move to the next endpoint unless another call already did."""
+        if broken is not None and self._channel is broken:
+            self._channel = None
+            self._index += 1
+            log.info("etcd: failing over to %s", self.endpoint)
+            with contextlib.suppress(Exception):
+                await broken.close()
+
+    async def _call(self, stub_name: str, method: str, request: Any, *, retry: bool) -> Any:
+        attempts = len(self.endpoints) * 3 if retry else 1
+        last: grpc.aio.AioRpcError | None = None
+        for attempt in range(attempts):
+            self._connect()
+            channel = self._channel
+            stub = getattr(self, stub_name)
+            try:
+                return await getattr(stub, method)(request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as error:
+                last = error
+                if error.code() not in _RETRYABLE:
+                    raise _translate(error, self.endpoint) from error
+                await self._fail_over(channel)
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
+            except asyncio.CancelledError:
+                raise
+        assert last is not None
+        raise _translate(last, self.endpoint) from last
+
+    # -- KV ---------------------------------------------------------------------
+
+    async def range(self, key: bytes, range_end: bytes | None = None, *, limit: int = 0, revision: int = 0,
+                    keys_only: bool = False, descending: bool = False, serializable: bool = False) -> RangeResult:
+        request = _range_request(key, range_end, limit=limit, revision=revision, keys_only=keys_only,
+                                 descending=descending, serializable=serializable)
+        response = await self._call("_kv", "Range", request, retry=True)
+        return RangeResult([_kv(kv) for kv in response.kvs], response.more, response.header.revision)
+
+    async def get(self, key: bytes) -> KV | None:
+        result = await self.range(key)
+        return result.kvs[0] if result.kvs else None
+
+    async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        response = await self._call("_kv", "Put", rpc.PutRequest(key=key, value=value, lease=lease), retry=False)
+        return response.header.revision
+
+    async def delete(self, key: bytes, range_end: bytes | None = None) -> int:
+        request = rpc.DeleteRangeRequest(key=key)
+        if range_end is not None:
+            request.range_end = range_end
+        response = await self._call("_kv", "DeleteRange", request, retry=False)
+        return response.deleted
+
+    async def txn(self, compare: Sequence[rpc.Compare], success: Sequence[rpc.RequestOp],
+                  failure: Sequence[rpc.RequestOp] = ()) -> TxnResult:
+        request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+        response = await self._call("_kv", "Txn", request, retry=False)
+        return TxnResult(response.succeeded, list(response.responses), response.header.revision)
+
+    async def compact(self, revision: int, physical: bool = True) -> None:
+        await self._call("_kv", "Compact", rpc.CompactionRequest(revision=revision, physical=physical), retry=True)
+
+    # -- leases -----------------------------------------------------------------
+
+    async def lease_grant(self, ttl: int) -> int:
+        response = await self._call("_lease", "LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl), retry=True)
+        return response.ID
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        await self._call("_lease", "LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease_id), retry=True)
+
+    async def lease_keepalive_once(self, lease_id: int) -> int:
+        """Refresh a lease; return the remaining TTL (0 or less: the lease is gone)."""
+        self._connect()
+        channel = self._channel
+        try:
+            call = self._lease.LeaseKeepAlive(timeout=self.timeout)
+            await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+            await call.done_writing()
+            response = await call.read()
+        except grpc.aio.AioRpcError as error:
+            if error.code() in _RETRYABLE:
+                await self._fail_over(channel)
+            raise _translate(error, self.endpoint) from error
+        if response is grpc.aio.EOF:
+            return 0
+        return response.TTL
+
+    # -- cluster ----------------------------------------------------------------
+
+    async def status(self) -> Any:
+        return await self._call("_maintenance", "Status", rpc.StatusRequest(), retry=True)
+
+    async def members(self) -> Any:
+        return await self._call("_cluster", "MemberList", rpc.MemberListRequest(), retry=True)
+
+    # -- watch ------------------------------------------------------------------
+
+    async def watch(self, key: bytes, range_end: bytes | None = None, *, start_revision: int = 0,
+                    progress_notify: bool = True) -> AsyncIterator[list[KV]]:
+        """Yield the changed key-values of each watch response.
+
+        Raises WatchCompacted if ``start_revision`` is compacted, UnavailableError if
+        the stream breaks; the caller decides how to resume (by re-reading state)."""
+        self._connect()
+        channel = self._channel
+        create = rpc.WatchCreateRequest(key=key, start_revision=start_revision, progress_notify=progress_notify)
+        if range_end is not None:
+            create.range_end = range_end
+        call = self._watch.Watch()
+        try:
+            await call.write(rpc.WatchRequest(create_request=create))
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise UnavailableError(f"etcd {self.endpoint}: watch stream ended")
+                if response.compact_revision:
+                    raise WatchCompacted(response.compact_revision)
+                if response.canceled:
+                    raise UnavailableError(f"etcd {self.endpoint}: watch cancelled: {response.cancel_reason}")
+                if response.events:
+                    yield [_kv(event.kv) for event in response.events]
+        except grpc.aio.AioRpcError as error:
+            if error.code() in _RETRYABLE:
+                await self._fail_over(channel)
+            raise _translate(error, self.endpoint) from error
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close()
+
+
+def _translate(error: grpc.aio.AioRpcError, endpoint: str) -> Exception:
+    message = f"etcd {endpoint}: {error.code().name}: {error.details()}"
+    if error.code() in _RETRYABLE or error.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return UnavailableError(message)
+    return DataError(message)

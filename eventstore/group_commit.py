@@ -1,0 +1,127 @@
+"""Group commit: concurrent appends share one backend transaction.
+
+Each request keeps its own atomicity and concurrency check; the backend's
+``commit_batch`` decides every request's outcome and commits all the successful
+ones together. There is no artificial delay: while one transaction is in flight the
+next requests queue up, and the next transaction takes them all (up to the limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+
+from .errors import InvalidAppend, UnavailableError
+from .records import StreamAppend, Tracking
+
+
+class PendingAppend:
+    __slots__ = ("appends", "tracking", "future", "cost", "size")
+
+    def __init__(self, appends: Sequence[StreamAppend], tracking: Tracking | None, size: int, cost: int):
+        self.appends = appends
+        self.tracking = tracking
+        self.future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self.cost = cost
+        self.size = size
+
+    def resolve(self, outcome: list[int] | BaseException) -> None:
+        if self.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
+CommitBatch = Callable[[list[PendingAppend]], Awaitable[None]]
+
+
+class GroupCommitter:
+    def __init__(
+        self,
+        commit_batch: CommitBatch,
+        *,
+        max_cost: int,
+        max_bytes: int,
+        max_requests: int = 256,
+    ) -> None:
+        self._commit_batch = commit_batch
+        self.max_cost = max_cost
+        self.max_bytes = max_bytes
+        self.max_requests = max_requests
+        self._queue: deque[PendingAppend] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.batches = 0  # for benchmarks: how many transactions served how many requests
+        self.requests = 0
+
+    async def submit(self, appends: Sequence[StreamAppend], tracking: Tracking | None, cost: int) -> list[int]:
+        """Queue a request; ``cost`` is its share of the backend's per-transaction limit
+        (events for SQLite, operations for etcd)."""
+        if self._closed:
+            raise UnavailableError("the event store is closed")
+        size = sum(len(e.data) + 200 for a in appends for e in a.events)
+        if cost > self.max_cost or size > self.max_bytes:
+            events = sum(len(a.events) for a in appends)
+            raise InvalidAppend(
+                f"an append of {events} events (~{size} bytes) does not fit in one transaction "
+                f"(at most {self.max_cost} operations and {self.max_bytes} bytes)"
+            )
+        pending = PendingAppend(appends, tracking, size, cost)
+        self._queue.append(pending)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        # The caller may be cancelled; the write itself goes on and stays consistent.
+        return await asyncio.shield(pending.future)
+
+    def _next_batch(self) -> list[PendingAppend]:
+        batch: list[PendingAppend] = []
+        deferred: list[PendingAppend] = []
+        streams: set[str] = set()
+        consumers: set[str] = set()
+        cost = size = 0
+        while self._queue and len(batch) < self.max_requests:
+            request = self._queue.popleft()
+            names = {a.stream for a in request.appends}
+            consumer = request.tracking.consumer if request.tracking else None
+            if names & streams or (consumer is not None and consumer in consumers):
+                # Same stream twice in one transaction: the later request must see the
+                # earlier one's outcome first, so it waits for the next batch.
+                deferred.append(request)
+                continue
+            if batch and (cost + request.cost > self.max_cost or size + request.size > self.max_bytes):
+                deferred.append(request)
+                break
+            batch.append(request)
+            streams |= names
+            if consumer is not None:
+                consumers.add(consumer)
+            cost += request.cost
+            size += request.size
+        self._queue.extendleft(reversed(deferred))
+        return batch
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._next_batch()
+            self.batches += 1
+            self.requests += len(batch)
+            try:
+                await self._commit_batch(batch)
+            except BaseException as error:  # noqa: BLE001 - every waiter must hear of it
+                for request in batch:
+                    request.resolve(error if isinstance(error, Exception) else UnavailableError("append interrupted"))
+                if not isinstance(error, Exception):
+                    raise
+            for request in batch:
+                request.resolve(UnavailableError("append was not decided by the backend"))
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._writer is not None and not self._writer.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer), 10)
+            except (TimeoutError, asyncio.CancelledError):
+                self._writer.cancel()

@@ -1,0 +1,1 @@
+"""ucloud.gateway: the HTTP API, authentication and the metadata server."""

@@ -1,0 +1,1 @@
+"""ucloud.processes: process managers (scheduler, migrator, IPAM, billing, failure detector)."""

@@ -1,0 +1,1 @@
+"""ucloud.projections: read models built from the log."""

@@ -1,0 +1,11 @@
+"""The aggregate types the command side loads."""
+
+from __future__ import annotations
+
+from ucloud.domain import host, sshkey, vm
+
+from .unit_of_work import AggregateType
+
+VM = AggregateType("vm", vm.Vm, vm.evolve, vm.stream_name)
+HOST = AggregateType("host", host.Host, host.evolve, host.stream_name)
+SSHKEY = AggregateType("sshkey", sshkey.SshKey, sshkey.evolve, sshkey.stream_name)

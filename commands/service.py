@@ -1,0 +1,206 @@
+"""The command side's one entry point: every user or system intent goes through here.
+
+Handlers are short: load, decide (pure domain), record. Validation of what users
+write happens in the domain (units, names, keys) so the gateway and CLI stay thin.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from uuid import UUID
+
+from ucloud.domain import host as host_domain
+from ucloud.domain import sshkey as sshkey_domain
+from ucloud.domain import vm as vm_domain
+from ucloud.domain.catalogue import build_codec
+from ucloud.domain.errors import InvalidValue, NotFound, Rejected
+from ucloud.domain.events import Command, EventCodec
+from ucloud.domain.units import parse_cores, parse_size
+from ucloud.eventstore.interface import EventStore
+from ucloud.eventstore.records import Tracking
+
+from .aggregates import HOST, SSHKEY, VM
+from .unit_of_work import Actor, Outcome, Repository, Session
+
+IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c003")
+_VM_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE)
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+MIN_RAM = 16 * 1024 * 1024
+MIN_DISK = 1024 * 1024
+
+
+class CommandService:
+    def __init__(self, store: EventStore, codec: EventCodec | None = None,
+                 overcommit: host_domain.Overcommit | None = None) -> None:
+        self.store = store
+        self.codec = codec or build_codec()
+        self.repository = Repository(store, self.codec)
+        self.overcommit = overcommit or host_domain.Overcommit()
+
+    # -- VMs --------------------------------------------------------------------
+
+    async def create_vm(
+        self,
+        actor: Actor,
+        *,
+        name: str,
+        cores: int | str,
+        ram: int | str,
+        disk: int | str,
+        image: str,
+        ssh_keys: tuple[str, ...] | list[str] = (),
+        restart_policy: str = "always",
+        owner: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Outcome[UUID]:
+        owner = self._owner(actor, owner)
+        if not _VM_NAME.match(name or ""):
+            raise InvalidValue("name", "use 1-63 letters, digits and '-' (a hostname label)")
+        if not _IMAGE.match(image or ""):
+            raise InvalidValue("image", f"{image!r} is not an image name")
+        try:
+            policy = vm_domain.RestartPolicy(restart_policy)
+        except ValueError:
+            raise InvalidValue("restart_policy", f"must be one of {[p.value for p in vm_domain.RestartPolicy]}") from None
+        ram_bytes = parse_size(ram, "ram")
+        disk_bytes = parse_size(disk, "disk")
+        if ram_bytes < MIN_RAM:
+            raise InvalidValue("ram", "must be at least 16MiB")
+        if disk_bytes < MIN_DISK:
+            raise InvalidValue("disk", "must be at least 1MiB")
+        command = vm_domain.CreateVm(
+            vm_id=uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{owner}\0{idempotency_key}") if idempotency_key else uuid.uuid4(),
+            owner=owner, name=name, cores=parse_cores(cores), ram=ram_bytes, disk=disk_bytes, image=image,
+            ssh_keys=tuple(ssh_keys), restart_policy=policy,
+        )
+
+        async def work(session: Session) -> UUID:
+            for key_name in command.ssh_keys:
+                key = await session.load(SSHKEY, sshkey_domain.key_id_for(owner, key_name))
+                if key is None or key.deleted:
+                    raise InvalidValue("ssh_keys", f"no SSH key named {key_name!r}")
+            existing = await session.load(VM, command.vm_id)
+            if existing is not None and idempotency_key:
+                same = (existing.name, existing.cores, existing.ram, existing.disk, existing.image) == (
+                    command.name, command.cores, command.ram, command.disk, command.image)
+                if not same:
+                    raise Rejected("this Idempotency-Key was already used for a different request")
+                return command.vm_id  # a retry of the same request: answer as before
+            session.record(VM, command.vm_id, vm_domain.decide(existing, command))
+            return command.vm_id
+
+        return await self.repository.transact(work, actor)
+
+    async def vm_command(self, actor: Actor, command: Command) -> Outcome[None]:
+        """start, stop, reboot, delete: on one's own VM (admins: on any)."""
+        vm_id: UUID = command.vm_id  # type: ignore[attr-defined]
+
+        async def work(session: Session) -> None:
+            vm = await session.load(VM, vm_id)
+            if vm is not None and not actor.is_admin and vm.owner != actor.name:
+                vm = None  # another tenant's VM does not exist for you
+            session.record(VM, vm_id, vm_domain.decide(vm, command))
+
+        return await self.repository.transact(work, actor)
+
+    # -- SSH keys -----------------------------------------------------------------
+
+    async def add_ssh_key(self, actor: Actor, name: str, public_key: str, owner: str | None = None) -> Outcome[UUID]:
+        owner = self._owner(actor, owner)
+        key_id = sshkey_domain.key_id_for(owner, name)
+        command = sshkey_domain.AddSshKey(owner=owner, name=name, public_key=public_key)
+
+        async def work(session: Session) -> UUID:
+            key = await session.load(SSHKEY, key_id)
+            session.record(SSHKEY, key_id, sshkey_domain.decide(key, command))
+            return key_id
+
+        return await self.repository.transact(work, actor)
+
+    async def delete_ssh_key(self, actor: Actor, name: str, owner: str | None = None) -> Outcome[None]:
+        owner = self._owner(actor, owner)
+        key_id = sshkey_domain.key_id_for(owner, name)
+        command = sshkey_domain.DeleteSshKey(owner=owner, name=name)
+
+        async def work(session: Session) -> None:
+            key = await session.load(SSHKEY, key_id)
+            session.record(SSHKEY, key_id, sshkey_domain.decide(key, command))
+
+        return await self.repository.transact(work, actor)
+
+    # -- hosts ----------------------------------------------------------------------
+
+    async def register_host(self, actor: Actor, hostname: str, cores: int | str, ram: int | str,
+                            disk: int | str, hypervisor: str = "qemu") -> Outcome[UUID]:
+        if not actor.is_admin:
+            raise NotFound("hosts are managed in the admin realm")
+        command = host_domain.RegisterHost(hostname=hostname, cores=parse_cores(cores, "cores"),
+                                           ram=parse_size(ram, "ram"), disk=parse_size(disk, "disk"),
+                                           hypervisor=hypervisor)
+        host_id = host_domain.host_id_for(hostname)
+
+        async def work(session: Session) -> UUID:
+            current = await session.load(HOST, host_id)
+            session.record(HOST, host_id, host_domain.decide(current, command))
+            return host_id
+
+        return await self.repository.transact(work, actor)
+
+    # -- the scheduler and host agents ------------------------------------------------
+
+    async def place_vm(self, actor: Actor, vm_id: UUID, host_id: UUID,
+                       tracking: Tracking | None = None) -> Outcome[None]:
+        """Place a VM and claim its capacity on the host in one append."""
+
+        async def work(session: Session) -> None:
+            vm = await session.load(VM, vm_id)
+            host = await session.load(HOST, host_id)
+            if vm is None or vm.status is not vm_domain.Status.REQUESTED:
+                return  # already placed, or deleted meanwhile: nothing to do
+            claim = host_domain.ClaimCapacity(host_id=host_id, vm_id=vm_id, cores=vm.cores, ram=vm.ram, disk=vm.disk)
+            session.record(HOST, host_id, host_domain.decide(host, claim, self.overcommit))
+            session.record(VM, vm_id, vm_domain.decide(vm, vm_domain.PlaceVm(vm_id=vm_id, host_id=host_id)))
+
+        return await self.repository.transact(work, actor, tracking=tracking)
+
+    async def mark_unschedulable(self, actor: Actor, vm_id: UUID, reason: str,
+                                 tracking: Tracking | None = None) -> Outcome[None]:
+        async def work(session: Session) -> None:
+            vm = await session.load(VM, vm_id)
+            if vm is None or vm.status is not vm_domain.Status.REQUESTED:
+                return
+            session.record(VM, vm_id, vm_domain.decide(vm, vm_domain.MarkUnschedulable(vm_id=vm_id, reason=reason)))
+
+        return await self.repository.transact(work, actor, tracking=tracking)
+
+    async def release_capacity(self, actor: Actor, host_id: UUID, vm_id: UUID,
+                               tracking: Tracking | None = None) -> Outcome[None]:
+        async def work(session: Session) -> None:
+            host = await session.load(HOST, host_id)
+            if host is None:
+                return
+            session.record(HOST, host_id, host_domain.decide(
+                host, host_domain.ReleaseCapacity(host_id=host_id, vm_id=vm_id)))
+
+        return await self.repository.transact(work, actor, tracking=tracking)
+
+    async def report(self, actor: Actor, command: Command) -> Outcome[None]:
+        """A host agent reports what it observed (started, stopped, crashed, ...)."""
+        vm_id: UUID = command.vm_id  # type: ignore[attr-defined]
+
+        async def work(session: Session) -> None:
+            vm = await session.load(VM, vm_id)
+            session.record(VM, vm_id, vm_domain.decide(vm, command))
+
+        return await self.repository.transact(work, actor)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    @staticmethod
+    def _owner(actor: Actor, owner: str | None) -> str:
+        if owner is None or owner == actor.name:
+            return actor.name
+        if not actor.is_admin:
+            raise NotFound("only the admin realm may act for another user")
+        return owner

@@ -1,0 +1,190 @@
+"""The Host aggregate: registered capacity, and the claims VMs hold on it.
+
+A placement claims capacity on the host's stream in the same transaction that
+places the VM, with optimistic concurrency on the host stream: two schedulers (or
+two placements from one) can never both take the last free core.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from uuid import UUID
+
+import msgspec
+
+from .errors import InvalidValue, NotFound, Rejected
+from .events import Command, Event
+
+HOST_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c001")
+
+
+def host_id_for(hostname: str) -> UUID:
+    """A host's id follows from its name, so an agent and an admin agree on it."""
+    return uuid.uuid5(HOST_NAMESPACE, hostname)
+
+
+class HostStatus(enum.StrEnum):
+    UP = "up"
+    DOWN = "down"
+    DISABLED = "disabled"
+
+
+class HostRegistered(Event, tag="host.registered"):
+    host_id: UUID
+    hostname: str
+    cores: int
+    ram: int
+    disk: int
+    hypervisor: str = "qemu"
+
+
+class HostCapacityChanged(Event, tag="host.capacity_changed"):
+    host_id: UUID
+    cores: int
+    ram: int
+    disk: int
+
+
+class CapacityClaimed(Event, tag="host.capacity_claimed"):
+    host_id: UUID
+    vm_id: UUID
+    cores: int
+    ram: int
+    disk: int
+
+
+class CapacityReleased(Event, tag="host.capacity_released"):
+    host_id: UUID
+    vm_id: UUID
+
+
+HostEvent = HostRegistered | HostCapacityChanged | CapacityClaimed | CapacityReleased
+HOST_EVENT_TYPES: tuple[type[Event], ...] = HostEvent.__args__  # type: ignore[attr-defined]
+
+
+class RegisterHost(Command, tag="host.register"):
+    hostname: str
+    cores: int
+    ram: int
+    disk: int
+    hypervisor: str = "qemu"
+
+
+class ClaimCapacity(Command, tag="host.claim"):
+    host_id: UUID
+    vm_id: UUID
+    cores: int
+    ram: int
+    disk: int
+
+
+class ReleaseCapacity(Command, tag="host.release"):
+    host_id: UUID
+    vm_id: UUID
+
+
+class Claim(msgspec.Struct, frozen=True):
+    cores: int
+    ram: int
+    disk: int
+
+
+class Host(msgspec.Struct, frozen=True, kw_only=True):
+    id: UUID
+    hostname: str
+    cores: int
+    ram: int
+    disk: int
+    hypervisor: str
+    claims: dict[UUID, Claim] = {}
+
+    @property
+    def used_cores(self) -> int:
+        return sum(c.cores for c in self.claims.values())
+
+    @property
+    def used_ram(self) -> int:
+        return sum(c.ram for c in self.claims.values())
+
+    @property
+    def used_disk(self) -> int:
+        return sum(c.disk for c in self.claims.values())
+
+
+def evolve(host: Host | None, event: Event) -> Host | None:
+    match event:
+        case HostRegistered():
+            return Host(id=event.host_id, hostname=event.hostname, cores=event.cores, ram=event.ram,
+                        disk=event.disk, hypervisor=event.hypervisor)
+    if host is None:
+        return None
+    match event:
+        case HostCapacityChanged():
+            return msgspec.structs.replace(host, cores=event.cores, ram=event.ram, disk=event.disk)
+        case CapacityClaimed():
+            claims = dict(host.claims)
+            claims[event.vm_id] = Claim(event.cores, event.ram, event.disk)
+            return msgspec.structs.replace(host, claims=claims)
+        case CapacityReleased():
+            claims = dict(host.claims)
+            claims.pop(event.vm_id, None)
+            return msgspec.structs.replace(host, claims=claims)
+    return host
+
+
+class Overcommit(msgspec.Struct, frozen=True):
+    """How far each resource may be booked beyond the physical amount."""
+
+    cpu: float = 4.0
+    ram: float = 1.0
+    disk: float = 1.0
+
+
+def fits(host: Host, cores: int, ram: int, disk: int, overcommit: Overcommit) -> str | None:
+    """None if the claim fits, else the reason it does not."""
+    if host.used_cores + cores > host.cores * overcommit.cpu:
+        return f"cores: {host.used_cores}+{cores} > {host.cores}x{overcommit.cpu:g}"
+    if host.used_ram + ram > host.ram * overcommit.ram:
+        return f"ram: {host.used_ram}+{ram} > {host.ram}x{overcommit.ram:g}"
+    if host.used_disk + disk > host.disk * overcommit.disk:
+        return f"disk: {host.used_disk}+{disk} > {host.disk}x{overcommit.disk:g}"
+    return None
+
+
+def decide(host: Host | None, command: Command, overcommit: Overcommit | None = None) -> list[Event]:
+    match command:
+        case RegisterHost():
+            for field in ("cores", "ram", "disk"):
+                if getattr(command, field) <= 0:
+                    raise InvalidValue(field, "must be positive")
+            if not command.hostname or len(command.hostname) > 253:
+                raise InvalidValue("hostname", "must be 1 to 253 characters")
+            host_id = host_id_for(command.hostname)
+            if host is None:
+                return [HostRegistered(host_id=host_id, hostname=command.hostname, cores=command.cores,
+                                       ram=command.ram, disk=command.disk, hypervisor=command.hypervisor)]
+            if (host.cores, host.ram, host.disk) == (command.cores, command.ram, command.disk):
+                return []  # registering again with the same capacity changes nothing
+            return [HostCapacityChanged(host_id=host_id, cores=command.cores, ram=command.ram, disk=command.disk)]
+        case ClaimCapacity():
+            if host is None:
+                raise NotFound(f"host {command.host_id} does not exist")
+            if command.vm_id in host.claims:
+                return []
+            reason = fits(host, command.cores, command.ram, command.disk, overcommit or Overcommit())
+            if reason is not None:
+                raise Rejected(f"host {host.hostname} has no room: {reason}")
+            return [CapacityClaimed(host_id=host.id, vm_id=command.vm_id, cores=command.cores,
+                                    ram=command.ram, disk=command.disk)]
+        case ReleaseCapacity():
+            if host is None:
+                raise NotFound(f"host {command.host_id} does not exist")
+            if command.vm_id not in host.claims:
+                return []
+            return [CapacityReleased(host_id=host.id, vm_id=command.vm_id)]
+    raise Rejected(f"{type(command).__name__} is not a host command")
+
+
+def stream_name(host_id: UUID) -> str:
+    return f"host-{host_id}"

@@ -1,0 +1,367 @@
+"""The VM aggregate: its events, commands, state, and pure decide/evolve.
+
+Status machine (every transition is an event):
+
+    requested ──placed──► scheduled ──started──► running ──stop──► stopping ──stopped──► stopped
+        │                    │                      │ ▲                                     │
+        └─► unschedulable    └─► failed             │ └──── restarted (policy) ◄── crashed ◄─┘ (from running)
+                                                    └──────────── start ◄───────────────────┘
+    any non-deleted ──delete──► deleting ──deleted──► deleted   (deleted accepts no command)
+
+``desired`` is what the user asked for (running, stopped, deleted); ``status`` is what
+the system last observed. The host agent reconciles the two.
+"""
+
+from __future__ import annotations
+
+import enum
+from uuid import UUID
+
+import msgspec
+
+from .errors import NotFound, Rejected
+from .events import Command, Event
+
+
+class Status(enum.StrEnum):
+    REQUESTED = "requested"
+    SCHEDULED = "scheduled"
+    UNSCHEDULABLE = "unschedulable"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+    FAILED = "failed"
+    DELETING = "deleting"
+    DELETED = "deleted"
+
+
+class Desired(enum.StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    DELETED = "deleted"
+
+
+class RestartPolicy(enum.StrEnum):
+    ALWAYS = "always"  # restart after a crash
+    NEVER = "never"
+
+
+# -- events ---------------------------------------------------------------------
+
+
+class VmRequested(Event, tag="vm.requested"):
+    vm_id: UUID
+    owner: str
+    name: str
+    cores: int
+    ram: int  # bytes
+    disk: int  # bytes
+    image: str
+    ssh_keys: tuple[str, ...] = ()
+    restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+
+
+class VmScheduled(Event, tag="vm.scheduled"):
+    vm_id: UUID
+    host_id: UUID
+
+
+class VmUnschedulable(Event, tag="vm.unschedulable"):
+    vm_id: UUID
+    reason: str
+
+
+class VmStartRequested(Event, tag="vm.start_requested"):
+    vm_id: UUID
+
+
+class VmStarted(Event, tag="vm.started"):
+    vm_id: UUID
+    host_id: UUID
+    accelerator: str = ""  # "kvm" or "tcg"
+
+
+class VmStopRequested(Event, tag="vm.stop_requested"):
+    vm_id: UUID
+
+
+class VmStopped(Event, tag="vm.stopped"):
+    vm_id: UUID
+    host_id: UUID
+    reason: str = "stopped by request"
+
+
+class VmRebootRequested(Event, tag="vm.reboot_requested"):
+    vm_id: UUID
+
+
+class VmRebooted(Event, tag="vm.rebooted"):
+    vm_id: UUID
+    host_id: UUID
+
+
+class VmCrashed(Event, tag="vm.crashed"):
+    vm_id: UUID
+    host_id: UUID
+    reason: str
+
+
+class VmFailed(Event, tag="vm.failed"):
+    vm_id: UUID
+    host_id: UUID
+    reason: str
+
+
+class VmDeleteRequested(Event, tag="vm.delete_requested"):
+    vm_id: UUID
+
+
+class VmDeleted(Event, tag="vm.deleted"):
+    vm_id: UUID
+    host_id: UUID | None = None
+
+
+VmEvent = (
+    VmRequested | VmScheduled | VmUnschedulable | VmStartRequested | VmStarted | VmStopRequested
+    | VmStopped | VmRebootRequested | VmRebooted | VmCrashed | VmFailed | VmDeleteRequested | VmDeleted
+)
+VM_EVENT_TYPES: tuple[type[Event], ...] = VmEvent.__args__  # type: ignore[attr-defined]
+
+
+# -- commands -------------------------------------------------------------------
+
+
+class CreateVm(Command, tag="vm.create"):
+    vm_id: UUID
+    owner: str
+    name: str
+    cores: int
+    ram: int
+    disk: int
+    image: str
+    ssh_keys: tuple[str, ...] = ()
+    restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+
+
+class StartVm(Command, tag="vm.start"):
+    vm_id: UUID
+
+
+class StopVm(Command, tag="vm.stop"):
+    vm_id: UUID
+
+
+class RebootVm(Command, tag="vm.reboot"):
+    vm_id: UUID
+
+
+class DeleteVm(Command, tag="vm.delete"):
+    vm_id: UUID
+
+
+# Placement and observations come from the scheduler and the host agent.
+class PlaceVm(Command, tag="vm.place"):
+    vm_id: UUID
+    host_id: UUID
+
+
+class MarkUnschedulable(Command, tag="vm.mark_unschedulable"):
+    vm_id: UUID
+    reason: str
+
+
+class ReportStarted(Command, tag="vm.report_started"):
+    vm_id: UUID
+    host_id: UUID
+    accelerator: str = ""
+
+
+class ReportStopped(Command, tag="vm.report_stopped"):
+    vm_id: UUID
+    host_id: UUID
+    reason: str = "stopped by request"
+
+
+class ReportRebooted(Command, tag="vm.report_rebooted"):
+    vm_id: UUID
+    host_id: UUID
+
+
+class ReportCrashed(Command, tag="vm.report_crashed"):
+    vm_id: UUID
+    host_id: UUID
+    reason: str
+
+
+class ReportFailed(Command, tag="vm.report_failed"):
+    vm_id: UUID
+    host_id: UUID
+    reason: str
+
+
+class ReportDeleted(Command, tag="vm.report_deleted"):
+    vm_id: UUID
+    host_id: UUID
+
+
+VmCommand = (
+    CreateVm | StartVm | StopVm | RebootVm | DeleteVm | PlaceVm | MarkUnschedulable | ReportStarted
+    | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
+)
+
+
+# -- state ----------------------------------------------------------------------
+
+
+class Vm(msgspec.Struct, frozen=True, kw_only=True):
+    id: UUID
+    owner: str
+    name: str
+    cores: int
+    ram: int
+    disk: int
+    image: str
+    ssh_keys: tuple[str, ...]
+    restart_policy: RestartPolicy
+    status: Status
+    desired: Desired
+    host_id: UUID | None = None
+    reason: str = ""
+    accelerator: str = ""
+    reboots: int = 0
+
+
+def evolve(vm: Vm | None, event: Event) -> Vm | None:
+    """Fold one event into the state. Total: it never raises for a recorded event."""
+    match event:
+        case VmRequested():
+            return Vm(
+                id=event.vm_id, owner=event.owner, name=event.name, cores=event.cores, ram=event.ram,
+                disk=event.disk, image=event.image, ssh_keys=event.ssh_keys,
+                restart_policy=event.restart_policy, status=Status.REQUESTED, desired=Desired.RUNNING,
+            )
+    if vm is None:
+        return None
+    match event:
+        case VmScheduled():
+            status = Status.SCHEDULED if vm.desired is Desired.RUNNING else Status.STOPPED
+            return msgspec.structs.replace(vm, host_id=event.host_id, status=status, reason="")
+        case VmUnschedulable():
+            return msgspec.structs.replace(vm, status=Status.UNSCHEDULABLE, reason=event.reason)
+        case VmStartRequested():
+            return msgspec.structs.replace(vm, desired=Desired.RUNNING, status=Status.STARTING, reason="")
+        case VmStarted():
+            return msgspec.structs.replace(
+                vm, status=Status.RUNNING, host_id=event.host_id, accelerator=event.accelerator, reason=""
+            )
+        case VmStopRequested():
+            return msgspec.structs.replace(vm, desired=Desired.STOPPED, status=Status.STOPPING)
+        case VmStopped():
+            status = Status.DELETING if vm.desired is Desired.DELETED else Status.STOPPED
+            return msgspec.structs.replace(vm, status=status, reason=event.reason)
+        case VmRebootRequested():
+            return vm
+        case VmRebooted():
+            return msgspec.structs.replace(vm, reboots=vm.reboots + 1)
+        case VmCrashed():
+            return msgspec.structs.replace(vm, status=Status.CRASHED, reason=event.reason)
+        case VmFailed():
+            return msgspec.structs.replace(vm, status=Status.FAILED, reason=event.reason)
+        case VmDeleteRequested():
+            return msgspec.structs.replace(vm, desired=Desired.DELETED, status=Status.DELETING)
+        case VmDeleted():
+            return msgspec.structs.replace(vm, status=Status.DELETED, desired=Desired.DELETED)
+    return vm
+
+
+def _require(vm: Vm | None, vm_id: UUID) -> Vm:
+    if vm is None:
+        raise NotFound(f"VM {vm_id} does not exist")
+    if vm.status is Status.DELETED:
+        raise Rejected(f"VM {vm_id} is deleted")
+    return vm
+
+
+def _from_host(vm: Vm, host_id: UUID, what: str) -> None:
+    if vm.host_id != host_id:
+        raise Rejected(f"host {host_id} reports {what} for VM {vm.id}, which is placed on {vm.host_id}")
+
+
+def decide(vm: Vm | None, command: Command) -> list[Event]:
+    """What happens when ``command`` meets ``vm``. Pure; raises Rejected or NotFound."""
+    if isinstance(command, CreateVm):
+        if vm is not None:
+            raise Rejected(f"VM {command.vm_id} already exists")
+        return [VmRequested(
+            vm_id=command.vm_id, owner=command.owner, name=command.name, cores=command.cores,
+            ram=command.ram, disk=command.disk, image=command.image, ssh_keys=command.ssh_keys,
+            restart_policy=command.restart_policy,
+        )]
+    vm = _require(vm, command.vm_id)  # type: ignore[attr-defined]
+    match command:
+        case StartVm():
+            if vm.status in (Status.RUNNING, Status.STARTING, Status.SCHEDULED) and vm.desired is Desired.RUNNING:
+                return []  # already on its way: starting twice is not an error
+            if vm.status in (Status.STOPPED, Status.CRASHED, Status.FAILED):
+                return [VmStartRequested(vm_id=vm.id)]
+            raise Rejected(f"cannot start a VM that is {vm.status}")
+        case StopVm():
+            if vm.status in (Status.STOPPED, Status.STOPPING):
+                return []
+            if vm.status in (Status.RUNNING, Status.STARTING, Status.SCHEDULED, Status.CRASHED):
+                return [VmStopRequested(vm_id=vm.id)]
+            raise Rejected(f"cannot stop a VM that is {vm.status}")
+        case RebootVm():
+            if vm.status is not Status.RUNNING:
+                raise Rejected(f"cannot reboot a VM that is {vm.status}")
+            return [VmRebootRequested(vm_id=vm.id)]
+        case DeleteVm():
+            if vm.status is Status.DELETING:
+                return []
+            if vm.host_id is None:
+                # Never placed: nothing runs anywhere, so it is gone at once.
+                return [VmDeleteRequested(vm_id=vm.id), VmDeleted(vm_id=vm.id)]
+            return [VmDeleteRequested(vm_id=vm.id)]
+        case PlaceVm():
+            if vm.status is not Status.REQUESTED and vm.status is not Status.UNSCHEDULABLE:
+                raise Rejected(f"VM {vm.id} is {vm.status}, not waiting for a host")
+            return [VmScheduled(vm_id=vm.id, host_id=command.host_id)]
+        case MarkUnschedulable():
+            if vm.status is not Status.REQUESTED:
+                raise Rejected(f"VM {vm.id} is {vm.status}, not waiting for a host")
+            return [VmUnschedulable(vm_id=vm.id, reason=command.reason)]
+        case ReportStarted():
+            _from_host(vm, command.host_id, "a start")
+            if vm.status is Status.RUNNING:
+                return []
+            if vm.status is Status.DELETING:
+                raise Rejected(f"VM {vm.id} is being deleted")
+            return [VmStarted(vm_id=vm.id, host_id=command.host_id, accelerator=command.accelerator)]
+        case ReportStopped():
+            _from_host(vm, command.host_id, "a stop")
+            if vm.status is Status.STOPPED:
+                return []
+            return [VmStopped(vm_id=vm.id, host_id=command.host_id, reason=command.reason)]
+        case ReportRebooted():
+            _from_host(vm, command.host_id, "a reboot")
+            return [VmRebooted(vm_id=vm.id, host_id=command.host_id)]
+        case ReportCrashed():
+            _from_host(vm, command.host_id, "a crash")
+            if vm.status is Status.CRASHED:
+                return []
+            return [VmCrashed(vm_id=vm.id, host_id=command.host_id, reason=command.reason)]
+        case ReportFailed():
+            _from_host(vm, command.host_id, "a failure")
+            return [VmFailed(vm_id=vm.id, host_id=command.host_id, reason=command.reason)]
+        case ReportDeleted():
+            _from_host(vm, command.host_id, "a deletion")
+            if vm.status is not Status.DELETING:
+                raise Rejected(f"VM {vm.id} is {vm.status}, not being deleted")
+            return [VmDeleted(vm_id=vm.id, host_id=command.host_id)]
+    raise Rejected(f"{type(command).__name__} is not a VM command")
+
+
+def stream_name(vm_id: UUID) -> str:
+    return f"vm-{vm_id}"

@@ -156,7 +156,7 @@ class CommandService:
         async def work(session: Session) -> None:
             vm = await session.load(VM, vm_id)
             host = await session.load(HOST, host_id)
-            if vm is None or vm.status is not vm_domain.Status.REQUESTED:
+            if vm is None or vm.status not in (vm_domain.Status.REQUESTED, vm_domain.Status.UNSCHEDULABLE):
                 return  # already placed, or deleted meanwhile: nothing to do
             claim = host_domain.ClaimCapacity(host_id=host_id, vm_id=vm_id, cores=vm.cores, ram=vm.ram, disk=vm.disk)
             session.record(HOST, host_id, host_domain.decide(host, claim, self.overcommit))

@@ -1,0 +1,138 @@
+"""Projections: read models folded from the log, restartable from a snapshot.
+
+A ProjectionRunner feeds the events it subscribes to into its projections, keeps the
+position it has reached, lets callers wait until a position is reached (read your
+own writes), and periodically saves a snapshot of every projection together with
+that position, so a restart replays only the tail of the log.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import msgspec
+
+from ucloud.domain.events import Event, EventCodec
+from ucloud.eventstore.interface import EventStore
+from ucloud.eventstore.records import EventRecord, Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class Projection(abc.ABC):
+    """One read model. ``apply`` must be deterministic and never raise for a recorded event."""
+
+    name: str
+    snapshot_schema: int = 1
+
+    @abc.abstractmethod
+    def apply(self, record: EventRecord, event: Event) -> None: ...
+
+    @abc.abstractmethod
+    def dump(self) -> Any:
+        """A msgspec-encodable picture of the state, for snapshots."""
+
+    @abc.abstractmethod
+    def load(self, data: Any) -> None: ...
+
+
+class ProjectionRunner:
+    def __init__(
+        self,
+        store: EventStore,
+        codec: EventCodec,
+        projections: list[Projection],
+        *,
+        name: str = "read-models",
+        snapshot_interval: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.codec = codec
+        self.projections = projections
+        self.name = name
+        self.snapshot_interval = snapshot_interval
+        self.position = 0
+        self._reached = asyncio.Condition()
+        self._last_snapshot = time.monotonic()
+        self._snapshot_position = 0
+        self.head = 0
+
+    @property
+    def snapshot_stream(self) -> str:
+        return f"projection-{self.name}"
+
+    @property
+    def snapshot_type(self) -> str:
+        return "projections:" + ",".join(f"{p.name}/{p.snapshot_schema}" for p in self.projections)
+
+    async def restore(self) -> None:
+        snapshot = await self.store.load_snapshot(self.snapshot_stream)
+        if snapshot is None or snapshot.type != self.snapshot_type:
+            return
+        states = msgspec.msgpack.decode(snapshot.state)
+        for projection in self.projections:
+            projection.load(states[projection.name])
+        self.position = self._snapshot_position = snapshot.version
+        log.info("projections %s restored at position %d", self.name, self.position)
+
+    async def save_snapshot(self) -> None:
+        if self.position == self._snapshot_position:
+            return
+        state = msgspec.msgpack.encode({p.name: p.dump() for p in self.projections})
+        await self.store.save_snapshot(Snapshot(
+            stream=self.snapshot_stream, version=self.position, type=self.snapshot_type, state=state))
+        self._snapshot_position = self.position
+        self._last_snapshot = time.monotonic()
+
+    def apply(self, record: EventRecord) -> None:
+        if self.codec.knows(record.type):
+            event = self.codec.decode(record.type, record.schema, record.data)
+            for projection in self.projections:
+                projection.apply(record, event)
+        self.position = record.position
+
+    async def catch_up(self) -> None:
+        """Apply everything up to the current head, then return."""
+        head = await self.store.head()
+        while self.position < head:
+            for record in await self.store.read_all(self.position, up_to=min(head, self.position + 5000)):
+                self.apply(record)
+        await self._announce()
+
+    async def run(self) -> None:
+        """Restore, then follow the log forever (cancel to stop)."""
+        await self.restore()
+        try:
+            async for record in self.store.subscribe(self.position):
+                self.apply(record)
+                self.head = max(self.head, record.position)
+                await self._announce()
+                if time.monotonic() - self._last_snapshot > self.snapshot_interval:
+                    await self.save_snapshot()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.save_snapshot())
+
+    async def _announce(self) -> None:
+        async with self._reached:
+            self._reached.notify_all()
+
+    async def wait_for(self, position: int, timeout: float = 10.0) -> bool:
+        """True once the projections include ``position``; False after ``timeout``."""
+        if self.position >= position:
+            return True
+        async with self._reached:
+            try:
+                await asyncio.wait_for(self._reached.wait_for(lambda: self.position >= position), timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    async def lag(self) -> int:
+        """How many events the projections are behind the log."""
+        return max(0, await self.store.head() - self.position)

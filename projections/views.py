@@ -1,0 +1,153 @@
+"""The read models the gateway answers from: VMs, hosts, SSH keys.
+
+They reuse the domain's own evolve functions, so a read model can never disagree
+with the command side about what an event means.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from ucloud.domain import host as host_domain
+from ucloud.domain import sshkey as sshkey_domain
+from ucloud.domain import vm as vm_domain
+from ucloud.domain.events import Event
+from ucloud.eventstore.records import EventRecord
+
+from .runner import Projection
+
+
+class VmRow(msgspec.Struct, kw_only=True):
+    vm: vm_domain.Vm
+    created_at: datetime
+    updated_at: datetime
+    position: int  # of the last event that changed it
+
+
+class VmsView(Projection):
+    name = "vms"
+
+    def __init__(self) -> None:
+        self.by_id: dict[UUID, VmRow] = {}
+        self.by_owner: dict[str, set[UUID]] = {}
+        self.by_host: dict[UUID, set[UUID]] = {}
+
+    def apply(self, record: EventRecord, event: Event) -> None:
+        if not isinstance(event, vm_domain.VM_EVENT_TYPES):
+            return
+        vm_id: UUID = event.vm_id  # type: ignore[attr-defined]
+        row = self.by_id.get(vm_id)
+        state = vm_domain.evolve(row.vm if row else None, event)
+        if state is None:
+            return
+        if row is None:
+            row = VmRow(vm=state, created_at=record.time, updated_at=record.time, position=record.position)
+            self.by_id[vm_id] = row
+            self.by_owner.setdefault(state.owner, set()).add(vm_id)
+        else:
+            if row.vm.host_id != state.host_id and row.vm.host_id is not None:
+                self.by_host.get(row.vm.host_id, set()).discard(vm_id)
+            row.vm, row.updated_at, row.position = state, record.time, record.position
+        if state.host_id is not None:
+            self.by_host.setdefault(state.host_id, set()).add(vm_id)
+
+    def get(self, vm_id: UUID) -> vm_domain.Vm | None:
+        row = self.by_id.get(vm_id)
+        return row.vm if row else None
+
+    def owned_by(self, owner: str | None) -> list[VmRow]:
+        ids = self.by_id.keys() if owner is None else self.by_owner.get(owner, set())
+        rows = [self.by_id[i] for i in ids]
+        return sorted(rows, key=lambda r: (r.created_at, str(r.vm.id)))
+
+    def on_host(self, host_id: UUID) -> list[vm_domain.Vm]:
+        return [self.by_id[i].vm for i in self.by_host.get(host_id, set())]
+
+    def dump(self) -> Any:
+        return [msgspec.to_builtins(row) for row in self.by_id.values()]
+
+    def load(self, data: Any) -> None:
+        self.__init__()  # type: ignore[misc]
+        for raw in data:
+            row = msgspec.convert(raw, VmRow)
+            self.by_id[row.vm.id] = row
+            self.by_owner.setdefault(row.vm.owner, set()).add(row.vm.id)
+            if row.vm.host_id is not None:
+                self.by_host.setdefault(row.vm.host_id, set()).add(row.vm.id)
+
+
+class HostsView(Projection):
+    """Hosts with capacity and usage (usage is the sum of the claims on each host)."""
+
+    name = "hosts"
+
+    def __init__(self) -> None:
+        self.by_id: dict[UUID, host_domain.Host] = {}
+        self.versions: dict[UUID, int] = {}
+
+    def apply(self, record: EventRecord, event: Event) -> None:
+        if not isinstance(event, host_domain.HOST_EVENT_TYPES):
+            return
+        host_id: UUID = event.host_id  # type: ignore[attr-defined]
+        state = host_domain.evolve(self.by_id.get(host_id), event)
+        if state is not None:
+            self.by_id[host_id] = state
+            self.versions[host_id] = record.version
+
+    def all(self) -> list[host_domain.Host]:
+        return sorted(self.by_id.values(), key=lambda h: h.hostname)
+
+    def dump(self) -> Any:
+        return {"hosts": [msgspec.to_builtins(h) for h in self.by_id.values()],
+                "versions": {str(k): v for k, v in self.versions.items()}}
+
+    def load(self, data: Any) -> None:
+        self.by_id = {h.id: h for h in (msgspec.convert(raw, host_domain.Host) for raw in data["hosts"])}
+        self.versions = {UUID(k): v for k, v in data["versions"].items()}
+
+
+class SshKeysView(Projection):
+    name = "sshkeys"
+
+    def __init__(self) -> None:
+        self.by_owner: dict[str, dict[str, sshkey_domain.SshKey]] = {}
+
+    def apply(self, record: EventRecord, event: Event) -> None:
+        match event:
+            case sshkey_domain.SshKeyAdded():
+                key = sshkey_domain.evolve(None, event)
+                assert key is not None
+                self.by_owner.setdefault(event.owner, {})[event.name] = key
+            case sshkey_domain.SshKeyDeleted():
+                for keys in self.by_owner.values():
+                    for name, key in list(keys.items()):
+                        if key.id == event.key_id:
+                            del keys[name]
+
+    def of(self, owner: str) -> list[sshkey_domain.SshKey]:
+        return sorted(self.by_owner.get(owner, {}).values(), key=lambda k: k.name)
+
+    def dump(self) -> Any:
+        return {owner: [msgspec.to_builtins(k) for k in keys.values()] for owner, keys in self.by_owner.items()}
+
+    def load(self, data: Any) -> None:
+        self.by_owner = {
+            owner: {k.name: k for k in (msgspec.convert(raw, sshkey_domain.SshKey) for raw in keys)}
+            for owner, keys in data.items()
+        }
+
+
+class ReadModels:
+    """The gateway's set of views, fed by one runner."""
+
+    def __init__(self) -> None:
+        self.vms = VmsView()
+        self.hosts = HostsView()
+        self.sshkeys = SshKeysView()
+
+    def all(self) -> list[Projection]:
+        return [self.vms, self.hosts, self.sshkeys]

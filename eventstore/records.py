@@ -30,6 +30,9 @@ class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
     actor: str = ""
     causation_id: UUID | None = None
     correlation_id: UUID | None = None
+    # Opaque bytes for an adapter's own bookkeeping beside the event (the eventsourcing
+    # recorders keep the library's originator_version here); the store never reads it.
+    metadata: bytes = b""
 
 
 class EventRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,6 +49,7 @@ class EventRecord(msgspec.Struct, frozen=True, kw_only=True):
     actor: str = ""
     causation_id: UUID | None = None
     correlation_id: UUID | None = None
+    metadata: bytes = b""
 
 
 class StreamAppend(msgspec.Struct, frozen=True):
@@ -136,4 +140,5 @@ def to_record(event: NewEvent, stream: str, version: int, position: int, time: d
         actor=event.actor,
         causation_id=event.causation_id,
         correlation_id=event.correlation_id,
+        metadata=event.metadata,
     )

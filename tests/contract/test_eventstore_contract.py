@@ -43,6 +43,14 @@ async def test_envelope_carries_every_field(store: EventStore) -> None:
     assert record.time.tzinfo is not None and record.data == b"{}"
 
 
+async def test_metadata_is_kept_beside_the_event_and_defaults_to_empty(store: EventStore) -> None:
+    await store.append(StreamAppend("es-m", 0, [NewEvent(type="x", data=b"{}", metadata=b'{"v":0}'), ev()]))
+    first, second = await store.read_stream("es-m")
+    assert (first.metadata, first.data) == (b'{"v":0}', b"{}")
+    assert second.metadata == b""
+    assert [r.metadata for r in await store.read_all()] == [b'{"v":0}', b""]
+
+
 async def test_wrong_expected_version_raises_conflict_and_writes_nothing(store: EventStore) -> None:
     await store.append(StreamAppend("vm-a", 0, [ev()]))
     with pytest.raises(StreamConflict) as error:

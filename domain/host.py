@@ -31,6 +31,8 @@ class HostStatus(enum.StrEnum):
 
 
 class HostRegistered(Event, tag="host.registered"):
+    """A host joined with its capacity (by an admin or its own agent)."""
+
     host_id: UUID
     hostname: str
     cores: int
@@ -40,6 +42,8 @@ class HostRegistered(Event, tag="host.registered"):
 
 
 class HostCapacityChanged(Event, tag="host.capacity_changed"):
+    """A host re-registered with a different capacity."""
+
     host_id: UUID
     cores: int
     ram: int
@@ -47,6 +51,8 @@ class HostCapacityChanged(Event, tag="host.capacity_changed"):
 
 
 class CapacityClaimed(Event, tag="host.capacity_claimed"):
+    """A VM's share of a host, claimed atomically with vm.scheduled."""
+
     host_id: UUID
     vm_id: UUID
     cores: int
@@ -55,6 +61,8 @@ class CapacityClaimed(Event, tag="host.capacity_claimed"):
 
 
 class CapacityReleased(Event, tag="host.capacity_released"):
+    """A deleted VM's claim is returned to the host."""
+
     host_id: UUID
     vm_id: UUID
 

@@ -28,6 +28,8 @@ def key_id_for(owner: str, name: str) -> UUID:
 
 
 class SshKeyAdded(Event, tag="sshkey.added"):
+    """A user added a public SSH key under a name."""
+
     key_id: UUID
     owner: str
     name: str
@@ -36,6 +38,8 @@ class SshKeyAdded(Event, tag="sshkey.added"):
 
 
 class SshKeyDeleted(Event, tag="sshkey.deleted"):
+    """A user removed an SSH key."""
+
     key_id: UUID
 
 

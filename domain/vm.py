@@ -52,6 +52,8 @@ class RestartPolicy(enum.StrEnum):
 
 
 class VmRequested(Event, tag="vm.requested"):
+    """A user asked for a VM; it waits for the scheduler."""
+
     vm_id: UUID
     owner: str
     name: str
@@ -64,61 +66,85 @@ class VmRequested(Event, tag="vm.requested"):
 
 
 class VmScheduled(Event, tag="vm.scheduled"):
+    """The scheduler placed the VM on a host (appended together with host.capacity_claimed)."""
+
     vm_id: UUID
     host_id: UUID
 
 
 class VmUnschedulable(Event, tag="vm.unschedulable"):
+    """No host had room; `reason` says why for each host. Retried when capacity appears."""
+
     vm_id: UUID
     reason: str
 
 
 class VmStartRequested(Event, tag="vm.start_requested"):
+    """The owner asked to start a stopped, crashed or failed VM."""
+
     vm_id: UUID
 
 
 class VmStarted(Event, tag="vm.started"):
+    """The host agent observed the guest running (`accelerator`: kvm or tcg)."""
+
     vm_id: UUID
     host_id: UUID
     accelerator: str = ""  # "kvm" or "tcg"
 
 
 class VmStopRequested(Event, tag="vm.stop_requested"):
+    """The owner asked to stop the VM."""
+
     vm_id: UUID
 
 
 class VmStopped(Event, tag="vm.stopped"):
+    """The host agent observed the guest stopped."""
+
     vm_id: UUID
     host_id: UUID
     reason: str = "stopped by request"
 
 
 class VmRebootRequested(Event, tag="vm.reboot_requested"):
+    """The owner asked to reboot a running VM."""
+
     vm_id: UUID
 
 
 class VmRebooted(Event, tag="vm.rebooted"):
+    """The host agent reset the guest."""
+
     vm_id: UUID
     host_id: UUID
 
 
 class VmCrashed(Event, tag="vm.crashed"):
+    """The guest stopped without being asked to; `reason` is what the host saw."""
+
     vm_id: UUID
     host_id: UUID
     reason: str
 
 
 class VmFailed(Event, tag="vm.failed"):
+    """The host agent could not start the guest (missing image, QEMU error)."""
+
     vm_id: UUID
     host_id: UUID
     reason: str
 
 
 class VmDeleteRequested(Event, tag="vm.delete_requested"):
+    """The owner asked to delete the VM."""
+
     vm_id: UUID
 
 
 class VmDeleted(Event, tag="vm.deleted"):
+    """The VM is gone: its guest stopped and its disk removed (`host_id` null if it never ran)."""
+
     vm_id: UUID
     host_id: UUID | None = None
 
@@ -230,6 +256,7 @@ class Vm(msgspec.Struct, frozen=True, kw_only=True):
     host_id: UUID | None = None
     reason: str = ""
     accelerator: str = ""
+    reboot_requests: int = 0  # a host agent reboots while reboots < reboot_requests
     reboots: int = 0
 
 
@@ -262,7 +289,7 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
             status = Status.DELETING if vm.desired is Desired.DELETED else Status.STOPPED
             return msgspec.structs.replace(vm, status=status, reason=event.reason)
         case VmRebootRequested():
-            return vm
+            return msgspec.structs.replace(vm, reboot_requests=vm.reboot_requests + 1)
         case VmRebooted():
             return msgspec.structs.replace(vm, reboots=vm.reboots + 1)
         case VmCrashed():

@@ -102,7 +102,7 @@ class ProjectionRunner:
         while self.position < head:
             for record in await self.store.read_all(self.position, up_to=min(head, self.position + 5000)):
                 self.apply(record)
-        await self._announce()
+        await self.notify()
 
     async def run(self) -> None:
         """Restore, then follow the log forever (cancel to stop)."""
@@ -111,14 +111,14 @@ class ProjectionRunner:
             async for record in self.store.subscribe(self.position):
                 self.apply(record)
                 self.head = max(self.head, record.position)
-                await self._announce()
+                await self.notify()
                 if time.monotonic() - self._last_snapshot > self.snapshot_interval:
                     await self.save_snapshot()
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.save_snapshot())
 
-    async def _announce(self) -> None:
+    async def notify(self) -> None:
         async with self._reached:
             self._reached.notify_all()
 

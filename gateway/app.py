@@ -1,0 +1,190 @@
+"""The gateway application: ``init_app(config)`` for tests and production, ``serve(config)``.
+
+The gateway is stateless: everything it knows comes from the event store. It writes
+through the CommandService and answers queries from read models that a
+ProjectionRunner keeps up to date in a background task, so any number of gateways
+on one log serve the same data.
+
+Middlewares, outermost first: metrics (counts every answer, errors included), the
+one error middleware (everything becomes problem+json), authentication (sets
+``request[ACTOR]`` from the configured Authenticator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ucloud.commands.service import CommandService
+from ucloud.commands.unit_of_work import Actor
+from ucloud.domain.catalogue import build_codec
+from ucloud.projections.runner import ProjectionRunner
+from ucloud.projections.views import ReadModels
+
+from .config import GatewayConfig, open_store
+from .identity import (
+    AuthenticationFailed,
+    Authenticator,
+    HeaderAuthenticator,
+    resolve_authenticator,
+)
+from .keys import (
+    ACTOR,
+    AUTHENTICATOR,
+    COMMANDS,
+    CONFIG,
+    METRICS,
+    READ_MODELS,
+    RUNNER,
+    STORE,
+    actor_of,
+)
+from .metrics import GatewayMetrics
+from .openapi import OPENAPI, build_openapi
+from .problems import error_middleware
+from .routes import routes
+
+__all__ = [
+    "ACTOR", "AUTHENTICATOR", "COMMANDS", "CONFIG", "METRICS", "READ_MODELS", "RUNNER", "STORE",
+    "AuthenticationFailed", "Authenticator", "GatewayConfig", "HeaderAuthenticator", "RunningGateway",
+    "actor_of", "init_app", "serve", "start",
+]
+
+log = logging.getLogger(__name__)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Ask the configured Authenticator who calls; routes documented ``auth=False`` are open."""
+    doc = getattr(request.match_info.handler, "api_doc", None)
+    if doc is None or not doc.auth:  # open routes, and aiohttp's own 404/405 answers
+        return await handler(request)
+    authenticator = request.app[AUTHENTICATOR]
+    result = authenticator.authenticate(request.headers, request.remote or "")
+    actor = await result if inspect.isawaitable(result) else result
+    if not isinstance(actor, Actor):
+        raise TypeError(f"{type(authenticator).__name__}.authenticate returned {actor!r}, not an Actor")
+    request[ACTOR] = actor
+    return await handler(request)
+
+
+async def _follow(runner: ProjectionRunner) -> None:
+    """Keep the read models following the log; an outage only delays them.
+
+    ``run`` restores from the latest snapshot (or keeps the state it has when there is
+    none), so starting it again after a failure never applies an event twice."""
+    delay = 0.1
+    while True:
+        reached = runner.position
+        try:
+            await runner.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("read models stopped following the log at position %d; retrying", runner.position)
+        delay = 0.1 if runner.position > reached else min(delay * 2, 5.0)
+        await asyncio.sleep(delay)
+
+
+async def _projections(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_follow(app[RUNNER]), name="gateway-read-models")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def init_app(config: GatewayConfig) -> web.Application:
+    """A ready-to-run gateway application. Call it inside the event loop that will run it."""
+    owns_store = config.store is None
+    store = config.store if config.store is not None else open_store(config.store_url)
+    codec = build_codec()
+    read_models = ReadModels()
+    metrics = GatewayMetrics()
+
+    app = web.Application(
+        middlewares=[metrics.middleware(), error_middleware, auth_middleware],
+        client_max_size=config.max_body_size,
+    )
+    app[CONFIG] = config
+    app[STORE] = store
+    app[COMMANDS] = CommandService(store, codec)
+    app[READ_MODELS] = read_models
+    app[RUNNER] = ProjectionRunner(store, codec, read_models.all(), name=config.projection_name,
+                                   snapshot_interval=config.snapshot_interval)
+    app[AUTHENTICATOR] = resolve_authenticator(config.authenticator)
+    app[METRICS] = metrics
+    app.add_routes(routes)
+    app[OPENAPI] = build_openapi(app)  # refuses a route without documentation, now rather than later
+
+    if owns_store:
+        async def close_store(app: web.Application) -> AsyncIterator[None]:
+            yield
+            await store.close()
+
+        app.cleanup_ctx.append(close_store)  # registered first, so it runs after the runner stopped
+    app.cleanup_ctx.append(_projections)
+    return app
+
+
+@dataclasses.dataclass
+class RunningGateway:
+    app: web.Application
+    runner: web.AppRunner
+    addresses: list[tuple[str, int]]
+
+    @property
+    def url(self) -> str:
+        host, port = self.addresses[0]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start(config: GatewayConfig) -> RunningGateway:
+    """Serve the gateway on ``config.listen`` and return at once.
+
+    The first address must bind; later ones are skipped with a warning when they
+    cannot (a machine without IPv4 loopback). With port 0 the first address picks a
+    free port and the others use the same one."""
+    app = init_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    addresses: list[tuple[str, int]] = []
+    port = config.port
+    try:
+        for index, host in enumerate(config.listen):
+            site = web.TCPSite(runner, host, port)
+            known = len(runner.addresses)
+            try:
+                await site.start()
+            except OSError as error:
+                if index == 0:
+                    raise OSError(error.errno, f"cannot listen on [{host}]:{port}: {error.strerror}") from error
+                log.warning("not listening on %s port %d: %s", host, port, error.strerror)
+                continue
+            bound = runner.addresses[known][1] if len(runner.addresses) > known else port
+            port = bound
+            addresses.append((host, bound))
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("ucloud gateway listening on %s", ", ".join(f"[{h}]:{p}" for h, p in addresses))
+    return RunningGateway(app, runner, addresses)
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Run the gateway until cancelled (production entry point)."""
+    gateway = await start(config)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await gateway.stop()

@@ -1,0 +1,31 @@
+"""Typed keys for what the gateway keeps on its application and requests."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ucloud.commands.service import CommandService
+from ucloud.commands.unit_of_work import Actor
+from ucloud.eventstore.interface import EventStore
+from ucloud.projections.runner import ProjectionRunner
+from ucloud.projections.views import ReadModels
+
+from .config import GatewayConfig
+from .identity import Authenticator
+from .metrics import GatewayMetrics
+
+CONFIG = web.AppKey("config", GatewayConfig)
+STORE = web.AppKey("store", EventStore)
+COMMANDS = web.AppKey("commands", CommandService)
+READ_MODELS = web.AppKey("read_models", ReadModels)
+RUNNER = web.AppKey("runner", ProjectionRunner)
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+METRICS = web.AppKey("metrics", GatewayMetrics)
+
+# Set by the authentication middleware on every request to an authenticated route.
+ACTOR = "ucloud.actor"
+
+
+def actor_of(request: web.Request) -> Actor:
+    actor: Actor = request[ACTOR]
+    return actor

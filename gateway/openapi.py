@@ -1,0 +1,110 @@
+"""The OpenAPI 3.1 description of the gateway, built from its route table.
+
+Paths and methods come from ``app.router``; summaries, parameters and statuses from
+the ``ApiDoc`` each handler carries; request and response schemas from the msgspec
+Structs themselves (``msgspec.json.schema_components``), so the document cannot drift
+from the code: a route without an ApiDoc is refused when the document is built.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from .identity import REALM_HEADER, USER_HEADER
+from .problems import PROBLEM_JSON, Problem
+from .routes import POSITION_PARAMS, ApiDoc
+
+_TITLES = {400: "Invalid request: the problem's detail and field say what is wrong",
+           401: "Not authenticated", 404: "Not found (or not yours)", 405: "Method not allowed",
+           409: "Conflict with a concurrent writer; retry", 422: "Rejected in the resource's current state",
+           503: "Event store unreachable, or the read models did not reach ?position in time"}
+_PATH_PARAM = re.compile(r"{([^}/:]+)(?::[^}]*)?}")
+OPENAPI = web.AppKey("openapi_document", dict)
+
+
+def documented_routes(app: web.Application) -> list[tuple[str, str, ApiDoc]]:
+    """(method, path, doc) for every route; raises if a route has no ApiDoc."""
+    found = []
+    for route in app.router.routes():
+        resource = route.resource
+        if resource is None:
+            continue
+        doc = getattr(route.handler, "api_doc", None)
+        if not isinstance(doc, ApiDoc):
+            raise RuntimeError(f"route {route.method} {resource.canonical} has no ApiDoc")
+        found.append((route.method, resource.canonical, doc))
+    return found
+
+
+def build_openapi(app: web.Application) -> dict[str, Any]:
+    routes = documented_routes(app)
+    types: list[Any] = [Problem]
+    for _, _, doc in routes:
+        types.extend(t for t in (doc.body, doc.response) if t is not None)
+    schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    schema_of = dict(zip(map(id, types), schemas, strict=True))
+    problem_ref = schema_of[id(Problem)]
+
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, doc in routes:
+        params: list[dict[str, Any]] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in _PATH_PARAM.findall(path)
+        ]
+        extra = (*doc.params, *(POSITION_PARAMS if doc.reads else ()))
+        params += [{"name": p.name, "in": p.where, "required": False, "description": p.description,
+                    "schema": p.schema} for p in extra]
+        responses: dict[str, Any] = {}
+        for status in (doc.status, *doc.also):
+            responses[str(status)] = {"description": doc.description}
+            if doc.response is not None:
+                responses[str(status)]["content"] = {doc.media_type: {"schema": schema_of[id(doc.response)]}}
+        errors = set(doc.errors) | ({401} if doc.auth else set()) | ({400, 503} if doc.reads else set())
+        if doc.body is not None:
+            errors.add(400)
+        for status in sorted(errors):
+            responses[str(status)] = {"description": _TITLES.get(status, "Error"),
+                                      "content": {PROBLEM_JSON: {"schema": problem_ref}}}
+        operation: dict[str, Any] = {"operationId": doc.operation_id, "summary": doc.summary, "tags": [doc.tag],
+                                     "responses": responses}
+        if params:
+            operation["parameters"] = params
+        if doc.body is not None:
+            operation["requestBody"] = {"required": True,
+                                        "content": {"application/json": {"schema": schema_of[id(doc.body)]}}}
+        if not doc.auth:
+            operation["security"] = []
+        if method == "HEAD":  # aiohttp answers HEAD for every GET: the same, without a body
+            operation["operationId"] += "Head"
+            operation["summary"] += " (headers only)"
+            for response in responses.values():
+                response.pop("content", None)
+        paths.setdefault(path, {})[method.lower()] = operation
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ucloud API", "version": "1",
+                 "description": "IPv6-first VM manager. Sizes are bytes, or strings such as '2GB', '512mb', "
+                                "'1 TiB' (binary units). Errors are RFC 9457 problem details."},
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "user": {"type": "apiKey", "in": "header", "name": USER_HEADER,
+                         "description": "Who calls (development authenticator: trusted as sent)."},
+                "realm": {"type": "apiKey", "in": "header", "name": REALM_HEADER,
+                          "description": "The realm; 'ucloud' by default, 'ucloud-admin' is the admin realm."},
+            },
+        },
+        "security": [{"user": [], "realm": []}, {"user": []}],
+    }
+
+
+def openapi_document(app: web.Application) -> dict[str, Any]:
+    """The document init_app built (and so checked) before the application started."""
+    document: dict[str, Any] = app[OPENAPI]
+    return document

@@ -1,0 +1,135 @@
+"""Errors as RFC 9457 problem details (``application/problem+json``), in one place.
+
+Every error the gateway answers goes through ``problem_for``: domain errors, event
+store errors, body decoding errors, authentication failures, aiohttp's own 404/405,
+and -- as the last resort -- anything unexpected (500, logged, no internals shown).
+Handlers never catch broadly; they let errors reach the error middleware.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import msgspec
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ucloud.domain.errors import InvalidValue, NotFound, Rejected
+from ucloud.eventstore.errors import ConflictError, DataError, InvalidAppend, UnavailableError
+
+from .identity import AuthenticationFailed
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_PREFIX = "urn:ucloud:problem:"
+
+
+class Problem(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """RFC 9457 problem details; ``field`` names the offending input where there is one."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str = ""
+    field: str | None = None
+
+
+class PositionNotReached(Exception):
+    """The read models did not reach a position a query asked for in time (503)."""
+
+
+# (status, slug, title) per error class; the first match in order wins.
+_MAPPING: list[tuple[type[BaseException], int, str, str]] = [
+    (AuthenticationFailed, 401, "unauthenticated", "Authentication required"),
+    (InvalidValue, 400, "invalid", "Invalid request"),
+    (msgspec.ValidationError, 400, "invalid", "Invalid request"),
+    (msgspec.DecodeError, 400, "invalid", "Invalid request"),
+    (InvalidAppend, 400, "invalid", "Invalid request"),
+    (NotFound, 404, "not-found", "Not found"),
+    (ConflictError, 409, "conflict", "Conflict"),
+    (Rejected, 422, "rejected", "Rejected"),
+    (UnavailableError, 503, "unavailable", "Service unavailable"),
+    (PositionNotReached, 503, "unavailable", "Service unavailable"),
+    (DataError, 500, "internal", "Internal error"),
+]
+
+_AT_PATH = re.compile(r"\s+-\s+at\s+`\$\.?([^`]*)`$")
+_NAMED_FIELD = re.compile(r"field `([^`]+)`")
+
+
+def _decode_error(error: msgspec.MsgspecError) -> tuple[str, str | None]:
+    """A clear sentence and the field it is about, from msgspec's message."""
+    message = str(error)
+    field: str | None = None
+    if match := _AT_PATH.search(message):
+        field = match.group(1) or None
+        message = message[: match.start()]
+    if named := _NAMED_FIELD.search(message):  # "Object missing required field `name`"
+        field = f"{field}.{named.group(1)}" if field else named.group(1)
+    if not isinstance(error, msgspec.ValidationError):  # ValidationError is a DecodeError too
+        return f"the request body is not valid JSON ({message})", None
+    if message.startswith("Expected `object`") and field is None:
+        return "the request body must be a JSON object", None
+    return (f"{field}: {message}" if field else message), field
+
+
+def problem_for(error: BaseException, instance: str = "") -> tuple[Problem, dict[str, str]]:
+    """The problem (and extra headers) answering ``error``."""
+    headers: dict[str, str] = {}
+    if isinstance(error, web.HTTPException):
+        # aiohttp's own answers: unknown route (404), wrong method (405), body too large (413).
+        if "Allow" in error.headers:
+            headers["Allow"] = error.headers["Allow"]
+        detail = error.text if error.text and not error.text.startswith(f"{error.status}:") else error.reason
+        if error.status == 404:
+            detail = f"no such resource: {instance}"
+        elif error.status == 405:
+            detail = f"method not allowed here; allowed: {headers.get('Allow', 'none')}"
+        slug = {404: "not-found", 405: "method-not-allowed", 413: "too-large"}.get(error.status, "http")
+        return Problem(type=TYPE_PREFIX + slug, title=error.reason, status=error.status, detail=detail,
+                       instance=instance), headers
+    match = next(((status, slug, title) for error_type, status, slug, title in _MAPPING
+                  if isinstance(error, error_type)), None)
+    if match is None:
+        log.exception("unexpected error answering %s", instance, exc_info=error)
+        return Problem(type=TYPE_PREFIX + "internal", title="Internal error", status=500,
+                       detail="the gateway failed unexpectedly; the error is in its log",
+                       instance=instance), headers
+    status, slug, title = match
+    field: str | None = None
+    detail = str(error)
+    if isinstance(error, msgspec.MsgspecError):
+        detail, field = _decode_error(error)
+    elif isinstance(error, InvalidValue):
+        field = error.field
+    elif isinstance(error, AuthenticationFailed):
+        headers["WWW-Authenticate"] = error.challenge
+    elif isinstance(error, UnavailableError | PositionNotReached):
+        headers["Retry-After"] = "1"
+    if status == 500:
+        log.error("data error answering %s: %s", instance, error)
+    return Problem(type=TYPE_PREFIX + slug, title=title, status=status, detail=detail or title,
+                   instance=instance, field=field), headers
+
+
+def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=msgspec.json.encode(problem), status=problem.status,
+                        content_type=PROBLEM_JSON, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place errors become HTTP answers."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise  # redirects and the like are answers, not errors
+        problem, headers = problem_for(error, request.path)
+        return problem_response(problem, headers)
+    except Exception as error:
+        problem, headers = problem_for(error, request.path)
+        return problem_response(problem, headers)

@@ -1,0 +1,519 @@
+"""HTTP API v1: thin handlers over the CommandService (writes) and ReadModels (reads).
+
+Each handler decodes its body into a msgspec Struct (400 naming the field on bad
+input), calls one command or reads one view, and encodes a response Struct. Errors
+are not caught here: the error middleware maps them to problem+json.
+
+Every command answer carries the log ``position`` it reached; every query accepts
+``?position=N`` (or the ``X-Ucloud-Position`` header) and first waits until the read
+models have reached it, so a client reads its own writes. The routes carry their
+documentation (``ApiDoc``), from which gateway/openapi.py builds /v1/openapi.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+import msgspec
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+from ucloud.commands.unit_of_work import Actor
+from ucloud.domain import vm as vm_domain
+from ucloud.domain.errors import InvalidValue, NotFound
+from ucloud.domain.host import Host, HostRegistered
+from ucloud.domain.sshkey import SshKey
+from ucloud.projections.views import VmRow
+
+from .keys import COMMANDS, CONFIG, METRICS, READ_MODELS, RUNNER, STORE, actor_of
+from .problems import PositionNotReached
+
+POSITION_HEADER = "X-Ucloud-Position"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# -- documentation carried by the routes ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    where: str  # "query" or "header"
+    description: str
+    schema: dict[str, Any] = dataclasses.field(default_factory=lambda: {"type": "string"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiDoc:
+    summary: str
+    operation_id: str
+    tag: str
+    status: int = 200
+    response: Any = None  # a msgspec-describable type of the success body
+    description: str = "OK"
+    also: tuple[int, ...] = ()  # other success statuses with the same body
+    body: type | None = None
+    params: tuple[Param, ...] = ()
+    errors: tuple[int, ...] = ()
+    auth: bool = True
+    reads: bool = False  # accepts ?position= / X-Ucloud-Position
+    media_type: str = "application/json"
+
+
+POSITION_PARAMS = (
+    Param("position", "query", "Wait until the read models include this log position (read your writes).",
+          {"type": "integer", "minimum": 0}),
+    Param(POSITION_HEADER, "header", "Same as ?position=.", {"type": "integer", "minimum": 0}),
+)
+
+routes = web.RouteTableDef()
+
+
+def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
+    """Register a handler under ``method path`` with its documentation."""
+
+    def register(handler: Handler) -> Handler:
+        handler.api_doc = doc  # type: ignore[attr-defined]
+        routes.route(method, path)(handler)
+        return handler
+
+    return register
+
+
+# -- bodies and answers ------------------------------------------------------------------------
+
+Size = int | str  # bytes, or as people write it: "2GB", "512mb", "1 TiB"
+
+
+class CreateVmBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    cores: int | str
+    ram: Size
+    disk: Size
+    image: str
+    ssh_keys: list[str] = []
+    restart_policy: vm_domain.RestartPolicy = vm_domain.RestartPolicy.ALWAYS
+    owner: str | None = None  # admins may create for another user
+
+
+class AddSshKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    public_key: str
+    owner: str | None = None
+
+
+class RegisterHostBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    hostname: str
+    cores: int | str
+    ram: Size
+    disk: Size
+    hypervisor: str = "qemu"
+
+
+class Accepted(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A command was recorded at ``position``; pass it to queries to read your write."""
+
+    position: int
+    id: UUID | None = None
+    status: str | None = None
+
+
+class VmOut(msgspec.Struct, kw_only=True):
+    id: UUID
+    name: str
+    owner: str
+    cores: int
+    ram: int  # bytes
+    disk: int  # bytes
+    image: str
+    ssh_keys: list[str]
+    restart_policy: str
+    status: str
+    desired: str
+    host_id: UUID | None
+    reason: str
+    accelerator: str
+    reboots: int
+    created_at: datetime
+    updated_at: datetime
+    position: int
+
+
+class VmStatusOut(msgspec.Struct, kw_only=True):
+    id: UUID
+    status: str
+    desired: str
+    reason: str
+    host_id: UUID | None
+    reboots: int
+    position: int
+
+
+class VmList(msgspec.Struct, kw_only=True):
+    vms: list[VmOut]
+    position: int
+
+
+class SshKeyOut(msgspec.Struct, kw_only=True):
+    id: UUID
+    name: str
+    owner: str
+    public_key: str
+    fingerprint: str
+
+
+class SshKeyAccepted(msgspec.Struct, kw_only=True):
+    id: UUID
+    name: str
+    fingerprint: str
+    position: int
+
+
+class SshKeyList(msgspec.Struct, kw_only=True):
+    ssh_keys: list[SshKeyOut]
+    position: int
+
+
+class HostOut(msgspec.Struct, kw_only=True):
+    id: UUID
+    hostname: str
+    cores: int
+    ram: int
+    disk: int
+    hypervisor: str
+    used_cores: int
+    used_ram: int
+    used_disk: int
+    vms: int
+
+
+class HostAccepted(msgspec.Struct, kw_only=True):
+    id: UUID
+    hostname: str
+    position: int
+
+
+class HostList(msgspec.Struct, kw_only=True):
+    hosts: list[HostOut]
+    position: int
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: str
+    position: int
+    head: int
+    lag: int
+
+
+_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
+    t: msgspec.json.Decoder(t) for t in (CreateVmBody, AddSshKeyBody, RegisterHostBody)
+}
+_ENCODER = msgspec.json.Encoder()
+
+
+T = TypeVar("T")
+
+
+async def decode_body(request: web.Request, body_type: type[T]) -> T:
+    raw = await request.read()
+    if not raw.strip():
+        raise InvalidValue("body", "the request needs a JSON object body")
+    result: T = _DECODERS[body_type].decode(raw)
+    return result
+
+
+def answer(value: Any, status: int = 200, position: int | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    headers = dict(headers or {})
+    if position is not None:
+        headers[POSITION_HEADER] = str(position)
+    return web.Response(body=_ENCODER.encode(value), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def _parse_position(raw: str, where: str) -> int:
+    try:
+        position = int(raw)
+    except ValueError:
+        raise InvalidValue("position", f"{where} {raw!r} is not a log position (a whole number)") from None
+    if position < 0:
+        raise InvalidValue("position", f"{where} must not be negative, got {position}")
+    return position
+
+
+async def reach_position(request: web.Request) -> int:
+    """Wait (bounded) until the read models include the position the client asked for.
+
+    Returns the position the read models have reached, which the answer reflects."""
+    runner = request.app[RUNNER]
+    wanted = 0
+    if "position" in request.query:
+        wanted = _parse_position(request.query["position"], "?position=")
+    if POSITION_HEADER in request.headers:
+        wanted = max(wanted, _parse_position(request.headers[POSITION_HEADER], POSITION_HEADER))
+    if runner.position < wanted:
+        head = await request.app[STORE].head()
+        if wanted > head:
+            raise InvalidValue("position", f"{wanted} is beyond the end of the log ({head})")
+        timeout = request.app[CONFIG].read_timeout
+        if not await runner.wait_for(wanted, timeout):
+            raise PositionNotReached(
+                f"the read models did not reach position {wanted} within {timeout:g}s "
+                f"(they are at {runner.position}); retry")
+    return runner.position
+
+
+def _vm_id(request: web.Request) -> UUID:
+    raw = request.match_info["id"]
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise InvalidValue("id", f"{raw!r} is not a VM id (a UUID)") from None
+
+
+def _visible_owner(actor: Actor, owner: str | None) -> str | None:
+    """Whose resources a listing shows: one's own; an admin's choice (None: everyone's)."""
+    if actor.is_admin:
+        return owner
+    if owner is not None and owner != actor.name:
+        raise NotFound("only the admin realm may list another user's resources")
+    return actor.name
+
+
+def _vm_out(row: VmRow) -> VmOut:
+    vm = row.vm
+    return VmOut(
+        id=vm.id, name=vm.name, owner=vm.owner, cores=vm.cores, ram=vm.ram, disk=vm.disk, image=vm.image,
+        ssh_keys=list(vm.ssh_keys), restart_policy=vm.restart_policy.value, status=vm.status.value,
+        desired=vm.desired.value, host_id=vm.host_id, reason=vm.reason, accelerator=vm.accelerator,
+        reboots=vm.reboots, created_at=row.created_at, updated_at=row.updated_at, position=row.position)
+
+
+def _own_vm(request: web.Request, vm_id: UUID) -> VmRow:
+    row = request.app[READ_MODELS].vms.by_id.get(vm_id)
+    actor = actor_of(request)
+    if row is None or (row.vm.owner != actor.name and not actor.is_admin):
+        raise NotFound(f"VM {vm_id} does not exist")  # another tenant's VM does not exist for you
+    return row
+
+
+def _bool_query(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false").lower()
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no", ""):
+        return False
+    raise InvalidValue(name, f"{raw!r} is not a boolean (true or false)")
+
+
+def _key_out(key: SshKey) -> SshKeyOut:
+    return SshKeyOut(id=key.id, name=key.name, owner=key.owner, public_key=key.public_key,
+                     fingerprint=key.fingerprint)
+
+
+def _host_out(host: Host, vms: int) -> HostOut:
+    return HostOut(id=host.id, hostname=host.hostname, cores=host.cores, ram=host.ram, disk=host.disk,
+                   hypervisor=host.hypervisor, used_cores=host.used_cores, used_ram=host.used_ram,
+                   used_disk=host.used_disk, vms=vms)
+
+
+OWNER_PARAM = Param("owner", "query", "Admins: only this user's resources (default: everyone's). "
+                    "Others may name only themselves.")
+
+# -- VMs -------------------------------------------------------------------------------------------
+
+
+@api("POST", "/v1/vms", ApiDoc(
+    "Create a VM", "createVm", "vms", status=202, response=Accepted, also=(200,), body=CreateVmBody,
+    description="Recorded; the VM is requested and the scheduler takes it from here. "
+                "200 when an Idempotency-Key repeats an earlier identical request (same id).",
+    params=(Param(IDEMPOTENCY_HEADER, "header",
+                  "Retry-safe creation: the same key and body give the same VM; the same key with a "
+                  "different body is rejected (422)."),),
+    errors=(400, 404, 409, 422, 503)))
+async def create_vm(request: web.Request) -> web.Response:
+    body = await decode_body(request, CreateVmBody)
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not 1 <= len(key) <= 255:
+        raise InvalidValue(IDEMPOTENCY_HEADER, "must be 1 to 255 characters")
+    outcome = await request.app[COMMANDS].create_vm(
+        actor_of(request), name=body.name, cores=body.cores, ram=body.ram, disk=body.disk, image=body.image,
+        ssh_keys=body.ssh_keys, restart_policy=body.restart_policy.value, owner=body.owner,
+        idempotency_key=key)
+    vm_id = outcome.result
+    headers = {"Location": f"/v1/vms/{vm_id}"}
+    if outcome.events:
+        return answer(Accepted(id=vm_id, position=outcome.position, status=vm_domain.Status.REQUESTED.value),
+                      202, outcome.position, headers)
+    # A repeated request: answer as before, with what the VM is now.
+    runner = request.app[RUNNER]
+    await runner.wait_for(outcome.position, request.app[CONFIG].read_timeout)
+    row = request.app[READ_MODELS].vms.by_id.get(vm_id)
+    status = row.vm.status.value if row else vm_domain.Status.REQUESTED.value
+    return answer(Accepted(id=vm_id, position=outcome.position, status=status), 200, outcome.position, headers)
+
+
+@api("GET", "/v1/vms", ApiDoc(
+    "List VMs", "listVms", "vms", response=VmList,
+    description="Your VMs (admins: everyone's, or ?owner='s), oldest first; deleted ones only on request.",
+    params=(OWNER_PARAM, Param("include_deleted", "query", "Also list deleted VMs.", {"type": "boolean"})),
+    errors=(400, 404), reads=True))
+async def list_vms(request: web.Request) -> web.Response:
+    position = await reach_position(request)
+    owner = _visible_owner(actor_of(request), request.query.get("owner"))
+    include_deleted = _bool_query(request, "include_deleted")
+    rows = request.app[READ_MODELS].vms.owned_by(owner)
+    vms = [_vm_out(r) for r in rows if include_deleted or r.vm.status is not vm_domain.Status.DELETED]
+    return answer(VmList(vms=vms, position=position), position=position)
+
+
+@api("GET", "/v1/vms/{id}", ApiDoc("Show a VM", "getVm", "vms", response=VmOut, errors=(400, 404), reads=True))
+async def get_vm(request: web.Request) -> web.Response:
+    vm_id = _vm_id(request)
+    position = await reach_position(request)
+    return answer(_vm_out(_own_vm(request, vm_id)), position=position)
+
+
+@api("GET", "/v1/vms/{id}/status", ApiDoc(
+    "A VM's status", "getVmStatus", "vms", response=VmStatusOut, errors=(400, 404), reads=True))
+async def get_vm_status(request: web.Request) -> web.Response:
+    vm_id = _vm_id(request)
+    position = await reach_position(request)
+    vm = _own_vm(request, vm_id)
+    return answer(VmStatusOut(id=vm.vm.id, status=vm.vm.status.value, desired=vm.vm.desired.value,
+                              reason=vm.vm.reason, host_id=vm.vm.host_id, reboots=vm.vm.reboots,
+                              position=vm.position), position=position)
+
+
+def _lifecycle(command_type: type[vm_domain.StartVm | vm_domain.StopVm | vm_domain.RebootVm | vm_domain.DeleteVm]
+               ) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        vm_id = _vm_id(request)
+        outcome = await request.app[COMMANDS].vm_command(actor_of(request), command_type(vm_id=vm_id))
+        return answer(Accepted(id=vm_id, position=outcome.position), 202, outcome.position)
+
+    return handle
+
+
+_LIFECYCLE_ERRORS = (400, 404, 409, 422, 503)
+api("POST", "/v1/vms/{id}/start", ApiDoc(
+    "Start a stopped VM", "startVm", "vms", status=202, response=Accepted, errors=_LIFECYCLE_ERRORS,
+    description="Recorded; the host agent starts the VM."))(_lifecycle(vm_domain.StartVm))
+api("POST", "/v1/vms/{id}/stop", ApiDoc(
+    "Stop a VM", "stopVm", "vms", status=202, response=Accepted, errors=_LIFECYCLE_ERRORS,
+    description="Recorded; the host agent stops the VM."))(_lifecycle(vm_domain.StopVm))
+api("POST", "/v1/vms/{id}/reboot", ApiDoc(
+    "Reboot a running VM", "rebootVm", "vms", status=202, response=Accepted, errors=_LIFECYCLE_ERRORS,
+    description="Recorded; the host agent reboots the VM."))(_lifecycle(vm_domain.RebootVm))
+api("DELETE", "/v1/vms/{id}", ApiDoc(
+    "Delete a VM", "deleteVm", "vms", status=202, response=Accepted, errors=_LIFECYCLE_ERRORS,
+    description="Recorded; a VM never placed is deleted at once, a placed one once its host removed it."
+))(_lifecycle(vm_domain.DeleteVm))
+
+# -- SSH keys --------------------------------------------------------------------------------------
+
+
+@api("GET", "/v1/ssh-keys", ApiDoc(
+    "List SSH keys", "listSshKeys", "ssh-keys", response=SshKeyList, params=(OWNER_PARAM,),
+    description="Your public keys by name (admins: ?owner='s).", errors=(400, 404), reads=True))
+async def list_ssh_keys(request: web.Request) -> web.Response:
+    position = await reach_position(request)
+    actor = actor_of(request)
+    owner = _visible_owner(actor, request.query.get("owner")) or actor.name
+    keys = [_key_out(k) for k in request.app[READ_MODELS].sshkeys.of(owner)]
+    return answer(SshKeyList(ssh_keys=keys, position=position), position=position)
+
+
+@api("POST", "/v1/ssh-keys", ApiDoc(
+    "Add an SSH public key", "addSshKey", "ssh-keys", status=201, response=SshKeyAccepted, body=AddSshKeyBody,
+    description="Added; VMs created from now on may name it in ssh_keys.", errors=(400, 404, 409, 422, 503)))
+async def add_ssh_key(request: web.Request) -> web.Response:
+    body = await decode_body(request, AddSshKeyBody)
+    outcome = await request.app[COMMANDS].add_ssh_key(actor_of(request), body.name, body.public_key, body.owner)
+    fingerprint = getattr(outcome.events[0], "fingerprint", "") if outcome.events else ""
+    return answer(SshKeyAccepted(id=outcome.result, name=body.name, fingerprint=fingerprint, position=outcome.position),
+                  201, outcome.position, {"Location": f"/v1/ssh-keys/{body.name}"})
+
+
+@api("DELETE", "/v1/ssh-keys/{name}", ApiDoc(
+    "Delete an SSH key", "deleteSshKey", "ssh-keys", response=Accepted, params=(OWNER_PARAM,),
+    errors=(404, 409, 503)))
+async def delete_ssh_key(request: web.Request) -> web.Response:
+    outcome = await request.app[COMMANDS].delete_ssh_key(
+        actor_of(request), request.match_info["name"], request.query.get("owner"))
+    return answer(Accepted(position=outcome.position), position=outcome.position)
+
+
+# -- hosts (admin realm only; everyone else gets 404, as for any resource not theirs) ------------------
+
+
+def _require_admin(actor: Actor) -> None:
+    if not actor.is_admin:
+        raise NotFound("hosts are managed in the admin realm")
+
+
+@api("GET", "/v1/hosts", ApiDoc(
+    "List hosts (admin)", "listHosts", "hosts", response=HostList,
+    description="Hosts with capacity and what is claimed on them. Outside the admin realm: 404.",
+    errors=(400, 404), reads=True))
+async def list_hosts(request: web.Request) -> web.Response:
+    _require_admin(actor_of(request))
+    position = await reach_position(request)
+    views = request.app[READ_MODELS]
+    hosts = [_host_out(h, len(views.vms.on_host(h.id))) for h in views.hosts.all()]
+    return answer(HostList(hosts=hosts, position=position), position=position)
+
+
+@api("POST", "/v1/hosts", ApiDoc(
+    "Register a host (admin)", "registerHost", "hosts", status=201, response=HostAccepted,
+    body=RegisterHostBody, also=(200,),
+    description="201 for a new host; 200 when it was known (its capacity is updated). Outside the "
+                "admin realm: 404.", errors=(400, 404, 409, 503)))
+async def register_host(request: web.Request) -> web.Response:
+    body = await decode_body(request, RegisterHostBody)
+    actor = actor_of(request)
+    _require_admin(actor)
+    outcome = await request.app[COMMANDS].register_host(
+        actor, body.hostname, body.cores, body.ram, body.disk, body.hypervisor)
+    created = any(isinstance(e, HostRegistered) for e in outcome.events)
+    return answer(HostAccepted(id=outcome.result, hostname=body.hostname, position=outcome.position),
+                  201 if created else 200, outcome.position)
+
+
+# -- operations ------------------------------------------------------------------------------------
+
+
+@api("GET", "/healthz", ApiDoc(
+    "Health", "health", "operations", response=Health, auth=False, errors=(503,),
+    description="The gateway reaches its event store; how far its read models are behind."))
+async def health(request: web.Request) -> web.Response:
+    runner = request.app[RUNNER]
+    head = await request.app[STORE].head()
+    return answer(Health(status="ok", position=runner.position, head=head, lag=max(0, head - runner.position)))
+
+
+@api("GET", "/metrics", ApiDoc(
+    "Prometheus metrics", "metrics", "operations", auth=False, media_type="text/plain",
+    response=str, description="Prometheus text exposition format."))
+async def metrics(request: web.Request) -> web.Response:
+    gauges = request.app[METRICS]
+    runner = request.app[RUNNER]
+    gauges.lag.set(await runner.lag())
+    gauges.position.set(runner.position)
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    response = web.Response(body=encode(gauges.registry))
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+@api("GET", "/v1/openapi.json", ApiDoc(
+    "This API's OpenAPI 3 description", "openapi", "operations", auth=False, response=dict[str, Any],
+    description="OpenAPI 3.1 document built from the route table."))
+async def openapi(request: web.Request) -> web.Response:
+    from .openapi import openapi_document
+
+    return answer(openapi_document(request.app))

@@ -186,7 +186,10 @@ class EtcdEventStore(EventStore):
                 failure.append(op_get(key))
                 success.append(op_put(key, _pad(request.tracking.position)))
             all_positions.append(positions)
-        success.append(op_put(self._head_key, _pad(position)))
+        if position != head:
+            # Only a transaction that appends moves the head. Writing an unmoved head of 0
+            # would create the key, and the next append's 'no head yet' compare would fail.
+            success.append(op_put(self._head_key, _pad(position)))
         return compare, success, failure, all_positions
 
     def _judge_failure(self, requests: list[PendingAppend], responses: list[Any]) -> list[PendingAppend]:

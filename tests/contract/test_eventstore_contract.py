@@ -137,6 +137,17 @@ async def test_tracking_is_atomic_with_emitted_events(store: EventStore) -> None
     assert await store.head() == 1
 
 
+async def test_tracking_alone_on_an_empty_log_leaves_later_appends_working(store: EventStore) -> None:
+    # Found by the eventsourcing library's TrackingRecorderTestCase: on etcd, a
+    # tracking-only append to an empty log used to wedge every later append.
+    assert await store.append(tracking=Tracking("projector", 3)) == []
+    assert await store.head() == 0
+    assert await store.append(tracking=Tracking("projector", 4)) == []
+    assert await store.append(StreamAppend("vm-a", 0, [ev()])) == [1]
+    assert await store.tracked_position("projector") == 4
+    assert await store.head() == 1
+
+
 async def test_concurrent_appends_to_one_stream_exactly_one_wins(store: EventStore) -> None:
     results = await asyncio.gather(
         *(store.append(StreamAppend("vm-race", 0, [ev(n=i)])) for i in range(10)), return_exceptions=True

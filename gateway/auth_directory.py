@@ -236,16 +236,8 @@ class LdapDirectory(UserDirectory):
         tls = None
         if config.tls != "none" or any(u.lower().startswith("ldaps:") for u in config.urls):
             tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file)
-        servers = []
-        for url in config.urls:
-            host, port, use_ssl = _parse_url(url)
-            servers.append(ldap3.Server(host, port=port, use_ssl=use_ssl or config.tls == "ldaps", tls=tls,
-                                        get_info=ldap3.NONE, connect_timeout=config.connect_timeout))
-        # active=1: try each server once per attempt, then give up (never loop forever).
-        self._server: ldap3.Server | ldap3.ServerPool = (
-            servers[0] if len(servers) == 1
-            else ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=False)
-        )
+        self._tls = tls
+        self._endpoints = [_parse_url(url) for url in config.urls]
         self._idle: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue()
         self._lock = threading.Lock()
         self._open = 0
@@ -266,11 +258,25 @@ class LdapDirectory(UserDirectory):
 
     # Connections ------------------------------------------------------------------
 
+    def _servers(self) -> ldap3.Server | ldap3.ServerPool:
+        """Fresh ldap3 Server objects for each new connection: ldap3 remembers a failed
+        address as unavailable for 5 s, which would outlast a quick server restart."""
+        config = self.config
+        servers = [
+            ldap3.Server(host, port=port, use_ssl=use_ssl or config.tls == "ldaps", tls=self._tls,
+                         get_info=ldap3.NONE, connect_timeout=config.connect_timeout)
+            for host, port, use_ssl in self._endpoints
+        ]
+        if len(servers) == 1:
+            return servers[0]
+        # active=1: try each server once per connection attempt, then give up (never loop forever).
+        return ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=False)
+
     def _connect(self) -> ldap3.Connection:
         config = self.config
         password = config.bind_password.reveal() if config.bind_password is not None else None
         connection = ldap3.Connection(
-            self._server, user=config.bind_dn, password=password, client_strategy=ldap3.SYNC,
+            self._servers(), user=config.bind_dn, password=password, client_strategy=ldap3.SYNC,
             receive_timeout=config.timeout, raise_exceptions=False, read_only=True, auto_referrals=False,
         )
         try:

@@ -40,6 +40,7 @@ from .keys import (
     AUTHENTICATOR,
     COMMANDS,
     CONFIG,
+    FOLLOWER,
     METRICS,
     READ_MODELS,
     RUNNER,
@@ -52,8 +53,8 @@ from .problems import error_middleware
 from .routes import routes
 
 __all__ = [
-    "ACTOR", "AUTHENTICATOR", "COMMANDS", "CONFIG", "METRICS", "READ_MODELS", "RUNNER", "STORE",
-    "AuthenticationFailed", "Authenticator", "GatewayConfig", "HeaderAuthenticator", "RunningGateway",
+    "ACTOR", "AUTHENTICATOR", "COMMANDS", "CONFIG", "FOLLOWER", "METRICS", "READ_MODELS", "RUNNER", "STORE",
+    "AuthenticationFailed", "Authenticator", "GatewayConfig", "HeaderAuthenticator", "ReadModelFollower", "RunningGateway",
     "actor_of", "init_app", "serve", "start",
 ]
 
@@ -75,30 +76,51 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-async def _follow(runner: ProjectionRunner) -> None:
-    """Keep the read models following the log; an outage only delays them.
+class ReadModelFollower:
+    """Keeps the read models following the log in a background task.
 
-    ``run`` restores from the latest snapshot (or keeps the state it has when there is
-    none), so starting it again after a failure never applies an event twice."""
-    delay = 0.1
-    while True:
-        reached = runner.position
-        try:
-            await runner.run()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("read models stopped following the log at position %d; retrying", runner.position)
-        delay = 0.1 if runner.position > reached else min(delay * 2, 5.0)
-        await asyncio.sleep(delay)
+    An outage only delays them: ``ProjectionRunner.run`` restores from the latest
+    snapshot (or keeps the state it has when there is none), so starting it again
+    after a failure never applies an event twice."""
+
+    def __init__(self, runner: ProjectionRunner) -> None:
+        self.runner = runner
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def start(self) -> None:
+        if not self.running:
+            self.task = asyncio.create_task(self._follow(), name="gateway-read-models")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+    async def _follow(self) -> None:
+        delay = 0.1
+        while True:
+            reached = self.runner.position
+            try:
+                await self.runner.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("read models stopped following the log at position %d; retrying",
+                              self.runner.position)
+            delay = 0.1 if self.runner.position > reached else min(delay * 2, 5.0)
+            await asyncio.sleep(delay)
 
 
 async def _projections(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(_follow(app[RUNNER]), name="gateway-read-models")
+    app[FOLLOWER].start()
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await app[FOLLOWER].stop()
 
 
 def init_app(config: GatewayConfig) -> web.Application:
@@ -119,6 +141,7 @@ def init_app(config: GatewayConfig) -> web.Application:
     app[READ_MODELS] = read_models
     app[RUNNER] = ProjectionRunner(store, codec, read_models.all(), name=config.projection_name,
                                    snapshot_interval=config.snapshot_interval)
+    app[FOLLOWER] = ReadModelFollower(app[RUNNER])
     app[AUTHENTICATOR] = resolve_authenticator(config.authenticator)
     app[METRICS] = metrics
     app.add_routes(routes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from aiohttp import web
 
 from ucloud.commands.service import CommandService
@@ -14,6 +16,9 @@ from .config import GatewayConfig
 from .identity import Authenticator
 from .metrics import GatewayMetrics
 
+if TYPE_CHECKING:
+    from .app import ReadModelFollower
+
 CONFIG = web.AppKey("config", GatewayConfig)
 STORE = web.AppKey("store", EventStore)
 COMMANDS = web.AppKey("commands", CommandService)
@@ -21,9 +26,11 @@ READ_MODELS = web.AppKey("read_models", ReadModels)
 RUNNER = web.AppKey("runner", ProjectionRunner)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 METRICS = web.AppKey("metrics", GatewayMetrics)
+FOLLOWER: web.AppKey[ReadModelFollower] = web.AppKey("follower")
 
 # Set by the authentication middleware on every request to an authenticated route.
-ACTOR = "ucloud.actor"
+# (aiohttp >= 3.13 has typed request keys; older ones take a plain string.)
+ACTOR: Any = web.RequestKey("actor", Actor) if hasattr(web, "RequestKey") else "ucloud.actor"
 
 
 def actor_of(request: web.Request) -> Actor:

@@ -7,10 +7,9 @@ Each application has its own registry, so several gateways in one process (tests
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -30,7 +29,7 @@ class GatewayMetrics:
             "ucloud_projection_position", "Log position the gateway's read models have reached",
             registry=self.registry)
 
-    def middleware(self) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    def middleware(self) -> Middleware:
         @web.middleware
         async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
             started = time.perf_counter()

@@ -41,6 +41,10 @@ class PositionNotReached(Exception):
     """The read models did not reach a position a query asked for in time (503)."""
 
 
+class NotReady(Exception):
+    """The gateway cannot answer well right now (its read models are not following the log)."""
+
+
 # (status, slug, title) per error class; the first match in order wins.
 _MAPPING: list[tuple[type[BaseException], int, str, str]] = [
     (AuthenticationFailed, 401, "unauthenticated", "Authentication required"),
@@ -53,6 +57,7 @@ _MAPPING: list[tuple[type[BaseException], int, str, str]] = [
     (Rejected, 422, "rejected", "Rejected"),
     (UnavailableError, 503, "unavailable", "Service unavailable"),
     (PositionNotReached, 503, "unavailable", "Service unavailable"),
+    (NotReady, 503, "unavailable", "Service unavailable"),
     (DataError, 500, "internal", "Internal error"),
 ]
 
@@ -107,7 +112,7 @@ def problem_for(error: BaseException, instance: str = "") -> tuple[Problem, dict
         field = error.field
     elif isinstance(error, AuthenticationFailed):
         headers["WWW-Authenticate"] = error.challenge
-    elif isinstance(error, UnavailableError | PositionNotReached):
+    elif isinstance(error, UnavailableError | PositionNotReached | NotReady):
         headers["Retry-After"] = "1"
     if status == 500:
         log.error("data error answering %s: %s", instance, error)

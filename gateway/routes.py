@@ -29,8 +29,8 @@ from ucloud.domain.host import Host, HostRegistered
 from ucloud.domain.sshkey import SshKey
 from ucloud.projections.views import VmRow
 
-from .keys import COMMANDS, CONFIG, METRICS, READ_MODELS, RUNNER, STORE, actor_of
-from .problems import PositionNotReached
+from .keys import COMMANDS, CONFIG, FOLLOWER, METRICS, READ_MODELS, RUNNER, STORE, actor_of
+from .problems import NotReady, PositionNotReached
 
 POSITION_HEADER = "X-Ucloud-Position"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -204,6 +204,7 @@ class HostList(msgspec.Struct, kw_only=True):
 
 class Health(msgspec.Struct, kw_only=True):
     status: str
+    following: bool  # the read models follow the log
     position: int
     head: int
     lag: int
@@ -489,11 +490,15 @@ async def register_host(request: web.Request) -> web.Response:
 
 @api("GET", "/healthz", ApiDoc(
     "Health", "health", "operations", response=Health, auth=False, errors=(503,),
-    description="The gateway reaches its event store; how far its read models are behind."))
+    description="The gateway reaches its event store and its read models follow the log; how far "
+                "behind they are. 503 otherwise."))
 async def health(request: web.Request) -> web.Response:
     runner = request.app[RUNNER]
+    if not request.app[FOLLOWER].running:
+        raise NotReady(f"the read models are not following the log (stopped at position {runner.position})")
     head = await request.app[STORE].head()
-    return answer(Health(status="ok", position=runner.position, head=head, lag=max(0, head - runner.position)))
+    return answer(Health(status="ok", following=True, position=runner.position, head=head,
+                         lag=max(0, head - runner.position)))
 
 
 @api("GET", "/metrics", ApiDoc(

@@ -7,13 +7,15 @@ Everything is read in pages of at most PAGE events; nothing loads the whole log.
 
 Exit codes: 0 fine; 1 ``verify`` found problems, or what was asked for does not exist;
 2 bad usage (options, store URL); 3 the store could not be read (unreachable, or a
-record that does not decode outside ``verify``).
+record that does not decode outside ``verify``); 130 interrupted (but Ctrl-C ends
+``tail -f`` with 0).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
 import sys
@@ -40,6 +42,7 @@ PAGE = 1000
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_STORE = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 # Event times are stamped by the writer at commit, so across writers they follow the
 # position only as closely as the writers' clocks agree. Scanning backwards for
 # --since, tail stops only at an event this much older than asked for.
@@ -334,9 +337,12 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def run(ctx: click.Context, work: Callable[[EventStore], Awaitable[T]]) -> T:
-    """Open the store, run ``work`` on it, close it; turn store errors into messages and
-    Ctrl-C into a clean exit 0."""
+def run(ctx: click.Context, work: Callable[[EventStore], Awaitable[T]], *, following: bool = False) -> T:
+    """Open the store, run ``work`` on it, close it; turn store errors into messages.
+
+    Ctrl-C ends a follow cleanly (exit 0); anything else it interrupts exits 130, so an
+    interrupted verify never looks like a passed one. A closed pipe (``| head``) ends quietly.
+    """
     location: StoreLocation = ctx.ensure_object(Context).location
 
     async def main() -> T:
@@ -349,6 +355,11 @@ def run(ctx: click.Context, work: Callable[[EventStore], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except KeyboardInterrupt:
+        sys.exit(0 if following else EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # Stop Python from failing again while flushing stdout at exit.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except InvalidStoreUrl as error:
         _fail(str(error), EXIT_USAGE)
@@ -416,7 +427,7 @@ json_option = click.option("--json", "as_json", is_flag=True,
                            help="JSON lines: the full envelope of each event (data as JSON, else base64).")
 
 
-@main.command()
+@main.command(short_help="The last events, filtered; -f follows the log live.")
 @click.option("-n", "--lines", "count", type=CountType(), default=10, show_default=True,
               help="How many of the last matching events to show; 'all' shows every one.")
 @click.option("-f", "--follow", is_flag=True, help="Then keep printing new events as they are appended, until Ctrl-C.")
@@ -459,7 +470,7 @@ def tail(ctx: click.Context, count: int | None, follow: bool, after_position: in
             if flt.matches(record):
                 printer.print([record])
 
-    run(ctx, work)
+    run(ctx, work, following=follow)
 
 
 def _refuse_pattern(stream: str) -> None:
@@ -503,7 +514,7 @@ def show(ctx: click.Context, stream: str, at: int | None, as_json: bool) -> None
     run(ctx, lambda store: _stream_events(store, stream, at, printer))
 
 
-@main.command()
+@main.command(short_help="The log as it stood at POSITION (events, not folded state).")
 @click.argument("position", type=click.IntRange(min=1))
 @click.argument("stream", required=False)
 @click.option("--stream", "streams", multiple=True, metavar="S",
@@ -646,7 +657,7 @@ async def _name_duplicates(store: EventStore, head: int, duplicated: set[bytes],
         )
 
 
-@main.command()
+@main.command(short_help="Check the whole log; exit 1 listing every problem.")
 @click.pass_context
 def verify(ctx: click.Context) -> None:
     """Check the whole log: positions 1..head without gaps, stream versions contiguous

@@ -522,3 +522,46 @@ def test_bad_filters_are_usage_errors(tmp_path: Path) -> None:
         result = audit(url, *args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr, (args, result.stderr)
+
+
+def test_ctrl_c_outside_follow_exits_130(tmp_path: Path) -> None:
+    """An interrupted verify must not look like a passed one. The 'etcd' here accepts
+    connections and never answers, so the tool is surely inside its read when interrupted."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(60)
+        port = server.getsockname()[1]
+        process = subprocess.Popen([str(AUDIT), "--store", f"etcd://127.0.0.1:{port}", "verify"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            connection, _ = server.accept()
+            with connection:
+                process.send_signal(signal.SIGINT)
+                stdout, stderr = process.communicate(timeout=60)
+            assert process.returncode == 130, stderr
+            assert "OK" not in stdout and "Traceback" not in stderr
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    url = sqlite_known(tmp_path)
+    for k in range(20):
+        append(url, StreamAppend(f"vm-{k}", 0, [event("vm.ping", "x", n=n, pad="x" * 200) for n in range(50)]))
+    process = subprocess.Popen([str(AUDIT), "--store", url, "tail", "-n", "all", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        assert json.loads(process.stdout.readline())["position"] == 1
+        process.stdout.close()  # like `| head -1`: ~250 kB more output than a pipe holds
+        assert process.wait(timeout=60) == 0
+        assert b"Traceback" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

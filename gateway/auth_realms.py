@@ -2,7 +2,7 @@
 
 Every API request carries three headers, as ungleich-otp does it:
 
-    X-Ucloud-Name:  the user's name (as in the directory; case does not matter for LDAP)
+    X-Ucloud-User:  the user's name (as in the directory; case does not matter for LDAP)
     X-Ucloud-Realm: ucloud-admin | ucloud (names configurable through ``Realms``)
     X-Ucloud-Token: the current 6-digit TOTP of that user's seed in that realm
 
@@ -24,6 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ucloud.commands.unit_of_work import Actor
+from ucloud.eventstore.errors import UnavailableError
+
+from . import identity
 from .auth_directory import DirectoryUnavailable, UserDirectory
 from .auth_otp import DIGITS, TokenVerifier, well_formed
 from .auth_ratelimit import FailureLimiter
@@ -37,13 +41,20 @@ __all__ = [
     "AuthenticationUnavailable",
     "BadCredentials",
     "Forbidden",
+    "OtpAuthenticator",
     "Realms",
+    "acting_for",
     "authenticate",
+    "can_manage_hosts",
+    "check_access",
+    "may_access",
+    "owner_filter",
+    "require_admin",
 ]
 
 log = logging.getLogger(__name__)
 
-HEADER_NAME = "X-Ucloud-Name"
+HEADER_NAME = "X-Ucloud-User"  # the same header the development HeaderAuthenticator reads
 HEADER_REALM = "X-Ucloud-Realm"
 HEADER_TOKEN = "X-Ucloud-Token"
 
@@ -54,48 +65,44 @@ class Forbidden(Exception):
     """An authenticated actor asked for something its realm does not allow."""
 
 
-@dataclass(frozen=True)
-class Actor:
-    """An authenticated caller. ``name`` is canonical (as the directory spells it)."""
+# Rights. The Actor is the system's one value type (ucloud.commands.unit_of_work.Actor:
+# name, realm, is_admin), recorded on every event; these functions say what it may do.
 
-    name: str
-    realm: str
-    is_admin: bool
 
-    def __str__(self) -> str:
-        return f"{self.name}@{self.realm}"
+def can_manage_hosts(actor: Actor) -> bool:
+    return actor.is_admin
 
-    @property
-    def can_manage_hosts(self) -> bool:
-        return self.is_admin
 
-    @property
-    def owner_filter(self) -> str | None:
-        """Whose resources this actor may list: None means everyone's (admin)."""
-        return None if self.is_admin else self.name
+def owner_filter(actor: Actor) -> str | None:
+    """Whose resources ``actor`` may list: None means everyone's (admin)."""
+    return None if actor.is_admin else actor.name
 
-    def may_access(self, owner: str) -> bool:
-        """May this actor see or change a resource owned by ``owner``?"""
-        return self.is_admin or owner == self.name
 
-    def check_access(self, owner: str) -> None:
-        """Raise Forbidden unless ``may_access(owner)``. (An API may prefer to answer
-        404 rather than 403, so that resource ids of others are not confirmed.)"""
-        if not self.may_access(owner):
-            raise Forbidden(f"{self} may not access resources of {owner!r}")
+def may_access(actor: Actor, owner: str) -> bool:
+    """May ``actor`` see or change a resource owned by ``owner``?"""
+    return actor.is_admin or owner == actor.name
 
-    def require_admin(self, what: str) -> None:
-        if not self.is_admin:
-            raise Forbidden(f"{what} needs the admin realm; {self} is in realm {self.realm!r}")
 
-    def acting_for(self, owner: str | None) -> str:
-        """The owner an action is done for: the actor itself by default; an admin may
-        name another user, a user only themself."""
-        if owner is None or owner == self.name:
-            return self.name
-        if not self.is_admin:
-            raise Forbidden(f"{self} may not act for {owner!r}; only the admin realm may act for others")
-        return owner
+def check_access(actor: Actor, owner: str) -> None:
+    """Raise Forbidden unless ``may_access``. (An API may prefer to answer 404 rather
+    than 403, so that the ids of other users' resources are not confirmed.)"""
+    if not may_access(actor, owner):
+        raise Forbidden(f"{actor} may not access resources of {owner!r}")
+
+
+def require_admin(actor: Actor, what: str) -> None:
+    if not actor.is_admin:
+        raise Forbidden(f"{what} needs the admin realm; {actor} is in realm {actor.realm!r}")
+
+
+def acting_for(actor: Actor, owner: str | None) -> str:
+    """The owner an action is done for: the actor by default; an admin may name
+    another user, a user only themself."""
+    if owner is None or owner == actor.name:
+        return actor.name
+    if not actor.is_admin:
+        raise Forbidden(f"{actor} may not act for {owner!r}; only the admin realm may act for others")
+    return owner
 
 
 @dataclass(frozen=True)
@@ -120,10 +127,11 @@ class Realms:
         return Actor(name=name, realm=realm, is_admin=realm == self.admin)
 
 
-class AuthenticationFailed(Exception):
-    """Authentication was refused. ``str()`` is safe to send to the client; ``reason``
-    is for the server log only; ``retry_after`` is set when the refusal was rate
-    limiting (unknown names are limited alike, so it reveals no user's existence)."""
+class AuthenticationFailed(identity.AuthenticationFailed):
+    """Authentication was refused (the gateway answers 401). ``str()`` is safe to send
+    to the client; ``reason`` is for the server log only; ``retry_after`` is set when
+    the refusal was rate limiting (unknown names are limited alike, so it reveals no
+    user's existence)."""
 
     PUBLIC_MESSAGE = "authentication failed: name, realm or token not accepted"
 
@@ -141,8 +149,9 @@ class BadCredentials(AuthenticationFailed):
         super().__init__(message, message=message)
 
 
-class AuthenticationUnavailable(Exception):
-    """The directory cannot be reached: not the caller's fault (HTTP 503)."""
+class AuthenticationUnavailable(UnavailableError):
+    """The directory cannot be reached: not the caller's fault. An UnavailableError,
+    so the gateway's problem table answers 503 with Retry-After as for any backend."""
 
 
 def _header(headers: Mapping[str, str] | Any, name: str) -> str:
@@ -215,3 +224,27 @@ async def authenticate(headers: Mapping[str, str] | Any, source: str | None, *, 
     assert user is not None
     limiter.record_success(name, source)
     return realms.actor(user.name, realm)
+
+
+class OtpAuthenticator:
+    """The gateway's ``Authenticator`` (gateway/identity.py) for LDAP/built-in users
+    with TOTP: ``authenticate(headers, source)`` is ``authenticate()`` above with the
+    parts bound. ``close()`` releases the directory and the verifier."""
+
+    def __init__(self, directory: UserDirectory, verifier: TokenVerifier, limiter: FailureLimiter | None = None,
+                 realms: Realms | None = None) -> None:
+        self.directory = directory
+        self.verifier = verifier
+        self.limiter = limiter or FailureLimiter()
+        self.realms = realms or Realms()
+
+    def __repr__(self) -> str:
+        return f"OtpAuthenticator({self.directory!r}, {self.verifier!r}, realms={self.realms!r})"
+
+    async def authenticate(self, headers: Mapping[str, str], source: str | None) -> Actor:
+        return await authenticate(headers, source, directory=self.directory, verifier=self.verifier,
+                                  limiter=self.limiter, realms=self.realms)
+
+    async def close(self) -> None:
+        await self.directory.close()
+        await self.verifier.close()

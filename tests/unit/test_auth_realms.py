@@ -13,6 +13,8 @@ from multidict import CIMultiDict
 
 from tests.support.auth import ManualClock
 from tests.support.slapd import free_port
+from ucloud.eventstore.errors import UnavailableError
+from ucloud.gateway import identity
 from ucloud.gateway.auth_directory import BuiltinDirectory, LdapConfig, LdapDirectory
 from ucloud.gateway.auth_otp import LocalVerifier, MemoryUsedTokenCache, enrol
 from ucloud.gateway.auth_ratelimit import FailureLimiter, RateLimitPolicy
@@ -25,8 +27,15 @@ from ucloud.gateway.auth_realms import (
     AuthenticationUnavailable,
     BadCredentials,
     Forbidden,
+    OtpAuthenticator,
     Realms,
+    acting_for,
     authenticate,
+    can_manage_hosts,
+    check_access,
+    may_access,
+    owner_filter,
+    require_admin,
 )
 from ucloud.gateway.auth_secrets import FileSecretStore
 
@@ -162,10 +171,10 @@ async def test_a_success_clears_the_users_failures(auth: Auth) -> None:
 
 
 @pytest.mark.parametrize(("headers", "message"), [
-    ({HEADER_REALM: "ucloud", HEADER_TOKEN: "123456"}, "missing header X-Ucloud-Name"),
+    ({HEADER_REALM: "ucloud", HEADER_TOKEN: "123456"}, "missing header X-Ucloud-User"),
     ({HEADER_NAME: "alice", HEADER_TOKEN: "123456"}, "missing header X-Ucloud-Realm"),
     ({HEADER_NAME: "alice", HEADER_REALM: "ucloud"}, "missing header X-Ucloud-Token"),
-    ({HEADER_NAME: "  ", HEADER_REALM: "ucloud", HEADER_TOKEN: "123456"}, "missing header X-Ucloud-Name"),
+    ({HEADER_NAME: "  ", HEADER_REALM: "ucloud", HEADER_TOKEN: "123456"}, "missing header X-Ucloud-User"),
     ({HEADER_NAME: "alice", HEADER_REALM: "other", HEADER_TOKEN: "123456"}, "unknown realm in X-Ucloud-Realm"),
     ({HEADER_NAME: "alice", HEADER_REALM: "ucloud", HEADER_TOKEN: "12345"}, "X-Ucloud-Token must be 6 digits"),
     ({HEADER_NAME: "alice", HEADER_REALM: "ucloud", HEADER_TOKEN: "12345a"}, "X-Ucloud-Token must be 6 digits"),
@@ -180,16 +189,16 @@ async def test_malformed_credentials_are_named(auth: Auth, headers: dict[str, st
 
 
 async def test_headers_are_case_insensitive_and_must_not_repeat(auth: Auth) -> None:
-    headers = CIMultiDict({"x-ucloud-name": "alice", "X-UCLOUD-REALM": "ucloud",
+    headers = CIMultiDict({"x-ucloud-user": "alice", "X-UCLOUD-REALM": "ucloud",
                            "x-Ucloud-Token": auth.token("alice", "ucloud")})
     actor = await authenticate(headers, "::1", directory=auth.directory, verifier=auth.verifier,
                                limiter=auth.limiter)
     assert actor.name == "alice"
-    assert (await authenticate({"x-ucloud-name": "root", "x-ucloud-realm": "ucloud-admin",
+    assert (await authenticate({"x-ucloud-user": "root", "x-ucloud-realm": "ucloud-admin",
                                 "x-ucloud-token": auth.token("root", "ucloud-admin")}, "::1",
                                directory=auth.directory, verifier=auth.verifier, limiter=auth.limiter)).is_admin
     headers.add(HEADER_NAME, "root")
-    with pytest.raises(BadCredentials, match="X-Ucloud-Name appears 2 times"):
+    with pytest.raises(BadCredentials, match="X-Ucloud-User appears 2 times"):
         await authenticate(headers, "::1", directory=auth.directory, verifier=auth.verifier, limiter=auth.limiter)
 
 
@@ -223,28 +232,47 @@ async def test_custom_realm_names(auth: Auth) -> None:
 
 def test_a_user_sees_and_touches_only_their_own() -> None:
     alice = Realms().actor("alice", "ucloud")
-    assert not alice.is_admin and not alice.can_manage_hosts
-    assert alice.owner_filter == "alice"
-    assert alice.may_access("alice") and not alice.may_access("bob")
-    alice.check_access("alice")
+    assert not alice.is_admin and not can_manage_hosts(alice)
+    assert owner_filter(alice) == "alice"
+    assert may_access(alice, "alice") and not may_access(alice, "bob")
+    check_access(alice, "alice")
     with pytest.raises(Forbidden, match="alice@ucloud may not access resources of 'bob'"):
-        alice.check_access("bob")
-    assert alice.acting_for(None) == "alice" and alice.acting_for("alice") == "alice"
+        check_access(alice, "bob")
+    assert acting_for(alice, None) == "alice" and acting_for(alice, "alice") == "alice"
     with pytest.raises(Forbidden, match="only the admin realm may act for others"):
-        alice.acting_for("bob")
+        acting_for(alice, "bob")
     with pytest.raises(Forbidden, match="adding a host needs the admin realm"):
-        alice.require_admin("adding a host")
+        require_admin(alice, "adding a host")
 
 
 def test_an_admin_manages_hosts_sees_everything_and_acts_for_others() -> None:
     root = Realms().actor("root", "ucloud-admin")
-    assert root.is_admin and root.can_manage_hosts
-    assert root.owner_filter is None
-    assert root.may_access("bob")
-    root.check_access("bob")
-    root.require_admin("adding a host")
-    assert root.acting_for("bob") == "bob" and root.acting_for(None) == "root"
+    assert root.is_admin and can_manage_hosts(root)
+    assert owner_filter(root) is None
+    assert may_access(root, "bob")
+    check_access(root, "bob")
+    require_admin(root, "adding a host")
+    assert acting_for(root, "bob") == "bob" and acting_for(root, None) == "root"
     assert str(root) == "root@ucloud-admin"
+
+
+def test_the_gateway_seam_maps_refusals_to_401_and_outages_to_503() -> None:
+    # The gateway's problem table answers 401 for identity.AuthenticationFailed and
+    # 503 for UnavailableError; these classes plug into it without a new mapping.
+    assert issubclass(AuthenticationFailed, identity.AuthenticationFailed)
+    assert issubclass(BadCredentials, identity.AuthenticationFailed)
+    assert issubclass(AuthenticationUnavailable, UnavailableError)
+    assert AuthenticationFailed("x").challenge
+
+
+async def test_the_otp_authenticator_plugs_into_the_gateway(auth: Auth) -> None:
+    authenticator = OtpAuthenticator(auth.directory, auth.verifier, auth.limiter)
+    assert isinstance(authenticator, identity.Authenticator)
+    actor = await authenticator.authenticate(
+        {HEADER_NAME: "root", HEADER_REALM: "ucloud-admin", HEADER_TOKEN: auth.token("root", "ucloud-admin")}, "::1")
+    assert actor == Actor("root", "ucloud-admin", is_admin=True)
+    assert identity.resolve_authenticator(authenticator) is authenticator
+    await authenticator.close()
 
 
 def test_realm_configuration_is_checked() -> None:

@@ -94,7 +94,7 @@ class CommandService:
 
     async def vm_command(self, actor: Actor, command: Command) -> Outcome[None]:
         """start, stop, reboot, delete: on one's own VM (admins: on any)."""
-        vm_id: UUID = command.vm_id  # type: ignore[attr-defined]
+        vm_id: UUID = command.vm_id
 
         async def work(session: Session) -> None:
             vm = await session.load(VM, vm_id)
@@ -187,7 +187,7 @@ class CommandService:
 
     async def report(self, actor: Actor, command: Command) -> Outcome[None]:
         """A host agent reports what it observed (started, stopped, crashed, ...)."""
-        vm_id: UUID = command.vm_id  # type: ignore[attr-defined]
+        vm_id: UUID = command.vm_id
 
         async def work(session: Session) -> None:
             vm = await session.load(VM, vm_id)

@@ -80,7 +80,7 @@ class Session:
         stream = aggregate.stream_of(aggregate_id)
         if stream not in self.loaded:
             self.loaded[stream] = await self.repository.load(aggregate, stream)
-        return self.loaded[stream].state  # type: ignore[no-any-return]
+        return self.loaded[stream].state
 
     def record(self, aggregate: AggregateType[S], aggregate_id: UUID, events: list[Event]) -> None:
         stream = aggregate.stream_of(aggregate_id)

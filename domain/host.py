@@ -30,7 +30,7 @@ class HostStatus(enum.StrEnum):
     DISABLED = "disabled"
 
 
-class HostRegistered(Event, tag="host.registered"):
+class HostRegistered(Event, tag="host.registered", frozen=True):
     """A host joined with its capacity (by an admin or its own agent)."""
 
     host_id: UUID
@@ -41,7 +41,7 @@ class HostRegistered(Event, tag="host.registered"):
     hypervisor: str = "qemu"
 
 
-class HostCapacityChanged(Event, tag="host.capacity_changed"):
+class HostCapacityChanged(Event, tag="host.capacity_changed", frozen=True):
     """A host re-registered with a different capacity."""
 
     host_id: UUID
@@ -50,7 +50,7 @@ class HostCapacityChanged(Event, tag="host.capacity_changed"):
     disk: int
 
 
-class CapacityClaimed(Event, tag="host.capacity_claimed"):
+class CapacityClaimed(Event, tag="host.capacity_claimed", frozen=True):
     """A VM's share of a host, claimed atomically with vm.scheduled."""
 
     host_id: UUID
@@ -60,7 +60,7 @@ class CapacityClaimed(Event, tag="host.capacity_claimed"):
     disk: int
 
 
-class CapacityReleased(Event, tag="host.capacity_released"):
+class CapacityReleased(Event, tag="host.capacity_released", frozen=True):
     """A deleted VM's claim is returned to the host."""
 
     host_id: UUID
@@ -68,10 +68,10 @@ class CapacityReleased(Event, tag="host.capacity_released"):
 
 
 HostEvent = HostRegistered | HostCapacityChanged | CapacityClaimed | CapacityReleased
-HOST_EVENT_TYPES: tuple[type[Event], ...] = HostEvent.__args__  # type: ignore[attr-defined]
+HOST_EVENT_TYPES: tuple[type[Event], ...] = HostEvent.__args__
 
 
-class RegisterHost(Command, tag="host.register"):
+class RegisterHost(Command, tag="host.register", frozen=True):
     hostname: str
     cores: int
     ram: int
@@ -79,7 +79,7 @@ class RegisterHost(Command, tag="host.register"):
     hypervisor: str = "qemu"
 
 
-class ClaimCapacity(Command, tag="host.claim"):
+class ClaimCapacity(Command, tag="host.claim", frozen=True):
     host_id: UUID
     vm_id: UUID
     cores: int
@@ -87,7 +87,7 @@ class ClaimCapacity(Command, tag="host.claim"):
     disk: int
 
 
-class ReleaseCapacity(Command, tag="host.release"):
+class ReleaseCapacity(Command, tag="host.release", frozen=True):
     host_id: UUID
     vm_id: UUID
 

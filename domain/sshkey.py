@@ -27,7 +27,7 @@ def key_id_for(owner: str, name: str) -> UUID:
     return uuid.uuid5(SSHKEY_NAMESPACE, f"{owner}\0{name}")
 
 
-class SshKeyAdded(Event, tag="sshkey.added"):
+class SshKeyAdded(Event, tag="sshkey.added", frozen=True):
     """A user added a public SSH key under a name."""
 
     key_id: UUID
@@ -37,7 +37,7 @@ class SshKeyAdded(Event, tag="sshkey.added"):
     fingerprint: str
 
 
-class SshKeyDeleted(Event, tag="sshkey.deleted"):
+class SshKeyDeleted(Event, tag="sshkey.deleted", frozen=True):
     """A user removed an SSH key."""
 
     key_id: UUID
@@ -46,13 +46,13 @@ class SshKeyDeleted(Event, tag="sshkey.deleted"):
 SSHKEY_EVENT_TYPES: tuple[type[Event], ...] = (SshKeyAdded, SshKeyDeleted)
 
 
-class AddSshKey(Command, tag="sshkey.add"):
+class AddSshKey(Command, tag="sshkey.add", frozen=True):
     owner: str
     name: str
     public_key: str
 
 
-class DeleteSshKey(Command, tag="sshkey.delete"):
+class DeleteSshKey(Command, tag="sshkey.delete", frozen=True):
     owner: str
     name: str
 

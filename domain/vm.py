@@ -51,7 +51,7 @@ class RestartPolicy(enum.StrEnum):
 # -- events ---------------------------------------------------------------------
 
 
-class VmRequested(Event, tag="vm.requested"):
+class VmRequested(Event, tag="vm.requested", frozen=True):
     """A user asked for a VM; it waits for the scheduler."""
 
     vm_id: UUID
@@ -65,27 +65,27 @@ class VmRequested(Event, tag="vm.requested"):
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
 
 
-class VmScheduled(Event, tag="vm.scheduled"):
+class VmScheduled(Event, tag="vm.scheduled", frozen=True):
     """The scheduler placed the VM on a host (appended together with host.capacity_claimed)."""
 
     vm_id: UUID
     host_id: UUID
 
 
-class VmUnschedulable(Event, tag="vm.unschedulable"):
+class VmUnschedulable(Event, tag="vm.unschedulable", frozen=True):
     """No host had room; `reason` says why for each host. Retried when capacity appears."""
 
     vm_id: UUID
     reason: str
 
 
-class VmStartRequested(Event, tag="vm.start_requested"):
+class VmStartRequested(Event, tag="vm.start_requested", frozen=True):
     """The owner asked to start a stopped, crashed or failed VM."""
 
     vm_id: UUID
 
 
-class VmStarted(Event, tag="vm.started"):
+class VmStarted(Event, tag="vm.started", frozen=True):
     """The host agent observed the guest running (`accelerator`: kvm or tcg)."""
 
     vm_id: UUID
@@ -93,13 +93,13 @@ class VmStarted(Event, tag="vm.started"):
     accelerator: str = ""  # "kvm" or "tcg"
 
 
-class VmStopRequested(Event, tag="vm.stop_requested"):
+class VmStopRequested(Event, tag="vm.stop_requested", frozen=True):
     """The owner asked to stop the VM."""
 
     vm_id: UUID
 
 
-class VmStopped(Event, tag="vm.stopped"):
+class VmStopped(Event, tag="vm.stopped", frozen=True):
     """The host agent observed the guest stopped."""
 
     vm_id: UUID
@@ -107,20 +107,20 @@ class VmStopped(Event, tag="vm.stopped"):
     reason: str = "stopped by request"
 
 
-class VmRebootRequested(Event, tag="vm.reboot_requested"):
+class VmRebootRequested(Event, tag="vm.reboot_requested", frozen=True):
     """The owner asked to reboot a running VM."""
 
     vm_id: UUID
 
 
-class VmRebooted(Event, tag="vm.rebooted"):
+class VmRebooted(Event, tag="vm.rebooted", frozen=True):
     """The host agent reset the guest."""
 
     vm_id: UUID
     host_id: UUID
 
 
-class VmCrashed(Event, tag="vm.crashed"):
+class VmCrashed(Event, tag="vm.crashed", frozen=True):
     """The guest stopped without being asked to; `reason` is what the host saw."""
 
     vm_id: UUID
@@ -128,7 +128,7 @@ class VmCrashed(Event, tag="vm.crashed"):
     reason: str
 
 
-class VmFailed(Event, tag="vm.failed"):
+class VmFailed(Event, tag="vm.failed", frozen=True):
     """The host agent could not start the guest (missing image, QEMU error)."""
 
     vm_id: UUID
@@ -136,13 +136,13 @@ class VmFailed(Event, tag="vm.failed"):
     reason: str
 
 
-class VmDeleteRequested(Event, tag="vm.delete_requested"):
+class VmDeleteRequested(Event, tag="vm.delete_requested", frozen=True):
     """The owner asked to delete the VM."""
 
     vm_id: UUID
 
 
-class VmDeleted(Event, tag="vm.deleted"):
+class VmDeleted(Event, tag="vm.deleted", frozen=True):
     """The VM is gone: its guest stopped and its disk removed (`host_id` null if it never ran)."""
 
     vm_id: UUID
@@ -153,13 +153,13 @@ VmEvent = (
     VmRequested | VmScheduled | VmUnschedulable | VmStartRequested | VmStarted | VmStopRequested
     | VmStopped | VmRebootRequested | VmRebooted | VmCrashed | VmFailed | VmDeleteRequested | VmDeleted
 )
-VM_EVENT_TYPES: tuple[type[Event], ...] = VmEvent.__args__  # type: ignore[attr-defined]
+VM_EVENT_TYPES: tuple[type[Event], ...] = VmEvent.__args__
 
 
 # -- commands -------------------------------------------------------------------
 
 
-class CreateVm(Command, tag="vm.create"):
+class CreateVm(Command, tag="vm.create", frozen=True):
     vm_id: UUID
     owner: str
     name: str
@@ -171,63 +171,63 @@ class CreateVm(Command, tag="vm.create"):
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
 
 
-class StartVm(Command, tag="vm.start"):
+class StartVm(Command, tag="vm.start", frozen=True):
     vm_id: UUID
 
 
-class StopVm(Command, tag="vm.stop"):
+class StopVm(Command, tag="vm.stop", frozen=True):
     vm_id: UUID
 
 
-class RebootVm(Command, tag="vm.reboot"):
+class RebootVm(Command, tag="vm.reboot", frozen=True):
     vm_id: UUID
 
 
-class DeleteVm(Command, tag="vm.delete"):
+class DeleteVm(Command, tag="vm.delete", frozen=True):
     vm_id: UUID
 
 
 # Placement and observations come from the scheduler and the host agent.
-class PlaceVm(Command, tag="vm.place"):
+class PlaceVm(Command, tag="vm.place", frozen=True):
     vm_id: UUID
     host_id: UUID
 
 
-class MarkUnschedulable(Command, tag="vm.mark_unschedulable"):
+class MarkUnschedulable(Command, tag="vm.mark_unschedulable", frozen=True):
     vm_id: UUID
     reason: str
 
 
-class ReportStarted(Command, tag="vm.report_started"):
+class ReportStarted(Command, tag="vm.report_started", frozen=True):
     vm_id: UUID
     host_id: UUID
     accelerator: str = ""
 
 
-class ReportStopped(Command, tag="vm.report_stopped"):
+class ReportStopped(Command, tag="vm.report_stopped", frozen=True):
     vm_id: UUID
     host_id: UUID
     reason: str = "stopped by request"
 
 
-class ReportRebooted(Command, tag="vm.report_rebooted"):
+class ReportRebooted(Command, tag="vm.report_rebooted", frozen=True):
     vm_id: UUID
     host_id: UUID
 
 
-class ReportCrashed(Command, tag="vm.report_crashed"):
-    vm_id: UUID
-    host_id: UUID
-    reason: str
-
-
-class ReportFailed(Command, tag="vm.report_failed"):
+class ReportCrashed(Command, tag="vm.report_crashed", frozen=True):
     vm_id: UUID
     host_id: UUID
     reason: str
 
 
-class ReportDeleted(Command, tag="vm.report_deleted"):
+class ReportFailed(Command, tag="vm.report_failed", frozen=True):
+    vm_id: UUID
+    host_id: UUID
+    reason: str
+
+
+class ReportDeleted(Command, tag="vm.report_deleted", frozen=True):
     vm_id: UUID
     host_id: UUID
 

@@ -15,7 +15,6 @@ import msgspec
 
 from ucloud.domain.host import Host, Overcommit, fits
 
-
 DEFAULT_OVERCOMMIT = Overcommit()
 
 

@@ -39,7 +39,7 @@ class VmsView(Projection):
     def apply(self, record: EventRecord, event: Event) -> None:
         if not isinstance(event, vm_domain.VM_EVENT_TYPES):
             return
-        vm_id: UUID = event.vm_id  # type: ignore[attr-defined]
+        vm_id: UUID = event.vm_id
         row = self.by_id.get(vm_id)
         state = vm_domain.evolve(row.vm if row else None, event)
         if state is None:
@@ -92,7 +92,7 @@ class HostsView(Projection):
     def apply(self, record: EventRecord, event: Event) -> None:
         if not isinstance(event, host_domain.HOST_EVENT_TYPES):
             return
-        host_id: UUID = event.host_id  # type: ignore[attr-defined]
+        host_id: UUID = event.host_id
         state = host_domain.evolve(self.by_id.get(host_id), event)
         if state is not None:
             self.by_id[host_id] = state

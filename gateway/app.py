@@ -25,10 +25,11 @@ from aiohttp.typedefs import Handler
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain.catalogue import build_codec
+from ucloud.eventstore.url import open_store
 from ucloud.projections.runner import ProjectionRunner
 from ucloud.projections.views import ReadModels
 
-from .config import GatewayConfig, open_store
+from .config import GatewayConfig
 from .identity import (
     AuthenticationFailed,
     Authenticator,

@@ -1,10 +1,8 @@
-"""The gateway's configuration, and opening the event store it names."""
+"""The gateway's configuration."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 from ucloud.eventstore.interface import EventStore
 
@@ -19,7 +17,7 @@ class GatewayConfig:
     is None the gateway opens ``store_url`` itself and closes it on shutdown.
     """
 
-    store_url: str = "sqlite:///var/lib/ucloud/events.sqlite"
+    store_url: str = "sqlite:///var/lib/ucloud/events.sqlite"  # see ucloud.eventstore.url
     store: EventStore | None = None
     # The first address must bind; the others are tried and skipped with a warning
     # when the machine lacks them (no IPv4 loopback, say).
@@ -42,38 +40,3 @@ class GatewayConfig:
             raise ValueError(f"read_timeout must be positive, got {self.read_timeout}")
         if self.snapshot_interval <= 0:
             raise ValueError(f"snapshot_interval must be positive, got {self.snapshot_interval}")
-
-
-def open_store(url: str) -> EventStore:
-    """An event store from a URL:
-
-    * ``memory:`` -- in this process only, gone at exit;
-    * ``sqlite:///abs/path.sqlite`` or ``sqlite:relative.sqlite``;
-    * ``etcd://host:port[,host:port...][/prefix][?max_txn_ops=N]`` (prefix default /v1).
-    """
-    scheme, _, rest = url.partition(":")
-    if scheme == "memory":
-        from ucloud.eventstore.memory import MemoryEventStore
-
-        return MemoryEventStore()
-    if scheme == "sqlite":
-        from ucloud.eventstore.sqlite import SqliteEventStore
-
-        path = rest[2:] if rest.startswith("//") else rest
-        if not path:
-            raise ValueError(f"store URL {url!r} names no file: write sqlite:///path/to/events.sqlite")
-        return SqliteEventStore(Path(path))
-    if scheme == "etcd":
-        from ucloud.eventstore.etcd import EtcdEventStore
-
-        parts = urlsplit(url)
-        endpoints = [e for e in parts.netloc.split(",") if e]
-        if not endpoints:
-            raise ValueError(f"store URL {url!r} names no etcd endpoint: write etcd://127.0.0.1:2379/v1")
-        query = parse_qs(parts.query)
-        unknown = set(query) - {"max_txn_ops"}
-        if unknown:
-            raise ValueError(f"store URL {url!r}: unknown option(s) {sorted(unknown)}")
-        max_txn_ops = int(query.get("max_txn_ops", ["128"])[-1])
-        return EtcdEventStore(endpoints, prefix=parts.path or "/v1", max_txn_ops=max_txn_ops)
-    raise ValueError(f"store URL {url!r}: the scheme must be memory, sqlite or etcd")

@@ -35,6 +35,7 @@ from ucloud.eventstore.errors import (
 )
 from ucloud.eventstore.etcd import EtcdEventStore
 from ucloud.eventstore.memory import MemoryEventStore
+from ucloud.eventstore.url import InvalidStoreUrl
 from ucloud.gateway.app import (
     COMMANDS,
     FOLLOWER,
@@ -45,7 +46,6 @@ from ucloud.gateway.app import (
     init_app,
     start,
 )
-from ucloud.gateway.config import open_store as open_store_url
 from ucloud.gateway.identity import HeaderAuthenticator, resolve_authenticator
 from ucloud.gateway.openapi import build_openapi
 from ucloud.gateway.problems import problem_for
@@ -633,20 +633,13 @@ async def test_a_restarted_gateway_rebuilds_its_read_models_from_the_log(tmp_pat
         assert vm["name"] == "durable"
 
 
-def test_store_urls_open_the_right_backend_or_say_what_is_wrong(tmp_path: Path) -> None:
-    from ucloud.eventstore.sqlite import SqliteEventStore
-
-    assert isinstance(open_store_url("memory:"), MemoryEventStore)
-    assert isinstance(open_store_url(f"sqlite://{tmp_path}/a.sqlite"), SqliteEventStore)
-    etcd_store = open_store_url("etcd://127.0.0.1:1,127.0.0.1:2/ucloud?max_txn_ops=512")
-    assert isinstance(etcd_store, EtcdEventStore)
-    assert (etcd_store.prefix, etcd_store.max_txn_ops) == (b"/ucloud", 512)
-    for url, message in [("postgres://x", "scheme must be memory, sqlite or etcd"), ("sqlite:", "names no file"),
-                         ("etcd:///v1", "names no etcd endpoint"), ("etcd://h:1/v1?foo=1", "unknown option")]:
-        with pytest.raises(ValueError, match=message):
-            open_store_url(url)
-    with pytest.raises(ValueError, match="port"):
+def test_a_bad_configuration_is_refused_with_a_clear_message() -> None:
+    with pytest.raises(InvalidStoreUrl, match="unknown scheme 'postgres'"):
+        init_app(GatewayConfig(store_url="postgres://db/ucloud"))
+    with pytest.raises(ValueError, match="port must be"):
         GatewayConfig(port=70000)
+    with pytest.raises(ValueError, match="read_timeout must be positive"):
+        GatewayConfig(read_timeout=0)
 
 
 # -- serving -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,664 @@
+"""ucloud: the command line for users and admins, over the HTTP API v1.
+
+    ucloud vm create|list|show|start|stop|reboot|delete
+    ucloud key add|list|delete
+    ucloud host add|list                      (admin realm)
+
+Settings come from ``$XDG_CONFIG_HOME/ucloud/config.toml`` (``~/.config/...``; keys
+``api``, ``user``, ``realm``), overridden by UCLOUD_API / UCLOUD_USER / UCLOUD_REALM,
+overridden by ``--api`` / ``--user`` / ``--realm``. Tables for people, ``--json`` for
+scripts. A failure prints one line on stderr and exits non-zero:
+
+    1  the API refused or failed (the problem's detail is the line), or bad settings
+    2  bad usage (options and arguments)
+    3  --wait: the VM ended in a state it will not leave by itself (failed, unschedulable)
+    4  --wait: the VM did not get there within --timeout
+
+The HTTP client is aiohttp's, under asyncio.run: aiohttp is already what the gateway
+runs on, so the CLI adds no dependency (no sync HTTP library is installed).
+
+Reading your own writes across invocations: the CLI remembers the last log position
+a command returned for each API (``$XDG_STATE_HOME/ucloud/positions.json``) and
+sends it with every query, so ``ucloud vm create`` followed by ``ucloud vm list``
+always lists the new VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tomllib
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import aiohttp
+import click
+import msgspec
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from ucloud.domain.units import format_size
+
+T = TypeVar("T")
+
+DEFAULT_API = "http://[::1]:8080"
+DEFAULT_REALM = "ucloud"
+EXIT_ERROR = 1
+EXIT_VM_FAILED = 3
+EXIT_TIMEOUT = 4
+POLL_INTERVAL = 0.25
+REQUEST_TIMEOUT = 60.0  # the gateway itself waits at most ~10 s for a position
+
+
+class Failure(click.ClickException):
+    """One line on stderr and a non-zero exit; never a traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the server said
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it per class; ours varies
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class ApiError(Failure):
+    """The API answered with a problem (RFC 9457)."""
+
+    def __init__(self, status: int, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.field = field
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+
+class FileSettings(msgspec.Struct, forbid_unknown_fields=True):
+    api: str | None = None
+    user: str | None = None
+    realm: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    api: str
+    user: str
+    realm: str
+
+
+def config_home() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+
+
+def state_home() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+
+
+def default_config_path() -> Path:
+    return config_home() / "ucloud" / "config.toml"
+
+
+def read_config(path: Path, explicit: bool) -> FileSettings:
+    if not path.exists():
+        if explicit:
+            raise Failure(f"config file {path} does not exist")
+        return FileSettings()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise Failure(f"cannot read config file {path}: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise Failure(f"config file {path} is not valid TOML: {error}") from None
+    try:
+        return msgspec.convert(raw, FileSettings)
+    except msgspec.ValidationError as error:
+        raise Failure(f"config file {path}: {error} (known settings: api, user, realm)") from None
+
+
+def resolve_settings(api: str | None, user: str | None, realm: str | None, config: str | None) -> Settings:
+    """Flags over environment over the config file over defaults."""
+    path = Path(config) if config else Path(os.environ["UCLOUD_CONFIG"]) if os.environ.get("UCLOUD_CONFIG") \
+        else default_config_path()
+    file = read_config(path, explicit=bool(config or os.environ.get("UCLOUD_CONFIG")))
+
+    def pick(flag: str | None, env: str, from_file: str | None, default: str | None) -> str | None:
+        for value in (flag, os.environ.get(env), from_file):
+            if value:
+                return value
+        return default
+
+    chosen_api = pick(api, "UCLOUD_API", file.api, DEFAULT_API)
+    chosen_user = pick(user, "UCLOUD_USER", file.user, None)
+    chosen_realm = pick(realm, "UCLOUD_REALM", file.realm, DEFAULT_REALM)
+    assert chosen_api is not None and chosen_realm is not None
+    if not chosen_user:
+        raise Failure(f"no user set: put user = \"name\" in {path}, set UCLOUD_USER or pass --user")
+    if not chosen_api.startswith(("http://", "https://")):
+        raise Failure(f"API URL {chosen_api!r} must start with http:// or https://")
+    return Settings(chosen_api.rstrip("/"), chosen_user, chosen_realm)
+
+
+# -- the HTTP client -------------------------------------------------------------------------------
+
+
+class Positions:
+    """The last log position each API returned to this user's commands."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> dict[str, int]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
+
+    def get(self, api: str) -> int:
+        return self._read().get(api, 0)
+
+    def set(self, api: str, position: int) -> None:
+        data = self._read()
+        data[api] = position
+        with contextlib.suppress(OSError):  # remembering is a convenience, never a failure
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            temporary.write_text(json.dumps(data))
+            temporary.replace(self.path)
+
+
+class Client:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, positions: Positions) -> None:
+        self.settings = settings
+        self.session = session
+        self.positions = positions
+        self.position = positions.get(settings.api)
+
+    async def request(self, method: str, path: str, body: Any = None, *, query: dict[str, str] | None = None,
+                      headers: dict[str, str] | None = None, read: bool = False) -> tuple[int, Any]:
+        query = dict(query or {})
+        if read and self.position:
+            query["position"] = str(self.position)
+        all_headers = {"X-Ucloud-User": self.settings.user, "X-Ucloud-Realm": self.settings.realm,
+                       **(headers or {})}
+        url = self.settings.api + path
+        try:
+            async with self.session.request(method, url, json=body, params=query, headers=all_headers) as response:
+                status = response.status
+                text = await response.text()
+                content_type = response.content_type
+        except aiohttp.ClientConnectionError as error:
+            raise Failure(f"cannot reach the ucloud API at {self.settings.api}: {error}") from None
+        except TimeoutError:
+            raise Failure(f"the ucloud API at {self.settings.api} did not answer in {REQUEST_TIMEOUT:g}s") from None
+        data: Any = None
+        if text and content_type.endswith("json"):
+            try:
+                data = json.loads(text)
+            except ValueError:
+                raise Failure(f"the API at {url} answered {status} with malformed JSON") from None
+        if status >= 400:
+            detail = data.get("detail") if isinstance(data, dict) else None
+            field = data.get("field") if isinstance(data, dict) else None
+            if status == 400 and field == "position" and "position" in query and read:
+                # The remembered position belongs to another log (a rebuilt test cluster, say).
+                self.position = 0
+                self.positions.set(self.settings.api, 0)
+                return await self.request(method, path, body, query=query | {"position": "0"}, headers=headers)
+            raise ApiError(status, detail or f"the API answered {status} {text[:200]}", field)
+        if data is None and content_type.endswith("json"):
+            raise Failure(f"the API at {url} answered {status} without a body")
+        if isinstance(data, dict) and not read and isinstance(data.get("position"), int):
+            self.position = max(self.position, data["position"])
+            self.positions.set(self.settings.api, self.position)
+        return status, data
+
+    async def get(self, path: str, query: dict[str, str] | None = None) -> Any:
+        return (await self.request("GET", path, query=query, read=True))[1]
+
+    async def resolve_vm(self, reference: str) -> str:
+        """A VM id from an id or a name (one's own, not deleted)."""
+        with contextlib.suppress(ValueError):
+            return str(uuid.UUID(reference))
+        vms = (await self.get("/v1/vms"))["vms"]
+        matches = [vm for vm in vms if vm["name"] == reference]
+        if not matches:
+            raise Failure(f"no VM named {reference!r}")
+        if len(matches) > 1:
+            ids = ", ".join(vm["id"] for vm in matches)
+            raise Failure(f"{len(matches)} VMs are named {reference!r} ({ids}); give the id")
+        return str(matches[0]["id"])
+
+
+@dataclass
+class Context:
+    api: str | None
+    user: str | None
+    realm: str | None
+    config: str | None
+
+    def run(self, work: Callable[[Client], Awaitable[T]]) -> T:
+        settings = resolve_settings(self.api, self.user, self.realm, self.config)
+        positions = Positions(state_home() / "ucloud" / "positions.json")
+
+        async def go() -> T:
+            timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                return await work(Client(settings, session, positions))
+
+        return asyncio.run(go())
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def console() -> Console:
+    """Rich output on the current stdout; piped output is never cut to 80 columns."""
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def table(*columns: str) -> Table:
+    result = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in columns:
+        result.add_column(column, no_wrap=True)
+    return result
+
+
+def usage(used: int, total: int, sizes: bool = True) -> str:
+    show = format_size if sizes else str
+    return f"{show(used)} / {show(total)}"
+
+
+def show_vm(vm: dict[str, Any]) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    rows = [("name", vm["name"]), ("id", vm["id"]), ("owner", vm["owner"]), ("status", vm["status"]),
+            ("desired", vm["desired"]), ("cores", str(vm["cores"])), ("ram", format_size(vm["ram"])),
+            ("disk", format_size(vm["disk"])), ("image", vm["image"]),
+            ("ssh keys", ", ".join(vm["ssh_keys"]) or "-"), ("restart policy", vm["restart_policy"]),
+            ("host", vm["host_id"] or "-"), ("accelerator", vm["accelerator"] or "-"),
+            ("reboots", str(vm["reboots"])), ("reason", vm["reason"] or "-"),
+            ("created", vm["created_at"]), ("updated", vm["updated_at"])]
+    for key, value in rows:
+        grid.add_row(key, value)
+    console().print(grid)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of tables.")
+
+
+def wait_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+                     help="With --wait: give up after this many seconds (exit 4).")(f)
+    return click.option("--wait", is_flag=True, help="Wait until the VM got there, showing its status changes.")(f)
+
+
+# -- waiting ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What a --wait waits for, and the statuses that mean it will not happen."""
+
+    reached: Callable[[dict[str, Any]], bool]
+    doomed: frozenset[str]
+    describe: str
+
+
+def _status_is(status: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda vm: bool(vm["status"] == status)
+
+
+RUNNING = Goal(_status_is("running"), frozenset({"unschedulable", "failed", "deleting", "deleted"}), "running")
+STOPPED = Goal(_status_is("stopped"), frozenset({"failed", "deleting", "deleted"}), "stopped")
+DELETED = Goal(_status_is("deleted"), frozenset({"failed"}), "deleted")
+
+
+async def wait_for(client: Client, vm_id: str, goal: Goal, timeout: float, quiet: bool) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = ""
+    while True:
+        status = await client.get(f"/v1/vms/{vm_id}/status")
+        if status["status"] != last:
+            last = status["status"]
+            if not quiet:
+                reason = f" ({status['reason']})" if status["reason"] else ""
+                console().print(f"  {vm_id}: {last}{reason}")
+        if goal.reached(status):
+            return dict(status)
+        if status["status"] in goal.doomed:
+            reason = f": {status['reason']}" if status["reason"] else ""
+            raise Failure(f"VM {vm_id} is {status['status']}{reason}; it will not become {goal.describe}",
+                          EXIT_VM_FAILED)
+        if loop.time() >= deadline:
+            raise Failure(f"VM {vm_id} is still {status['status']} after {timeout:g}s, not {goal.describe}",
+                          EXIT_TIMEOUT)
+        await asyncio.sleep(min(POLL_INTERVAL, max(0.0, deadline - loop.time())))
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+class UcloudGroup(click.Group):
+    """Every failure is one line on stderr: usage errors too, and anything unexpected
+    (instead of a traceback)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as error:
+            hint = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
+            click.echo(f"error: {' '.join(error.format_message().split())}{hint}", err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:  # the last resort: never a traceback for a user
+            raise Failure(f"{type(error).__name__}: {error}") from None
+
+
+@click.group(cls=UcloudGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--api", metavar="URL", help=f"The ucloud API (env UCLOUD_API; default {DEFAULT_API}).")
+@click.option("--user", metavar="NAME", help="Who you are (env UCLOUD_USER).")
+@click.option("--realm", metavar="REALM", help="Your realm (env UCLOUD_REALM; default ucloud).")
+@click.option("--config", metavar="FILE", help="Config file (env UCLOUD_CONFIG; default "
+              "$XDG_CONFIG_HOME/ucloud/config.toml).")
+@click.version_option(package_name="ucloud", message="ucloud %(version)s")
+@click.pass_context
+def main(ctx: click.Context, api: str | None, user: str | None, realm: str | None, config: str | None) -> None:
+    """ucloud: IPv6-first virtual machines."""
+    ctx.obj = Context(api, user, realm, config)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@main.group(cls=UcloudGroup)
+def vm() -> None:
+    """Virtual machines."""
+
+
+@vm.command("create")
+@click.argument("name")
+@click.option("--image", required=True, help="The OS image, e.g. debian-12.")
+@click.option("--cores", default="1", show_default=True, help="Virtual CPU cores.")
+@click.option("--ram", default="1GiB", show_default=True, help="Memory, e.g. 512MB, 2GB (binary units).")
+@click.option("--disk", default="10GiB", show_default=True, help="Disk size, e.g. 10GB.")
+@click.option("--ssh-key", "ssh_keys", multiple=True, metavar="NAME", help="An SSH key (by name) to install; repeat.")
+@click.option("--restart-policy", type=click.Choice(["always", "never"]), default="always", show_default=True,
+              help="Restart the VM after a crash?")
+@click.option("--idempotency-key", metavar="KEY", help="Retry-safe: the same key and options give the same VM.")
+@wait_options
+@json_option
+@pass_context
+def vm_create(ctx: Context, name: str, image: str, cores: str, ram: str, disk: str, ssh_keys: tuple[str, ...],
+              restart_policy: str, idempotency_key: str | None, wait: bool, timeout: float, as_json: bool) -> None:
+    """Create a VM called NAME (--wait: until it runs)."""
+    body = {"name": name, "image": image, "cores": int(cores) if cores.isdigit() else cores, "ram": ram,
+            "disk": disk, "ssh_keys": list(ssh_keys), "restart_policy": restart_policy}
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+
+    async def work(client: Client) -> None:
+        _, created = await client.request("POST", "/v1/vms", body, headers=headers)
+        if not as_json:
+            console().print(f"VM {name} is {created['status']}: {created['id']}")
+        if wait:
+            await wait_for(client, created["id"], RUNNING, timeout, as_json)
+            if as_json:
+                emit_json(await client.get(f"/v1/vms/{created['id']}"))
+        elif as_json:
+            emit_json(created)
+
+    ctx.run(work)
+
+
+@vm.command("list")
+@click.option("--owner", metavar="USER", help="Admins: only this user's VMs.")
+@click.option("--all", "include_deleted", is_flag=True, help="Include deleted VMs.")
+@json_option
+@pass_context
+def vm_list(ctx: Context, owner: str | None, include_deleted: bool, as_json: bool) -> None:
+    """List your VMs."""
+    query = {"include_deleted": "true"} if include_deleted else {}
+    if owner:
+        query["owner"] = owner
+
+    async def work(client: Client) -> None:
+        vms = (await client.get("/v1/vms", query))["vms"]
+        if as_json:
+            emit_json(vms)
+            return
+        owners = {v["owner"] for v in vms}
+        columns = ["NAME", "ID", "STATUS", "CORES", "RAM", "DISK", "IMAGE"]
+        listing = table(*columns, *(["OWNER"] if owners - {client.settings.user} else []))
+        for v in vms:
+            row = [v["name"], v["id"], v["status"], str(v["cores"]), format_size(v["ram"]), format_size(v["disk"]),
+                   v["image"]]
+            listing.add_row(*row, *([v["owner"]] if len(listing.columns) > len(columns) else []))
+        console().print(listing if vms else "no VMs")
+
+    ctx.run(work)
+
+
+@vm.command("show")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+@pass_context
+def vm_show(ctx: Context, vm_ref: str, as_json: bool) -> None:
+    """Show a VM (by id or name)."""
+
+    async def work(client: Client) -> None:
+        vm_id = await client.resolve_vm(vm_ref)
+        found = await client.get(f"/v1/vms/{vm_id}")
+        if as_json:
+            emit_json(found)
+        else:
+            show_vm(found)
+
+    ctx.run(work)
+
+
+def _lifecycle(action: str, method: str, path: str, goal: Goal | None, help_text: str) -> None:
+    @vm.command(action, help=help_text)
+    @click.argument("vm_ref", metavar="VM")
+    @wait_options
+    @json_option
+    @pass_context
+    def command(ctx: Context, vm_ref: str, wait: bool, timeout: float, as_json: bool) -> None:
+        async def work(client: Client) -> None:
+            vm_id = await client.resolve_vm(vm_ref)
+            target = goal
+            if action == "reboot":
+                before = (await client.get(f"/v1/vms/{vm_id}/status"))["reboots"]
+                target = Goal(lambda vm: vm["status"] == "running" and vm["reboots"] > before,
+                              RUNNING.doomed | {"stopped", "stopping", "crashed"}, "rebooted")
+            _, accepted = await client.request(method, path.format(vm_id))
+            if not as_json:
+                console().print(f"VM {vm_id}: {action} requested")
+            if wait and target is not None:
+                final = await wait_for(client, vm_id, target, timeout, as_json)
+                if as_json:
+                    emit_json(final)
+            elif as_json:
+                emit_json(accepted)
+
+        ctx.run(work)
+
+
+_lifecycle("start", "POST", "/v1/vms/{}/start", RUNNING, "Start a VM (--wait: until it runs).")
+_lifecycle("stop", "POST", "/v1/vms/{}/stop", STOPPED, "Stop a VM (--wait: until it stopped).")
+_lifecycle("reboot", "POST", "/v1/vms/{}/reboot", None, "Reboot a running VM (--wait: until it rebooted).")
+_lifecycle("delete", "DELETE", "/v1/vms/{}", DELETED, "Delete a VM (--wait: until it is gone).")
+
+
+@main.group(cls=UcloudGroup)
+def key() -> None:
+    """SSH public keys, installed into the VMs that name them."""
+
+
+def read_public_key(source: str) -> str:
+    """The key line from a file, '-' (stdin) or the key itself."""
+    if source == "-":
+        text = sys.stdin.read()
+    elif source.split(" ", 1)[0].startswith(("ssh-", "ecdsa-", "sk-")):
+        text = source
+    else:
+        path = Path(source).expanduser()
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise Failure(f"{source}: no such file (give a public key file, the key itself, or -)") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise Failure(f"cannot read {source}: {error}") from None
+    if "PRIVATE KEY" in text:  # never send a private key anywhere
+        raise Failure(f"{source} is a private key; give the public key (the .pub file)")
+    return text.strip()
+
+
+@key.command("add")
+@click.argument("name")
+@click.argument("public_key", metavar="KEY_FILE_OR_KEY")
+@json_option
+@pass_context
+def key_add(ctx: Context, name: str, public_key: str, as_json: bool) -> None:
+    """Add a public key called NAME, from a file (e.g. ~/.ssh/id_ed25519.pub), '-' or the key text."""
+    text = read_public_key(public_key)
+
+    async def work(client: Client) -> None:
+        _, added = await client.request("POST", "/v1/ssh-keys", {"name": name, "public_key": text})
+        if as_json:
+            emit_json(added)
+        else:
+            console().print(f"SSH key {name} added: {added['fingerprint']}")
+
+    ctx.run(work)
+
+
+@key.command("list")
+@json_option
+@pass_context
+def key_list(ctx: Context, as_json: bool) -> None:
+    """List your SSH keys."""
+
+    async def work(client: Client) -> None:
+        keys = (await client.get("/v1/ssh-keys"))["ssh_keys"]
+        if as_json:
+            emit_json(keys)
+            return
+        listing = table("NAME", "FINGERPRINT", "COMMENT")
+        for k in keys:
+            parts = k["public_key"].split(" ", 2)
+            listing.add_row(k["name"], k["fingerprint"], parts[2] if len(parts) > 2 else "")
+        console().print(listing if keys else "no SSH keys")
+
+    ctx.run(work)
+
+
+@key.command("delete")
+@click.argument("name")
+@json_option
+@pass_context
+def key_delete(ctx: Context, name: str, as_json: bool) -> None:
+    """Delete the SSH key NAME."""
+
+    async def work(client: Client) -> None:
+        _, done = await client.request("DELETE", f"/v1/ssh-keys/{name}")
+        if as_json:
+            emit_json(done)
+        else:
+            console().print(f"SSH key {name} deleted")
+
+    ctx.run(work)
+
+
+@main.group(cls=UcloudGroup)
+def host() -> None:
+    """Hosts that run VMs (admin realm)."""
+
+
+@host.command("add")
+@click.argument("hostname")
+@click.option("--cores", required=True, help="CPU cores the host offers.")
+@click.option("--ram", required=True, help="Memory the host offers, e.g. 256GB.")
+@click.option("--disk", required=True, help="Disk the host offers, e.g. 4TB.")
+@click.option("--hypervisor", default="qemu", show_default=True)
+@json_option
+@pass_context
+def host_add(ctx: Context, hostname: str, cores: str, ram: str, disk: str, hypervisor: str, as_json: bool) -> None:
+    """Register HOSTNAME (again: updates its capacity)."""
+    body = {"hostname": hostname, "cores": int(cores) if cores.isdigit() else cores, "ram": ram, "disk": disk,
+            "hypervisor": hypervisor}
+
+    async def work(client: Client) -> None:
+        status, added = await client.request("POST", "/v1/hosts", body)
+        verb = "registered" if status == 201 else "updated"
+        if as_json:
+            emit_json(added)
+        else:
+            console().print(f"host {hostname} {verb}: {added['id']}")
+
+    ctx.run(work)
+
+
+@host.command("list")
+@json_option
+@pass_context
+def host_list(ctx: Context, as_json: bool) -> None:
+    """List hosts with their capacity and use."""
+
+    async def work(client: Client) -> None:
+        hosts = (await client.get("/v1/hosts"))["hosts"]
+        if as_json:
+            emit_json(hosts)
+            return
+        listing = table("HOSTNAME", "ID", "CORES", "RAM", "DISK", "VMS")
+        for h in hosts:
+            listing.add_row(h["hostname"], h["id"], usage(h["used_cores"], h["cores"], sizes=False),
+                            usage(h["used_ram"], h["ram"]), usage(h["used_disk"], h["disk"]), str(h["vms"]))
+        console().print(listing if hosts else "no hosts")
+
+    ctx.run(work)
+
+
+def _unavailable(name: str, reason: str) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                   help=f"(unavailable: {reason})")
+    def command() -> NoReturn:
+        raise Failure(f"ucloud {name} is unavailable: {reason}")
+
+    return command
+
+
+# `ucloud up` lives in cli/up.py (written separately); it joins this CLI when it exists.
+try:
+    from ucloud.cli.up import up
+except ModuleNotFoundError as missing:
+    if missing.name != "ucloud.cli.up":  # up.py exists but needs something missing: say so when used
+        main.add_command(_unavailable("up", str(missing)))
+else:
+    main.add_command(up)

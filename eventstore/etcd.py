@@ -5,7 +5,7 @@ Key layout (prefix ``/v1`` by default):
     /v1/events/<position:020d>            the event record (msgpack EventRecord)
     /v1/streams/<stream>/<version:010d>   index: msgpack [position, event id]
     /v1/head                              the last position, b"%020d"
-    /v1/tracking/<consumer>               a consumer's last position, b"%020d"
+    /v1/tracking/<consumer>               a consumer's last position, b"%020d@<request token hex>"
     /v1/snapshots/<stream>                the newest snapshot (msgpack Snapshot)
 
 One append is one etcd transaction. It compares the head (so positions stay gap-free
@@ -18,7 +18,13 @@ the others go again in the next transaction.
 A write whose outcome is unknown (leader lost, connection cut) is simply tried again:
 the stream's next-version key then already holds our event id, which we recognise as
 our own earlier success instead of a conflict. So an acknowledged append is written
-exactly once, even across fail-over.
+exactly once, even across fail-over. A tracking record carries the token of the
+request that wrote it, so a tracking-only request is recognised the same way.
+
+Every request has a deadline (``append_timeout`` from its submission): until then an
+unconfirmed write is retried across the cluster's endpoints; after it the caller gets
+an UnavailableError, never a raw gRPC error. Reads are retried across endpoints by
+the client; subscriptions retry for ever (a disturbance only delays them).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -36,7 +42,7 @@ from .errors import DataError, StreamConflict, TrackingConflict, UnavailableErro
 from .etcd_client import (
     EtcdClient,
     RequestOp,
-    WatchCompacted,
+    cmp_mod,
     cmp_value,
     cmp_version,
     op_get,
@@ -62,7 +68,7 @@ from .records import (
 log = logging.getLogger(__name__)
 
 _INDEX = msgspec.msgpack.Decoder(tuple[int, bytes])
-PAGE = 1000
+PAGE = 2000
 
 
 def _pad(position: int) -> bytes:
@@ -80,6 +86,10 @@ class EtcdEventStore(EventStore):
         append_timeout: float = 30.0,
         timeout: float = 5.0,
     ) -> None:
+        if max_txn_ops < 8:
+            raise ValueError(f"max_txn_ops must be at least 8 (etcd's default is 128), got {max_txn_ops}")
+        if append_timeout <= 0 or timeout <= 0:
+            raise ValueError(f"timeouts must be positive, got append_timeout={append_timeout}, timeout={timeout}")
         self.client = EtcdClient(endpoints, timeout=timeout)
         self.prefix = prefix.rstrip("/").encode()
         self.append_timeout = append_timeout
@@ -88,13 +98,21 @@ class EtcdEventStore(EventStore):
         # Cost of a request in etcd operations, bounded by --max-txn-ops: the success
         # branch puts 2 keys per event, the compares and the failure branch touch 2 keys
         # per stream; one op of every branch is reserved for the head.
-        self._committer = GroupCommitter(self._commit_batch, max_cost=max_txn_ops - 1, max_bytes=max_txn_bytes)
+        self._committer = GroupCommitter(self._commit_batch, max_cost=max_txn_ops - 1, max_bytes=max_txn_bytes,
+                                         timeout=append_timeout)
         self.max_txn_ops = max_txn_ops
+        self.page = PAGE
+        self.transactions = 0  # write transactions sent, for benchmarks and tests
         self._head_cache: int | None = None
-        self._tracking_cache: dict[str, int] = {}
+        self._tracking_cache: dict[str, bytes] = {}
         self._known_head = 0
-        self._head_changed: asyncio.Condition | None = None
+        self._head_event: asyncio.Event | None = None
         self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def committer(self) -> GroupCommitter:
+        """The group committer (its ``batches`` and ``requests`` counters show batching)."""
+        return self._committer
 
     # -- keys -------------------------------------------------------------------
 
@@ -119,35 +137,58 @@ class EtcdEventStore(EventStore):
 
     async def _commit_batch(self, batch: list[PendingAppend]) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.append_timeout
         remaining = list(batch)
         delay = 0.02
         while remaining:
-            if self._head_cache is None:
-                self._head_cache = await self._read_head()
-            head = self._head_cache
-            compare, success, failure, positions = self._build_txn(remaining, head)
             try:
+                if self._head_cache is None:
+                    self._head_cache = await self._read_head()
+                head = self._head_cache
+                compare, success, failure, positions = self._build_txn(remaining, head)
+                self.transactions += 1
                 result = await self.client.txn(compare, success, failure)
             except UnavailableError as error:
-                # Outcome unknown: try again; our own earlier success is recognised.
+                # Outcome unknown: try again until each request's deadline; our own
+                # earlier success is then recognised by its event ids (or token).
                 self._head_cache = None
-                if loop.time() + delay > deadline:
-                    for request in remaining:
-                        request.resolve(UnavailableError(f"append not confirmed: {error}"))
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                now = loop.time()
+                alive = []
+                for request in remaining:
+                    if request.deadline is not None and now + delay >= request.deadline:
+                        request.resolve(UnavailableError(
+                            f"append not confirmed within {self.append_timeout}s; it may or may not "
+                            f"have been written (retry the same request): {error}"))
+                    else:
+                        alive.append(request)
+                remaining = alive
+                if remaining:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
                 continue
+            except DataError as error:
+                # etcd refused the transaction itself (too large, too many ops): judge
+                # each request alone so that only the one at fault fails.
+                self._head_cache = None
+                if len(remaining) == 1:
+                    remaining[0].resolve(DataError(f"etcd refused the append: {error}"))
+                    return
+                for request in remaining:
+                    await self._commit_batch([request])
+                return
             if result.succeeded:
                 self._head_cache = head + sum(len(p) for p in positions)
                 for request, request_positions in zip(remaining, positions, strict=True):
                     if request.tracking is not None:
-                        self._tracking_cache[request.tracking.consumer] = request.tracking.position
+                        self._tracking_cache[request.tracking.consumer] = self._tracking_value(request)
                     request.resolve(request_positions)
                 self._note_head(self._head_cache)
                 return
             remaining = self._judge_failure(remaining, result.responses)
+
+    @staticmethod
+    def _tracking_value(request: PendingAppend) -> bytes:
+        assert request.tracking is not None
+        return _pad(request.tracking.position) + b"@" + request.token.hex().encode()
 
     def _build_txn(
         self, requests: list[PendingAppend], head: int
@@ -181,10 +222,13 @@ class EtcdEventStore(EventStore):
                 recorded = self._tracking_cache.get(request.tracking.consumer)
                 if recorded is None:
                     compare.append(cmp_version(key, "==", 0))
+                elif _tracked(recorded) < request.tracking.position:
+                    # The exact value we last saw: nobody else moved the consumer since.
+                    compare.append(cmp_value(key, "==", recorded))
                 else:
                     compare.append(cmp_value(key, "<", _pad(request.tracking.position)))
                 failure.append(op_get(key))
-                success.append(op_put(key, _pad(request.tracking.position)))
+                success.append(op_put(key, self._tracking_value(request)))
             all_positions.append(positions)
         if position != head:
             # Only a transaction that appends moves the head. Writing an unmoved head of 0
@@ -216,17 +260,21 @@ class EtcdEventStore(EventStore):
                     outcome = StreamConflict(append.stream, append.expected_version)
                 elif current_missing:
                     outcome = StreamConflict(append.stream, append.expected_version)
+            own_tracking = False
             if request.tracking is not None:
                 tracking_kvs = range_kvs(next(answers))
-                recorded = int(tracking_kvs[0].value) if tracking_kvs else 0
-                if tracking_kvs:
-                    self._tracking_cache[request.tracking.consumer] = recorded
+                value = tracking_kvs[0].value if tracking_kvs else None
+                recorded = _tracked(value) if value is not None else 0
+                if value is not None:
+                    self._tracking_cache[request.tracking.consumer] = value
                 else:
                     self._tracking_cache.pop(request.tracking.consumer, None)
-                own = bool(own_positions) and recorded == request.tracking.position
-                if outcome is None and recorded >= request.tracking.position and not own:
+                own_tracking = value == self._tracking_value(request) or (
+                    bool(own_positions) and recorded == request.tracking.position)
+                if outcome is None and recorded >= request.tracking.position and not own_tracking:
                     outcome = TrackingConflict(request.tracking.consumer, request.tracking.position, recorded)
-            if outcome is None and own_positions and len(own_positions) == sum(len(a.events) for a in request.appends):
+            events = sum(len(a.events) for a in request.appends)
+            if outcome is None and (own_positions or own_tracking) and len(own_positions) == events:
                 outcome = own_positions  # an earlier, unconfirmed attempt did commit
             if outcome is None:
                 again.append(request)
@@ -257,20 +305,29 @@ class EtcdEventStore(EventStore):
         end = self._event_key(up_to + 1) if up_to is not None else prefix_end(self._events)
         start = self._event_key(after + 1)
         out: list[EventRecord] = []
-        revision = 0
+        decode = RECORD_DECODER.decode
         while True:
-            # All pages at the revision of the first: one consistent cut of the log.
-            result = await self.client.range(start, end, limit=PAGE, revision=revision)
-            revision = result.revision
-            for kv in result.kvs:
-                record = _decode(kv.value)
-                if wanted is None or record.type in wanted:
-                    out.append(record)
-                    if limit is not None and len(out) >= limit:
-                        return out
-            if not result.more or not result.kvs:
+            # Pages are not pinned to one revision: every transaction writes its events
+            # and the head together, so any revision holds exactly positions 1..head and
+            # a later page only adds to the end. Unpinned pages also survive compaction.
+            page = self.page if limit is None else min(self.page, limit - len(out) if wanted is None else self.page)
+            response = await self.client.range_raw(start, end, limit=page)
+            kvs = response.kvs
+            try:
+                if wanted is None:
+                    out.extend(decode(kv.value) for kv in kvs)
+                else:
+                    for kv in kvs:
+                        record = decode(kv.value)
+                        if record.type in wanted:
+                            out.append(record)
+            except msgspec.DecodeError as error:
+                raise DataError(f"an event in the log does not decode: {error}") from error
+            if limit is not None and len(out) >= limit:
+                return out[:limit]
+            if not response.more or not kvs:
                 return out
-            start = result.kvs[-1].key + b"\0"
+            start = kvs[-1].key + b"\0"
 
     async def read_stream(
         self,
@@ -284,13 +341,15 @@ class EtcdEventStore(EventStore):
         prefix = self._stream_prefix(stream)
         start = self._stream_key(stream, after_version + 1)
         end = self._stream_key(stream, up_to_version + 1) if up_to_version is not None else prefix_end(prefix)
+        if limit is not None and limit <= 0:
+            return []
         index = await self.client.range(start, end, limit=limit or 0, descending=backwards)
         positions = [_INDEX.decode(kv.value)[0] for kv in index.kvs]
         records: list[EventRecord] = []
         chunk = max(1, self.max_txn_ops)
         for i in range(0, len(positions), chunk):
             ops = [op_get(self._event_key(p)) for p in positions[i : i + chunk]]
-            result = await self.client.txn([], ops)
+            result = await self.client.txn([], ops, read_only=True)
             for response in result.responses:
                 kvs = range_kvs(response)
                 if not kvs:
@@ -305,28 +364,57 @@ class EtcdEventStore(EventStore):
 
     async def tracked_position(self, consumer: str) -> int:
         kv = await self.client.get(self._tracking_key(consumer))
-        return int(kv.value) if kv else 0
+        return _tracked(kv.value) if kv else 0
 
     # -- live -------------------------------------------------------------------
 
     def _note_head(self, head: int) -> None:
         if head > self._known_head:
             self._known_head = head
-            condition = self._head_changed
-            if condition is not None:
-                asyncio.get_running_loop().create_task(_notify(condition))
+            if self._head_event is not None:
+                # Wake every waiter; later waiters wait on a fresh event.
+                self._head_event.set()
+                self._head_event = asyncio.Event()
 
     async def wait_for_events(self, after: int, timeout: float) -> int:
-        if self._head_changed is None:
-            self._head_changed = asyncio.Condition()
+        if self._head_event is None:
+            self._head_event = asyncio.Event()
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_head())
         if self._known_head <= after:
-            async with self._head_changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._head_changed.wait_for(lambda: self._known_head > after), timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._head_event.wait(), timeout)
         # The watch only wakes us; the head itself is always read fresh.
         return await self.head()
+
+    async def subscribe(
+        self,
+        after: int = 0,
+        *,
+        types: Collection[str] | None = None,
+        batch: int = 1000,
+        idle_timeout: float = 5.0,
+    ) -> AsyncIterator[EventRecord]:
+        """As EventStore.subscribe, and an unreachable cluster only delays it: every
+        read is retried (with a growing pause, logged) until etcd answers again."""
+        position = after
+        delay = 0.05
+        while True:
+            try:
+                head = await self.head()
+                while head <= position:
+                    head = await self.wait_for_events(position, idle_timeout)
+                up_to = min(head, position + batch)
+                records = await self.read_all(position, up_to=up_to, types=types)
+            except UnavailableError as error:
+                log.warning("subscription after position %d waits for etcd: %s", position, error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            for record in records:
+                yield record
+            position = up_to
 
     async def _watch_head(self) -> None:
         """Follow the head key. Any failure (compaction, restart, fail-over) just
@@ -345,28 +433,28 @@ class EtcdEventStore(EventStore):
                     delay = 0.05
             except asyncio.CancelledError:
                 raise
-            except (UnavailableError, WatchCompacted, DataError) as error:
-                log.debug("head watch restarts after: %s", error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            except Exception as error:  # the watch is only a wake-up; it must never die
+                log.debug("head watch restarts after: %r", error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     # -- snapshots --------------------------------------------------------------
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         key = self.prefix + b"/snapshots/" + snapshot.stream.encode()
-        current = await self.load_snapshot(snapshot.stream)
-        if current is not None and current.version >= snapshot.version:
-            return
-        await self.client.put(key, RECORD_ENCODER.encode(snapshot))
+        value = RECORD_ENCODER.encode(snapshot)
+        while True:
+            kv = await self.client.get(key)
+            if kv is not None and _decode_snapshot(snapshot.stream, kv.value).version >= snapshot.version:
+                return
+            # Compare-and-swap: a concurrent save of a newer snapshot is never replaced.
+            guard = cmp_version(key, "==", 0) if kv is None else cmp_mod(key, "==", kv.mod_revision)
+            if (await self.client.txn([guard], [op_put(key, value)])).succeeded:
+                return
 
     async def load_snapshot(self, stream: str) -> Snapshot | None:
         kv = await self.client.get(self.prefix + b"/snapshots/" + stream.encode())
-        if kv is None:
-            return None
-        try:
-            return SNAPSHOT_DECODER.decode(kv.value)
-        except msgspec.DecodeError as error:
-            raise DataError(f"snapshot of {stream!r} does not decode: {error}") from error
+        return None if kv is None else _decode_snapshot(stream, kv.value)
 
     async def close(self) -> None:
         await self._committer.close()
@@ -377,9 +465,16 @@ class EtcdEventStore(EventStore):
         await self.client.close()
 
 
-async def _notify(condition: asyncio.Condition) -> None:
-    async with condition:
-        condition.notify_all()
+def _tracked(value: bytes) -> int:
+    """A tracking value is b"<position:020d>@<token>" (older: the position alone)."""
+    return int(value.split(b"@", 1)[0])
+
+
+def _decode_snapshot(stream: str, value: bytes) -> Snapshot:
+    try:
+        return SNAPSHOT_DECODER.decode(value)
+    except msgspec.DecodeError as error:
+        raise DataError(f"snapshot of {stream!r} does not decode: {error}") from error
 
 
 def _decode(value: bytes) -> EventRecord:

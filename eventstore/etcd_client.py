@@ -162,6 +162,7 @@ class EtcdClient:
         self._lease: Any = None
         self._maintenance: Any = None
         self._cluster: Any = None
+        self._closers: set[asyncio.Task[None]] = set()
 
     @property
     def endpoint(self) -> str:
@@ -178,31 +179,51 @@ class EtcdClient:
 
     async def _fail_over(self, broken: grpc.aio.Channel | None) -> None:
         """Move to the next endpoint unless another call already did."""
-        if broken is not None and self._channel is broken:
-            self._channel = None
-            self._index += 1
-            log.info("etcd: failing over to %s", self.endpoint)
-            with contextlib.suppress(Exception):
-                await broken.close()
+        if broken is None or self._channel is not broken:
+            return
+        closing: grpc.aio.Channel = broken
+        self._channel = None
+        self._index += 1
+        log.info("etcd: failing over to %s", self.endpoint)
+        # Closing a channel cancels every call still on it, and grpc.aio reports that as
+        # asyncio.CancelledError in the awaiting task: other callers (a watch, a commit
+        # in flight) would look cancelled. So the old channel gets a grace period in
+        # which those calls end by themselves (each has a deadline; a watch breaks).
+        closer = asyncio.get_running_loop().create_task(closing.close(grace=self.timeout + 1))
+        self._closers.add(closer)
+        closer.add_done_callback(self._closers.discard)
 
-    async def _call(self, stub_name: str, method: str, request: Any, *, retry: bool) -> Any:
+    async def _call(self, stub_name: str, method: str, request: Any, *, retry: bool,
+                    timeout: float | None = None) -> Any:
         attempts = len(self.endpoints) * 3 if retry else 1
         last: grpc.aio.AioRpcError | None = None
         for attempt in range(attempts):
             self._connect()
             channel = self._channel
+            endpoint = self.endpoint
             stub = getattr(self, stub_name)
             try:
-                return await getattr(stub, method)(request, timeout=self.timeout)
+                return await getattr(stub, method)(request, timeout=timeout or self.timeout)
             except grpc.aio.AioRpcError as error:
                 last = error
-                if error.code() not in _RETRYABLE:
-                    raise _translate(error, self.endpoint) from error
+                # CANCELLED on a channel that another call has since abandoned (fail-over
+                # closes it) is a broken connection, not the caller's cancellation.
+                abandoned = error.code() == grpc.StatusCode.CANCELLED and channel is not self._channel
+                if error.code() not in _RETRYABLE and not abandoned:
+                    raise _translate(error, endpoint) from error
                 await self._fail_over(channel)
                 if attempt + 1 < attempts:
                     await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
+            except grpc.aio.UsageError as error:
+                # "Channel is closed": a concurrent fail-over closed it under us.
+                if channel is self._channel or not retry or attempt + 1 == attempts:
+                    raise UnavailableError(f"etcd {endpoint}: {error}") from error
             except asyncio.CancelledError:
-                raise
+                if _really_cancelled():
+                    raise
+                # The call, not our task, was cancelled: its channel was closed.
+                if not retry or attempt + 1 == attempts:
+                    raise UnavailableError(f"etcd {endpoint}: the connection was closed") from None
         assert last is not None
         raise _translate(last, self.endpoint) from last
 
@@ -214,6 +235,12 @@ class EtcdClient:
                                  descending=descending, serializable=serializable)
         response = await self._call("_kv", "Range", request, retry=True)
         return RangeResult([_kv(kv) for kv in response.kvs], response.more, response.header.revision)
+
+    async def range_raw(self, key: bytes, range_end: bytes | None = None, *, limit: int = 0) -> Any:
+        """The RangeResponse protobuf itself: for bulk reads, where building a KV per key
+        costs more than the caller's own decoding."""
+        request = _range_request(key, range_end, limit=limit)
+        return await self._call("_kv", "Range", request, retry=True)
 
     async def get(self, key: bytes) -> KV | None:
         result = await self.range(key)
@@ -231,9 +258,13 @@ class EtcdClient:
         return response.deleted
 
     async def txn(self, compare: Sequence[rpc.Compare], success: Sequence[rpc.RequestOp],
-                  failure: Sequence[rpc.RequestOp] = ()) -> TxnResult:
-        request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
-        response = await self._call("_kv", "Txn", request, retry=False)
+                  failure: Sequence[rpc.RequestOp] = (), *, read_only: bool = False,
+                  timeout: float | None = None) -> TxnResult:
+        """One transaction. A ``read_only`` one (only range ops) is retried across
+        endpoints like a read; any other is tried once, because only the caller can tell
+        whether a write that may have happened is safe to repeat."""
+        request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
+        response = await self._call("_kv", "Txn", request, retry=read_only, timeout=timeout)
         return TxnResult(response.succeeded, list(response.responses), response.header.revision)
 
     async def compact(self, revision: int, physical: bool = True) -> None:
@@ -261,6 +292,12 @@ class EtcdClient:
             if error.code() in _RETRYABLE:
                 await self._fail_over(channel)
             raise _translate(error, self.endpoint) from error
+        except grpc.aio.UsageError as error:
+            raise UnavailableError(f"etcd {self.endpoint}: {error}") from error
+        except asyncio.CancelledError:
+            if _really_cancelled():
+                raise
+            raise UnavailableError(f"etcd {self.endpoint}: the connection was closed") from None
         if response is grpc.aio.EOF:
             return 0
         return response.TTL
@@ -286,23 +323,31 @@ class EtcdClient:
         create = rpc.WatchCreateRequest(key=key, start_revision=start_revision, progress_notify=progress_notify)
         if range_end is not None:
             create.range_end = range_end
+        endpoint = self.endpoint
         call = self._watch.Watch()
         try:
             await call.write(rpc.WatchRequest(create_request=create))
             while True:
                 response = await call.read()
                 if response is grpc.aio.EOF:
-                    raise UnavailableError(f"etcd {self.endpoint}: watch stream ended")
+                    raise UnavailableError(f"etcd {endpoint}: watch stream ended")
                 if response.compact_revision:
                     raise WatchCompacted(response.compact_revision)
                 if response.canceled:
-                    raise UnavailableError(f"etcd {self.endpoint}: watch cancelled: {response.cancel_reason}")
+                    raise UnavailableError(f"etcd {endpoint}: watch cancelled: {response.cancel_reason}")
                 if response.events:
                     yield [_kv(event.kv) for event in response.events]
         except grpc.aio.AioRpcError as error:
             if error.code() in _RETRYABLE:
                 await self._fail_over(channel)
-            raise _translate(error, self.endpoint) from error
+            raise _translate(error, endpoint) from error
+        except (grpc.aio.UsageError, asyncio.InvalidStateError) as error:
+            # The channel was closed under the stream by a fail-over elsewhere.
+            raise UnavailableError(f"etcd {endpoint}: watch stream broke: {error!r}") from error
+        except asyncio.CancelledError:
+            if _really_cancelled():
+                raise
+            raise UnavailableError(f"etcd {endpoint}: watch stream closed with its channel") from None
         finally:
             call.cancel()
 
@@ -310,10 +355,25 @@ class EtcdClient:
         if self._channel is not None:
             channel, self._channel = self._channel, None
             await channel.close()
+        for closer in list(self._closers):
+            closer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await closer
+
+
+def _really_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (rather than a gRPC call
+    cancelled under it, which grpc.aio also reports as CancelledError)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _translate(error: grpc.aio.AioRpcError, endpoint: str) -> Exception:
     message = f"etcd {endpoint}: {error.code().name}: {error.details()}"
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (error.details() or ""):
+        # gRPC's message size limit (etcd's --max-request-bytes plus overhead): the
+        # request itself is at fault, retrying it cannot help.
+        return DataError(message)
     if error.code() in _RETRYABLE or error.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED):
         return UnavailableError(message)
     return DataError(message)

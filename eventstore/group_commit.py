@@ -11,20 +11,28 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from uuid import uuid4
 
 from .errors import InvalidAppend, UnavailableError
 from .records import StreamAppend, Tracking
 
 
 class PendingAppend:
-    __slots__ = ("appends", "tracking", "future", "cost", "size")
+    """One caller's request. ``deadline`` (loop time) is when its caller stops waiting;
+    a backend that retries an unconfirmed write gives up on the request then. ``token``
+    is unique to this request, for a backend to recognise its own earlier write."""
 
-    def __init__(self, appends: Sequence[StreamAppend], tracking: Tracking | None, size: int, cost: int):
+    __slots__ = ("appends", "tracking", "future", "cost", "size", "deadline", "token")
+
+    def __init__(self, appends: Sequence[StreamAppend], tracking: Tracking | None, size: int, cost: int,
+                 deadline: float | None = None):
         self.appends = appends
         self.tracking = tracking
         self.future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self.cost = cost
         self.size = size
+        self.deadline = deadline
+        self.token = uuid4().bytes
 
     def resolve(self, outcome: list[int] | BaseException) -> None:
         if self.future.done():
@@ -46,8 +54,10 @@ class GroupCommitter:
         max_cost: int,
         max_bytes: int,
         max_requests: int = 256,
+        timeout: float | None = None,
     ) -> None:
         self._commit_batch = commit_batch
+        self.timeout = timeout
         self.max_cost = max_cost
         self.max_bytes = max_bytes
         self.max_requests = max_requests
@@ -62,19 +72,40 @@ class GroupCommitter:
         (events for SQLite, operations for etcd)."""
         if self._closed:
             raise UnavailableError("the event store is closed")
-        size = sum(len(e.data) + 200 for a in appends for e in a.events)
+        # Envelope, keys and index entry: ~200 bytes besides the payload and the stream
+        # name, which the etcd backend writes twice per event.
+        size = sum(len(e.data) + 200 + 2 * len(a.stream) for a in appends for e in a.events)
         if cost > self.max_cost or size > self.max_bytes:
             events = sum(len(a.events) for a in appends)
             raise InvalidAppend(
                 f"an append of {events} events (~{size} bytes) does not fit in one transaction "
                 f"(at most {self.max_cost} operations and {self.max_bytes} bytes)"
             )
-        pending = PendingAppend(appends, tracking, size, cost)
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        pending = PendingAppend(appends, tracking, size, cost, deadline)
         self._queue.append(pending)
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+            self._writer = loop.create_task(self._drain())
         # The caller may be cancelled; the write itself goes on and stays consistent.
-        return await asyncio.shield(pending.future)
+        if self.timeout is None:
+            return await asyncio.shield(pending.future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.future), self.timeout)
+        except TimeoutError:
+            # Nobody will look at the outcome any more; do not let it be logged as lost.
+            pending.future.add_done_callback(_consume)
+            if pending in self._queue:
+                self._queue.remove(pending)
+                pending.future.cancel()
+                raise UnavailableError(
+                    f"append not attempted: the backend did not take it within {self.timeout}s "
+                    "(nothing was written)"
+                ) from None
+            raise UnavailableError(
+                f"append not confirmed within {self.timeout}s; it may or may not have been "
+                "written (retry the same request: its event ids make the retry safe)"
+            ) from None
 
     def _next_batch(self) -> list[PendingAppend]:
         batch: list[PendingAppend] = []
@@ -110,7 +141,7 @@ class GroupCommitter:
             self.requests += len(batch)
             try:
                 await self._commit_batch(batch)
-            except BaseException as error:  # noqa: BLE001 - every waiter must hear of it
+            except BaseException as error:
                 for request in batch:
                     request.resolve(error if isinstance(error, Exception) else UnavailableError("append interrupted"))
                 if not isinstance(error, Exception):
@@ -125,3 +156,8 @@ class GroupCommitter:
                 await asyncio.wait_for(asyncio.shield(self._writer), 10)
             except (TimeoutError, asyncio.CancelledError):
                 self._writer.cancel()
+
+
+def _consume(future: asyncio.Future[list[int]]) -> None:
+    if not future.cancelled():
+        future.exception()

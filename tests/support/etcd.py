@@ -67,7 +67,7 @@ class EtcdMember:
             "--logger", "zap",
             "--log-level", "error",
         ]
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        log = open(self.log_path, "ab")  # the child owns it from here
         self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
         log.close()
 

@@ -80,7 +80,8 @@ class TokenVerifier(ABC):
         """True if the token is valid now (and, where the verifier tracks it, unused).
 
         ``source`` is the caller's address, for logging and policy. Never raises for
-        a bad token; raises only on programming errors."""
+        a bad token. A backend that cannot answer (the etcd secret store or used-token
+        cache) raises ``UnavailableError``, which the gateway answers with 503."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

@@ -10,7 +10,8 @@ import pyotp
 import pytest
 
 from tests.support.auth import ManualClock
-from tests.support.etcd import EtcdCluster
+from tests.support.etcd import EtcdCluster, free_port
+from ucloud.eventstore.errors import UnavailableError
 from ucloud.eventstore.etcd_client import EtcdClient, prefix_end
 from ucloud.gateway.auth_otp import EtcdUsedTokenCache, LocalVerifier, enrol
 from ucloud.gateway.auth_secrets import EtcdSecretStore, Secret, SecretStoreError
@@ -83,3 +84,13 @@ async def test_two_gateways_sharing_the_etcd_cache_accept_a_token_once(client: E
 async def test_the_used_token_prefix_must_lie_outside_the_log(client: EtcdClient) -> None:
     with pytest.raises(ValueError, match="outside /v1/"):
         EtcdUsedTokenCache(client, "/v1/used/")
+
+
+async def test_a_secret_store_that_cannot_be_reached_is_unavailable() -> None:
+    client = EtcdClient([f"127.0.0.1:{free_port()}"], timeout=1.0)
+    verifier = LocalVerifier(EtcdSecretStore(client, "/secrets/"))
+    try:
+        with pytest.raises(UnavailableError, match="etcd 127.0.0.1"):
+            await verifier.verify("alice", "ucloud", "123456", "::1")
+    finally:
+        await client.close()

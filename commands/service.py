@@ -67,6 +67,8 @@ class CommandService:
         disk_bytes = parse_size(disk, "disk")
         if ram_bytes < MIN_RAM:
             raise InvalidValue("ram", "must be at least 16MiB")
+        if ram_bytes % (1024 * 1024):
+            raise InvalidValue("ram", "must be a whole number of MiB")
         if disk_bytes < MIN_DISK:
             raise InvalidValue("disk", "must be at least 1MiB")
         command = vm_domain.CreateVm(

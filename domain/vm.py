@@ -286,8 +286,10 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
         case VmStopRequested():
             return msgspec.structs.replace(vm, desired=Desired.STOPPED, status=Status.STOPPING)
         case VmStopped():
-            status = Status.DELETING if vm.desired is Desired.DELETED else Status.STOPPED
-            return msgspec.structs.replace(vm, status=status, reason=event.reason)
+            # A stop the user did not ask for (the guest powered off) is still a stop.
+            if vm.desired is Desired.DELETED:
+                return msgspec.structs.replace(vm, status=Status.DELETING, reason=event.reason)
+            return msgspec.structs.replace(vm, status=Status.STOPPED, desired=Desired.STOPPED, reason=event.reason)
         case VmRebootRequested():
             return msgspec.structs.replace(vm, reboot_requests=vm.reboot_requests + 1)
         case VmRebooted():

@@ -211,7 +211,8 @@ class Client:
                 # The remembered position belongs to another log (a rebuilt test cluster, say).
                 self.position = 0
                 self.positions.set(self.settings.api, 0)
-                return await self.request(method, path, body, query=query | {"position": "0"}, headers=headers)
+                query.pop("position")
+                return await self.request(method, path, body, query=query, headers=headers, read=True)
             raise ApiError(status, detail or f"the API answered {status} {text[:200]}", field)
         if data is None and content_type.endswith("json"):
             raise Failure(f"the API at {url} answered {status} without a body")

@@ -15,7 +15,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from ucloud.commands.service import CommandService
-from ucloud.commands.unit_of_work import SYSTEM, Actor
+from ucloud.commands.unit_of_work import SYSTEM
 from ucloud.domain import vm as vm_domain
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.memory import MemoryEventStore
@@ -86,9 +86,6 @@ class ServedGateway:
     @property
     def commands(self) -> CommandService:
         return self.gateway.app[COMMANDS]
-
-    def actor(self, name: str) -> Actor:
-        return Actor(name)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from prometheus_client.exposition import choose_encoder
 
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import vm as vm_domain
-from ucloud.domain.errors import InvalidValue, NotFound
+from ucloud.domain.errors import InvalidValue, NotFound, Rejected
 from ucloud.domain.host import Host, HostRegistered
 from ucloud.domain.sshkey import SshKey
 from ucloud.projections.views import VmRow
@@ -354,6 +354,9 @@ async def create_vm(request: web.Request) -> web.Response:
     runner = request.app[RUNNER]
     await runner.wait_for(outcome.position, request.app[CONFIG].read_timeout)
     row = request.app[READ_MODELS].vms.by_id.get(vm_id)
+    # The command side compares name, size and image; the rest of the body is compared here.
+    if row is not None and (row.vm.ssh_keys, row.vm.restart_policy) != (tuple(body.ssh_keys), body.restart_policy):
+        raise Rejected("this Idempotency-Key was already used for a different request")
     status = row.vm.status.value if row else vm_domain.Status.REQUESTED.value
     return answer(Accepted(id=vm_id, position=outcome.position, status=status), 200, outcome.position, headers)
 

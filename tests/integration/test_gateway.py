@@ -290,8 +290,9 @@ async def test_an_idempotency_key_gives_a_retry_the_same_vm(gw: Gateway) -> None
     listing = await alice.ok("GET", f"/v1/vms?position={again['position']}")
     assert [vm["id"] for vm in listing["vms"]] == [first["id"]]
 
-    status, problem, response = await alice.call("POST", "/v1/vms", vm_body("once", cores=4), key)
-    assert_problem(status, problem, response, 422, "Idempotency-Key was already used")
+    for changed in (vm_body("once", cores=4), vm_body("once", restart_policy="never"), vm_body("other")):
+        status, problem, response = await alice.call("POST", "/v1/vms", changed, key)
+        assert_problem(status, problem, response, 422, "Idempotency-Key was already used")
     # Keys are per user: bob's same key makes bob's own VM.
     bobs = await gw.as_("bob").ok("POST", "/v1/vms", vm_body("once"), status=202, headers=key)
     assert bobs["id"] != first["id"]

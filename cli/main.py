@@ -29,6 +29,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import secrets
 import sys
 import tomllib
 import uuid
@@ -404,8 +406,16 @@ def vm() -> None:
     """Virtual machines."""
 
 
+def default_vm_name(image: str) -> str:
+    """'debian-12.3' -> 'debian-12-3-4f2a': a hostname label the API accepts."""
+    stem = re.sub(r"[^a-z0-9-]+", "-", image.lower()).strip("-")[:50] or "vm"
+    return f"{stem}-{secrets.token_hex(2)}"
+
+
 @vm.command("create")
-@click.argument("name")
+@click.argument("name", required=False)
+@click.option("--name", "name_option", metavar="NAME", help="The VM's name (or give it as the argument; "
+              "default: the image's name and a random suffix).")
 @click.option("--image", required=True, help="The OS image, e.g. debian-12.")
 @click.option("--cores", default="1", show_default=True, help="Virtual CPU cores.")
 @click.option("--ram", default="1GiB", show_default=True, help="Memory, e.g. 512MB, 2GB (binary units).")
@@ -417,9 +427,13 @@ def vm() -> None:
 @wait_options
 @json_option
 @pass_context
-def vm_create(ctx: Context, name: str, image: str, cores: str, ram: str, disk: str, ssh_keys: tuple[str, ...],
-              restart_policy: str, idempotency_key: str | None, wait: bool, timeout: float, as_json: bool) -> None:
+def vm_create(ctx: Context, name: str | None, name_option: str | None, image: str, cores: str, ram: str, disk: str,
+              ssh_keys: tuple[str, ...], restart_policy: str, idempotency_key: str | None, wait: bool, timeout: float,
+              as_json: bool) -> None:
     """Create a VM called NAME (--wait: until it runs)."""
+    if name and name_option and name != name_option:
+        raise click.UsageError(f"two names given: {name!r} and --name {name_option!r}")
+    name = name or name_option or default_vm_name(image)
     body = {"name": name, "image": image, "cores": int(cores) if cores.isdigit() else cores, "ram": ram,
             "disk": disk, "ssh_keys": list(ssh_keys), "restart_policy": restart_policy}
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None

@@ -383,3 +383,12 @@ def test_ucloud_up_joins_the_cli_when_it_exists() -> None:
         assert "up" not in main.commands
     else:
         assert "up" in main.commands
+
+
+def test_create_without_a_name_names_the_vm_after_its_image(home: Path, served: ServedGateway) -> None:
+    me = user_name()
+    created = as_json(ok("--user", me, "vm", "create", "--image", "tiny", "--cores", "1", "--ram", "256MB", "--json"))
+    shown = as_json(ok("--user", me, "vm", "show", created["id"], "--json"))
+    assert shown["name"].startswith("tiny-") and len(shown["name"]) == len("tiny-") + 4
+    named = as_json(ok("--user", me, "vm", "create", "--name", "db1", "--image", "tiny", "--json"))
+    assert as_json(ok("--user", me, "vm", "show", named["id"], "--json"))["name"] == "db1"

@@ -41,9 +41,8 @@ import msgspec
 from .errors import DataError, StreamConflict, TrackingConflict, UnavailableError
 from .etcd_client import (
     EtcdClient,
-    RequestOp,
+    TxnBuilder,
     cmp_mod,
-    cmp_value,
     cmp_version,
     op_get,
     op_put,
@@ -144,9 +143,9 @@ class EtcdEventStore(EventStore):
                 if self._head_cache is None:
                     self._head_cache = await self._read_head()
                 head = self._head_cache
-                compare, success, failure, positions = self._build_txn(remaining, head)
+                txn, positions = self._build_txn(remaining, head)
                 self.transactions += 1
-                result = await self.client.txn(compare, success, failure)
+                result = await self.client.txn_request(txn.request)
             except UnavailableError as error:
                 # Outcome unknown: try again until each request's deadline; our own
                 # earlier success is then recognised by its event ids (or token).
@@ -154,6 +153,8 @@ class EtcdEventStore(EventStore):
                 now = loop.time()
                 alive = []
                 for request in remaining:
+                    if request.future.done():
+                        continue  # its caller has its answer already (timed out)
                     if request.deadline is not None and now + delay >= request.deadline:
                         request.resolve(UnavailableError(
                             f"append not confirmed within {self.append_timeout}s; it may or may not "
@@ -190,53 +191,56 @@ class EtcdEventStore(EventStore):
         assert request.tracking is not None
         return _pad(request.tracking.position) + b"@" + request.token.hex().encode()
 
-    def _build_txn(
-        self, requests: list[PendingAppend], head: int
-    ) -> tuple[list[Any], list[RequestOp], list[RequestOp], list[list[int]]]:
-        compare = [cmp_version(self._head_key, "==", 0) if head == 0 else cmp_value(self._head_key, "==", _pad(head))]
-        success: list[RequestOp] = []
-        failure: list[RequestOp] = [op_get(self._head_key)]
+    def _build_txn(self, requests: list[PendingAppend], head: int) -> tuple[TxnBuilder, list[list[int]]]:
+        txn = TxnBuilder()
+        if head == 0:
+            txn.compare_version(self._head_key, "==", 0)
+        else:
+            txn.compare_value(self._head_key, "==", _pad(head))
+        txn.get_on_failure(self._head_key)
         all_positions: list[list[int]] = []
         position = head
         now = utcnow()
+        encode = RECORD_ENCODER.encode
         for request in requests:
             positions = []
             for append in request.appends:
-                next_key = self._stream_key(append.stream, append.expected_version + 1)
-                compare.append(cmp_version(next_key, "==", 0))
-                failure.append(op_get(next_key))
-                if append.expected_version > 0:
-                    current_key = self._stream_key(append.stream, append.expected_version)
-                    compare.append(cmp_version(current_key, ">", 0))
-                    failure.append(op_get(current_key, keys_only=True))
+                stream_prefix = self._stream_prefix(append.stream)
+                expected = append.expected_version
+                next_key = stream_prefix + b"%010d" % (expected + 1)
+                txn.compare_version(next_key, "==", 0)
+                txn.get_on_failure(next_key)
+                if expected > 0:
+                    current_key = stream_prefix + b"%010d" % expected
+                    txn.compare_version(current_key, ">", 0)
+                    txn.get_on_failure(current_key, keys_only=True)
                 for offset, event in enumerate(append.events, start=1):
                     position += 1
-                    version = append.expected_version + offset
-                    record = to_record(event, append.stream, version, position, now)
-                    success.append(op_put(self._event_key(position), RECORD_ENCODER.encode(record)))
-                    success.append(op_put(self._stream_key(append.stream, version),
-                                          RECORD_ENCODER.encode((position, event.id.bytes))))
+                    version = expected + offset
+                    txn.put(self._events + b"%020d" % position,
+                            encode(to_record(event, append.stream, version, position, now)))
+                    txn.put(stream_prefix + b"%010d" % version, encode((position, event.id.bytes)))
                     positions.append(position)
             if request.tracking is not None:
                 key = self._tracking_key(request.tracking.consumer)
                 recorded = self._tracking_cache.get(request.tracking.consumer)
                 if recorded is None:
-                    compare.append(cmp_version(key, "==", 0))
+                    txn.compare_version(key, "==", 0)
                 elif _tracked(recorded) < request.tracking.position:
                     # The exact value we last saw: nobody else moved the consumer since.
-                    compare.append(cmp_value(key, "==", recorded))
+                    txn.compare_value(key, "==", recorded)
                 else:
-                    compare.append(cmp_value(key, "<", _pad(request.tracking.position)))
-                failure.append(op_get(key))
-                success.append(op_put(key, self._tracking_value(request)))
+                    txn.compare_value(key, "<", _pad(request.tracking.position))
+                txn.get_on_failure(key)
+                txn.put(key, self._tracking_value(request))
             all_positions.append(positions)
         if position != head:
             # Only a transaction that appends moves the head. Writing an unmoved head of 0
             # would create the key, and the next append's 'no head yet' compare would fail.
-            success.append(op_put(self._head_key, _pad(position)))
-        return compare, success, failure, all_positions
+            txn.put(self._head_key, _pad(position))
+        return txn, all_positions
 
-    def _judge_failure(self, requests: list[PendingAppend], responses: list[Any]) -> list[PendingAppend]:
+    def _judge_failure(self, requests: list[PendingAppend], responses: Sequence[Any]) -> list[PendingAppend]:
         """Read the failure branch in the order _build_txn wrote it; return who goes again."""
         answers = iter(responses)
         head_kvs = range_kvs(next(answers))
@@ -302,16 +306,23 @@ class EtcdEventStore(EventStore):
         types: Collection[str] | None = None,
     ) -> list[EventRecord]:
         wanted = set(types) if types is not None else None
-        end = self._event_key(up_to + 1) if up_to is not None else prefix_end(self._events)
-        start = self._event_key(after + 1)
         out: list[EventRecord] = []
         decode = RECORD_DECODER.decode
+        low = after
         while True:
-            # Pages are not pinned to one revision: every transaction writes its events
-            # and the head together, so any revision holds exactly positions 1..head and
-            # a later page only adds to the end. Unpinned pages also survive compaction.
-            page = self.page if limit is None else min(self.page, limit - len(out) if wanted is None else self.page)
-            response = await self.client.range_raw(start, end, limit=page)
+            # Read by windows of positions, each range bounded on both sides: etcd counts
+            # every key up to a range's end even under a limit, so paging towards the
+            # end of the prefix made a full read quadratic in the log's length.
+            # Windows are not pinned to one revision: every transaction writes its
+            # events and the head together, so any revision holds exactly 1..head and a
+            # later window only adds to the end. Unpinned reads also survive compaction.
+            size = self.page
+            if limit is not None and wanted is None:
+                size = min(size, limit - len(out))
+            high = low + size if up_to is None else min(low + size, up_to)
+            if high <= low:
+                return out
+            response = await self.client.range_raw(self._event_key(low + 1), self._event_key(high + 1))
             kvs = response.kvs
             try:
                 if wanted is None:
@@ -325,9 +336,16 @@ class EtcdEventStore(EventStore):
                 raise DataError(f"an event in the log does not decode: {error}") from error
             if limit is not None and len(out) >= limit:
                 return out[:limit]
-            if not response.more or not kvs:
+            if len(kvs) == high - low:
+                low = high
+                continue
+            # A short window: the end of the log, or a hole in a damaged log. Whatever
+            # lies beyond is still returned (the audit tool's verify must see it).
+            end = self._event_key(up_to + 1) if up_to is not None else prefix_end(self._events)
+            beyond = await self.client.range(self._event_key(high + 1), end, limit=1, keys_only=True)
+            if not beyond.kvs:
                 return out
-            start = kvs[-1].key + b"\0"
+            low = int(beyond.kvs[0].key[len(self._events):]) - 1
 
     async def read_stream(
         self,

@@ -96,6 +96,48 @@ def _range_request(key: bytes, range_end: bytes | None, *, limit: int = 0, revis
     return request
 
 
+class TxnBuilder:
+    """Builds one TxnRequest in place. Group commit builds a transaction of hundreds of
+    ops per batch; adding them in place is about twice as fast as composing messages
+    and copying them into the request."""
+
+    __slots__ = ("request", "_compare", "_success", "_failure")
+
+    def __init__(self) -> None:
+        self.request = rpc.TxnRequest()
+        self._compare = self.request.compare
+        self._success = self.request.success
+        self._failure = self.request.failure
+
+    def compare_version(self, key: bytes, op: str, version: int) -> None:
+        c = self._compare.add()
+        c.key = key
+        c.target = rpc.Compare.VERSION
+        c.result = _OPS[op]
+        c.version = version
+
+    def compare_value(self, key: bytes, op: str, value: bytes) -> None:
+        c = self._compare.add()
+        c.key = key
+        c.target = rpc.Compare.VALUE
+        c.result = _OPS[op]
+        c.value = value
+
+    def put(self, key: bytes, value: bytes) -> None:
+        put = self._success.add().request_put
+        put.key = key
+        put.value = value
+
+    def get_on_failure(self, key: bytes, *, keys_only: bool = False) -> None:
+        get = self._failure.add().request_range
+        get.key = key
+        if keys_only:
+            get.keys_only = True
+
+    def __len__(self) -> int:
+        return max(len(self._compare), len(self._success), len(self._failure))
+
+
 @dataclass(frozen=True)
 class KV:
     key: bytes
@@ -116,7 +158,7 @@ class RangeResult:
 @dataclass(frozen=True)
 class TxnResult:
     succeeded: bool
-    responses: list[Any]  # rpc.ResponseOp; use range_kvs() for range responses
+    responses: Sequence[Any]  # rpc.ResponseOp; use range_kvs() for range responses
     revision: int
 
 
@@ -264,8 +306,13 @@ class EtcdClient:
         endpoints like a read; any other is tried once, because only the caller can tell
         whether a write that may have happened is safe to repeat."""
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
+        return await self.txn_request(request, read_only=read_only, timeout=timeout)
+
+    async def txn_request(self, request: rpc.TxnRequest, *, read_only: bool = False,
+                          timeout: float | None = None) -> TxnResult:
+        """A transaction built elsewhere (see TxnBuilder); retried as ``txn`` is."""
         response = await self._call("_kv", "Txn", request, retry=read_only, timeout=timeout)
-        return TxnResult(response.succeeded, list(response.responses), response.header.revision)
+        return TxnResult(response.succeeded, response.responses, response.header.revision)
 
     async def compact(self, revision: int, physical: bool = True) -> None:
         await self._call("_kv", "Compact", rpc.CompactionRequest(revision=revision, physical=physical), retry=True)

@@ -9,9 +9,10 @@ next requests queue up, and the next transaction takes them all (up to the limit
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from uuid import uuid4
 
 from .errors import InvalidAppend, UnavailableError
 from .records import StreamAppend, Tracking
@@ -20,9 +21,10 @@ from .records import StreamAppend, Tracking
 class PendingAppend:
     """One caller's request. ``deadline`` (loop time) is when its caller stops waiting;
     a backend that retries an unconfirmed write gives up on the request then. ``token``
-    is unique to this request, for a backend to recognise its own earlier write."""
+    (requests with tracking only) is unique to this request, for a backend to recognise
+    its own earlier write. ``taken``: a batch has taken it, so it may be written."""
 
-    __slots__ = ("appends", "tracking", "future", "cost", "size", "deadline", "token")
+    __slots__ = ("appends", "tracking", "future", "cost", "size", "deadline", "token", "timer", "taken")
 
     def __init__(self, appends: Sequence[StreamAppend], tracking: Tracking | None, size: int, cost: int,
                  deadline: float | None = None):
@@ -32,15 +34,28 @@ class PendingAppend:
         self.cost = cost
         self.size = size
         self.deadline = deadline
-        self.token = uuid4().bytes
+        self.token = _new_token() if tracking is not None else b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.taken = False
 
     def resolve(self, outcome: list[int] | BaseException) -> None:
         if self.future.done():
             return
+        if self.timer is not None:
+            self.timer.cancel()
         if isinstance(outcome, BaseException):
             self.future.set_exception(outcome)
         else:
             self.future.set_result(outcome)
+
+
+_TOKEN_PREFIX = os.urandom(8)
+_token_counter = itertools.count()
+
+
+def _new_token() -> bytes:
+    """Unique across processes (random prefix) and cheap (a counter, not a uuid4)."""
+    return _TOKEN_PREFIX + next(_token_counter).to_bytes(8, "big")
 
 
 CommitBatch = Callable[[list[PendingAppend]], Awaitable[None]]
@@ -82,30 +97,29 @@ class GroupCommitter:
                 f"(at most {self.max_cost} operations and {self.max_bytes} bytes)"
             )
         loop = asyncio.get_running_loop()
-        deadline = None if self.timeout is None else loop.time() + self.timeout
-        pending = PendingAppend(appends, tracking, size, cost, deadline)
+        pending = PendingAppend(appends, tracking, size, cost)
+        if self.timeout is not None:
+            # One timer per request, not wait_for + shield: group commit exists for
+            # throughput, and those cost two futures and a task wake-up per append.
+            pending.deadline = loop.time() + self.timeout
+            pending.timer = loop.call_at(pending.deadline, self._expire, pending)
         self._queue.append(pending)
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._drain())
-        # The caller may be cancelled; the write itself goes on and stays consistent.
-        if self.timeout is None:
-            return await asyncio.shield(pending.future)
-        try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), self.timeout)
-        except TimeoutError:
-            # Nobody will look at the outcome any more; do not let it be logged as lost.
-            pending.future.add_done_callback(_consume)
-            if pending in self._queue:
-                self._queue.remove(pending)
-                pending.future.cancel()
-                raise UnavailableError(
-                    f"append not attempted: the backend did not take it within {self.timeout}s "
-                    "(nothing was written)"
-                ) from None
-            raise UnavailableError(
+        # A cancelled caller cancels only its own wait: a request no batch has taken yet
+        # is then skipped; one in flight is written or not, consistently.
+        return await pending.future
+
+    def _expire(self, pending: PendingAppend) -> None:
+        if pending.taken:
+            pending.resolve(UnavailableError(
                 f"append not confirmed within {self.timeout}s; it may or may not have been "
-                "written (retry the same request: its event ids make the retry safe)"
-            ) from None
+                "written (retry the same request: its event ids make the retry safe)"))
+        else:
+            # No batch took it, and none will (done requests are skipped).
+            pending.resolve(UnavailableError(
+                f"append not attempted: the backend did not take it within {self.timeout}s "
+                "(nothing was written)"))
 
     def _next_batch(self) -> list[PendingAppend]:
         batch: list[PendingAppend] = []
@@ -115,6 +129,8 @@ class GroupCommitter:
         cost = size = 0
         while self._queue and len(batch) < self.max_requests:
             request = self._queue.popleft()
+            if request.future.done():
+                continue  # its caller gave up or was cancelled before any write
             names = {a.stream for a in request.appends}
             consumer = request.tracking.consumer if request.tracking else None
             if names & streams or (consumer is not None and consumer in consumers):
@@ -126,6 +142,7 @@ class GroupCommitter:
                 deferred.append(request)
                 break
             batch.append(request)
+            request.taken = True
             streams |= names
             if consumer is not None:
                 consumers.add(consumer)
@@ -137,6 +154,8 @@ class GroupCommitter:
     async def _drain(self) -> None:
         while self._queue:
             batch = self._next_batch()
+            if not batch:
+                continue
             self.batches += 1
             self.requests += len(batch)
             try:
@@ -157,7 +176,3 @@ class GroupCommitter:
             except (TimeoutError, asyncio.CancelledError):
                 self._writer.cancel()
 
-
-def _consume(future: asyncio.Future[list[int]]) -> None:
-    if not future.cancelled():
-        future.exception()

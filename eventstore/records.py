@@ -35,8 +35,12 @@ class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
     metadata: bytes = b""
 
 
-class EventRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """An event as recorded in the log. Immutable; never rewritten."""
+class EventRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """An event as recorded in the log. Immutable; never rewritten.
+
+    ``gc=False``: its fields are atoms (no reference cycles are possible), and a replay
+    creates millions of records; untracked, they cost the cyclic GC nothing (replay
+    ~30% faster, docs/performance.md)."""
 
     id: UUID
     type: str

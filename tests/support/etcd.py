@@ -12,7 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,7 +34,9 @@ def _tmp_root() -> str:
 
 
 class EtcdMember:
-    def __init__(self, name: str, data_dir: Path, client_port: int, peer_port: int, cluster: str, state: str = "new"):
+    def __init__(self, name: str, data_dir: Path, client_port: int, peer_port: int, cluster: str, state: str = "new",
+                 extra_args: Sequence[str] = ()):
+        self.extra_args = list(extra_args)
         self.name = name
         self.data_dir = data_dir
         self.client_port = client_port
@@ -66,6 +68,7 @@ class EtcdMember:
             "--election-timeout", "500",
             "--logger", "zap",
             "--log-level", "error",
+            *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # the child owns it from here
         self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
@@ -104,12 +107,15 @@ class EtcdMember:
 class EtcdCluster:
     """One or three (or n) members on loopback; removed with its data on close."""
 
-    def __init__(self, size: int = 1):
+    def __init__(self, size: int = 1, extra_args: Sequence[str] = ()):
+        """``extra_args`` go to every member's etcd command line (e.g. a larger
+        --quota-backend-bytes for benchmarks)."""
         self.root = Path(tempfile.mkdtemp(prefix="ucloud-etcd-", dir=_tmp_root()))
         ports = [(free_port(), free_port()) for _ in range(size)]
         cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
         self.members = [
-            EtcdMember(f"m{i}", self.root / f"m{i}", client, peer, cluster) for i, (client, peer) in enumerate(ports)
+            EtcdMember(f"m{i}", self.root / f"m{i}", client, peer, cluster, extra_args=extra_args)
+            for i, (client, peer) in enumerate(ports)
         ]
 
     @property
@@ -151,8 +157,8 @@ class EtcdCluster:
 
 
 @contextmanager
-def etcd_cluster(size: int = 1) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(size)
+def etcd_cluster(size: int = 1, extra_args: Sequence[str] = ()) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(size, extra_args)
     try:
         yield cluster.start()
     finally:

@@ -1,0 +1,56 @@
+"""`ucloud-host`: the host agent as its own daemon (one per machine)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import click
+
+from ucloud.commands.service import CommandService
+from ucloud.eventstore.url import InvalidStoreUrl, open_store
+
+from .agent import HostAgent
+from .images import ImageCatalogue
+from .qemu import QemuDriver
+
+
+async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool) -> None:
+    store = open_store(store_url)
+    try:
+        images = ImageCatalogue(state_dir / "images")
+        if tiny:
+            await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
+        driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
+        agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname)
+        task = asyncio.create_task(agent.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        await store.close()
+
+
+@click.command()
+@click.option("--store", "store_url", envvar="UCLOUD_STORE", required=True,
+              help="The log: etcd://host:port[,host:port][/prefix] or sqlite:///path.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=Path("/var/lib/ucloud"), show_default=True)
+@click.option("--hostname", default=socket.gethostname(), show_default=True)
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
+@click.option("--no-tiny", is_flag=True, help="Do not build and publish the built-in image 'tiny'.")
+@click.option("-v", "--verbose", is_flag=True)
+def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, verbose: bool) -> None:
+    """Run the host agent: register this host and make its VMs match the log."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny))
+    except InvalidStoreUrl as error:
+        raise click.UsageError(str(error)) from None

@@ -7,9 +7,9 @@ run directory ``<run_root>/<vm_id>/`` holds everything needed to find it again:
 ===============  ==============================================================
 ``vm.json``      what we started: spec, argv, accelerator, start time
 ``pid``          QEMU's ``-pidfile``; QEMU holds a POSIX lock on it while it
-                 lives, which is both our liveness test (no pid-reuse mistakes,
-                 zombies count as dead) and the guarantee that a second QEMU
-                 for the same VM refuses to start
+                 lives. Asking who holds it (F_GETLK) is our liveness test (no
+                 pid-reuse mistakes, zombies count as dead) and the lock is the
+                 guarantee that a second QEMU for the same VM refuses to start
 ``qmp.sock``     QMP for control (query-status, system_powerdown, system_reset,
                  quit), one short connection per operation
 ``events.out``   a second QMP monitor on a pipe chardev whose input
@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import time
@@ -366,24 +366,28 @@ async def detect_accelerator(
 # Run directory helpers
 
 
-def _pid_if_locked(pidfile: Path) -> int | None:
-    """The pid in QEMU's pidfile if some process holds its lock (i.e. QEMU lives)."""
+# struct flock on Linux (x86-64, aarch64): l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _lock_holder(pidfile: Path) -> int | None:
+    """The pid of the process holding the lock on QEMU's pid file, i.e. the live QEMU.
+
+    QEMU takes a POSIX lock on its -pidfile for its whole life. F_GETLK asks who
+    holds it without taking it (taking it, even for a moment, could make a QEMU
+    that is starting right then fail). A dead or zombie QEMU holds no lock, and a
+    stale pid file naming a reused pid is never mistaken for a live VM.
+    """
     try:
-        fd = os.open(pidfile, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(pidfile, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
-        fcntl.lockf(fd, fcntl.LOCK_UN)
-        return None
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        l_type, _, _, _, l_pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
     finally:
         os.close(fd)
+    return None if l_type == fcntl.F_UNLCK else l_pid
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
@@ -518,7 +522,7 @@ class QemuDriver(HypervisorDriver):
 
     @contextlib.asynccontextmanager
     async def _host_lock(self, vm_id: UUID) -> AsyncIterator[None]:
-        """One operation per VM at a time, in this process and across processes."""
+        """One start/stop/kill per VM at a time, in this process and across processes."""
         async with self._lock(vm_id):
             run_dir = self.run_dir(vm_id)
             run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -553,7 +557,7 @@ class QemuDriver(HypervisorDriver):
         if child is not None and child.poll() is not None:
             self._exit_codes[vm_id] = child.returncode
             del self._children[vm_id]
-        return _pid_if_locked(self.pid_path(vm_id))
+        return _lock_holder(self.pid_path(vm_id))
 
     def _kill_pid(self, vm_id: UUID, pid: int) -> None:
         child = self._children.get(vm_id)
@@ -728,6 +732,8 @@ class QemuDriver(HypervisorDriver):
     async def stop(self, vm_id: UUID, timeout: float = 30.0) -> VmStatus:
         if timeout < 0:
             raise InvalidSpec(f"stop timeout must not be negative, got {timeout}")
+        if self._record(vm_id) is None:
+            return await self._status_unlocked(vm_id)
         async with self._host_lock(vm_id):
             if self._live_pid(vm_id) is None:
                 return await self._status_unlocked(vm_id)
@@ -759,6 +765,8 @@ class QemuDriver(HypervisorDriver):
             return self._finish(vm_id, f"forced: the guest did not power off within {timeout:.0f}s")
 
     async def kill(self, vm_id: UUID) -> VmStatus:
+        if self._record(vm_id) is None:
+            return await self._status_unlocked(vm_id)
         async with self._host_lock(vm_id):
             pid = self._live_pid(vm_id)
             if pid is None:
@@ -782,8 +790,8 @@ class QemuDriver(HypervisorDriver):
                 raise HypervisorError(f"VM {vm_id}: system_reset failed: {error!r}") from error
 
     async def status(self, vm_id: UUID) -> VmStatus:
-        async with self._lock(vm_id):
-            return await self._status_unlocked(vm_id)
+        # No lock: observing must not wait behind a stop that takes its timeout.
+        return await self._status_unlocked(vm_id)
 
     async def _status_unlocked(self, vm_id: UUID) -> VmStatus:
         if self._record(vm_id) is None:

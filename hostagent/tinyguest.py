@@ -8,9 +8,15 @@ and hands over to busybox ``init`` (which also runs ``acpid`` so that an ACPI
 power-button press from the host powers the guest off cleanly). A blank qcow2
 file stands in for the image's disk so that a VM has something to clone.
 
-Run ``python -m ucloud.hostagent.tinyguest [--cache DIR]``; building is
+Run ``python -m ucloud.hostagent.tinyguest [--cache DIR]`` (default
+``$UCLOUD_CACHE/tinyguest`` or ``/var/cache/ucloud/tinyguest``). Building is
 idempotent: a manifest records what was built and a rebuild happens only when
-the kernel package, busybox or this recipe changes.
+the kernel package, busybox or this recipe changes. The kernel .deb stays in
+``<cache>/debs`` so a recipe change rebuilds without downloading again.
+
+The whole package is unpacked with ``dpkg -x`` (~400 MB of modules, ~3 s) and
+only the kernel and a dozen modules are kept; that is simpler than picking
+members out of the data tarball and only happens once per version.
 """
 
 from __future__ import annotations

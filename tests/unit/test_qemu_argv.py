@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -12,11 +14,12 @@ from ucloud.hostagent.hypervisor import (
     MIB,
     InvalidSpec,
     NetworkInterface,
+    VmNotRunning,
     VmSpec,
     VmState,
     VmStatus,
 )
-from ucloud.hostagent.qemu import QemuDriver, build_argv, kvm_device_usable
+from ucloud.hostagent.qemu import QemuDriver, _lock_holder, build_argv, kvm_device_usable
 
 RUN = Path("/run/ucloud/vms/x")
 
@@ -179,3 +182,43 @@ def test_decoding_a_bad_spec_fails_with_the_reason() -> None:
 
 def test_missing_kvm_device_is_reported_not_assumed(tmp_path: Path) -> None:
     assert kvm_device_usable(tmp_path / "kvm") == f"{tmp_path / 'kvm'} does not exist"
+
+
+async def test_an_unknown_vm_is_absent_and_leaves_no_trace(tmp_path: Path) -> None:
+    driver = QemuDriver(tmp_path / "run", accel="tcg")
+    vm_id = uuid.uuid4()
+    assert (await driver.status(vm_id)).state is VmState.ABSENT
+    assert (await driver.stop(vm_id)).state is VmState.ABSENT
+    assert (await driver.kill(vm_id)).state is VmState.ABSENT
+    assert await driver.list_running() == []
+    with pytest.raises(VmNotRunning):
+        await driver.reboot(vm_id)
+    assert (await driver.wait_exit(vm_id, timeout=0)).state is VmState.ABSENT
+    assert not driver.run_dir(vm_id).exists()
+    with pytest.raises(InvalidSpec, match="negative"):
+        await driver.stop(vm_id, timeout=-1)
+
+
+def test_the_pid_file_lock_tells_a_live_holder_from_a_stale_file(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    pidfile.write_text("4242\n")  # stale: names a pid, nobody holds the lock
+    assert _lock_holder(pidfile) is None
+    assert _lock_holder(tmp_path / "missing") is None
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+            str(pidfile),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert _lock_holder(pidfile) == holder.pid
+    finally:
+        holder.communicate("")
+    assert _lock_holder(pidfile) is None  # the holder died: the lock is gone

@@ -204,9 +204,15 @@ class HypervisorDriver(ABC):
         """Forget a VM that is not running: delete its run directory (not its disk)."""
 
     @abstractmethod
-    async def create_disk(self, image: Path, target: Path, size: int | None = None) -> Path:
-        """Make target a clone of image (copy-on-write where possible), optionally grown
-        to size bytes. Raises DiskError if image is missing or target exists."""
+    async def create_disk(
+        self, image: Path, target: Path, size: int | None = None, *, linked: bool = True
+    ) -> Path:
+        """Make target a clone of image, optionally grown to size bytes.
+
+        linked=True: a copy-on-write clone backed by image (image must then stay);
+        linked=False: an independent full copy. Paths must be absolute. Raises
+        DiskError if image is missing, target exists or size is below the image's.
+        """
 
     @abstractmethod
     async def delete_disk(self, path: Path) -> None:

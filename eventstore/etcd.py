@@ -414,25 +414,47 @@ class EtcdEventStore(EventStore):
         idle_timeout: float = 5.0,
     ) -> AsyncIterator[EventRecord]:
         """As EventStore.subscribe, and an unreachable cluster only delays it: every
-        read is retried (with a growing pause, logged) until etcd answers again."""
+        read is retried (with a growing pause, logged) until etcd answers again.
+
+        While catching up, the next window is read while the consumer works on this one
+        (etcd serves it meanwhile), so a replay waits on etcd less."""
         position = after
+        head = 0
         delay = 0.05
-        while True:
-            try:
-                head = await self.head()
-                while head <= position:
-                    head = await self.wait_for_events(position, idle_timeout)
-                up_to = min(head, position + batch)
-                records = await self.read_all(position, up_to=up_to, types=types)
-            except UnavailableError as error:
-                log.warning("subscription after position %d waits for etcd: %s", position, error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            delay = 0.05
-            for record in records:
-                yield record
-            position = up_to
+        ahead: asyncio.Task[list[EventRecord]] | None = None
+        ahead_to = 0
+        try:
+            while True:
+                try:
+                    if ahead is not None:
+                        task, ahead = ahead, None
+                        up_to = ahead_to
+                        records = await task
+                    else:
+                        if head <= position:
+                            head = await self.head()
+                        while head <= position:
+                            head = await self.wait_for_events(position, idle_timeout)
+                        up_to = min(head, position + batch)
+                        records = await self.read_all(position, up_to=up_to, types=types)
+                except UnavailableError as error:
+                    log.warning("subscription after position %d waits for etcd: %s", position, error)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                delay = 0.05
+                if up_to < head:
+                    ahead_to = min(head, up_to + batch)
+                    ahead = asyncio.get_running_loop().create_task(
+                        self.read_all(up_to, up_to=ahead_to, types=types))
+                for record in records:
+                    yield record
+                position = up_to
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await ahead
 
     async def _watch_head(self) -> None:
         """Follow the head key. Any failure (compaction, restart, fail-over) just

@@ -11,7 +11,8 @@ append  etcd (one member, data on tmpfs), 1 KiB values. Raw etcd transactions th
 replay  1,000,000 small VM-lifecycle events (JSON payloads like the domain's vm.*
         events) written with large batched appends (not timed), then timed: read_all in
         pages + envelope decode (inside read_all) + msgspec decode of the payload by type
-        + apply to a dict state. From SQLite and from etcd. The figure is events per
+        + apply to a dict state; and the same through subscribe() (a projection's
+        catch-up). From SQLite and from etcd. The figure is events per
         CPU second of this process (all its threads): what one core does, whatever
         else runs on the machine; events/s of wall time is shown beside it.
 
@@ -255,17 +256,38 @@ async def replay(store: EventStore, page: int) -> tuple[int, float, float, int]:
     return count, elapsed, cpu, running
 
 
-async def replay_case(name: str, open_store: Callable[[], EventStore], events: int, page: int) -> Result:
+async def replay_subscribed(store: EventStore, page: int) -> tuple[int, float, float, int]:
+    """The same replay through subscribe(): how a projection catches up (on etcd it
+    reads the next window while this one is applied)."""
+    state: dict[uuid.UUID, dict[str, Any]] = {}
+    decoders = DECODERS
+    head = await store.head()
+    count = 0
+    cpu, start = cpu_seconds(), time.perf_counter()
+    async for record in store.subscribe(0, batch=page, idle_timeout=1.0):
+        kind = record.type
+        apply(state, kind, decoders[kind].decode(record.data))
+        count += 1
+        if record.position == head:
+            break
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    stopped = sum(1 for vm in state.values() if vm["status"] == "stopped")
+    return count, elapsed, cpu, stopped
+
+
+async def replay_case(name: str, open_store: Callable[[], EventStore], events: int, page: int,
+                      subscribed: bool = False) -> Result:
     store = open_store()
     try:
         await store.head()  # connect, open the file: not part of the replay
-        count, elapsed, cpu, stopped = await replay(store, page)
+        count, elapsed, cpu, stopped = await (replay_subscribed if subscribed else replay)(store, page)
     finally:
         await store.close()
     assert count == events and stopped == events // EVENTS_PER_VM, (count, stopped)
-    print(f"  replay {name}, pages of {page}: {count / elapsed:,.0f} events/s, "
+    how = f"subscribe(batch={page})" if subscribed else f"read_all pages of {page}"
+    print(f"  replay {name}, {how}: {count / elapsed:,.0f} events/s, "
           f"{count / cpu:,.0f} per CPU second", file=sys.stderr)
-    return Result("replay", f"{name}: read_all pages of {page} + decode + apply", count / cpu,
+    return Result("replay", f"{name}: {how} + decode + apply", count / cpu,
                   "events/CPU-s", f"{count / elapsed:,.0f} events/s wall; {count:,} events in "
                   f"{elapsed:.2f}s wall, {cpu:.2f}s CPU")
 
@@ -281,6 +303,7 @@ async def bench_replay(quick: bool) -> list[Result]:
         print(f"  populated SQLite with {events:,} events in {took:.1f}s", file=sys.stderr)
         for page in (1000, 10_000):
             results.append(await replay_case("SQLite", lambda: SqliteEventStore(path), events, page))
+        results.append(await replay_case("SQLite", lambda: SqliteEventStore(path), events, 1000, True))
     # The etcd log of 1M small events is ~1 GB in bbolt: raise the 2 GB default quota.
     with etcd_cluster(1, ["--quota-backend-bytes", str(8 << 30)]) as cluster:
         prefix = "/bench-replay/v1"
@@ -288,8 +311,12 @@ async def bench_replay(quick: bool) -> list[Result]:
         store = EtcdEventStore(cluster.endpoints, **options)  # type: ignore[arg-type]
         # 200 events per append: 2 ops per event + 2 per stream, well under 4096 ops.
         took = await populate(store, events, vms_per_append=20)
+        db_size = (await store.client.status()).dbSize
         await store.close()
-        print(f"  populated etcd with {events:,} events in {took:.1f}s", file=sys.stderr)
+        print(f"  populated etcd with {events:,} events in {took:.1f}s; etcd db {db_size / 2**20:,.0f} MiB",
+              file=sys.stderr)
+        results.append(Result("replay", f"etcd database size after {events:,} events", db_size / 2**20, "MiB",
+                              f"{db_size / events:,.0f} bytes per event, uncompacted, not defragmented"))
         for page in (1000, 10_000):
             def open_etcd(page: int = page) -> EventStore:
                 store = EtcdEventStore(cluster.endpoints, **options)  # type: ignore[arg-type]
@@ -297,6 +324,7 @@ async def bench_replay(quick: bool) -> list[Result]:
                 return store
 
             results.append(await replay_case("etcd", open_etcd, events, page))
+        results.append(await replay_case("etcd", open_etcd, events, 1000, True))
     return results
 
 

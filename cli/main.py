@@ -3,11 +3,14 @@
     ucloud vm create|list|show|start|stop|reboot|delete
     ucloud key add|list|delete
     ucloud host add|list                      (admin realm)
+    ucloud login NAME --realm R | logout      (store or forget an OTP identity)
+    ucloud user add|list|show|disable|enable|enrol|unenrol   (admin realm)
 
 Settings come from ``$XDG_CONFIG_HOME/ucloud/config.toml`` (``~/.config/...``; keys
 ``api``, ``user``, ``realm``), overridden by UCLOUD_API / UCLOUD_USER / UCLOUD_REALM,
-overridden by ``--api`` / ``--user`` / ``--realm``. Tables for people, ``--json`` for
-scripts. A failure prints one line on stderr and exits non-zero:
+overridden by ``--api`` / ``--user`` / ``--realm``; without a user there, the identity
+``ucloud login`` made the default. Tables for people, ``--json`` for scripts. A
+failure prints one line on stderr and exits non-zero:
 
     1  the API refused or failed (the problem's detail is the line), or bad settings
     2  bad usage (options and arguments)
@@ -21,6 +24,11 @@ Reading your own writes across invocations: the CLI remembers the last log posit
 a command returned for each API (``$XDG_STATE_HOME/ucloud/positions.json``) and
 sends it with every query, so ``ucloud vm create`` followed by ``ucloud vm list``
 always lists the new VM.
+
+Authentication (cli/credentials.py, docs/auth.md): for an identity stored by ``ucloud
+login`` the CLI opens a session with a fresh TOTP and sends ``Authorization: Bearer``;
+without one it sends only X-Ucloud-User/X-Ucloud-Realm, which only a development
+gateway (``ucloud up --insecure-header-auth``) accepts.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import tomllib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -46,6 +55,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ucloud.cli.credentials import Credentials, CredentialsError, Identity, Sessions
 from ucloud.domain.units import format_size
 
 T = TypeVar("T")
@@ -93,6 +103,7 @@ class Settings:
     api: str
     user: str
     realm: str
+    identity: Identity | None = None  # from the credentials file: the CLI proves itself with its TOTP
 
 
 def config_home() -> Path:
@@ -138,13 +149,25 @@ def resolve_settings(api: str | None, user: str | None, realm: str | None, confi
 
     chosen_api = pick(api, "UCLOUD_API", file.api, DEFAULT_API)
     chosen_user = pick(user, "UCLOUD_USER", file.user, None)
-    chosen_realm = pick(realm, "UCLOUD_REALM", file.realm, DEFAULT_REALM)
-    assert chosen_api is not None and chosen_realm is not None
-    if not chosen_user:
-        raise Failure(f"no user set: put user = \"name\" in {path}, set UCLOUD_USER or pass --user")
+    chosen_realm = pick(realm, "UCLOUD_REALM", file.realm, None)
+    assert chosen_api is not None
+    credentials = Credentials()
+    try:
+        if not chosen_user and (default := credentials.default()) is not None:
+            chosen_user, default_realm = default
+            chosen_realm = chosen_realm or default_realm
+        if not chosen_user:
+            raise Failure(f"no user set: log in with 'ucloud login NAME --realm REALM', put user = \"name\" "
+                          f"in {path}, set UCLOUD_USER or pass --user")
+        if not chosen_realm:  # the realm of the user's one stored identity, else the user realm
+            realms = credentials.realms_of(chosen_user)
+            chosen_realm = realms[0] if len(realms) == 1 else DEFAULT_REALM
+        identity = credentials.find(chosen_user, chosen_realm)
+    except CredentialsError as error:
+        raise Failure(str(error)) from None
     if not chosen_api.startswith(("http://", "https://")):
         raise Failure(f"API URL {chosen_api!r} must start with http:// or https://")
-    return Settings(chosen_api.rstrip("/"), chosen_user, chosen_realm)
+    return Settings(chosen_api.rstrip("/"), chosen_user, chosen_realm, identity)
 
 
 # -- the HTTP client -------------------------------------------------------------------------------
@@ -177,22 +200,55 @@ class Positions:
 
 
 class Client:
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession, positions: Positions) -> None:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, positions: Positions,
+                 sessions: Sessions | None = None) -> None:
         self.settings = settings
         self.session = session
         self.positions = positions
         self.position = positions.get(settings.api)
+        self.sessions = sessions or Sessions()
+        self.per_request_totp = False  # the gateway issues no sessions: a fresh TOTP with every request
+        self.opened_session = False  # this process opened the session it uses (else: from the cache)
 
-    async def request(self, method: str, path: str, body: Any = None, *, query: dict[str, str] | None = None,
-                      headers: dict[str, str] | None = None, read: bool = False) -> tuple[int, Any]:
-        query = dict(query or {})
-        if read and self.position:
-            query["position"] = str(self.position)
-        all_headers = {"X-Ucloud-User": self.settings.user, "X-Ucloud-Realm": self.settings.realm,
-                       **(headers or {})}
+    def _who(self) -> dict[str, str]:
+        return {"X-Ucloud-User": self.settings.user, "X-Ucloud-Realm": self.settings.realm}
+
+    async def _totp_headers(self) -> dict[str, str]:
+        identity = self.settings.identity
+        assert identity is not None
+        step, wait = self.sessions.next_step(identity.name, identity.realm)
+        if wait > 0:  # both usable steps were used already: the next one is a moment away
+            await asyncio.sleep(wait)
+        return {**self._who(), "X-Ucloud-Token": identity.totp(step)}
+
+    async def open_session(self) -> str:
+        """Prove the identity with a fresh TOTP and cache the session the gateway returns."""
+        settings = self.settings
+        status, data = await self._send("POST", "/v1/sessions", None, {}, await self._totp_headers())
+        if status == 501:
+            self.per_request_totp = True
+            return ""
+        if status != 201:
+            self._fail(status, data, "")
+        expires = datetime.fromisoformat(data["expires_at"]).timestamp()
+        self.sessions.put(settings.api, settings.user, settings.realm, data["token"], expires)
+        self.opened_session = True
+        return str(data["token"])
+
+    async def _auth_headers(self) -> dict[str, str]:
+        settings = self.settings
+        if settings.identity is None:
+            return self._who()  # only a development gateway (header authentication) accepts this
+        if self.per_request_totp:
+            return await self._totp_headers()
+        token = self.sessions.get(settings.api, settings.user, settings.realm) or await self.open_session()
+        return {"Authorization": f"Bearer {token}"} if token else await self._totp_headers()
+
+    async def _send(self, method: str, path: str, body: Any, query: dict[str, str],
+                    headers: dict[str, str]) -> tuple[int, Any]:
         url = self.settings.api + path
         try:
-            async with self.session.request(method, url, json=body, params=query, headers=all_headers) as response:
+            async with self.session.request(method, url, json=body, params=query, headers=headers) as response:
                 status = response.status
                 text = await response.text()
                 content_type = response.content_type
@@ -206,8 +262,36 @@ class Client:
                 data = json.loads(text)
             except ValueError:
                 raise Failure(f"the API at {url} answered {status} with malformed JSON") from None
+        if data is None and content_type.endswith("json") and status < 400:
+            raise Failure(f"the API at {url} answered {status} without a body")
+        if status >= 400 and not isinstance(data, dict):
+            data = {"detail": f"the API answered {status} {text[:200]}"}
+        return status, data
+
+    def _fail(self, status: int, data: Any, hint: str) -> NoReturn:
+        detail = data.get("detail") if isinstance(data, dict) else None
+        field = data.get("field") if isinstance(data, dict) else None
+        if status == 401 and not hint:
+            who = f"{self.settings.user}@{self.settings.realm}"
+            hint = (f" (as {who}: check the seed with 'ucloud login', and this machine's clock)"
+                    if self.settings.identity is not None else
+                    f" (no credentials for {who}: run 'ucloud login {self.settings.user} "
+                    f"--realm {self.settings.realm}')")
+        raise ApiError(status, (detail or f"the API answered {status}") + hint, field)
+
+    async def request(self, method: str, path: str, body: Any = None, *, query: dict[str, str] | None = None,
+                      headers: dict[str, str] | None = None, read: bool = False) -> tuple[int, Any]:
+        query = dict(query or {})
+        if read and self.position:
+            query["position"] = str(self.position)
+        auth = await self._auth_headers()
+        status, data = await self._send(method, path, body, query, {**auth, **(headers or {})})
+        if status == 401 and "Authorization" in auth and not self.opened_session:
+            # The session ended early (user re-enabled, key rotated, gateway moved): one new one.
+            self.sessions.drop(self.settings.api, self.settings.user, self.settings.realm)
+            auth = await self._auth_headers()
+            status, data = await self._send(method, path, body, query, {**auth, **(headers or {})})
         if status >= 400:
-            detail = data.get("detail") if isinstance(data, dict) else None
             field = data.get("field") if isinstance(data, dict) else None
             if status == 400 and field == "position" and "position" in query and read:
                 # The remembered position belongs to another log (a rebuilt test cluster, say).
@@ -215,9 +299,7 @@ class Client:
                 self.positions.set(self.settings.api, 0)
                 query.pop("position")
                 return await self.request(method, path, body, query=query, headers=headers, read=True)
-            raise ApiError(status, detail or f"the API answered {status} {text[:200]}", field)
-        if data is None and content_type.endswith("json"):
-            raise Failure(f"the API at {url} answered {status} without a body")
+            self._fail(status, data, "")
         if isinstance(data, dict) and not read and isinstance(data.get("position"), int):
             self.position = max(self.position, data["position"])
             self.positions.set(self.settings.api, self.position)
@@ -247,8 +329,8 @@ class Context:
     realm: str | None
     config: str | None
 
-    def run(self, work: Callable[[Client], Awaitable[T]]) -> T:
-        settings = resolve_settings(self.api, self.user, self.realm, self.config)
+    def run(self, work: Callable[[Client], Awaitable[T]], settings: Settings | None = None) -> T:
+        settings = settings or resolve_settings(self.api, self.user, self.realm, self.config)
         positions = Positions(state_home() / "ucloud" / "positions.json")
 
         async def go() -> T:
@@ -668,6 +750,13 @@ def _unavailable(name: str, reason: str) -> click.Command:
 
     return command
 
+
+# Logging in and managing users live in cli/account.py.
+from ucloud.cli.account import login, logout, user  # noqa: E402 - they build on the definitions above
+
+main.add_command(login)
+main.add_command(logout)
+main.add_command(user)
 
 # `ucloud up` lives in cli/up.py (written separately); it joins this CLI when it exists.
 try:

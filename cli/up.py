@@ -5,24 +5,51 @@ a host agent for this machine, supervised as one group in one process: a compone
 that fails is logged and started again; Ctrl-C (or SIGTERM) stops everything
 cleanly. Guests are QEMU processes of their own and keep running across a restart
 of `ucloud up`; the host agent adopts them when it comes back.
+
+Authentication is real by default (docs/auth.md): users in a built-in directory
+(``<state-dir>/users.json``) or, with ``--ldap-url``/``--ldap-config``, in LDAP; seeds and
+the session key in ``<state-dir>/secrets.json``; both 0600. On the first start the
+first admin (``admin`` in realm ``ucloud-admin``) is created and enrolled, the CLI of
+the user running `ucloud up` is logged in as it when it has no identity yet, and the
+way to log in elsewhere is shown once: the seed on a terminal, or in a 0600 file whose
+path is printed when stderr is not a terminal (it may be a log). Nothing secret goes
+to the log. ``--insecure-header-auth`` trusts X-Ucloud-User headers instead: for
+development only, never the default.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
+from ucloud.cli.credentials import Credentials, CredentialsError, Identity, Seed
 from ucloud.commands.service import CommandService
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 from ucloud.gateway.app import GatewayConfig, start
+from ucloud.gateway.auth_config import (
+    FIRST_ADMIN,
+    FirstAdmin,
+    builtin_authenticator,
+    ensure_first_admin,
+    ldap_authenticator,
+    load_ldap_config,
+)
+from ucloud.gateway.auth_directory import DirectoryError, DirectoryUnavailable
+from ucloud.gateway.auth_files import PrivateFileError, atomic_write
+from ucloud.gateway.auth_otp import render_qr
+from ucloud.gateway.auth_secrets import SecretStoreError
+from ucloud.gateway.auth_session import DEFAULT_TTL, SessionAuthenticator
 from ucloud.hostagent.agent import HostAgent
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
@@ -48,16 +75,79 @@ async def supervise(name: str, component: Callable[[], Awaitable[None]]) -> None
         delay = min(delay * 2, 30.0)
 
 
-def write_cli_config(api: str) -> Path | None:
-    """Point the CLI at this gateway, unless the user already configured one."""
+def write_cli_config(api: str, header_user: bool = False) -> Path | None:
+    """Point the CLI at this gateway, unless the user already configured one. Who the CLI
+    is comes from its credentials (``ucloud login``); only for a header-authentication
+    gateway does the config name a user."""
     home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     path = home / "ucloud" / "config.toml"
     if path.exists():
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    user = os.environ.get("USER") or "root"
-    path.write_text(f'api = "{api}"\nuser = "{user}"\nrealm = "ucloud"\n')
+    text = f'api = "{api}"\n'
+    if header_user:
+        text += f'user = "{os.environ.get("USER") or "root"}"\nrealm = "ucloud"\n'
+    path.write_text(text)
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthOptions:
+    insecure_header_auth: bool = False
+    ldap: dict[str, Any] = dataclasses.field(default_factory=dict)  # flags; empty: no LDAP unless ldap_config
+    ldap_config: Path | None = None
+    admin: str = FIRST_ADMIN
+    session_ttl: float = DEFAULT_TTL
+
+    @property
+    def uses_ldap(self) -> bool:
+        return self.ldap_config is not None or any(v is not None for v in self.ldap.values())
+
+
+def make_authenticator(options: AuthOptions, state_dir: Path) -> SessionAuthenticator:
+    if options.uses_ldap:
+        config = load_ldap_config(options.ldap_config, options.ldap)
+        return ldap_authenticator(config, state_dir, session_ttl=options.session_ttl)
+    return builtin_authenticator(state_dir, session_ttl=options.session_ttl)
+
+
+def log_the_cli_in(first: FirstAdmin) -> Path | None:
+    """Store the new admin's identity for this machine's CLI if it has none yet."""
+    assert first.enrolment is not None
+    credentials = Credentials()
+    try:
+        if credentials.identities():
+            return None
+        credentials.store(Identity(first.name, first.realm, Seed(first.enrolment.seed.reveal())))
+    except (CredentialsError, OSError) as error:
+        click.echo(f"ucloud: could not log the CLI in ({error})", err=True)
+        return None
+    return credentials.path
+
+
+def announce_first_admin(first: FirstAdmin, api: str, state_dir: Path) -> None:
+    """Say once how to log in as the first admin; the seed only on a terminal or in a
+    0600 file, never where a log could keep it."""
+    assert first.enrolment is not None
+    login = f"ucloud --api {api} login {first.name} --realm {first.realm}"
+    click.echo(f"ucloud: created the first admin: {first.name} in realm {first.realm}", err=True)
+    stored = log_the_cli_in(first)
+    if stored is not None:
+        click.echo(f"ucloud: this machine's CLI is logged in as {first.name}@{first.realm} "
+                   f"(identity in {stored}, mode 0600)", err=True)
+    if sys.stderr.isatty():
+        uri = first.enrolment.provisioning_uri
+        click.echo("ucloud: the admin's OTP seed, shown this once (scan it into an authenticator app):", err=True)
+        click.echo(f"  seed: {first.enrolment.seed.reveal()}\n  URI:  {uri.reveal()}", err=True)
+        click.echo(render_qr(uri), err=True)
+        click.echo(f"ucloud: to log in elsewhere:  {login}   (paste the seed when asked)", err=True)
+        return
+    seed_file = state_dir / "first-admin.otpauth"
+    atomic_write(seed_file, (first.enrolment.provisioning_uri.reveal() + "\n").encode())
+    click.echo(f"ucloud: the admin's OTP seed is not printed (stderr is not a terminal); it is in {seed_file} "
+               f"(mode 0600). Log in with:", err=True)
+    click.echo(f"  {login} --seed-file {seed_file}", err=True)
+    click.echo(f"ucloud: then delete {seed_file}", err=True)
 
 
 async def run_up(
@@ -69,11 +159,34 @@ async def run_up(
     accel: str,
     with_agent: bool,
     ready: asyncio.Event | None = None,
+    auth: AuthOptions | None = None,
 ) -> None:
+    auth = auth or AuthOptions()
     state_dir.mkdir(parents=True, exist_ok=True)
+    authenticator: SessionAuthenticator | None = None
+    first: FirstAdmin | None = None
+    if auth.insecure_header_auth:
+        click.echo("ucloud: WARNING: --insecure-header-auth: the API trusts X-Ucloud-User/X-Ucloud-Realm "
+                   "as sent; anyone who can reach it can act as anyone, admin included", err=True)
+    else:
+        authenticator = make_authenticator(auth, state_dir)
+        try:
+            first = await ensure_first_admin(authenticator, auth.admin)
+        except DirectoryUnavailable as error:  # LDAP down now: serve anyway, it may come back
+            click.echo(f"ucloud: WARNING: cannot check the first admin now: {error}", err=True)
+        except BaseException:
+            await authenticator.close()
+            raise
     store = open_store(store_url)
     commands = CommandService(store)
-    gateway = await start(GatewayConfig(store=store, listen=listen, port=port))
+    try:
+        gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
+                                            authenticator=authenticator or "header"))
+    except BaseException:
+        await store.close()
+        if authenticator is not None:
+            await authenticator.close()
+        raise
     components: dict[str, Callable[[], Awaitable[None]]] = {"scheduler": Scheduler(commands, instance="up").run}
     if with_agent:
         images = ImageCatalogue(state_dir / "images")
@@ -83,10 +196,19 @@ async def run_up(
         agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname)
         components["host agent"] = agent.run
     tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in components.items()]
-    config_path = write_cli_config(gateway.url)
+    config_path = write_cli_config(gateway.url, header_user=authenticator is None)
     click.echo(f"ucloud is up: API {gateway.url}, log {store_url}, state {state_dir}", err=True)
     if config_path:
         click.echo(f"ucloud: wrote {config_path} so the CLI talks to this gateway", err=True)
+    if authenticator is not None and first is not None:
+        click.echo(f"ucloud: users in {authenticator.directory!r}; secrets in {authenticator.secrets!r}", err=True)
+        if first.enrolment is not None:
+            announce_first_admin(first, gateway.url, state_dir)
+        elif first.problem is not None:
+            click.echo(f"ucloud: WARNING: no first admin: {first.problem} (ucloud up --admin NAME)", err=True)
+        else:
+            click.echo("ucloud: log in with 'ucloud login NAME --realm REALM'; admins enrol users with "
+                       "'ucloud user enrol NAME'", err=True)
     click.echo("try:  ucloud vm create --name demo --image tiny --cores 1 --ram 256MB --disk 1GB --wait", err=True)
     click.echo("stop: Ctrl-C (guests keep running and are adopted on the next `ucloud up`)", err=True)
     if ready is not None:
@@ -107,6 +229,8 @@ async def run_up(
                 await task
         await gateway.stop()
         await store.close()
+        if authenticator is not None:
+            await authenticator.close()
         click.echo("ucloud: stopped", err=True)
 
 
@@ -122,15 +246,45 @@ async def run_up(
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
               help="auto: KVM only when a test boot proves it works, else TCG.")
 @click.option("--no-agent", is_flag=True, help="Do not run a host agent on this machine.")
+@click.option("--admin", default=FIRST_ADMIN, show_default=True, envvar="UCLOUD_ADMIN",
+              help="The first admin, created (built-in directory) and enrolled in the admin realm on the "
+                   "first start; with LDAP an existing LDAP user.")
+@click.option("--ldap-url", "ldap_urls", multiple=True, envvar="UCLOUD_LDAP_URL", metavar="URL",
+              help="Read users from this LDAP server (ldap:// or ldaps://; repeat for fail-over) instead "
+                   "of the built-in directory.")
+@click.option("--ldap-base-dn", envvar="UCLOUD_LDAP_BASE_DN", metavar="DN", help="Where users are.")
+@click.option("--ldap-bind-dn", envvar="UCLOUD_LDAP_BIND_DN", metavar="DN",
+              help="The read-only service account (default: bind anonymously).")
+@click.option("--ldap-bind-password-file", envvar="UCLOUD_LDAP_BIND_PASSWORD_FILE", metavar="FILE",
+              help="A file holding the service account's password.")
+@click.option("--ldap-tls", type=click.Choice(["none", "ldaps", "starttls"]), envvar="UCLOUD_LDAP_TLS",
+              help="TLS to the LDAP server (an ldaps:// URL implies ldaps).")
+@click.option("--ldap-config", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              envvar="UCLOUD_LDAP_CONFIG",
+              help="A TOML file whose [ldap] table sets any LDAP key of docs/auth.md (flags win).")
+@click.option("--session-ttl", type=click.FloatRange(min=1), default=DEFAULT_TTL, show_default=True,
+              help="Seconds a session opened with a TOTP lasts.")
+@click.option("--insecure-header-auth", is_flag=True,
+              help="DEVELOPMENT ONLY: trust X-Ucloud-User/X-Ucloud-Realm as sent, no tokens.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
-       no_agent: bool, verbose: bool) -> None:
+       no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
+       ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
+       insecure_header_auth: bool, verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ldap = {"urls": list(ldap_urls) or None, "base_dn": ldap_base_dn, "bind_dn": ldap_bind_dn,
+            "bind_password_file": ldap_bind_password_file, "tls": ldap_tls}
+    auth = AuthOptions(insecure_header_auth, ldap, ldap_config, admin, session_ttl)
+    if insecure_header_auth and auth.uses_ldap:
+        raise click.UsageError("--insecure-header-auth uses no directory: drop the LDAP options")
     try:
-        asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent))
+        asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent,
+                           auth=auth))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
+    except (DirectoryError, PrivateFileError, SecretStoreError) as error:
+        raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(str(error)) from None

@@ -29,6 +29,7 @@ from ucloud.eventstore.url import open_store
 from ucloud.projections.runner import ProjectionRunner
 from ucloud.projections.views import ReadModels
 
+from .auth_routes import auth_routes
 from .config import GatewayConfig
 from .identity import (
     AuthenticationFailed,
@@ -144,8 +145,12 @@ def init_app(config: GatewayConfig) -> web.Application:
                                    snapshot_interval=config.snapshot_interval)
     app[FOLLOWER] = ReadModelFollower(app[RUNNER])
     app[AUTHENTICATOR] = resolve_authenticator(config.authenticator)
+    if isinstance(app[AUTHENTICATOR], HeaderAuthenticator):
+        log.warning("the gateway trusts X-Ucloud-User/X-Ucloud-Realm as sent (header authentication): "
+                    "anyone who reaches it can act as anyone; for development and tests only")
     app[METRICS] = metrics
     app.add_routes(routes)
+    app.add_routes(auth_routes)  # sessions and users (gateway/auth_routes.py)
     app[OPENAPI] = build_openapi(app)  # refuses a route without documentation, now rather than later
 
     if owns_store:

@@ -23,6 +23,7 @@ from ucloud.commands.unit_of_work import Actor
 
 USER_HEADER = "X-Ucloud-User"
 REALM_HEADER = "X-Ucloud-Realm"
+TOKEN_HEADER = "X-Ucloud-Token"  # the TOTP, read by the real authenticator (gateway/auth_realms.py)
 DEFAULT_REALM = "ucloud"
 ADMIN_REALM = "ucloud-admin"
 

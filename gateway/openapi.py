@@ -14,13 +14,15 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from .identity import REALM_HEADER, USER_HEADER
+from .identity import REALM_HEADER, TOKEN_HEADER, USER_HEADER
 from .problems import PROBLEM_JSON, Problem
 from .routes import POSITION_PARAMS, ApiDoc
 
 _TITLES = {400: "Invalid request: the problem's detail and field say what is wrong",
            401: "Not authenticated", 404: "Not found (or not yours)", 405: "Method not allowed",
            409: "Conflict with a concurrent writer; retry", 422: "Rejected in the resource's current state",
+           429: "Too many failed authentication attempts for this name or network; see Retry-After",
+           501: "Not available with this gateway's configuration (user directory, verifier)",
            503: "Event store unreachable, or the read models did not reach ?position in time"}
 _PATH_PARAM = re.compile(r"{([^}/:]+)(?::[^}]*)?}")
 OPENAPI = web.AppKey("openapi_document", dict)
@@ -63,7 +65,7 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
             responses[str(status)] = {"description": doc.description}
             if doc.response is not None:
                 responses[str(status)]["content"] = {doc.media_type: {"schema": schema_of[id(doc.response)]}}
-        errors = set(doc.errors) | ({401} if doc.auth else set()) | ({400, 503} if doc.reads else set())
+        errors = set(doc.errors) | ({401, 429} if doc.auth else set()) | ({400, 503} if doc.reads else set())
         if doc.body is not None:
             errors.add(400)
         for status in sorted(errors):
@@ -94,13 +96,20 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
         "components": {
             "schemas": components,
             "securitySchemes": {
+                "session": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                            "description": "A session token from POST /v1/sessions (docs/auth.md)."},
                 "user": {"type": "apiKey", "in": "header", "name": USER_HEADER,
-                         "description": "Who calls (development authenticator: trusted as sent)."},
+                         "description": "Who calls: the user's name in the directory."},
                 "realm": {"type": "apiKey", "in": "header", "name": REALM_HEADER,
                           "description": "The realm; 'ucloud' by default, 'ucloud-admin' is the admin realm."},
+                "token": {"type": "apiKey", "in": "header", "name": TOKEN_HEADER,
+                          "description": "The current TOTP (RFC 6238, 6 digits, 30 s) of the user's seed in "
+                                         "the realm; accepted once."},
             },
         },
-        "security": [{"user": [], "realm": []}, {"user": []}],
+        # A session, or name + realm + TOTP (a gateway started with --insecure-header-auth
+        # trusts name and realm alone: development only).
+        "security": [{"session": []}, {"user": [], "realm": [], "token": []}],
     }
 
 

@@ -9,6 +9,7 @@ Handlers never catch broadly; they let errors reach the error middleware.
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import msgspec
@@ -93,7 +94,8 @@ def problem_for(error: BaseException, instance: str = "") -> tuple[Problem, dict
             detail = f"no such resource: {instance}"
         elif error.status == 405:
             detail = f"method not allowed here; allowed: {headers.get('Allow', 'none')}"
-        slug = {404: "not-found", 405: "method-not-allowed", 413: "too-large"}.get(error.status, "http")
+        slug = {404: "not-found", 405: "method-not-allowed", 413: "too-large",
+                501: "not-implemented"}.get(error.status, "http")
         return Problem(type=TYPE_PREFIX + slug, title=error.reason, status=error.status, detail=detail,
                        instance=instance), headers
     match = next(((status, slug, title) for error_type, status, slug, title in _MAPPING
@@ -111,6 +113,14 @@ def problem_for(error: BaseException, instance: str = "") -> tuple[Problem, dict
     elif isinstance(error, InvalidValue):
         field = error.field
     elif isinstance(error, AuthenticationFailed):
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after:
+            # Too many failures for this name or from this network (unknown names are
+            # limited exactly like known ones, so this says nothing about who exists).
+            seconds = max(1, math.ceil(retry_after))
+            return Problem(type=TYPE_PREFIX + "rate-limited", title="Too many failed attempts", status=429,
+                           detail=f"too many failed authentication attempts for this name or from this "
+                                  f"network; retry in {seconds} s", instance=instance), {"Retry-After": str(seconds)}
         headers["WWW-Authenticate"] = error.challenge
     elif isinstance(error, UnavailableError | PositionNotReached | NotReady):
         headers["Retry-After"] = "1"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Collection
 
 from .errors import StreamConflict, TrackingConflict
 from .interface import EventStore
+from .notify import Notifier
 from .records import (
     EventRecord,
     Snapshot,
@@ -24,7 +24,7 @@ class MemoryEventStore(EventStore):
         self._streams: dict[str, list[EventRecord]] = {}
         self._tracking: dict[str, int] = {}
         self._snapshots: dict[str, Snapshot] = {}
-        self._appended = asyncio.Condition()
+        self._appended = Notifier()
 
     async def append(self, *appends: StreamAppend, tracking: Tracking | None = None) -> list[int]:
         validate_append(appends, tracking)
@@ -48,8 +48,7 @@ class MemoryEventStore(EventStore):
                 positions.append(record.position)
         if tracking is not None:
             self._tracking[tracking.consumer] = tracking.position
-        async with self._appended:
-            self._appended.notify_all()
+        self._appended.notify()
         return positions
 
     async def read_stream(
@@ -90,13 +89,7 @@ class MemoryEventStore(EventStore):
         return len(self._log)
 
     async def wait_for_events(self, after: int, timeout: float) -> int:
-        async with self._appended:
-            try:
-                await asyncio.wait_for(
-                    self._appended.wait_for(lambda: len(self._log) > after), timeout
-                )
-            except TimeoutError:
-                pass
+        await self._appended.wait_until(lambda: len(self._log) > after, timeout)
         return len(self._log)
 
     async def tracked_position(self, consumer: str) -> int:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from .errors import DataError, EventStoreError, StreamConflict, TrackingConflict, UnavailableError
 from .group_commit import GroupCommitter, PendingAppend
 from .interface import EventStore
+from .notify import Notifier
 from .records import (
     RECORD_DECODER,
     RECORD_ENCODER,
@@ -68,7 +69,7 @@ class SqliteEventStore(EventStore):
         self._committer = GroupCommitter(
             self._commit_batch, max_cost=max_events_per_txn, max_bytes=64 * 1024 * 1024
         )
-        self._appended: asyncio.Condition | None = None
+        self._appended = Notifier()
         self._schema_ready = False
 
     # -- plumbing ---------------------------------------------------------------
@@ -99,19 +100,12 @@ class SqliteEventStore(EventStore):
 
         return await asyncio.get_running_loop().run_in_executor(executor, call)
 
-    def _condition(self) -> asyncio.Condition:
-        if self._appended is None:
-            self._appended = asyncio.Condition()
-        return self._appended
-
     # -- writes -----------------------------------------------------------------
 
     async def append(self, *appends: StreamAppend, tracking: Tracking | None = None) -> list[int]:
         count = validate_append(appends, tracking)
         positions = await self._committer.submit(appends, tracking, count)
-        condition = self._condition()
-        async with condition:
-            condition.notify_all()
+        self._appended.notify()
         return positions
 
     async def _commit_batch(self, batch: list[PendingAppend]) -> None:
@@ -192,7 +186,6 @@ class SqliteEventStore(EventStore):
     async def wait_for_events(self, after: int, timeout: float) -> int:
         # Appends from this process wake us at once; appends from other processes
         # sharing the file are noticed by polling the head.
-        condition = self._condition()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -200,11 +193,7 @@ class SqliteEventStore(EventStore):
             remaining = deadline - loop.time()
             if head > after or remaining <= 0:
                 return head
-            async with condition:
-                try:
-                    await asyncio.wait_for(condition.wait(), min(0.1, remaining))
-                except TimeoutError:
-                    pass
+            await self._appended.wait(min(0.1, remaining))
 
     async def tracked_position(self, consumer: str) -> int:
         def tracked(conn: sqlite3.Connection) -> int:

@@ -19,6 +19,7 @@ import msgspec
 
 from ucloud.domain.events import Event, EventCodec
 from ucloud.eventstore.interface import EventStore
+from ucloud.eventstore.notify import Notifier
 from ucloud.eventstore.records import EventRecord, Snapshot
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class ProjectionRunner:
         self.name = name
         self.snapshot_interval = snapshot_interval
         self.position = 0
-        self._reached = asyncio.Condition()
+        self._reached = Notifier()
         self._last_snapshot = time.monotonic()
         self._snapshot_position = 0
         self.head = 0
@@ -119,19 +120,11 @@ class ProjectionRunner:
                 await asyncio.shield(self.save_snapshot())
 
     async def notify(self) -> None:
-        async with self._reached:
-            self._reached.notify_all()
+        self._reached.notify()
 
     async def wait_for(self, position: int, timeout: float = 10.0) -> bool:
         """True once the projections include ``position``; False after ``timeout``."""
-        if self.position >= position:
-            return True
-        async with self._reached:
-            try:
-                await asyncio.wait_for(self._reached.wait_for(lambda: self.position >= position), timeout)
-            except TimeoutError:
-                return False
-        return True
+        return await self._reached.wait_until(lambda: self.position >= position, timeout)
 
     async def lag(self) -> int:
         """How many events the projections are behind the log."""

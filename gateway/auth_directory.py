@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import queue
 import re
 import ssl
@@ -277,7 +278,9 @@ class LdapDirectory(UserDirectory):
         password = config.bind_password.reveal() if config.bind_password is not None else None
         connection = ldap3.Connection(
             self._servers(), user=config.bind_dn, password=password, client_strategy=ldap3.SYNC,
-            receive_timeout=config.timeout, raise_exceptions=False, read_only=True, auto_referrals=False,
+            # ldap3 packs the receive timeout into SO_RCVTIMEO as whole seconds on Linux
+            # (struct 'LL'): a float such as the default 10.0 fails there, so round up.
+            receive_timeout=math.ceil(config.timeout), raise_exceptions=False, read_only=True, auto_referrals=False,
         )
         try:
             connection.open()

@@ -1,6 +1,11 @@
 """The first vertical slice end to end, every part real and in its own process:
 etcd, `ucloud up --no-agent` (gateway + scheduler), `ucloud-host` (host agent running
-QEMU guests), the `ucloud` CLI and `ucloud-audit`."""
+QEMU guests), the `ucloud` CLI and `ucloud-audit`.
+
+Authentication is the real default of `ucloud up`: it logs the CLI in as its first
+admin, who adds and enrols alice through the API; alice logs in with her seed and
+acts with sessions opened by her TOTP (the --wait polls make many requests per 30 s
+step, which once-only tokens alone could not carry)."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from ucloud.hostagent.tinyguest import MARKER
 pytestmark = [pytest.mark.etcd, pytest.mark.qemu, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
+ADMIN = ("--user", "admin", "--realm", "ucloud-admin")  # the first admin `ucloud up` created
 
 
 def _alive(pid: int) -> bool:
@@ -67,9 +73,9 @@ class Cloud:
             stdout=log, stderr=log, env=self.env, start_new_session=True,
         )
 
-    def ucloud(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    def ucloud(self, *args: str, timeout: float = 180, input: str | None = None) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([str(BIN / "ucloud"), *args], env=self.env, capture_output=True, text=True,
-                                timeout=timeout)
+                                timeout=timeout, input=input)
         assert result.returncode == 0, f"ucloud {' '.join(args)}: {result.stderr}\nagent log:\n{self.agent_log()}"
         return result
 
@@ -77,7 +83,7 @@ class Cloud:
         """Until the agent registered this host (it builds the tiny image first)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            hosts = subprocess.run([str(BIN / "ucloud"), "--realm", "ucloud-admin", "host", "list", "--json"],
+            hosts = subprocess.run([str(BIN / "ucloud"), *ADMIN, "host", "list", "--json"],
                                    env=self.env, capture_output=True, text=True, timeout=30)
             if hosts.returncode == 0 and any(h["hostname"] == "e2e-host" for h in json.loads(hosts.stdout)):
                 return
@@ -119,6 +125,9 @@ def cloud(etcd: EtcdCluster, tmp_path: Path) -> Iterator[Cloud]:
                 assert control.poll() is None, (tmp_path / "control.log").read_text()
                 assert time.monotonic() < deadline, "gateway did not come up"
                 time.sleep(0.2)
+        cloud.ucloud(*ADMIN, "user", "add", "alice")
+        enrolled = json.loads(cloud.ucloud(*ADMIN, "user", "enrol", "alice", "--json").stdout)
+        cloud.ucloud("login", "alice", "--realm", "ucloud", "--seed-file", "-", input=enrolled["seed"])
         cloud.start_agent()
         cloud.wait_for_host()
         yield cloud

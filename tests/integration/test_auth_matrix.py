@@ -1,0 +1,332 @@
+"""Every API endpoint against every kind of caller, with real authentication: users in a
+real slapd (and, for the user-management routes, in the built-in directory too), TOTP
+seeds in a 0600 file, sessions, a SQLite log.
+
+The endpoints come from the gateway's own OpenAPI document (built from its router), so
+a new endpoint fails ``test_every_endpoint_is_in_the_matrix`` until it says here what
+a user, another tenant and an admin get; the refusal cases run for it automatically.
+
+Callers: nobody (no credentials), a wrong token, a replayed token, an unknown user, a
+disabled user, a forged or expired session, alice on her own resources, alice on bob's
+(404: another tenant's resource does not exist for her) and root in the admin realm
+(sees and acts on everything). Own/other/admin run twice: with a TOTP per request and
+with a session opened by one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from tests.support.auth_stack import ADMIN, USER, Directory, Stack, auth_stack, ldap_people
+from tests.support.gateway import PUBLIC_KEY
+from tests.support.slapd import Slapd, slapd_server
+from ucloud.gateway.auth_otp import unenrol
+from ucloud.gateway.auth_realms import AuthenticationFailed
+from ucloud.gateway.auth_session import SessionAuthenticator
+from ucloud.gateway.openapi import OPENAPI
+
+pytestmark = pytest.mark.ldap
+
+PUBLIC = AuthenticationFailed.PUBLIC_MESSAGE
+SESSION_REFUSED = SessionAuthenticator.SESSION_MESSAGE
+
+
+@dataclass
+class Call:
+    path: str
+    json: Any = None
+    query: dict[str, str] = field(default_factory=dict)
+    check: Callable[[Any], None] | None = None  # on the success body
+
+
+Prepare = Callable[[Stack, str], Awaitable[Call]]  # the second argument: whose resource ("alice" or "bob")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What alice gets on her own resource, alice on bob's, and root (admin realm) on bob's."""
+
+    prepare: Prepare
+    own: int
+    other: int
+    admin: int
+    admin_with_ldap: int | None = None  # the built-in directory's routes answer 501 with LDAP
+    with_session: int | None = None  # the answer to any session, where it differs
+    auth: bool = True
+
+
+async def _head(stack: Stack) -> dict[str, str]:
+    return {"position": str(await stack.store.head())}  # read the writes the test just made
+
+
+def _fixed(path: str, **kwargs: Any) -> Prepare:
+    async def prepare(stack: Stack, owner: str) -> Call:
+        return Call(path, **kwargs)
+
+    return prepare
+
+
+def _owned_by(owner: str) -> Callable[[Any], None]:
+    def check(body: Any) -> None:
+        rows = body.get("vms", body.get("ssh_keys"))
+        assert rows and {row["owner"] for row in rows} == {owner}, body
+
+    return check
+
+
+async def _vm_create(stack: Stack, owner: str) -> Call:
+    body: dict[str, Any] = {"name": f"n-{uuid.uuid4().hex[:6]}", "cores": 1, "ram": "256MB", "disk": "1GB",
+                            "image": "tiny"}
+    if owner != "alice":
+        body["owner"] = owner
+    return Call("/v1/vms", json=body)
+
+
+async def _vm_list(stack: Stack, owner: str) -> Call:
+    await stack.running_vm(owner)
+    query = await _head(stack)
+    if owner != "alice":
+        query["owner"] = owner
+    return Call("/v1/vms", query=query, check=_owned_by(owner))
+
+
+def _vm(suffix: str, read: bool) -> Prepare:
+    async def prepare(stack: Stack, owner: str) -> Call:
+        vm_id = await stack.running_vm(owner)
+        return Call(f"/v1/vms/{vm_id}{suffix}", query=await _head(stack) if read else {})
+
+    return prepare
+
+
+async def _key_list(stack: Stack, owner: str) -> Call:
+    await stack.ssh_key(owner)
+    query = await _head(stack)
+    if owner != "alice":
+        query["owner"] = owner
+    return Call("/v1/ssh-keys", query=query, check=_owned_by(owner))
+
+
+async def _key_add(stack: Stack, owner: str) -> Call:
+    body = {"name": f"k-{uuid.uuid4().hex[:6]}", "public_key": PUBLIC_KEY}
+    if owner != "alice":
+        body["owner"] = owner
+    return Call("/v1/ssh-keys", json=body)
+
+
+async def _key_delete(stack: Stack, owner: str) -> Call:
+    name = await stack.ssh_key(owner)
+    return Call(f"/v1/ssh-keys/{name}", query={} if owner == "alice" else {"owner": owner})
+
+
+async def _host_add(stack: Stack, owner: str) -> Call:
+    return Call("/v1/hosts", json={"hostname": f"h-{uuid.uuid4().hex[:6]}", "cores": 4, "ram": "8GB",
+                                   "disk": "100GB"})
+
+
+async def _throwaway_user(stack: Stack) -> str:
+    """A user the admin may change: fresh in the built-in directory; LDAP's bob otherwise
+    (the built-in-only routes do not touch him there, and he is enrolled already)."""
+    if stack.kind == "builtin":
+        name = f"u{uuid.uuid4().hex[:8]}"
+        stack.auth.directory.add_user(name)  # type: ignore[attr-defined]
+        return name
+    return "bob"
+
+
+def _user_route(suffix: str) -> Prepare:
+    async def prepare(stack: Stack, owner: str) -> Call:
+        return Call(f"/v1/users/{await _throwaway_user(stack)}{suffix}")
+
+    return prepare
+
+
+async def _user_enrol(stack: Stack, owner: str) -> Call:
+    name = await _throwaway_user(stack)
+    await unenrol(stack.secrets, name, USER)  # so that enrolling is new each time
+
+    def check(body: Any) -> None:
+        assert body["name"] == name and body["realm"] == USER and body["provisioning_uri"].startswith("otpauth://")
+        if stack.kind == "ldap":
+            stack.seeds[(name, USER)] = body["seed"]  # bob's new seed, for the cases after this one
+
+    return Call(f"/v1/users/{name}/otp", json={"realm": USER}, check=check)
+
+
+async def _user_unenrol(stack: Stack, owner: str) -> Call:
+    if stack.kind == "ldap":  # do not take bob's seed away: LDAP's carol is enrolled and disabled
+        return Call("/v1/users/carol/otp", query={"realm": USER})
+    return Call(f"/v1/users/{await _throwaway_user(stack)}/otp", query={"realm": USER})
+
+
+async def _user_add(stack: Stack, owner: str) -> Call:
+    return Call("/v1/users", json={"name": f"u{uuid.uuid4().hex[:8]}", "realms": [USER]})
+
+
+def _every_user(body: Any) -> None:
+    assert {"alice", "bob", "carol", "root"} <= {u["name"] for u in body["users"]}, body
+
+
+OPEN = Spec(_fixed(""), 200, 200, 200, auth=False)  # path filled in from the route
+NOT_FOR_USERS = dict(own=404, other=404)
+
+MATRIX: dict[tuple[str, str], Spec] = {
+    ("GET", "/healthz"): OPEN,
+    ("GET", "/metrics"): OPEN,
+    ("GET", "/v1/openapi.json"): OPEN,
+    ("POST", "/v1/sessions"): Spec(_fixed("/v1/sessions"), 201, 201, 201, with_session=400),
+    ("POST", "/v1/vms"): Spec(_vm_create, 202, 404, 202),
+    ("GET", "/v1/vms"): Spec(_vm_list, 200, 404, 200),
+    ("GET", "/v1/vms/{id}"): Spec(_vm("", True), 200, 404, 200),
+    ("GET", "/v1/vms/{id}/status"): Spec(_vm("/status", True), 200, 404, 200),
+    ("POST", "/v1/vms/{id}/start"): Spec(_vm("/start", False), 202, 404, 202),
+    ("POST", "/v1/vms/{id}/stop"): Spec(_vm("/stop", False), 202, 404, 202),
+    ("POST", "/v1/vms/{id}/reboot"): Spec(_vm("/reboot", False), 202, 404, 202),
+    ("DELETE", "/v1/vms/{id}"): Spec(_vm("", False), 202, 404, 202),
+    ("GET", "/v1/ssh-keys"): Spec(_key_list, 200, 404, 200),
+    ("POST", "/v1/ssh-keys"): Spec(_key_add, 201, 404, 201),
+    ("DELETE", "/v1/ssh-keys/{name}"): Spec(_key_delete, 200, 404, 200),
+    ("GET", "/v1/hosts"): Spec(_fixed("/v1/hosts"), **NOT_FOR_USERS, admin=200),
+    ("POST", "/v1/hosts"): Spec(_host_add, **NOT_FOR_USERS, admin=201),
+    ("GET", "/v1/users"): Spec(_fixed("/v1/users", check=_every_user), **NOT_FOR_USERS, admin=200,
+                               admin_with_ldap=501),
+    ("POST", "/v1/users"): Spec(_user_add, **NOT_FOR_USERS, admin=201, admin_with_ldap=501),
+    ("GET", "/v1/users/{name}"): Spec(_user_route(""), **NOT_FOR_USERS, admin=200),
+    ("POST", "/v1/users/{name}/disable"): Spec(_user_route("/disable"), **NOT_FOR_USERS, admin=200,
+                                               admin_with_ldap=501),
+    ("POST", "/v1/users/{name}/enable"): Spec(_user_route("/enable"), **NOT_FOR_USERS, admin=200,
+                                              admin_with_ldap=501),
+    ("POST", "/v1/users/{name}/otp"): Spec(_user_enrol, **NOT_FOR_USERS, admin=201),
+    ("DELETE", "/v1/users/{name}/otp"): Spec(_user_unenrol, **NOT_FOR_USERS, admin=200),
+}
+
+
+def operations(stack: Stack) -> list[tuple[str, str]]:
+    """(METHOD, path) of every operation the gateway documents, HEAD included."""
+    paths = stack.gateway.app[OPENAPI]["paths"]
+    return sorted((method.upper(), path) for path, methods in paths.items() for method in methods)
+
+
+def spec_of(method: str, path: str) -> Spec:
+    return MATRIX[("GET" if method == "HEAD" else method, path)]
+
+
+def filled(path: str) -> str:
+    """Any values for the path parameters (the refusals come before a handler looks)."""
+    return path.replace("{id}", str(uuid.uuid4())).replace("{name}", "someone")
+
+
+@pytest.fixture(scope="module")
+def slapd() -> Iterator[Slapd]:
+    with slapd_server(ldap_people()) as server:
+        yield server
+
+
+@pytest.fixture(params=["ldap", "builtin"])
+async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    kind: Directory = request.param
+    slapd = request.getfixturevalue("slapd") if kind == "ldap" else None
+    async with auth_stack(tmp_path, kind, slapd) as built:
+        yield built
+
+
+async def test_every_endpoint_is_in_the_matrix(stack: Stack) -> None:
+    documented = {("GET" if m == "HEAD" else m, p) for m, p in operations(stack)}
+    assert documented - MATRIX.keys() == set(), "new endpoints: say in MATRIX what each caller gets"
+    assert MATRIX.keys() - documented == set(), "MATRIX names endpoints the gateway does not have"
+    for method, path in operations(stack):
+        assert spec_of(method, path).auth == (stack.gateway.app[OPENAPI]["paths"][path][method.lower()]
+                                              .get("security") != []), (method, path)
+
+
+def assert_refused(answer: tuple[int, Any, Any], method: str, detail: str, what: str) -> None:
+    status, body, headers = answer
+    assert status == 401, (what, status, body)
+    assert headers["WWW-Authenticate"], what
+    if method != "HEAD":
+        assert headers["Content-Type"].startswith("application/problem+json"), what
+        assert body["detail"] == detail, (what, body)
+
+
+async def test_nobody_and_every_bad_credential_is_refused_alike_on_every_endpoint(stack: Stack) -> None:
+    foreign_key = jwt.encode({"iss": "ucloud", "sub": "alice", "realm": USER, "iat": 0, "exp": 4e9},
+                             b"k" * 32, algorithm="HS256")
+    for method, path in operations(stack):
+        spec, url = spec_of(method, path), filled(path)
+        if not spec.auth:
+            status, _, _ = await stack.call(method, url)
+            assert status == 200, (method, path)
+            continue
+        wrong = str((int(stack.token("alice", USER)) + 1) % 1_000_000).zfill(6)
+        used = stack.token("alice", USER)
+        assert (await stack.call("GET", "/v1/vms", stack.totp("alice", USER, used)))[0] == 200
+        expired = await stack.session("alice", USER)
+        stack.clock.advance(601)
+        cases = {
+            "nobody": ({}, "missing header X-Ucloud-User"),
+            "wrong token": (stack.totp("alice", USER, wrong), PUBLIC),
+            "replayed token": (stack.totp("alice", USER, used), PUBLIC),
+            "unknown user": (stack.totp("mallory", USER, stack.token("alice", USER)), PUBLIC),
+            "disabled user": (stack.totp("carol", USER), PUBLIC),
+            "a realm not granted": ({**stack.totp("alice", USER), "X-Ucloud-Realm": ADMIN}, PUBLIC),
+            "forged session": ({"Authorization": f"Bearer {foreign_key}"}, SESSION_REFUSED),
+            "expired session": (expired, SESSION_REFUSED),
+        }
+        for what, (headers, detail) in cases.items():
+            assert_refused(await stack.call(method, url, headers), method, detail, f"{what}: {method} {path}")
+
+
+async def test_own_other_and_admin_get_the_right_answer_on_every_endpoint(stack: Stack) -> None:
+    for mode in ("totp", "session"):
+        # Every TOTP moves the test's clock one step: open the sessions just before their round.
+        sessions = {who: await stack.session(*who) for who in (("alice", USER), ("root", ADMIN))}
+        for method, path in operations(stack):
+            spec = spec_of(method, path)
+            for case, actor, owner, expected in (
+                ("own", ("alice", USER), "alice", spec.own),
+                ("other", ("alice", USER), "bob", spec.other),
+                ("admin", ("root", ADMIN), "bob", spec.admin_with_ldap if stack.kind == "ldap"
+                 and spec.admin_with_ldap else spec.admin),
+            ):
+                call = await spec.prepare(stack, owner)
+                url = call.path or path
+                if mode == "session" and spec.with_session is not None:
+                    expected = spec.with_session
+                headers = sessions[actor] if mode == "session" else stack.totp(*actor)
+                status, body, _ = await stack.call(method, url, headers if spec.auth else {}, call.json, call.query)
+                where = f"{case} ({mode}): {method} {url} -> {status} {body}"
+                assert status == expected, where
+                if status < 300 and call.check is not None and method != "HEAD":
+                    call.check(body)
+                if status == 404:  # another tenant's resource, or an admin route, does not exist for you
+                    assert body is None or body["type"] == "urn:ucloud:problem:not-found", where
+
+
+async def test_an_admin_lists_everyones_resources_and_a_user_only_their_own(stack: Stack) -> None:
+    for owner in ("alice", "bob"):
+        await stack.running_vm(owner)
+        await stack.ssh_key(owner)
+    query = {"position": str(await stack.store.head())}
+    for listing, key in (("/v1/vms", "vms"), ("/v1/ssh-keys", "ssh_keys")):
+        status, body, _ = await stack.call("GET", listing, stack.totp("alice", USER), query=query)
+        assert status == 200 and {row["owner"] for row in body[key]} == {"alice"}, body
+    status, body, _ = await stack.call("GET", "/v1/vms", stack.totp("root", ADMIN), query=query)
+    assert status == 200 and {row["owner"] for row in body["vms"]} == {"alice", "bob"}, body
+
+
+async def test_a_session_cannot_be_used_by_another_name_and_dies_with_its_user(stack: Stack) -> None:
+    alice = await stack.session("alice", USER)
+    status, body, _ = await stack.call("GET", "/v1/vms", {**alice, "X-Ucloud-User": "bob"})
+    assert status == 401 and "does not match the session" in body["detail"]
+    status, body, _ = await stack.call("GET", "/v1/vms", {**alice, "X-Ucloud-Token": "123456"})
+    assert status == 401 and "not both" in body["detail"]
+    if stack.kind == "builtin":
+        stack.auth.directory.disable_user("alice")  # type: ignore[attr-defined]
+        status, body, _ = await stack.call("GET", "/v1/vms", alice)
+        assert status == 401 and body["detail"] == SESSION_REFUSED

@@ -11,6 +11,7 @@ gateway answers that users are managed in LDAP.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from ucloud.cli.main import (
     Failure,
     UcloudGroup,
     console,
+    default_config_path,
     emit_json,
     json_option,
     pass_context,
@@ -95,6 +97,11 @@ def login(ctx: Context, name: str | None, login_realm: str | None, seed_file: st
         raise Failure(str(error)) from None
     default = "" if no_default else "; it is the default identity now"
     click.echo(f"logged in as {name}@{realm} (stored in {credentials.path}, mode 0600){default}", err=True)
+    config = default_config_path()
+    if ctx.api and not ctx.config and not config.exists():  # remember the API the login was for
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(f"api = {json.dumps(ctx.api)}\n")  # a JSON string is a TOML basic string
+        click.echo(f"wrote {config}: the CLI talks to {ctx.api}", err=True)
 
 
 @click.command("logout")

@@ -113,12 +113,12 @@ def parse_seed(text: str) -> tuple[Seed, str | None, str | None]:
         seed = totp.secret
     else:
         seed = "".join(text.split()).upper()
+    if len(seed) < 16:
+        raise CredentialsError("the seed is too short to be a ucloud seed (at least 16 base32 characters)")
     try:
         pyotp.TOTP(seed).generate_otp(0)
     except (binascii.Error, ValueError):
         raise CredentialsError("the seed is not valid base32 (letters A-Z and digits 2-7)") from None
-    if len(seed) < 16:
-        raise CredentialsError("the seed is too short to be a ucloud seed (at least 16 base32 characters)")
     return Seed(seed), name, realm
 
 

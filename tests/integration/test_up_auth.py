@@ -212,6 +212,11 @@ def test_with_ldap_enrol_login_sessions_and_no_secret_anywhere_in_the_log(tmp_pa
         finally:
             up.stop()
 
+    # One TOTP each opened the session that all later commands used (cached across invocations).
+    output = "".join(log.read_text() for log in tmp_path.glob("up-*.log"))
+    assert output.count("opened a session for alice@ucloud ") == 1
+    assert output.count("opened a session for root@ucloud-admin ") == 1
+
     home = tmp_path / "home"
     credentials = json.loads((home / "config" / "ucloud" / "credentials").read_text())
     sessions = json.loads((home / "state" / "ucloud" / "sessions").read_text())

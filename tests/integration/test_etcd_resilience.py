@@ -437,3 +437,20 @@ async def test_a_request_etcd_refuses_as_too_large_fails_alone_in_its_batch(etcd
         assert [r.stream for r in await store.read_all()] == [s.stream for s in small]
     finally:
         await store.close()
+
+
+async def test_an_append_cancelled_before_its_batch_is_taken_writes_nothing(etcd: EtcdCluster) -> None:
+    store = open_store(etcd.endpoints, prefix())
+    try:
+        kept = asyncio.create_task(store.append(StreamAppend("vm-kept", 0, events(1))))
+        dropped = asyncio.create_task(store.append(StreamAppend("vm-dropped", 0, events(1))))
+        await asyncio.sleep(0)  # both are queued; the committer has not taken a batch yet
+        dropped.cancel()
+        assert await kept == [1]
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        assert [r.stream for r in await store.read_all()] == ["vm-kept"]
+        # The committer goes on serving later appends.
+        assert await store.append(StreamAppend("vm-dropped", 0, events(1))) == [2]
+    finally:
+        await store.close()

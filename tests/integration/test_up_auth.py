@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -54,6 +55,7 @@ class Up:
     args: tuple[str, ...]
     process: subprocess.Popen[bytes] | None = None
     runs: int = 0
+    terminal: bool = False  # run it on a pseudo-terminal (util-linux `script`), as a person would
 
     @property
     def api(self) -> str:
@@ -71,10 +73,12 @@ class Up:
         """Start it and return what it printed until it was up."""
         self.runs += 1
         out = open(self.log, "wb")
-        self.process = subprocess.Popen(
-            [str(BIN / "ucloud"), "up", "--no-agent", "--store", f"sqlite://{self.root}/events.sqlite",
-             "--state-dir", str(self.state), "--listen", "127.0.0.1", "--port", str(self.port), *self.args],
-            stdout=out, stderr=out, env=home_env(self.root / "home"), start_new_session=True)
+        command = [str(BIN / "ucloud"), "up", "--no-agent", "--store", f"sqlite://{self.root}/events.sqlite",
+                   "--state-dir", str(self.state), "--listen", "127.0.0.1", "--port", str(self.port), *self.args]
+        if self.terminal:
+            command = ["script", "-qfec", shlex.join(command), str(self.root / "typescript")]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=out,
+                                        env=home_env(self.root / "home"), start_new_session=True)
         out.close()
         deadline = time.monotonic() + 30
         while "stop: Ctrl-C" not in self.log.read_text():
@@ -87,7 +91,12 @@ class Up:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if self.terminal:  # stop `ucloud up` itself; `script` ends with it
+                children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+                for child in children:
+                    os.kill(int(child), signal.SIGTERM)
+            else:
+                self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
@@ -150,6 +159,20 @@ def test_out_of_the_box_the_cli_is_logged_in_as_the_first_admin_and_the_login_is
     assert "created the first admin" not in again and "seed" not in again.lower()
     assert "ucloud login NAME --realm REALM" in again
     assert json.loads(up.ucloud("vm", "list", "--json").stdout)[0]["id"] == created["id"]
+
+
+def test_on_a_terminal_the_seed_uri_qr_and_login_command_are_shown_once(up: Up) -> None:
+    up.terminal = True
+    printed = up.start()
+    identity = json.loads((up.root / "home" / "config" / "ucloud" / "credentials").read_text())["identities"][0]
+    assert f"seed: {identity['seed']}" in printed
+    uri = re.search(r"URI: +(\S+)", printed).group(1)  # type: ignore[union-attr]
+    assert pyotp.parse_uri(uri).secret == identity["seed"]
+    assert printed.count("\u2588") > 100  # the QR code
+    assert f"ucloud --api {up.api} login admin --realm ucloud-admin" in printed
+    assert not (up.state / "first-admin.otpauth").exists()  # shown, so not written down
+    up.stop()
+    assert identity["seed"] not in up.start()
 
 
 def test_a_cli_that_is_not_logged_in_is_refused_and_told_how_to_log_in(up: Up) -> None:

@@ -253,7 +253,8 @@ def user_enrol(ctx: Context, name: str, enrol_realm: str, replace: bool, no_qr: 
         click.echo(f"  URI:  {enrolled['provisioning_uri']}\n")
         if not no_qr:
             click.echo(render_qr(enrolled["provisioning_uri"]))
-        click.echo(f"{who} scans the QR code with an authenticator app, and logs the CLI in with\n"
+        scan = "scans the QR code (or types the seed) into" if not no_qr else "types the seed into"
+        click.echo(f"{who} {scan} an authenticator app, and logs the CLI in with\n"
                    f"  ucloud --api {client.settings.api} login {who} --realm {realm}\n"
                    f"pasting the seed (or the URI) when asked.")
 

@@ -26,7 +26,7 @@ from .auth_directory import (
 from .auth_otp import AlreadyEnrolled, Enrolment, LocalVerifier, enrol
 from .auth_ratelimit import FailureLimiter
 from .auth_realms import Realms
-from .auth_secrets import FileSecretStore, Secret, SecretStore, otp_key
+from .auth_secrets import FileSecretStore, Secret, SecretStore
 from .auth_session import DEFAULT_TTL, SessionAuthenticator, SessionSigner
 
 __all__ = [
@@ -144,6 +144,3 @@ async def ensure_first_admin(auth: SessionAuthenticator, name: str = FIRST_ADMIN
     await secrets.put(FIRST_ADMIN_MARK, Secret(user.name))
     return FirstAdmin(user.name, realm, created, enrolment)
 
-
-async def has_seed(secrets: SecretStore, name: str, realm: str) -> bool:
-    return await secrets.get(otp_key(realm, name)) is not None

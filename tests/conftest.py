@@ -18,10 +18,14 @@ BACKENDS = ["memory", "sqlite", "etcd"]
 
 
 @pytest.fixture(scope="session")
-def etcd() -> Iterator[EtcdCluster]:
-    """One real etcd member for the whole session; tests isolate by key prefix."""
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One real etcd member for the whole session; tests isolate by key prefix.
+
+    Before it stops, the whole keyspace is dumped for the suite-wide secret scan."""
     with etcd_cluster(1) as cluster:
         yield cluster
+        dump = cluster.members[0].etcdctl("get", "", "--prefix", "--write-out=json")
+        (tmp_path_factory.getbasetemp() / "etcd-keyspace.json").write_text(dump)
 
 
 def unique_prefix() -> str:
@@ -48,3 +52,67 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield backend
     finally:
         await backend.close()
+
+
+# -- no secret in any log the suite wrote ---------------------------------------------------------
+
+_SECRETS_SEEN: dict[str, str] = {}
+
+
+def _record_secret_stores() -> list[tuple[type, str, object]]:
+    """Wrap every SecretStore implementation's writes so the suite knows each secret it made."""
+    from ucloud.gateway.auth_secrets import SecretStore
+
+    originals = []
+    for store_type in SecretStore.__subclasses__():
+        for method in ("put", "put_new"):
+            original = store_type.__dict__.get(method)
+            if original is None:
+                continue
+
+            async def recording(self, key, value, *, _original=original):  # type: ignore[no-untyped-def]
+                _SECRETS_SEEN[f"{type(self).__name__}:{key}:{len(_SECRETS_SEEN)}"] = value.reveal()
+                return await _original(self, key, value)
+
+            originals.append((store_type, method, original))
+            setattr(store_type, method, recording)
+    return originals
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole suite: every secret any test stored (seeds, session keys, in this
+    process or in a `ucloud up` it started) is searched for, in every encoding
+    tests/support/secret_scan.py knows, in every SQLite log and in the etcd keyspace
+    outside the secret prefixes. One found fails the run."""
+    import base64
+    import json
+
+    from tests.support.secret_scan import leaks
+
+    originals = _record_secret_stores()
+    yield
+    for store_type, method, original in originals:
+        setattr(store_type, method, original)
+    base = tmp_path_factory.getbasetemp()
+    for secret_file in base.rglob("secrets.json"):  # written by `ucloud up` subprocesses
+        try:
+            document = json.loads(secret_file.read_text())
+        except (OSError, ValueError):
+            continue
+        for key, value in document.get("secrets", {}).items():
+            _SECRETS_SEEN[f"{secret_file}:{key}"] = value
+    if not _SECRETS_SEEN:
+        return  # no test in this run made a secret
+    found: list[str] = []
+    for log in list(base.rglob("*.sqlite")) + list(base.rglob("*.sqlite-wal")):
+        found += [f"{log}: {name}" for name in leaks(log.read_bytes(), _SECRETS_SEEN)]
+    keyspace = base / "etcd-keyspace.json"  # dumped by the etcd fixture before it stopped
+    if keyspace.exists():
+        for kv in json.loads(keyspace.read_text()).get("kvs", []):
+            key = base64.b64decode(kv["key"])
+            if key.startswith((b"/secrets", b"/auth/")):
+                continue  # where secrets (and used-token markers) belong
+            value = base64.b64decode(kv.get("value", ""))
+            found += [f"etcd {key!r}: {name}" for name in leaks(key + value, _SECRETS_SEEN)]
+    assert not found, f"secrets found in logs: {found}"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
 from uuid import UUID
 
 from ucloud.domain import host as host_domain
@@ -21,7 +23,7 @@ from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import Tracking
 
 from .aggregates import HOST, SSHKEY, VM
-from .unit_of_work import Actor, Outcome, Repository, Session
+from .unit_of_work import Actor, Loaded, Outcome, Repository, Session
 
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c003")
 _VM_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE)
@@ -152,8 +154,13 @@ class CommandService:
     # -- the scheduler and host agents ------------------------------------------------
 
     async def place_vm(self, actor: Actor, vm_id: UUID, host_id: UUID,
-                       tracking: Tracking | None = None) -> Outcome[None]:
-        """Place a VM and claim its capacity on the host in one append."""
+                       tracking: Tracking | None = None, *,
+                       known: Mapping[str, Loaded[Any]] | None = None) -> Outcome[None]:
+        """Place a VM and claim its capacity on the host in one append. ``known``: the VM's
+        and the host's state at their versions as the caller (the scheduler) sees them;
+        the append is at those versions, so a stale view conflicts and is decided again on
+        fresh state (Repository.transact). A VM seen as already placed stays a no-op: a VM
+        never goes back to waiting for a host."""
 
         async def work(session: Session) -> None:
             vm = await session.load(VM, vm_id)
@@ -164,17 +171,64 @@ class CommandService:
             session.record(HOST, host_id, host_domain.decide(host, claim, self.overcommit))
             session.record(VM, vm_id, vm_domain.decide(vm, vm_domain.PlaceVm(vm_id=vm_id, host_id=host_id)))
 
-        return await self.repository.transact(work, actor, tracking=tracking)
+        return await self.repository.transact(work, actor, tracking=tracking, known=known)
+
+    async def schedule(
+        self,
+        actor: Actor,
+        *,
+        releases: Sequence[tuple[UUID, UUID]] = (),
+        placements: Sequence[tuple[UUID, UUID]] = (),
+        unschedulable: Sequence[tuple[UUID, str]] = (),
+        tracking: Tracking | None = None,
+        known: Mapping[str, Loaded[Any]] | None = None,
+    ) -> Outcome[None]:
+        """A scheduler's decisions over a run of the log, in one atomic append with its
+        tracking position: claims released (host, VM), VMs placed and their capacity
+        claimed (VM, host), VMs that fit nowhere (VM, reason), in that order, each host's
+        claims checked on top of the ones before it. Decided on ``known`` states once and
+        never retried: a stale state (StreamConflict) or a decision the domain refuses
+        (DomainError) writes nothing, and the caller decides again one event at a time."""
+
+        async def work(session: Session) -> None:
+            hosts: dict[UUID, host_domain.Host | None] = {}
+
+            async def record_host(host_id: UUID, command: Command) -> None:
+                host = hosts[host_id] if host_id in hosts else await session.load(HOST, host_id)
+                events = host_domain.decide(host, command, self.overcommit)
+                for event in events:
+                    host = host_domain.evolve(host, event)
+                hosts[host_id] = host
+                session.record(HOST, host_id, events)
+
+            for host_id, vm_id in releases:
+                if host_id in hosts or await session.load(HOST, host_id) is not None:
+                    await record_host(host_id, host_domain.ReleaseCapacity(host_id=host_id, vm_id=vm_id))
+            for vm_id, host_id in placements:
+                vm = await session.load(VM, vm_id)
+                if vm is None or vm.status not in (vm_domain.Status.REQUESTED, vm_domain.Status.UNSCHEDULABLE):
+                    raise Rejected(f"VM {vm_id} is not waiting for a host")
+                await record_host(host_id, host_domain.ClaimCapacity(
+                    host_id=host_id, vm_id=vm_id, cores=vm.cores, ram=vm.ram, disk=vm.disk))
+                session.record(VM, vm_id, vm_domain.decide(vm, vm_domain.PlaceVm(vm_id=vm_id, host_id=host_id)))
+            for vm_id, reason in unschedulable:
+                vm = await session.load(VM, vm_id)
+                if vm is None or vm.status is not vm_domain.Status.REQUESTED:
+                    raise Rejected(f"VM {vm_id} is not waiting for a host")
+                session.record(VM, vm_id, vm_domain.decide(vm, vm_domain.MarkUnschedulable(vm_id=vm_id, reason=reason)))
+
+        return await self.repository.transact(work, actor, tracking=tracking, known=known, attempts=1)
 
     async def mark_unschedulable(self, actor: Actor, vm_id: UUID, reason: str,
-                                 tracking: Tracking | None = None) -> Outcome[None]:
+                                 tracking: Tracking | None = None, *,
+                                 known: Mapping[str, Loaded[Any]] | None = None) -> Outcome[None]:
         async def work(session: Session) -> None:
             vm = await session.load(VM, vm_id)
             if vm is None or vm.status is not vm_domain.Status.REQUESTED:
                 return
             session.record(VM, vm_id, vm_domain.decide(vm, vm_domain.MarkUnschedulable(vm_id=vm_id, reason=reason)))
 
-        return await self.repository.transact(work, actor, tracking=tracking)
+        return await self.repository.transact(work, actor, tracking=tracking, known=known)
 
     async def release_capacity(self, actor: Actor, host_id: UUID, vm_id: UUID,
                                tracking: Tracking | None = None) -> Outcome[None]:

@@ -10,13 +10,14 @@ live here and nowhere else.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 import msgspec
 
+from ucloud.domain.errors import DomainError
 from ucloud.domain.events import Event, EventCodec
 from ucloud.eventstore.errors import ConflictError, StreamConflict
 from ucloud.eventstore.interface import EventStore
@@ -63,11 +64,13 @@ class Loaded(Generic[S]):
 
 @dataclass
 class Outcome(Generic[T]):
-    """What a transaction did: its result, the events it appended, the last position."""
+    """What a transaction did: its result, the events it appended, the last position,
+    and the version each stream it appended to is at now."""
 
     result: T
     events: list[Event]
     position: int
+    versions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,11 +125,23 @@ class Repository:
         causation_id: UUID | None = None,
         correlation_id: UUID | None = None,
         attempts: int = 10,
+        known: Mapping[str, Loaded[Any]] | None = None,
     ) -> Outcome[T]:
+        """``known``: states the caller already holds, by stream, with their versions (a
+        process manager following the log). The first attempt decides on them instead of
+        reading the streams; if one is stale its append conflicts and every later attempt
+        loads fresh state; a refusal (DomainError) on them is checked on fresh state too. So a
+        stale view costs a retry, never a wrong decision."""
         correlation_id = correlation_id or uuid.uuid4()
         for attempt in range(attempts):
-            session = Session(self)
-            result = await work(session)
+            trusting = bool(known) and attempt == 0
+            session = Session(self, loaded=dict(known) if trusting and known else {})
+            try:
+                result = await work(session)
+            except DomainError:
+                if trusting and attempt + 1 < attempts:
+                    continue  # refused on what may be a stale view: decide again on fresh state
+                raise
             appends = []
             events: list[Event] = []
             for stream, stream_events in session.recorded.items():
@@ -144,7 +159,8 @@ class Repository:
                 if attempt + 1 == attempts:
                     raise
                 continue  # someone else wrote first: decide again on fresh state
-            return Outcome(result, events, positions[-1] if positions else 0)
+            versions = {a.stream: a.expected_version + len(a.events) for a in appends}
+            return Outcome(result, events, positions[-1] if positions else 0, versions)
         raise ConflictError("gave up after repeated conflicts")  # pragma: no cover - loop returns or raises
 
     def _new_event(self, event: Event, actor: Actor, causation_id: UUID | None, correlation_id: UUID) -> NewEvent:

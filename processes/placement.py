@@ -37,15 +37,6 @@ class NoRoom(msgspec.Struct, frozen=True):
     reason: str
 
 
-def _load_after(host: Host, needs: Needs, overcommit: Overcommit) -> float:
-    """The most-booked resource's share of its (overcommitted) capacity after placing."""
-    return max(
-        (host.used_cores + needs.cores) / (host.cores * overcommit.cpu),
-        (host.used_ram + needs.ram) / (host.ram * overcommit.ram),
-        (host.used_disk + needs.disk) / (host.disk * overcommit.disk),
-    )
-
-
 def place(
     hosts: Iterable[Host],
     needs: Needs,
@@ -54,25 +45,45 @@ def place(
     strategy: Strategy = Strategy.SPREAD,
     exclude: frozenset[UUID] = frozenset(),
 ) -> Placed | NoRoom:
-    candidates: list[Host] = []
-    refusals: list[str] = []
+    # The weight is the most-booked resource's share of its (overcommitted) capacity after
+    # placing. One pass, with the filter (the same comparisons as domain.host.fits) and the
+    # weight written inline: this loop runs once per host per VM, and with 1,000
+    # hosts the function calls and tuples of the plain version were most of the
+    # scheduler's time (docs/performance.md, scheduler benchmark).
+    cpu, ram, disk = overcommit.cpu, overcommit.ram, overcommit.disk
+    cores_needed, ram_needed, disk_needed = needs.cores, needs.ram, needs.disk
+    sign = 1.0 if strategy is Strategy.SPREAD else -1.0
+    best: Host | None = None
+    best_weight = 0.0
+    refused: list[Host] = []
     for host in hosts:
-        if host.id in exclude:
+        if exclude and host.id in exclude:
             continue
-        reason = fits(host, needs.cores, needs.ram, needs.disk, overcommit)
-        if reason is None:
-            candidates.append(host)
-        else:
-            refusals.append(f"{host.hostname}: {reason}")
-    if not candidates:
-        if not refusals:
-            return NoRoom("no hosts are registered" if not exclude else "no other host is available")
-        shown = "; ".join(sorted(refusals)[:5])
-        more = f" (and {len(refusals) - 5} more)" if len(refusals) > 5 else ""
-        return NoRoom(f"no host has room for {needs.cores} cores, {needs.ram} B RAM, {needs.disk} B disk: {shown}{more}")
-    # Deterministic tie-break by name, so two schedulers with one view agree.
-    if strategy is Strategy.SPREAD:
-        best = min(candidates, key=lambda h: (_load_after(h, needs, overcommit), h.hostname))
-    else:
-        best = min(candidates, key=lambda h: (-_load_after(h, needs, overcommit), h.hostname))
-    return Placed(best.id)
+        cores_cap = host.cores * cpu
+        cores_after = host.used_cores + cores_needed
+        ram_cap = host.ram * ram
+        ram_after = host.used_ram + ram_needed
+        disk_cap = host.disk * disk
+        disk_after = host.used_disk + disk_needed
+        if cores_after > cores_cap or ram_after > ram_cap or disk_after > disk_cap:
+            refused.append(host)
+            continue
+        weight = cores_after / cores_cap
+        share = ram_after / ram_cap
+        if share > weight:
+            weight = share
+        share = disk_after / disk_cap
+        if share > weight:
+            weight = share
+        weight *= sign
+        # Deterministic tie-break by name, so two schedulers with one view agree.
+        if best is None or weight < best_weight or (weight == best_weight and host.hostname < best.hostname):
+            best, best_weight = host, weight
+    if best is not None:
+        return Placed(best.id)
+    if not refused:
+        return NoRoom("no hosts are registered" if not exclude else "no other host is available")
+    refusals = [f"{host.hostname}: {fits(host, needs.cores, needs.ram, needs.disk, overcommit)}" for host in refused]
+    shown = "; ".join(sorted(refusals)[:5])
+    more = f" (and {len(refusals) - 5} more)" if len(refusals) > 5 else ""
+    return NoRoom(f"no host has room for {needs.cores} cores, {needs.ram} B RAM, {needs.disk} B disk: {shown}{more}")

@@ -6,22 +6,36 @@ append with its tracking position (exactly-once). Several schedulers may run: th
 host stream's optimistic concurrency means a stale one loses and retries, and a VM
 placed by one is a no-op for the others. It also releases a deleted VM's capacity
 and retries unschedulable VMs when a host is added or capacity is freed.
+
+Throughput (docs/performance.md, scheduler benchmark): the view knows every host's and
+VM's stream version, so a decision is appended at those versions without reading the
+streams first; and the events that arrived together are decided together and appended
+in one transaction with the tracking position of the last one. If that transaction
+conflicts (another scheduler, a deletion) or the domain refuses a decision, nothing is
+written and the same events are handled again one at a time, each on fresh state where
+its own append conflicts. The host stream's version stays the only guard against
+overbooking.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 from uuid import UUID
 
 from ucloud.commands.aggregates import HOST
 from ucloud.commands.service import CommandService
-from ucloud.commands.unit_of_work import Actor
+from ucloud.commands.unit_of_work import Actor, Loaded, Outcome
 from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
-from ucloud.domain.errors import NotFound, Rejected
-from ucloud.domain.events import Event
-from ucloud.eventstore.errors import TrackingConflict
+from ucloud.domain.errors import DomainError, NotFound, Rejected
+from ucloud.domain.events import Event, tag_of
+from ucloud.eventstore.errors import ConflictError, InvalidAppend, TrackingConflict
 from ucloud.eventstore.records import EventRecord, Tracking
 from ucloud.projections.views import HostsView, VmsView
 
@@ -29,10 +43,27 @@ from .placement import Needs, NoRoom, Placed, Strategy, place
 
 log = logging.getLogger(__name__)
 
-_WATCHED = frozenset({
-    "vm.requested", "vm.scheduled", "vm.unschedulable", "vm.deleted",
-    "host.registered", "host.capacity_changed", "host.capacity_claimed", "host.capacity_released",
-})
+# Every event of the VM and host streams: the scheduler's view then knows each stream's
+# exact version, and places at those versions without reading the streams again.
+_WATCHED = frozenset(tag_of(t) for t in (*vm_domain.VM_EVENT_TYPES, *host_domain.HOST_EVENT_TYPES))
+# Events that may make room for VMs that found none.
+_ROOM_MADE = (host_domain.HostRegistered, host_domain.HostCapacityChanged, host_domain.CapacityReleased)
+_ACTIONS = frozenset({"vm.requested", "vm.deleted"})
+_WAITING = (vm_domain.Status.REQUESTED, vm_domain.Status.UNSCHEDULABLE)
+
+
+@dataclass
+class _Plan:
+    """Decisions over a run of events, and how to take them back from the view."""
+
+    releases: list[tuple[UUID, UUID]] = field(default_factory=list)
+    placements: list[tuple[UUID, UUID]] = field(default_factory=list)
+    unschedulable: list[tuple[UUID, str]] = field(default_factory=list)
+    known: dict[str, Loaded[Any]] = field(default_factory=dict)
+    saved: dict[UUID, host_domain.Host] = field(default_factory=dict)  # hosts before the plan
+
+    def __len__(self) -> int:
+        return len(self.releases) + len(self.placements) + len(self.unschedulable)
 
 
 class Scheduler:
@@ -43,7 +74,10 @@ class Scheduler:
         instance: str | None = None,
         strategy: Strategy = Strategy.SPREAD,
         max_attempts: int = 20,
+        max_batch: int = 64,
     ) -> None:
+        """``max_batch``: at most this many decisions per transaction (halved when the
+        backend finds a transaction too large)."""
         self.commands = commands
         self.store = commands.store
         self.codec = commands.codec
@@ -54,26 +88,194 @@ class Scheduler:
         self.actor = Actor(self.consumer, "ucloud-system", is_admin=True)
         self.hosts = HostsView()
         self.vms = VmsView()
+        self.vm_versions: dict[UUID, int] = {}
         self.max_attempts = max_attempts
+        self.max_batch = max_batch
         self.position = 0
         self.tracked = 0
         self.placed = 0
         self.unschedulable = 0
+        self.batches = 0  # transactions that carried a run of decisions
+        self.fallbacks = 0  # runs handled again one event at a time
 
     async def run(self) -> None:
         """Follow the log forever. The view is rebuilt from the start of the log; only
         events after the tracked position are acted upon."""
         self.tracked = await self.store.tracked_position(self.consumer)
+        # A reader fills the queue while a run of events is being decided and appended;
+        # what arrived meanwhile is the next run.
+        queue: asyncio.Queue[EventRecord] = asyncio.Queue(maxsize=10_000)
+        reader = asyncio.create_task(self._read(queue), name=f"{self.consumer}-reader")
+        get: asyncio.Future[EventRecord] | None = None
+        try:
+            carry: list[EventRecord] = []
+            while True:
+                if not carry:
+                    get = asyncio.ensure_future(queue.get())
+                    await asyncio.wait((get, reader), return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():
+                        reader.result()  # the subscription failed: raise its error
+                        raise RuntimeError("the log subscription ended")
+                    carry.append(get.result())
+                    get = None
+                while not queue.empty() and len(carry) < 10 * self.max_batch:
+                    carry.append(queue.get_nowait())
+                run, carry = self._take_run(carry)
+                await self.handle_run(run)
+        finally:
+            for task in (get, reader):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+    async def _read(self, queue: asyncio.Queue[EventRecord]) -> None:
         async for record in self.store.subscribe(0, types=_WATCHED):
-            await self.handle(record)
+            await queue.put(record)
+
+    def _take_run(self, records: list[EventRecord]) -> tuple[list[EventRecord], list[EventRecord]]:
+        """The longest prefix with at most max_batch events that ask for a decision."""
+        actions = 0
+        for index, record in enumerate(records):
+            if record.type in _ACTIONS and record.position > self.tracked:
+                actions += 1
+                if actions > self.max_batch:
+                    return records[:index], records[index:]
+        return records, []
 
     async def handle(self, record: EventRecord) -> None:
-        event = self.codec.decode(record.type, record.schema, record.data)
-        self.hosts.apply(record, event)
-        self.vms.apply(record, event)
-        self.position = record.position
-        if record.position <= self.tracked:
+        """One event: fold it into the view and act on it (see handle_run)."""
+        await self.handle_run([record])
+
+    async def handle_run(self, records: list[EventRecord]) -> None:
+        """Fold a run of events into the view, then act on those after the tracked
+        position: all of them in one transaction if it succeeds, else one at a time."""
+        fresh: list[tuple[EventRecord, Event]] = []
+        for record in records:
+            event = self.codec.decode(record.type, record.schema, record.data)
+            self._fold(record, event)
+            if record.position > self.tracked:
+                fresh.append((record, event))
+        if not fresh:
             return
+        if len(fresh) > 1 and await self._decide_run(fresh):
+            return
+        for record, event in fresh:
+            await self._handle_one(record, event)
+
+    def _fold(self, record: EventRecord, event: Event) -> None:
+        self.position = record.position
+        if isinstance(event, host_domain.HOST_EVENT_TYPES):
+            # Our own claims are in the view since they were appended: skip them by version.
+            if record.version > self.hosts.versions.get(event.host_id, 0):
+                self.hosts.apply(record, event)
+        elif isinstance(event, vm_domain.VM_EVENT_TYPES):
+            self.vms.apply(record, event)
+            self.vm_versions[event.vm_id] = record.version
+
+    # -- a run of events in one transaction ---------------------------------------------
+
+    async def _decide_run(self, fresh: list[tuple[EventRecord, Event]]) -> bool:
+        """True if the run's decisions were appended (or there were none)."""
+        plan = self._plan(event for _, event in fresh)
+        last = fresh[-1][0].position
+        if plan is None:
+            return False
+        if not plan:
+            self.tracked = max(self.tracked, last)  # nothing to do: nothing to record
+            return True
+        try:
+            outcome = await self.commands.schedule(
+                self.actor, releases=plan.releases, placements=plan.placements, unschedulable=plan.unschedulable,
+                tracking=Tracking(self.consumer, last), known=plan.known)
+        except InvalidAppend:
+            self._undo(plan)
+            self.max_batch = max(1, self.max_batch // 2)
+            log.info("a run of %d decisions is too large for one transaction; runs of %d from now",
+                     len(plan), self.max_batch)
+            return False
+        except (ConflictError, DomainError):
+            self._undo(plan)
+            self.fallbacks += 1
+            return False
+        except BaseException:
+            self._undo(plan)
+            raise
+        self.batches += 1
+        self.placed += len(plan.placements)
+        self.unschedulable += len(plan.unschedulable)
+        self.tracked = max(self.tracked, last)
+        for stream, version in outcome.versions.items():
+            if stream.startswith("host-"):
+                self.hosts.versions[UUID(stream[len("host-"):])] = version
+        return True
+
+    def _plan(self, events: Iterable[Event]) -> _Plan | None:
+        """Decide on the view, writing each decision into it so the next one sees it;
+        None if the run is not one for a single transaction (the caller goes one by one)."""
+        plan = _Plan()
+        to_place: list[UUID] = []
+        recheck = False
+        for event in events:
+            match event:
+                case vm_domain.VmRequested():
+                    to_place.append(event.vm_id)
+                case vm_domain.VmUnschedulable():
+                    to_place.append(event.vm_id)  # room may have appeared while it was decided
+                case vm_domain.VmDeleted() if event.host_id is not None:
+                    host = self.hosts.by_id.get(event.host_id)
+                    if host is not None and event.vm_id in host.claims:
+                        self._remember(plan, event.host_id)
+                        plan.releases.append((event.host_id, event.vm_id))
+                        self._write(event.host_id, host_domain.CapacityReleased(host_id=event.host_id,
+                                                                                vm_id=event.vm_id))
+                case _ if isinstance(event, _ROOM_MADE):
+                    recheck = True
+        if recheck or plan.releases:
+            to_place.extend(sorted((r.vm.id for r in self.vms.by_id.values()
+                                    if r.vm.status is vm_domain.Status.UNSCHEDULABLE), key=str))
+        seen: set[UUID] = set()
+        for vm_id in to_place:
+            vm = self.vms.get(vm_id)
+            if vm_id in seen or vm is None or vm.status not in _WAITING:
+                continue
+            seen.add(vm_id)
+            if len(plan) >= 2 * self.max_batch:
+                self._undo(plan)
+                return None
+            decision = place(self.hosts.by_id.values(), Needs(vm.cores, vm.ram, vm.disk),
+                             overcommit=self.overcommit, strategy=self.strategy)
+            if isinstance(decision, NoRoom):
+                if vm.status is vm_domain.Status.REQUESTED:
+                    plan.known[vm_domain.stream_name(vm_id)] = Loaded(vm, self.vm_versions.get(vm_id, 0), 0)
+                    plan.unschedulable.append((vm_id, decision.reason))
+                continue
+            assert isinstance(decision, Placed)
+            host_id = decision.host_id
+            self._remember(plan, host_id)
+            plan.known[vm_domain.stream_name(vm_id)] = Loaded(vm, self.vm_versions.get(vm_id, 0), 0)
+            plan.placements.append((vm_id, host_id))
+            self._write(host_id, host_domain.CapacityClaimed(host_id=host_id, vm_id=vm_id, cores=vm.cores,
+                                                            ram=vm.ram, disk=vm.disk))
+        return plan
+
+    def _remember(self, plan: _Plan, host_id: UUID) -> None:
+        if host_id not in plan.saved:
+            host = self.hosts.by_id[host_id]
+            plan.saved[host_id] = host
+            plan.known[host_domain.stream_name(host_id)] = Loaded(host, self.hosts.versions.get(host_id, 0), 0)
+
+    def _write(self, host_id: UUID, event: Event) -> None:
+        host = host_domain.evolve(self.hosts.by_id[host_id], event)
+        assert host is not None
+        self.hosts.by_id[host_id] = host
+
+    def _undo(self, plan: _Plan) -> None:
+        self.hosts.by_id.update(plan.saved)
+
+    # -- one event at a time --------------------------------------------------------------
+
+    async def _handle_one(self, record: EventRecord, event: Event) -> None:
         tracking = Tracking(self.consumer, record.position)
         try:
             await self._react(event, tracking)
@@ -87,45 +289,79 @@ class Scheduler:
         match event:
             case vm_domain.VmRequested():
                 await self._place(event.vm_id, tracking)
+            case vm_domain.VmUnschedulable():
+                await self._place(event.vm_id, None)  # room may have appeared while it was decided
             case vm_domain.VmDeleted() if event.host_id is not None:
-                await self.commands.release_capacity(self.actor, event.host_id, event.vm_id, tracking=tracking)
-            case host_domain.HostRegistered() | host_domain.HostCapacityChanged() | host_domain.CapacityReleased():
+                outcome = await self.commands.release_capacity(self.actor, event.host_id, event.vm_id,
+                                                               tracking=tracking)
+                if outcome.events:
+                    await self._refresh_host(event.host_id)
+            case _ if isinstance(event, _ROOM_MADE):
                 waiting = [r.vm.id for r in self.vms.by_id.values() if r.vm.status is vm_domain.Status.UNSCHEDULABLE]
                 for vm_id in sorted(waiting, key=str):
                     await self._place(vm_id, None)
 
     async def _place(self, vm_id: UUID, tracking: Tracking | None) -> None:
         vm = self.vms.get(vm_id)
-        if vm is None or vm.status not in (vm_domain.Status.REQUESTED, vm_domain.Status.UNSCHEDULABLE):
+        if vm is None or vm.status not in _WAITING:
             return
         needs = Needs(vm.cores, vm.ram, vm.disk)
+        vm_stream = vm_domain.stream_name(vm_id)
+        known_vm = Loaded(vm, self.vm_versions.get(vm_id, 0), 0)
         for _ in range(self.max_attempts):
             decision = place(self.hosts.by_id.values(), needs, overcommit=self.overcommit, strategy=self.strategy)
             if isinstance(decision, NoRoom):
                 if vm.status is vm_domain.Status.REQUESTED:
-                    await self.commands.mark_unschedulable(self.actor, vm_id, decision.reason, tracking=tracking)
+                    await self.commands.mark_unschedulable(self.actor, vm_id, decision.reason, tracking=tracking,
+                                                           known={vm_stream: known_vm})
                     self.unschedulable += 1
                 elif tracking is not None:
                     await self.store.append(tracking=tracking)
                 return
             assert isinstance(decision, Placed)
+            host_id = decision.host_id
+            host = self.hosts.by_id[host_id]
+            host_stream = host_domain.stream_name(host_id)
+            host_version = self.hosts.versions.get(host_id, 0)
+            # Decide on our view at its versions, without reading the streams: if the view
+            # is stale the append conflicts and place_vm decides again on fresh state; the
+            # host stream's version stays the guard against overbooking.
+            known = {vm_stream: known_vm, host_stream: Loaded(host, host_version, 0)}
             try:
-                outcome = await self.commands.place_vm(self.actor, vm_id, decision.host_id, tracking=tracking)
-            except Rejected:
-                # Our view of that host was stale and it is full: refresh it and choose again.
-                await self._refresh_host(decision.host_id)
-                continue
-            except NotFound:
-                await self._refresh_host(decision.host_id)
+                outcome = await self.commands.place_vm(self.actor, vm_id, host_id, tracking=tracking, known=known)
+            except (Rejected, NotFound):
+                # Our view of that host was stale and it is full (or gone): refresh it and choose again.
+                await self._refresh_host(host_id)
                 continue
             if outcome.events:
                 self.placed += 1
+                if not self._claimed(host_id, host_version, outcome):
+                    await self._refresh_host(host_id)
             return
         log.warning("gave up placing VM %s after %d attempts", vm_id, self.max_attempts)
+
+    def _claimed(self, host_id: UUID, version: int, outcome: Outcome[None]) -> bool:
+        """Put our own claim into the view at once (the log brings it back later and is
+        then skipped by version), so the next placement sees this host as it is now.
+        False if the view is behind (the claim was decided on fresh state after a
+        conflict, on top of others' events): the caller refreshes the host instead."""
+        new_version = outcome.versions.get(host_domain.stream_name(host_id))
+        host = self.hosts.by_id.get(host_id)
+        if host is None or new_version != version + 1 or self.hosts.versions.get(host_id) != version:
+            return False
+        for event in outcome.events:
+            if isinstance(event, host_domain.CapacityClaimed):
+                host = host_domain.evolve(host, event)
+        assert host is not None
+        self.hosts.by_id[host_id] = host
+        self.hosts.versions[host_id] = new_version
+        return True
 
     async def _refresh_host(self, host_id: UUID) -> None:
         loaded = await self.commands.repository.load(HOST, host_domain.stream_name(host_id))
         if loaded.state is None:
             self.hosts.by_id.pop(host_id, None)
+            self.hosts.versions.pop(host_id, None)
         else:
             self.hosts.by_id[host_id] = loaded.state
+            self.hosts.versions[host_id] = loaded.version

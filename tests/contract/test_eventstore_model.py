@@ -65,7 +65,8 @@ class LoopDriver:
         async def settle() -> None:
             await asyncio.gather(*pending, return_exceptions=True)
 
-        self.loop.run_until_complete(settle())
+        if pending:  # gather() of nothing looks for a loop of its own on Python 3.11
+            self.loop.run_until_complete(settle())
         self.loop.close()
 
 

@@ -30,6 +30,9 @@ class Projection(abc.ABC):
 
     name: str
     snapshot_schema: int = 1
+    # The event types this projection folds; None: every type. The runner decodes an
+    # event only if some projection wants it, and calls only those that do.
+    handles: frozenset[str] | None = None
 
     @abc.abstractmethod
     def apply(self, record: EventRecord, event: Event) -> None: ...
@@ -62,6 +65,7 @@ class ProjectionRunner:
         self._last_snapshot = time.monotonic()
         self._snapshot_position = 0
         self.head = 0
+        self._routes: dict[str, list[Projection]] = {}
 
     @property
     def snapshot_stream(self) -> str:
@@ -91,9 +95,15 @@ class ProjectionRunner:
         self._last_snapshot = time.monotonic()
 
     def apply(self, record: EventRecord) -> None:
-        if self.codec.knows(record.type):
+        targets = self._routes.get(record.type)
+        if targets is None:
+            targets = self._routes[record.type] = [
+                p for p in self.projections
+                if self.codec.knows(record.type) and (p.handles is None or record.type in p.handles)
+            ]
+        if targets:
             event = self.codec.decode(record.type, record.schema, record.data)
-            for projection in self.projections:
+            for projection in targets:
                 projection.apply(record, event)
         self.position = record.position
 

@@ -15,7 +15,7 @@ import msgspec
 from ucloud.domain import host as host_domain
 from ucloud.domain import sshkey as sshkey_domain
 from ucloud.domain import vm as vm_domain
-from ucloud.domain.events import Event
+from ucloud.domain.events import Event, tag_of
 from ucloud.eventstore.records import EventRecord
 
 from .runner import Projection
@@ -30,6 +30,7 @@ class VmRow(msgspec.Struct, kw_only=True):
 
 class VmsView(Projection):
     name = "vms"
+    handles = frozenset(tag_of(t) for t in vm_domain.VM_EVENT_TYPES)
 
     def __init__(self) -> None:
         self.by_id: dict[UUID, VmRow] = {}
@@ -48,12 +49,15 @@ class VmsView(Projection):
             row = VmRow(vm=state, created_at=record.time, updated_at=record.time, position=record.position)
             self.by_id[vm_id] = row
             self.by_owner.setdefault(state.owner, set()).add(vm_id)
-        else:
-            if row.vm.host_id != state.host_id and row.vm.host_id is not None:
-                self.by_host.get(row.vm.host_id, set()).discard(vm_id)
-            row.vm, row.updated_at, row.position = state, record.time, record.position
-        if state.host_id is not None:
+            if state.host_id is not None:
+                self.by_host.setdefault(state.host_id, set()).add(vm_id)
+            return
+        moved = row.vm.host_id != state.host_id
+        if moved and row.vm.host_id is not None:
+            self.by_host.get(row.vm.host_id, set()).discard(vm_id)
+        if moved and state.host_id is not None:
             self.by_host.setdefault(state.host_id, set()).add(vm_id)
+        row.vm, row.updated_at, row.position = state, record.time, record.position
 
     def get(self, vm_id: UUID) -> vm_domain.Vm | None:
         row = self.by_id.get(vm_id)
@@ -84,6 +88,7 @@ class HostsView(Projection):
     """Hosts with capacity and usage (usage is the sum of the claims on each host)."""
 
     name = "hosts"
+    handles = frozenset(tag_of(t) for t in host_domain.HOST_EVENT_TYPES)
 
     def __init__(self) -> None:
         self.by_id: dict[UUID, host_domain.Host] = {}
@@ -112,6 +117,7 @@ class HostsView(Projection):
 
 class SshKeysView(Projection):
     name = "sshkeys"
+    handles = frozenset(tag_of(t) for t in sshkey_domain.SSHKEY_EVENT_TYPES)
 
     def __init__(self) -> None:
         self.by_owner: dict[str, dict[str, sshkey_domain.SshKey]] = {}

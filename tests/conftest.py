@@ -61,7 +61,7 @@ _SECRETS_SEEN: dict[str, str] = {}
 
 def _record_secret_stores() -> list[tuple[type, str, object]]:
     """Wrap every SecretStore implementation's writes so the suite knows each secret it made."""
-    from ucloud.gateway.auth_secrets import SecretStore
+    from ucloud.gateway.auth_secrets import Secret, SecretStore
 
     originals = []
     for store_type in SecretStore.__subclasses__():
@@ -71,7 +71,8 @@ def _record_secret_stores() -> list[tuple[type, str, object]]:
                 continue
 
             async def recording(self, key, value, *, _original=original):  # type: ignore[no-untyped-def]
-                _SECRETS_SEEN[f"{type(self).__name__}:{key}:{len(_SECRETS_SEEN)}"] = value.reveal()
+                if isinstance(value, Secret):  # anything else is refused by the store itself
+                    _SECRETS_SEEN[f"{type(self).__name__}:{key}:{len(_SECRETS_SEEN)}"] = value.reveal()
                 return await _original(self, key, value)
 
             originals.append((store_type, method, original))
@@ -100,8 +101,10 @@ def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
             document = json.loads(secret_file.read_text())
         except (OSError, ValueError):
             continue
-        for key, value in document.get("secrets", {}).items():
-            _SECRETS_SEEN[f"{secret_file}:{key}"] = value
+        stored = document.get("secrets") if isinstance(document, dict) else None
+        for key, value in (stored.items() if isinstance(stored, dict) else ()):
+            if isinstance(value, str):
+                _SECRETS_SEEN[f"{secret_file}:{key}"] = value
     if not _SECRETS_SEEN:
         return  # no test in this run made a secret
     found: list[str] = []

@@ -3,8 +3,10 @@
     .venv/bin/python -m tests.bench.run scheduler                      # through the runner
     .venv/bin/python -m tests.bench.bench_scheduler [--backend etcd|sqlite]... [--schedulers N]...
                                                     [--hosts 1000] [--vms 10000] [--in-flight 64]
+                                                    [--rate N] [--max-txn-ops 1024]
 
-For every backend (etcd: one real member, data on tmpfs; SQLite: a file on tmpfs) and
+For every backend (etcd: one real member, data on tmpfs, the store at max_txn_ops=1024
+unless --max-txn-ops says otherwise; SQLite: a file on tmpfs) and
 every number of scheduler instances (default 1 and 2): registers the hosts (varied
 sizes) through CommandService.register_host, starts the real Scheduler
 (processes/scheduler.py), each instance in a process of its own with its own store
@@ -19,7 +21,8 @@ Figures, from the log itself (EventRecord.time of each event):
 
 At the end the log is folded into the read models and checked: every VM decided, no
 host booked beyond its capacity x overcommit, each host's claims exactly the VMs placed
-on it. A violation fails the benchmark (exit status 1).
+on it, and no VM refused that would fit on a host now (nothing is deleted, so hosts only
+fill up). A violation fails the benchmark (exit status 1).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from tests.support.etcd import etcd_cluster
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import vm as vm_domain
+from ucloud.domain.host import fits
 from ucloud.eventstore.url import open_store
 from ucloud.processes.scheduler import Scheduler
 from ucloud.projections.runner import ProjectionRunner
@@ -185,13 +189,18 @@ async def register_hosts(commands: CommandService, count: int) -> list[UUID]:
     return [o.result for o in outcomes]
 
 
-async def create_vms(commands: CommandService, count: int, in_flight: int) -> list[UUID]:
+async def create_vms(commands: CommandService, count: int, in_flight: int, rate: float = 0) -> list[UUID]:
+    """``rate``: at most this many creates per second (0: as fast as ``in_flight`` allows)."""
     sizes = vm_sizes(count)
     gate = asyncio.Semaphore(in_flight)
     owners = [Actor(f"user{i}") for i in range(50)]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
 
     async def create(i: int) -> UUID:
         cores, ram, disk = sizes[i]
+        if rate:
+            await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
         async with gate:
             outcome = await commands.create_vm(owners[i % len(owners)], name=f"vm{i}", cores=cores,
                                                ram=f"{ram}GiB", disk=f"{disk}GiB", image="tiny")
@@ -226,6 +235,14 @@ def check_no_overbooking(models: ReadModels, commands: CommandService, vm_ids: l
             problems.append(f"VM {vm_id} is {vm.status}")
         elif not vm.reason:
             problems.append(f"VM {vm_id} is unschedulable without a reason")
+    # Nothing is deleted here, so hosts only fill up: a VM refused then must not fit now.
+    for vm_id in vm_ids:
+        vm = models.vms.get(vm_id)
+        if vm.status is vm_domain.Status.UNSCHEDULABLE:
+            room = [h.hostname for h in models.hosts.by_id.values()
+                    if fits(h, vm.cores, vm.ram, vm.disk, overcommit) is None]
+            if room:
+                problems.append(f"VM {vm_id} was refused but fits on {', '.join(room[:3])}")
     for host in models.hosts.by_id.values():
         if host.used_cores > host.cores * overcommit.cpu:
             problems.append(f"{host.hostname}: {host.used_cores} cores booked of {host.cores}x{overcommit.cpu}")
@@ -244,7 +261,8 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def measure(url: str, backend: str, scheduler_count: int, hosts: int, vms: int, in_flight: int) -> Figures:
+async def measure(url: str, backend: str, scheduler_count: int, hosts: int, vms: int, in_flight: int,
+                  rate: float) -> Figures:
     store = open_store(url)
     commands = CommandService(store)
     try:
@@ -253,7 +271,7 @@ async def measure(url: str, backend: str, scheduler_count: int, hosts: int, vms:
         with Schedulers(url, scheduler_count) as instances:
             began = datetime.now().astimezone()
             t0 = time.monotonic()
-            vm_ids = await create_vms(commands, vms, in_flight)
+            vm_ids = await create_vms(commands, vms, in_flight, rate)
             create_seconds = time.monotonic() - t0
             models = ReadModels()
             runner = ProjectionRunner(store, commands.codec, models.all())
@@ -299,14 +317,15 @@ async def measure(url: str, backend: str, scheduler_count: int, hosts: int, vms:
         await store.close()
 
 
-def run_case(backend: str, scheduler_count: int, hosts: int, vms: int, in_flight: int) -> Figures:
+def run_case(backend: str, scheduler_count: int, hosts: int, vms: int, in_flight: int,
+             max_txn_ops: int = 1024, rate: float = 0) -> Figures:
     if backend == "etcd":
         with etcd_cluster(1) as cluster:
-            url = f"etcd://{cluster.endpoints[0]}/bench-{uuid.uuid4().hex[:8]}/v1?max_txn_ops=1024"
-            return asyncio.run(measure(url, backend, scheduler_count, hosts, vms, in_flight))
+            url = f"etcd://{cluster.endpoints[0]}/bench-{uuid.uuid4().hex[:8]}/v1?max_txn_ops={max_txn_ops}"
+            return asyncio.run(measure(url, backend, scheduler_count, hosts, vms, in_flight, rate))
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         url = f"sqlite://{Path(tmp) / 'log.sqlite'}"
-        return asyncio.run(measure(url, backend, scheduler_count, hosts, vms, in_flight))
+        return asyncio.run(measure(url, backend, scheduler_count, hosts, vms, in_flight, rate))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -316,13 +335,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hosts", type=int, default=1000)
     parser.add_argument("--vms", type=int, default=10_000)
     parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=0,
+                        help="creates per second at most (default: as fast as --in-flight allows); "
+                             "for latency below saturation")
+    parser.add_argument("--max-txn-ops", type=int, default=1024,
+                        help="the etcd store's operations per transaction (the etcd member allows 4096; "
+                             "the store's own default is etcd's default, 128)")
     parser.add_argument("--quick", action="store_true", help="100 hosts, 1,000 VMs (a smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.hosts, args.vms = 100, 1000
     for backend in args.backend or ["etcd", "sqlite"]:
         for count in args.schedulers or [1, 2]:
-            figures = run_case(backend, count, args.hosts, args.vms, args.in_flight)
+            figures = run_case(backend, count, args.hosts, args.vms, args.in_flight, args.max_txn_ops, args.rate)
             print(figures.line(), flush=True)
 
 

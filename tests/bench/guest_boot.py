@@ -39,9 +39,11 @@ def guest_uptime(serial: Path) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-async def raw_boot(root: Path, accel: str) -> tuple[float, float]:
+async def raw_boot(root: Path, accel: str, disk: Path | None = None) -> tuple[float, float]:
+    """``disk``: a qcow2 to attach as the driver would (bench_control_plane passes the
+    overlay a ucloud VM gets, so that both command lines match)."""
     guest = ensure_tiny_guest(TINY_CACHE)
-    spec = tiny_spec(guest, name="raw")
+    spec = tiny_spec(guest, name="raw", disk=disk)
     run_dir = root / str(spec.vm_id)
     run_dir.mkdir()
     # The same files the driver prepares for the event monitor (the argv needs them).

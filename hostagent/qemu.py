@@ -557,7 +557,19 @@ class QemuDriver(HypervisorDriver):
         if child is not None and child.poll() is not None:
             self._exit_codes[vm_id] = child.returncode
             del self._children[vm_id]
-        return _lock_holder(self.pid_path(vm_id))
+            child = None
+        holder = _lock_holder(self.pid_path(vm_id))
+        if holder is None and child is not None:
+            # QEMU's files (and so its pidfile lock) close a moment before the kernel
+            # reports its exit: wait that moment, so its exit status is not lost.
+            try:
+                child.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            else:
+                self._exit_codes[vm_id] = child.returncode
+                del self._children[vm_id]
+        return holder
 
     def _kill_pid(self, vm_id: UUID, pid: int) -> None:
         child = self._children.get(vm_id)

@@ -93,7 +93,7 @@ class ReleaseCapacity(Command, tag="host.release", frozen=True):
     vm_id: UUID
 
 
-class Claim(msgspec.Struct, frozen=True):
+class Claim(msgspec.Struct, frozen=True, gc=False):
     cores: int
     ram: int
     disk: int

@@ -57,7 +57,7 @@ class DeleteSshKey(Command, tag="sshkey.delete", frozen=True):
     name: str
 
 
-class SshKey(msgspec.Struct, frozen=True, kw_only=True):
+class SshKey(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     id: UUID
     owner: str
     name: str

@@ -21,7 +21,7 @@ from ucloud.eventstore.records import EventRecord
 from .runner import Projection
 
 
-class VmRow(msgspec.Struct, kw_only=True):
+class VmRow(msgspec.Struct, kw_only=True, gc=False):  # no cycles: see domain.vm.Vm
     vm: vm_domain.Vm
     created_at: datetime
     updated_at: datetime

@@ -69,6 +69,14 @@ class EventCodec:
         """(type tag, schema, JSON bytes) of an event."""
         return tag_of(type(event)), type(event).schema, self._encoder.encode(event)
 
+    def fast_decoder(self, tag: str) -> tuple[int, Callable[[bytes], Event]] | None:
+        """(current schema, decode function) of a known type, for hot loops that check
+        the schema themselves and fall back to decode() for older ones."""
+        event_type = self._types.get(tag)
+        if event_type is None:
+            return None
+        return event_type.schema, self._decoders[tag].decode
+
     def decode(self, tag: str, schema: int, data: bytes) -> Event:
         event_type = self._types.get(tag)
         if event_type is None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -65,7 +66,7 @@ class ProjectionRunner:
         self._last_snapshot = time.monotonic()
         self._snapshot_position = 0
         self.head = 0
-        self._routes: dict[str, list[Projection]] = {}
+        self._routes: dict[str, tuple[int, Callable[[bytes], Event], list[Projection]] | None] = {}
 
     @property
     def snapshot_stream(self) -> str:
@@ -95,17 +96,24 @@ class ProjectionRunner:
         self._last_snapshot = time.monotonic()
 
     def apply(self, record: EventRecord) -> None:
-        targets = self._routes.get(record.type)
-        if targets is None:
-            targets = self._routes[record.type] = [
-                p for p in self.projections
-                if self.codec.knows(record.type) and (p.handles is None or record.type in p.handles)
-            ]
-        if targets:
-            event = self.codec.decode(record.type, record.schema, record.data)
+        route = self._routes.get(record.type)
+        if route is None:
+            route = self._routes[record.type] = self._route(record.type)
+        if route is not None:
+            schema, decode, targets = route
+            event = decode(record.data) if record.schema == schema else self.codec.decode(
+                record.type, record.schema, record.data)
             for projection in targets:
                 projection.apply(record, event)
         self.position = record.position
+
+    def _route(self, tag: str) -> tuple[int, Callable[[bytes], Event], list[Projection]] | None:
+        """Who folds events of this type, and how to decode them; None: nobody."""
+        decoder = self.codec.fast_decoder(tag)
+        targets = [p for p in self.projections if p.handles is None or tag in p.handles]
+        if decoder is None or not targets:
+            return None
+        return decoder[0], decoder[1], targets
 
     async def catch_up(self) -> None:
         """Apply everything up to the current head, then return."""

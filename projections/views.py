@@ -38,8 +38,7 @@ class VmsView(Projection):
         self.by_host: dict[UUID, set[UUID]] = {}
 
     def apply(self, record: EventRecord, event: Event) -> None:
-        if not isinstance(event, vm_domain.VM_EVENT_TYPES):
-            return
+        # Only VM events arrive here (``handles``): every one of them has a vm_id.
         vm_id: UUID = event.vm_id
         row = self.by_id.get(vm_id)
         state = vm_domain.evolve(row.vm if row else None, event)
@@ -52,7 +51,9 @@ class VmsView(Projection):
             if state.host_id is not None:
                 self.by_host.setdefault(state.host_id, set()).add(vm_id)
             return
-        moved = row.vm.host_id != state.host_id
+        # Identity first: evolve keeps the same UUID object when the host is unchanged,
+        # and UUID.__eq__ is Python code on the hottest path of a catch-up.
+        moved = row.vm.host_id is not state.host_id and row.vm.host_id != state.host_id
         if moved and row.vm.host_id is not None:
             self.by_host.get(row.vm.host_id, set()).discard(vm_id)
         if moved and state.host_id is not None:

@@ -14,7 +14,14 @@ from uuid import UUID
 
 import pytest
 
-from tests.support.qemu import TINY_CACHE, console_send, markers, qemu_processes, short_run_root, wait_for_marker
+from tests.support.qemu import (
+    TINY_CACHE,
+    console_send,
+    markers,
+    qemu_processes,
+    short_run_root,
+    wait_for_marker,
+)
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import vm as vm_domain

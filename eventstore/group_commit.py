@@ -89,7 +89,7 @@ class GroupCommitter:
             raise UnavailableError("the event store is closed")
         # Envelope, keys and index entry: ~200 bytes besides the payload and the stream
         # name, which the etcd backend writes twice per event.
-        size = sum(len(e.data) + 200 + 2 * len(a.stream) for a in appends for e in a.events)
+        size = sum(len(e.data) + len(e.metadata) + 200 + 2 * len(a.stream) for a in appends for e in a.events)
         if cost > self.max_cost or size > self.max_bytes:
             events = sum(len(a.events) for a in appends)
             raise InvalidAppend(

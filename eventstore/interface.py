@@ -106,8 +106,3 @@ class EventStore(abc.ABC):
             for record in await self.read_all(position, up_to=up_to, types=types):
                 yield record
             position = up_to
-
-    async def read_stream_all(self, stream: str, after_version: int = 0) -> list[EventRecord]:
-        return await self.read_stream(stream, after_version=after_version)
-
-

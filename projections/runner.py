@@ -65,7 +65,6 @@ class ProjectionRunner:
         self._reached = Notifier()
         self._last_snapshot = time.monotonic()
         self._snapshot_position = 0
-        self.head = 0
         self._routes: dict[str, tuple[int, Callable[[bytes], Event], list[Projection]] | None] = {}
 
     @property
@@ -129,7 +128,6 @@ class ProjectionRunner:
         try:
             async for record in self.store.subscribe(self.position):
                 self.apply(record)
-                self.head = max(self.head, record.position)
                 await self.notify()
                 if time.monotonic() - self._last_snapshot > self.snapshot_interval:
                     await self.save_snapshot()

@@ -756,18 +756,24 @@ def _unavailable(name: str, reason: str) -> click.Command:
     return command
 
 
-# Logging in and managing users live in cli/account.py.
-from ucloud.cli.account import login, logout, user  # noqa: E402 - they build on the definitions above
+def _add_subcommands() -> None:
+    """Command groups written in their own modules join the CLI here. They import the
+    definitions above, so they are imported last (inside a function, so that type
+    checkers resolve the cycle)."""
+    from ucloud.cli.account import login, logout, user
 
-main.add_command(login)
-main.add_command(logout)
-main.add_command(user)
+    main.add_command(login)
+    main.add_command(logout)
+    main.add_command(user)
 
-# `ucloud up` lives in cli/up.py (written separately); it joins this CLI when it exists.
-try:
-    from ucloud.cli.up import up
-except ModuleNotFoundError as missing:
-    if missing.name != "ucloud.cli.up":  # up.py exists but needs something missing: say so when used
-        main.add_command(_unavailable("up", str(missing)))
-else:
-    main.add_command(up)
+    # `ucloud up` lives in cli/up.py; it joins this CLI when it can be imported.
+    try:
+        from ucloud.cli.up import up
+    except ModuleNotFoundError as missing:
+        if missing.name != "ucloud.cli.up":  # up.py exists but needs something missing: say so when used
+            main.add_command(_unavailable("up", str(missing)))
+    else:
+        main.add_command(up)
+
+
+_add_subcommands()

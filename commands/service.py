@@ -96,9 +96,9 @@ class CommandService:
 
         return await self.repository.transact(work, actor)
 
-    async def vm_command(self, actor: Actor, command: Command) -> Outcome[None]:
+    async def vm_command(self, actor: Actor, command: vm_domain.VmLifecycleCommand) -> Outcome[None]:
         """start, stop, reboot, delete: on one's own VM (admins: on any)."""
-        vm_id: UUID = command.vm_id
+        vm_id = command.vm_id
 
         async def work(session: Session) -> None:
             vm = await session.load(VM, vm_id)
@@ -194,7 +194,11 @@ class CommandService:
             hosts: dict[UUID, host_domain.Host | None] = {}
 
             async def record_host(host_id: UUID, command: Command) -> None:
-                host = hosts[host_id] if host_id in hosts else await session.load(HOST, host_id)
+                host: host_domain.Host | None
+                if host_id in hosts:
+                    host = hosts[host_id]
+                else:
+                    host = await session.load(HOST, host_id)
                 events = host_domain.decide(host, command, self.overcommit)
                 for event in events:
                     host = host_domain.evolve(host, event)
@@ -241,9 +245,9 @@ class CommandService:
 
         return await self.repository.transact(work, actor, tracking=tracking)
 
-    async def report(self, actor: Actor, command: Command) -> Outcome[None]:
+    async def report(self, actor: Actor, command: vm_domain.VmReport) -> Outcome[None]:
         """A host agent reports what it observed (started, stopped, crashed, ...)."""
-        vm_id: UUID = command.vm_id
+        vm_id = command.vm_id
 
         async def work(session: Session) -> None:
             vm = await session.load(VM, vm_id)

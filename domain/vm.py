@@ -232,6 +232,10 @@ class ReportDeleted(Command, tag="vm.report_deleted", frozen=True):
     host_id: UUID
 
 
+# What a user may ask of an existing VM, and what a host agent may report about one.
+VmLifecycleCommand = StartVm | StopVm | RebootVm | DeleteVm
+VmReport = ReportStarted | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
+
 VmCommand = (
     CreateVm | StartVm | StopVm | RebootVm | DeleteVm | PlaceVm | MarkUnschedulable | ReportStarted
     | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted

@@ -25,7 +25,6 @@ from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.errors import DomainError
-from ucloud.domain.events import Command
 from ucloud.projections.runner import ProjectionRunner
 from ucloud.projections.views import VmsView
 
@@ -199,7 +198,7 @@ class HostAgent:
             return
         await self._report(vm_domain.ReportStarted(vm_id=vm.id, host_id=self.host_id, accelerator=handle.accel))
 
-    async def _report(self, command: Command) -> None:
+    async def _report(self, command: vm_domain.VmReport) -> None:
         outcome = await self.commands.report(self.actor, command)
         # Act on the next pass only once our own report is in the view.
         await self.runner.wait_for(outcome.position, timeout=5)

@@ -25,7 +25,7 @@ import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from ucloud.commands.aggregates import HOST
@@ -167,11 +167,11 @@ class Scheduler:
         self.position = record.position
         if isinstance(event, host_domain.HOST_EVENT_TYPES):
             # Our own claims are in the view since they were appended: skip them by version.
-            if record.version > self.hosts.versions.get(event.host_id, 0):
+            if record.version > self.hosts.versions.get(cast(host_domain.HostEvent, event).host_id, 0):
                 self.hosts.apply(record, event)
         elif isinstance(event, vm_domain.VM_EVENT_TYPES):
             self.vms.apply(record, event)
-            self.vm_versions[event.vm_id] = record.version
+            self.vm_versions[cast(vm_domain.VmEvent, event).vm_id] = record.version
 
     # -- a run of events in one transaction ---------------------------------------------
 
@@ -326,7 +326,7 @@ class Scheduler:
             # Decide on our view at its versions, without reading the streams: if the view
             # is stale the append conflicts and place_vm decides again on fresh state; the
             # host stream's version stays the guard against overbooking.
-            known = {vm_stream: known_vm, host_stream: Loaded(host, host_version, 0)}
+            known: dict[str, Loaded[Any]] = {vm_stream: known_vm, host_stream: Loaded(host, host_version, 0)}
             try:
                 outcome = await self.commands.place_vm(self.actor, vm_id, host_id, tracking=tracking, known=known)
             except (Rejected, NotFound):

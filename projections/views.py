@@ -7,7 +7,7 @@ with the command side about what an event means.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import msgspec
@@ -39,7 +39,7 @@ class VmsView(Projection):
 
     def apply(self, record: EventRecord, event: Event) -> None:
         # Only VM events arrive here (``handles``): every one of them has a vm_id.
-        vm_id: UUID = event.vm_id
+        vm_id = cast(vm_domain.VmEvent, event).vm_id
         row = self.by_id.get(vm_id)
         state = vm_domain.evolve(row.vm if row else None, event)
         if state is None:
@@ -98,7 +98,7 @@ class HostsView(Projection):
     def apply(self, record: EventRecord, event: Event) -> None:
         if not isinstance(event, host_domain.HOST_EVENT_TYPES):
             return
-        host_id: UUID = event.host_id
+        host_id = cast(host_domain.HostEvent, event).host_id
         state = host_domain.evolve(self.by_id.get(host_id), event)
         if state is not None:
             self.by_id[host_id] = state

@@ -58,6 +58,10 @@ class EventCodec:
         """``upcaster`` turns the JSON object of schema ``from_schema`` into ``from_schema + 1``."""
         self._upcasters[(tag, from_schema)] = upcaster
 
+    def upcasts(self, tag: str, from_schema: int) -> bool:
+        """Whether events of ``tag`` recorded with ``from_schema`` are upcast."""
+        return (tag, from_schema) in self._upcasters
+
     @property
     def tags(self) -> frozenset[str]:
         return frozenset(self._types)

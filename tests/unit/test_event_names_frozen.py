@@ -1,0 +1,82 @@
+"""Event names, schema numbers and fields are frozen: the log outlives the code.
+
+An event's tag is its name in the log forever; renaming or dropping one (or one of its
+fields) would make old logs unreadable. This test holds the literal list. Adding an
+event type means adding its line here; adding a field to an existing type is fine only
+with a default (old events decode with it); changing a meaning takes a new schema number
+and an upcaster, and this list records the new number."""
+
+from __future__ import annotations
+
+import msgspec
+
+from ucloud.domain.catalogue import ALL_EVENT_TYPES, build_codec
+
+# tag: (schema, fields as first recorded)
+FROZEN: dict[str, tuple[int, tuple[str, ...]]] = {
+    "vm.requested": (1, ('vm_id', 'owner', 'name', 'cores', 'ram', 'disk', 'image', 'ssh_keys', 'restart_policy')),
+    "vm.scheduled": (1, ('vm_id', 'host_id')),
+    "vm.unschedulable": (1, ('vm_id', 'reason')),
+    "vm.start_requested": (1, ('vm_id',)),
+    "vm.started": (1, ('vm_id', 'host_id', 'accelerator')),
+    "vm.stop_requested": (1, ('vm_id',)),
+    "vm.stopped": (1, ('vm_id', 'host_id', 'reason')),
+    "vm.reboot_requested": (1, ('vm_id',)),
+    "vm.rebooted": (1, ('vm_id', 'host_id')),
+    "vm.crashed": (1, ('vm_id', 'host_id', 'reason')),
+    "vm.failed": (1, ('vm_id', 'host_id', 'reason')),
+    "vm.delete_requested": (1, ('vm_id',)),
+    "vm.deleted": (1, ('vm_id', 'host_id')),
+    "host.registered": (1, ('host_id', 'hostname', 'cores', 'ram', 'disk', 'hypervisor')),
+    "host.capacity_changed": (1, ('host_id', 'cores', 'ram', 'disk')),
+    "host.capacity_claimed": (1, ('host_id', 'vm_id', 'cores', 'ram', 'disk')),
+    "host.capacity_released": (1, ('host_id', 'vm_id')),
+    "sshkey.added": (1, ('key_id', 'owner', 'name', 'public_key', 'fingerprint')),
+    "sshkey.deleted": (1, ('key_id',)),
+}
+
+
+def _current() -> dict[str, tuple[int, msgspec.inspect.StructType]]:
+    result = {}
+    for event_type in ALL_EVENT_TYPES:
+        info = msgspec.inspect.type_info(event_type)
+        assert isinstance(info, msgspec.inspect.StructType)
+        tag = event_type.__struct_config__.tag
+        assert isinstance(tag, str)
+        result[tag] = (event_type.schema, info)
+    return result
+
+
+def test_no_event_type_was_renamed_or_dropped() -> None:
+    current = _current()
+    missing = sorted(set(FROZEN) - set(current))
+    assert not missing, f"event types gone from the code (old logs hold them): {missing}"
+
+
+def test_every_event_type_is_in_the_frozen_list() -> None:
+    unlisted = sorted(set(_current()) - set(FROZEN))
+    assert not unlisted, f"new event types: add them to FROZEN in this file: {unlisted}"
+
+
+def test_schema_numbers_match_the_frozen_list() -> None:
+    current = _current()
+    changed = {tag: (FROZEN[tag][0], current[tag][0]) for tag in FROZEN
+               if tag in current and current[tag][0] != FROZEN[tag][0]}
+    assert not changed, f"schema numbers changed (frozen, now): {changed}; update FROZEN with an upcaster"
+
+
+def test_no_recorded_field_was_renamed_or_dropped_and_new_fields_have_defaults() -> None:
+    current = _current()
+    for tag, (_, fields) in FROZEN.items():
+        info = current[tag][1]
+        names = {field.name: field for field in info.fields}
+        assert set(fields) <= set(names), f"{tag}: fields gone: {sorted(set(fields) - set(names))}"
+        added = [name for name in names if name not in fields and names[name].required]
+        assert not added, f"{tag}: new fields need a default so old events still decode: {added}"
+
+
+def test_an_upcaster_exists_for_every_schema_after_the_first() -> None:
+    codec = build_codec()
+    for tag, (schema, _) in FROZEN.items():
+        for old in range(1, schema):
+            assert codec.upcasts(tag, old), f"{tag}: no upcaster from schema {old}"

@@ -7,6 +7,8 @@ Key layout (prefix ``/v1`` by default):
     /v1/head                              the last position, b"%020d"
     /v1/tracking/<consumer>               a consumer's last position, b"%020d@<request token hex>"
     /v1/snapshots/<stream>                the newest snapshot (msgpack Snapshot)
+    /v1/snapshot-chunks/<stream>/<generation>/<index:08d>
+                                          pieces of a snapshot too large for one value
 
 One append is one etcd transaction. It compares the head (so positions stay gap-free
 and totally ordered across every writer), and for every stream that the version it
@@ -31,10 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import msgspec
 
@@ -100,6 +103,10 @@ class EtcdEventStore(EventStore):
         self._committer = GroupCommitter(self._commit_batch, max_cost=max_txn_ops - 1, max_bytes=max_txn_bytes,
                                          timeout=append_timeout)
         self.max_txn_ops = max_txn_ops
+        # Snapshots above this size are stored in chunks of ``snapshot_chunk_bytes``,
+        # each one etcd value well under the default request limit of 1.5 MiB.
+        self.snapshot_inline_bytes = 256 * 1024
+        self.snapshot_chunk_bytes = 512 * 1024
         self.page = PAGE
         self.transactions = 0  # write transactions sent, for benchmarks and tests
         self._head_cache: int | None = None
@@ -479,22 +486,111 @@ class EtcdEventStore(EventStore):
             delay = min(delay * 2, 1.0)
 
     # -- snapshots --------------------------------------------------------------
+    #
+    # etcd refuses a request over --max-request-bytes (1.5 MiB by default), and a read
+    # model of 100,000 VMs is tens of MiB. A large state is therefore written first as
+    # chunks under a fresh generation, then made current by a compare-and-swap of the
+    # small snapshot record that names that generation; the chunks of the generations it
+    # replaced (and of saves that died before their swap) are deleted afterwards. A reader
+    # that finds its generation's chunks gone was overtaken by a newer save and reads again.
+
+    def _snapshot_key(self, stream: str) -> bytes:
+        return self.prefix + b"/snapshots/" + stream.encode()
+
+    def _chunk_prefix(self, stream: str, generation: str = "") -> bytes:
+        base = self.prefix + b"/snapshot-chunks/" + stream.encode() + b"/"
+        return base + generation.encode() + b"/" if generation else base
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        key = self.prefix + b"/snapshots/" + snapshot.stream.encode()
-        value = RECORD_ENCODER.encode(snapshot)
+        key = self._snapshot_key(snapshot.stream)
+        record = snapshot
+        if len(snapshot.state) > self.snapshot_inline_bytes:
+            record = await self._write_chunks(snapshot)
+        value = RECORD_ENCODER.encode(record)
         while True:
             kv = await self.client.get(key)
             if kv is not None and _decode_snapshot(snapshot.stream, kv.value).version >= snapshot.version:
-                return
+                break  # a newer snapshot is already there; ours (and its chunks) are not needed
             # Compare-and-swap: a concurrent save of a newer snapshot is never replaced.
             guard = cmp_version(key, "==", 0) if kv is None else cmp_mod(key, "==", kv.mod_revision)
             if (await self.client.txn([guard], [op_put(key, value)])).succeeded:
-                return
+                break
+        await self._drop_stale_chunks(snapshot.stream)
+
+    async def _write_chunks(self, snapshot: Snapshot) -> Snapshot:
+        # Generations sort by the version they hold, so clean-up can spare a newer save
+        # whose chunks are still being written.
+        generation = f"{snapshot.version:020d}-{uuid4().hex}"
+        state = snapshot.state
+        size = self.snapshot_chunk_bytes
+        chunk_prefix = self._chunk_prefix(snapshot.stream, generation)
+        pieces = [state[offset:offset + size] for offset in range(0, len(state), size)]
+        # A few puts in flight at once: etcd applies them in order anyway, and more only
+        # queue in its raft log.
+        limit = asyncio.Semaphore(4)
+
+        async def put(index: int, piece: bytes) -> None:
+            async with limit:
+                await self.client.put(chunk_prefix + b"%08d" % index, piece)
+
+        await asyncio.gather(*(put(index, piece) for index, piece in enumerate(pieces)))
+        return msgspec.structs.replace(snapshot, state=b"", chunks=len(pieces), generation=generation,
+                                       digest=hashlib.sha256(state).hexdigest())
+
+    async def _drop_stale_chunks(self, stream: str) -> None:
+        """Delete the chunk generations of ``stream`` that are not current and not newer
+        than the current snapshot (a newer one may be a save still in progress)."""
+        kv = await self.client.get(self._snapshot_key(stream))
+        if kv is None:
+            return
+        current = _decode_snapshot(stream, kv.value)
+        base = self._chunk_prefix(stream)
+        listed = await self.client.range(base, prefix_end(base), keys_only=True)
+        generations = {key[len(base):].split(b"/", 1)[0].decode() for key in (k.key for k in listed.kvs)}
+        for generation in generations:
+            if generation == current.generation or int(generation.split("-", 1)[0]) > current.version:
+                continue
+            stale = self._chunk_prefix(stream, generation)
+            await self.client.delete(stale, prefix_end(stale))
 
     async def load_snapshot(self, stream: str) -> Snapshot | None:
-        kv = await self.client.get(self.prefix + b"/snapshots/" + stream.encode())
-        return None if kv is None else _decode_snapshot(stream, kv.value)
+        incomplete = ""
+        while True:
+            kv = await self.client.get(self._snapshot_key(stream))
+            if kv is None:
+                return None
+            snapshot = _decode_snapshot(stream, kv.value)
+            if not snapshot.chunks:
+                return snapshot
+            state = await self._read_chunks(stream, snapshot)
+            if state is not None:
+                return msgspec.structs.replace(snapshot, state=state, chunks=0, generation="", digest="")
+            if snapshot.generation == incomplete:  # not replaced meanwhile: chunks are lost
+                raise DataError(f"snapshot of {stream!r} is missing chunks of generation {incomplete}")
+            incomplete = snapshot.generation
+
+    async def _read_chunks(self, stream: str, snapshot: Snapshot) -> bytes | None:
+        """The whole state, or None when a newer save deleted this generation meanwhile."""
+        chunk_prefix = self._chunk_prefix(stream, snapshot.generation)
+        end = prefix_end(chunk_prefix)
+        pieces: list[bytes] = []
+        start = chunk_prefix
+        while True:
+            # Pages of a few chunks keep each response well under the gRPC message limit.
+            page = await self.client.range(start, end, limit=16)
+            pieces.extend(kv.value for kv in page.kvs)
+            if not page.more or not page.kvs:
+                break
+            start = page.kvs[-1].key + b"\0"
+        if len(pieces) != snapshot.chunks:
+            if pieces:  # some chunks but not all: deleted under us, or lost
+                log.info("snapshot %s: generation %s is incomplete (%d of %d chunks); reading again",
+                         stream, snapshot.generation, len(pieces), snapshot.chunks)
+            return None
+        state = b"".join(pieces)
+        if hashlib.sha256(state).hexdigest() != snapshot.digest:
+            raise DataError(f"snapshot of {stream!r} does not match its digest (generation {snapshot.generation})")
+        return state
 
     async def close(self) -> None:
         await self._committer.close()

@@ -72,13 +72,21 @@ class Tracking(msgspec.Struct, frozen=True):
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
-    """A stream's folded state at ``version``; derived, may be dropped at any time."""
+    """A stream's folded state at ``version``; derived, may be dropped at any time.
+
+    The last three fields are the etcd backend's: a state larger than one etcd value is
+    stored in ``chunks`` pieces beside the snapshot (which then holds no ``state``), found
+    under ``generation`` and checked against ``digest`` (sha256 of the whole state).
+    Callers always get the whole state back and never see them set."""
 
     stream: str
     version: int
     type: str
     state: bytes
     time: datetime = msgspec.field(default_factory=utcnow)
+    chunks: int = 0
+    generation: str = ""
+    digest: str = ""
 
 
 # Streams are named "<kind>-<id>" by convention. '/' is refused because the etcd

@@ -28,6 +28,10 @@ class GatewayMetrics:
         self.position = Gauge(
             "ucloud_projection_position", "Log position the gateway's read models have reached",
             registry=self.registry)
+        self.snapshot_failures = Gauge(
+            "ucloud_projection_snapshot_failures",
+            "Snapshots of the gateway's read models that failed to save or read since it started",
+            registry=self.registry)
 
     def middleware(self) -> Middleware:
         @web.middleware

@@ -512,6 +512,7 @@ async def metrics(request: web.Request) -> web.Response:
     runner = request.app[RUNNER]
     gauges.lag.set(await runner.lag())
     gauges.position.set(runner.position)
+    gauges.snapshot_failures.set(runner.snapshot_failures)
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
     response = web.Response(body=encode(gauges.registry))
     response.headers["Content-Type"] = content_type

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from ucloud.domain.events import Event, EventCodec
+from ucloud.eventstore.errors import DataError, EventStoreError
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.notify import Notifier
 from ucloud.eventstore.records import EventRecord, Snapshot
@@ -66,6 +67,10 @@ class ProjectionRunner:
         self._last_snapshot = time.monotonic()
         self._snapshot_position = 0
         self._routes: dict[str, tuple[int, Callable[[bytes], Event], list[Projection]] | None] = {}
+        # A snapshot that cannot be saved or read is an error an operator must see
+        # (metrics, log), never a reason to stop following or to go back in the log.
+        self.snapshot_failures = 0
+        self.last_snapshot_error = ""
 
     @property
     def snapshot_stream(self) -> str:
@@ -76,8 +81,14 @@ class ProjectionRunner:
         return "projections:" + ",".join(f"{p.name}/{p.snapshot_schema}" for p in self.projections)
 
     async def restore(self) -> None:
-        snapshot = await self.store.load_snapshot(self.snapshot_stream)
-        if snapshot is None or snapshot.type != self.snapshot_type:
+        """Load the newest snapshot, unless the views are already at or beyond it (a
+        restart of ``run`` after an outage keeps what it has: it never goes back)."""
+        try:
+            snapshot = await self.store.load_snapshot(self.snapshot_stream)
+        except DataError as error:
+            self._snapshot_failed("read", error)
+            return  # fold from where we are (the start, on a first run): slower, never wrong
+        if snapshot is None or snapshot.type != self.snapshot_type or snapshot.version <= self.position:
             return
         states = msgspec.msgpack.decode(snapshot.state)
         for projection in self.projections:
@@ -86,13 +97,28 @@ class ProjectionRunner:
         log.info("projections %s restored at position %d", self.name, self.position)
 
     async def save_snapshot(self) -> None:
+        """Save every view with the position reached. Raises what the store raises;
+        ``run`` records a failure and carries on following."""
         if self.position == self._snapshot_position:
             return
+        position = self.position
         state = msgspec.msgpack.encode({p.name: p.dump() for p in self.projections})
+        self._last_snapshot = time.monotonic()  # a failed save is tried again an interval later
         await self.store.save_snapshot(Snapshot(
-            stream=self.snapshot_stream, version=self.position, type=self.snapshot_type, state=state))
-        self._snapshot_position = self.position
-        self._last_snapshot = time.monotonic()
+            stream=self.snapshot_stream, version=position, type=self.snapshot_type, state=state))
+        self._snapshot_position = position
+
+    async def _save_snapshot_or_record(self) -> None:
+        try:
+            await self.save_snapshot()
+        except (EventStoreError, OSError, ValueError) as error:
+            self._snapshot_failed("save", error)
+
+    def _snapshot_failed(self, what: str, error: BaseException) -> None:
+        self.snapshot_failures += 1
+        self.last_snapshot_error = f"{what}: {error}"
+        log.error("projections %s: snapshot %s failed at position %d (%d failures so far): %s",
+                  self.name, what, self.position, self.snapshot_failures, error)
 
     def apply(self, record: EventRecord) -> None:
         route = self._routes.get(record.type)
@@ -130,10 +156,10 @@ class ProjectionRunner:
                 self.apply(record)
                 await self.notify()
                 if time.monotonic() - self._last_snapshot > self.snapshot_interval:
-                    await self.save_snapshot()
+                    await self._save_snapshot_or_record()
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.save_snapshot())
+                await asyncio.shield(self._save_snapshot_or_record())
 
     async def notify(self) -> None:
         self._reached.notify()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 
 import pytest
@@ -210,3 +211,18 @@ async def test_snapshots_keep_the_newest(store: EventStore) -> None:
     await store.save_snapshot(Snapshot(stream="vm-a", version=9, type="vm", state=b"nine"))
     snapshot = await store.load_snapshot("vm-a")
     assert snapshot is not None and snapshot.version == 9
+
+
+async def test_a_snapshot_of_tens_of_megabytes_saves_and_loads_whole(store: EventStore) -> None:
+    """Read models of 100,000 VMs are tens of MiB: far over etcd's request limit."""
+    big = random.Random(7).randbytes(24 * 1024 * 1024 + 123)
+    await store.save_snapshot(Snapshot(stream="projection-big", version=10, type="views", state=big))
+    loaded = await store.load_snapshot("projection-big")
+    assert loaded is not None and (loaded.version, loaded.type, len(loaded.state)) == (10, "views", len(big))
+    assert loaded.state == big
+    assert (loaded.chunks, loaded.generation, loaded.digest) == (0, "", "")  # storage details stay inside
+    smaller = big[: 3 * 1024 * 1024]
+    await store.save_snapshot(Snapshot(stream="projection-big", version=11, type="views", state=smaller))
+    await store.save_snapshot(Snapshot(stream="projection-big", version=9, type="views", state=b"old"))
+    loaded = await store.load_snapshot("projection-big")
+    assert loaded is not None and (loaded.version, loaded.state) == (11, smaller)

@@ -5,6 +5,7 @@
     │   ├── StreamConflict     a stream was not at the version the append expected
     │   └── TrackingConflict   a consumer's position is not behind the one it tries to record
     ├── UnavailableError       the backend could not be reached or timed out (operational)
+    ├── AccessDenied           the backend refused our credential for this (configuration)
     └── DataError              bad input or data that cannot be stored or decoded
         └── InvalidAppend      an append request that is malformed (empty, bad stream name)
 """
@@ -54,3 +55,8 @@ class DataError(EventStoreError):
 
 class InvalidAppend(DataError):
     """An append request is malformed; the message names what is wrong."""
+
+
+class AccessDenied(EventStoreError):
+    """The backend refused this client: wrong credential, or a role without the right to
+    this key. Not transient: retrying does not help; the configuration must change."""

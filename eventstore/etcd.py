@@ -44,6 +44,7 @@ import msgspec
 from .errors import DataError, StreamConflict, TrackingConflict, UnavailableError
 from .etcd_client import (
     EtcdClient,
+    EtcdSecurity,
     TxnBuilder,
     cmp_mod,
     cmp_version,
@@ -87,12 +88,13 @@ class EtcdEventStore(EventStore):
         max_txn_bytes: int = 1024 * 1024,
         append_timeout: float = 30.0,
         timeout: float = 5.0,
+        security: EtcdSecurity | None = None,
     ) -> None:
         if max_txn_ops < 8:
             raise ValueError(f"max_txn_ops must be at least 8 (etcd's default is 128), got {max_txn_ops}")
         if append_timeout <= 0 or timeout <= 0:
             raise ValueError(f"timeouts must be positive, got append_timeout={append_timeout}, timeout={timeout}")
-        self.client = EtcdClient(endpoints, timeout=timeout)
+        self.client = EtcdClient(endpoints, timeout=timeout, security=security)
         self.prefix = prefix.rstrip("/").encode()
         self.append_timeout = append_timeout
         self._head_key = self.prefix + b"/head"

@@ -5,8 +5,10 @@ Why not a ready client: python-etcd3 does not import with protobuf >= 4 and igno
 no ``limit``/``revision`` either and talks to one endpoint only. We keep aetcd for
 what it does well, the generated etcd v3 gRPC stubs, and add here: ranges with
 limit/revision/sort, transactions on raw protobuf ops, watches that report
-compaction, leases with keep-alive, and fail-over across the endpoints of a cluster.
-Every gRPC error becomes an ``UnavailableError`` or ``DataError``.
+compaction, single lease refreshes, fail-over across the endpoints of a cluster, and
+TLS (server verification, client certificates) with etcd's user/password
+authentication. Every gRPC error becomes an ``UnavailableError``, ``AccessDenied``
+or ``DataError``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 from aetcd import rpc
 
-from .errors import DataError, UnavailableError
+from .errors import AccessDenied, DataError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,53 @@ def _range_request(key: bytes, range_end: bytes | None, *, limit: int = 0, revis
         request.sort_order = rpc.RangeRequest.DESCEND
         request.sort_target = rpc.RangeRequest.KEY
     return request
+
+
+@dataclass(frozen=True)
+class EtcdSecurity:
+    """How to reach an etcd that runs with TLS and/or authentication.
+
+    TLS is on when a CA or a client certificate is given: the server's certificate is
+    verified against ``ca_file`` (the system's roots when omitted), and ``cert_file`` with
+    ``key_file`` is the client's certificate (etcd's --client-cert-auth). ``user`` with
+    ``password_file`` authenticates with etcd's own users and roles; the password is read
+    from a file so it never stands in a URL, a command line or the log. ``server_name``
+    overrides the name checked in the server's certificate (a member reached by address)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    user: str | None = None
+    password_file: str | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a client certificate needs both cert and key")
+        if bool(self.user) != bool(self.password_file):
+            raise ValueError("etcd authentication needs both user and password_file")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca_file or self.cert_file)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file, "CA certificate") if self.ca_file else None,
+            private_key=_read(self.key_file, "client key") if self.key_file else None,
+            certificate_chain=_read(self.cert_file, "client certificate") if self.cert_file else None,
+        )
+
+    def password(self) -> str:
+        assert self.password_file is not None
+        return _read(self.password_file, "etcd password").decode().rstrip("\r\n")
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read the {what} {path}: {error.strerror}") from None
 
 
 class TxnBuilder:
@@ -184,12 +234,15 @@ class EtcdClient:
     a write that may have happened is safe to repeat.
     """
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0, max_message: int = 64 * 1024 * 1024):
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0, max_message: int = 64 * 1024 * 1024,
+                 security: EtcdSecurity | None = None):
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = list(endpoints)
         self.timeout = timeout
-        self._options = [
+        self.security = security or EtcdSecurity()
+        self._token: str | None = None  # etcd's auth token, per connection
+        self._options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_message),
             ("grpc.max_receive_message_length", max_message),
             ("grpc.keepalive_time_ms", 10_000),
@@ -204,7 +257,10 @@ class EtcdClient:
         self._lease: Any = None
         self._maintenance: Any = None
         self._cluster: Any = None
+        self._auth: Any = None
         self._closers: set[asyncio.Task[None]] = set()
+        if self.security.server_name:
+            self._options.append(("grpc.ssl_target_name_override", self.security.server_name))
 
     @property
     def endpoint(self) -> str:
@@ -212,7 +268,13 @@ class EtcdClient:
 
     def _connect(self) -> None:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.endpoint, options=self._options)
+            if self.security.tls:
+                self._channel = grpc.aio.secure_channel(
+                    self.endpoint, self.security.channel_credentials(), options=self._options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.endpoint, options=self._options)
+            self._token = None
+            self._auth = rpc.AuthStub(self._channel)
             self._kv = rpc.KVStub(self._channel)
             self._watch = rpc.WatchStub(self._channel)
             self._lease = rpc.LeaseStub(self._channel)
@@ -225,6 +287,7 @@ class EtcdClient:
             return
         closing: grpc.aio.Channel = broken
         self._channel = None
+        self._token = None
         self._index += 1
         log.info("etcd: failing over to %s", self.endpoint)
         # Closing a channel cancels every call still on it, and grpc.aio reports that as
@@ -239,15 +302,23 @@ class EtcdClient:
                     timeout: float | None = None) -> Any:
         attempts = len(self.endpoints) * 3 if retry else 1
         last: grpc.aio.AioRpcError | None = None
-        for attempt in range(attempts):
+        reauthenticated = False
+        attempt = 0
+        while attempt < attempts:
             self._connect()
             channel = self._channel
             endpoint = self.endpoint
             stub = getattr(self, stub_name)
             try:
-                return await getattr(stub, method)(request, timeout=timeout or self.timeout)
+                metadata = await self._credentials()
+                return await getattr(stub, method)(request, timeout=timeout or self.timeout, metadata=metadata)
             except grpc.aio.AioRpcError as error:
                 last = error
+                if _token_expired(error) and not reauthenticated:
+                    # etcd refused the token before doing anything, so even a write is
+                    # safe to send again: authenticate afresh, once.
+                    self._token, reauthenticated = None, True
+                    continue
                 # CANCELLED on a channel that another call has since abandoned (fail-over
                 # closes it) is a broken connection, not the caller's cancellation.
                 abandoned = error.code() == grpc.StatusCode.CANCELLED and channel is not self._channel
@@ -266,8 +337,20 @@ class EtcdClient:
                 # The call, not our task, was cancelled: its channel was closed.
                 if not retry or attempt + 1 == attempts:
                     raise UnavailableError(f"etcd {endpoint}: the connection was closed") from None
+            attempt += 1
         assert last is not None
         raise _translate(last, self.endpoint) from last
+
+    async def _credentials(self) -> tuple[tuple[str, str], ...] | None:
+        """The metadata that authenticates a call: etcd's token, fetched once per connection."""
+        if not self.security.user:
+            return None
+        if self._token is None:
+            # Raises grpc's own error: callers handle it like that of the call it precedes.
+            request = rpc.AuthenticateRequest(name=self.security.user, password=self.security.password())
+            response = await self._auth.Authenticate(request, timeout=self.timeout)
+            self._token = response.token
+        return (("token", self._token),)
 
     # -- KV ---------------------------------------------------------------------
 
@@ -331,7 +414,7 @@ class EtcdClient:
         self._connect()
         channel = self._channel
         try:
-            call = self._lease.LeaseKeepAlive(timeout=self.timeout)
+            call = self._lease.LeaseKeepAlive(timeout=self.timeout, metadata=await self._credentials())
             await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
             await call.done_writing()
             response = await call.read()
@@ -371,7 +454,7 @@ class EtcdClient:
         if range_end is not None:
             create.range_end = range_end
         endpoint = self.endpoint
-        call = self._watch.Watch()
+        call = self._watch.Watch(metadata=await self._credentials())
         try:
             await call.write(rpc.WatchRequest(create_request=create))
             while True:
@@ -415,8 +498,15 @@ def _really_cancelled() -> bool:
     return task is None or task.cancelling() > 0
 
 
+def _token_expired(error: grpc.aio.AioRpcError) -> bool:
+    return "invalid auth token" in (error.details() or "")
+
+
 def _translate(error: grpc.aio.AioRpcError, endpoint: str) -> Exception:
     message = f"etcd {endpoint}: {error.code().name}: {error.details()}"
+    if error.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED) or (
+            "authentication failed" in (error.details() or "")):
+        return AccessDenied(message)
     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (error.details() or ""):
         # gRPC's message size limit (etcd's --max-request-bytes plus overhead): the
         # request itself is at fault, retrying it cannot help.

@@ -8,6 +8,11 @@
     etcd://10.0.0.1:2379,10.0.0.2:2379/v1   etcd members and the key prefix of the log
     etcd://[2001:db8::1]:2379               IPv6 addresses in brackets; default prefix /v1
     etcd://h:2379?timeout=2&max_txn_ops=1024   options of the etcd backend
+    etcd://h:2379?ca=/etc/ucloud/etcd/ca.pem&cert=/etc/ucloud/etcd/me.pem&key=/etc/ucloud/etcd/me-key.pem
+                                            TLS: verify the server with ``ca``, present a client
+                                            certificate; ``user`` and ``password_file`` for etcd's
+                                            own authentication (never a password in the URL);
+                                            ``server_name`` to check another name than the host
     memory://                               a fresh, empty log inside this process (tests, demos)
 
 Parsed by hand rather than with ``urllib.parse``: ``urlsplit`` knows one host per URL and
@@ -45,6 +50,10 @@ _ETCD_OPTIONS: dict[str, type[int] | type[float]] = {
     "max_txn_ops": int,
     "max_txn_bytes": int,
 }
+# Options that say how to reach a secured etcd (eventstore/etcd_client.py, EtcdSecurity):
+# file paths and names, taken as written.
+_ETCD_SECURITY_OPTIONS = {"ca": "ca_file", "cert": "cert_file", "key": "key_file", "user": "user",
+                          "password_file": "password_file", "server_name": "server_name"}
 
 
 class InvalidStoreUrl(ValueError):
@@ -60,6 +69,7 @@ class StoreLocation:
     endpoints: tuple[str, ...] = ()
     prefix: str = DEFAULT_ETCD_PREFIX
     options: dict[str, int | float] = field(default_factory=dict)
+    security: dict[str, str] = field(default_factory=dict)  # EtcdSecurity's fields
 
     def __str__(self) -> str:
         if self.scheme == "sqlite":
@@ -128,7 +138,8 @@ def _etcd(url: str, rest: str) -> StoreLocation:
                     f"{segment!r} (letters, digits and _.:@=+- between single slashes)"
                 )
         prefix = "/" + segments
-    return StoreLocation("etcd", endpoints=endpoints, prefix=prefix, options=_etcd_options(url, query))
+    options, security = _etcd_options(url, query)
+    return StoreLocation("etcd", endpoints=endpoints, prefix=prefix, options=options, security=security)
 
 
 def _endpoint(url: str, part: str) -> str:
@@ -168,20 +179,25 @@ def _endpoint(url: str, part: str) -> str:
     return f"{host}:{int(port)}"
 
 
-def _etcd_options(url: str, query: str) -> dict[str, int | float]:
+def _etcd_options(url: str, query: str) -> tuple[dict[str, int | float], dict[str, str]]:
     options: dict[str, int | float] = {}
+    security: dict[str, str] = {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise InvalidStoreUrl(f"store URL {url!r}: options {query!r} are not name=value pairs joined by '&'") from None
     for name, value in pairs:
+        if name in options or _ETCD_SECURITY_OPTIONS.get(name) in security:
+            raise InvalidStoreUrl(f"store URL {url!r}: etcd option {name!r} is given twice")
+        if name in _ETCD_SECURITY_OPTIONS:
+            if not value:
+                raise InvalidStoreUrl(f"store URL {url!r}: etcd option {name!r} needs a value")
+            security[_ETCD_SECURITY_OPTIONS[name]] = value
+            continue
         kind = _ETCD_OPTIONS.get(name)
         if kind is None:
-            raise InvalidStoreUrl(
-                f"store URL {url!r}: unknown etcd option {name!r}; known: {', '.join(sorted(_ETCD_OPTIONS))}"
-            )
-        if name in options:
-            raise InvalidStoreUrl(f"store URL {url!r}: etcd option {name!r} is given twice")
+            known = sorted([*_ETCD_OPTIONS, *_ETCD_SECURITY_OPTIONS])
+            raise InvalidStoreUrl(f"store URL {url!r}: unknown etcd option {name!r}; known: {', '.join(known)}")
         try:
             number = kind(value)
         except ValueError:
@@ -192,7 +208,14 @@ def _etcd_options(url: str, query: str) -> dict[str, int | float]:
                 f"{'integer' if kind is int else 'number'}"
             )
         options[name] = number
-    return options
+    if security:
+        from .etcd_client import EtcdSecurity
+
+        try:
+            EtcdSecurity(**security)
+        except ValueError as error:
+            raise InvalidStoreUrl(f"store URL {url!r}: {error}") from None
+    return options, security
 
 
 def open_store(url: str | StoreLocation, *, create: bool = True) -> EventStore:
@@ -213,9 +236,12 @@ def open_store(url: str | StoreLocation, *, create: bool = True) -> EventStore:
         return SqliteEventStore(location.path)
     if location.scheme == "etcd":
         from .etcd import EtcdEventStore
+        from .etcd_client import EtcdSecurity
 
         try:
-            return EtcdEventStore(location.endpoints, prefix=location.prefix, **location.options)  # type: ignore[arg-type]
+            return EtcdEventStore(location.endpoints, prefix=location.prefix,
+                                  security=EtcdSecurity(**location.security) if location.security else None,
+                                  **location.options)  # type: ignore[arg-type]
         except ValueError as error:  # the backend's own limits, e.g. max_txn_ops < 8
             raise InvalidStoreUrl(f"store URL {str(location)!r}: {error}") from None
     from .memory import MemoryEventStore

@@ -71,7 +71,11 @@ def test_memory_url() -> None:
     ("etcd://user:pw@h:1", "credentials in the URL are not supported"),
     ("etcd://h:1/v 1", "key prefix /v 1 has an empty or invalid part 'v 1'"),
     ("etcd://h:1/a//b", "has an empty or invalid part ''"),
-    ("etcd://h:1?colour=red", "unknown etcd option 'colour'; known: append_timeout, max_txn_bytes"),
+    ("etcd://h:1?colour=red", "unknown etcd option 'colour'; known: append_timeout, ca, cert, key, max_txn_bytes"),
+    ("etcd://h:1?cert=/c.pem", "a client certificate needs both cert and key"),
+    ("etcd://h:1?user=ucloud", "etcd authentication needs both user and password_file"),
+    ("etcd://h:1?ca=", "etcd option 'ca' needs a value"),
+    ("etcd://h:1?ca=/a&ca=/b", "etcd option 'ca' is given twice"),
     ("etcd://h:1?timeout=soon", "etcd option timeout='soon' must be a positive number"),
     ("etcd://h:1?timeout=-1", "must be a positive number"),
     ("etcd://h:1?timeout=nan", "must be a positive number"),
@@ -121,3 +125,12 @@ def test_open_store_without_create_refuses_what_is_not_a_log(tmp_path: Path) -> 
     conn.close()
     with pytest.raises(InvalidStoreUrl, match="not a ucloud log"):
         open_store(str(other), create=False)
+
+
+def test_etcd_security_options_are_carried_to_the_client() -> None:
+    location = parse_store_url("etcd://h:2379?ca=/etc/u/ca.pem&cert=/etc/u/me.pem&key=/etc/u/me-key.pem"
+                               "&user=gw&password_file=/etc/u/pw&server_name=etcd.example&timeout=2")
+    assert location.security == {"ca_file": "/etc/u/ca.pem", "cert_file": "/etc/u/me.pem",
+                                 "key_file": "/etc/u/me-key.pem", "user": "gw", "password_file": "/etc/u/pw",
+                                 "server_name": "etcd.example"}
+    assert location.options == {"timeout": 2.0}

@@ -38,6 +38,9 @@ class AggregateType(Generic[S]):
     evolve: Callable[[S | None, Event], S | None]
     stream_of: Callable[[UUID], str]
     snapshot_schema: int = 1
+    # The read slices a state belongs to (domain/*.slices); an event is indexed under
+    # those of the state before it and after it.
+    slices: Callable[[S | None], tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Session:
     repository: Repository
     loaded: dict[str, Loaded[Any]] = field(default_factory=dict)
     recorded: dict[str, list[Event]] = field(default_factory=dict)
+    types: dict[str, AggregateType[Any]] = field(default_factory=dict)
 
     async def load(self, aggregate: AggregateType[S], aggregate_id: UUID) -> S | None:
         stream = aggregate.stream_of(aggregate_id)
@@ -90,6 +94,22 @@ class Session:
         if stream not in self.loaded:
             raise RuntimeError(f"record() on {stream} without load(): its version is unknown")
         self.recorded.setdefault(stream, []).extend(events)
+        self.types[stream] = aggregate
+
+    def slices_of(self, stream: str) -> list[tuple[str, ...]]:
+        """For each event recorded on ``stream``, the slices it is indexed under."""
+        aggregate = self.types[stream]
+        events = self.recorded[stream]
+        if aggregate.slices is None:
+            return [()] * len(events)
+        state = self.loaded[stream].state
+        result = []
+        for event in events:
+            after = aggregate.evolve(state, event)
+            before_slices, after_slices = aggregate.slices(state), aggregate.slices(after)
+            result.append(before_slices + tuple(s for s in after_slices if s not in before_slices))
+            state = after
+        return result
 
 
 class Repository:
@@ -147,7 +167,8 @@ class Repository:
             for stream, stream_events in session.recorded.items():
                 if not stream_events:
                     continue
-                new_events = [self._new_event(e, actor, causation_id, correlation_id) for e in stream_events]
+                new_events = [self._new_event(e, actor, causation_id, correlation_id, slices)
+                              for e, slices in zip(stream_events, session.slices_of(stream), strict=True)]
                 appends.append(StreamAppend(stream, session.loaded[stream].version, new_events))
                 events.extend(stream_events)
             if not appends and tracking is None:
@@ -163,7 +184,8 @@ class Repository:
             return Outcome(result, events, positions[-1] if positions else 0, versions)
         raise ConflictError("gave up after repeated conflicts")  # pragma: no cover - loop returns or raises
 
-    def _new_event(self, event: Event, actor: Actor, causation_id: UUID | None, correlation_id: UUID) -> NewEvent:
+    def _new_event(self, event: Event, actor: Actor, causation_id: UUID | None, correlation_id: UUID,
+                   slices: tuple[str, ...] = ()) -> NewEvent:
         tag, schema, data = self.codec.encode(event)
         return NewEvent(type=tag, schema=schema, data=data, actor=str(actor),
-                        causation_id=causation_id, correlation_id=correlation_id)
+                        causation_id=causation_id, correlation_id=correlation_id, slices=slices)

@@ -201,3 +201,13 @@ def decide(host: Host | None, command: Command, overcommit: Overcommit | None = 
 
 def stream_name(host_id: UUID) -> str:
     return f"host-{host_id}"
+
+
+def slice_name(host_id: UUID) -> str:
+    """The read slice of one host: every event its agent needs, and no other."""
+    return f"host-{host_id}"
+
+
+def slices(host: Host | None) -> tuple[str, ...]:
+    """A host's own events are in its slice."""
+    return (slice_name(host.id),) if host is not None else ()

@@ -402,3 +402,11 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
 
 def stream_name(vm_id: UUID) -> str:
     return f"vm-{vm_id}"
+
+
+def slices(vm: Vm | None) -> tuple[str, ...]:
+    """A VM's events belong to the slice of the host it is placed on. The command side
+    tags each event with the slices of the state before and after it, so the host a VM
+    leaves sees the event that moves it away, and the host it goes to the one that
+    brings it."""
+    return (f"host-{vm.host_id}",) if vm is not None and vm.host_id is not None else ()

@@ -6,6 +6,8 @@ Key layout (prefix ``/v1`` by default):
     /v1/streams/<stream>/<version:010d>   index: msgpack [position, event id]
     /v1/head                              the last position, b"%020d"
     /v1/tracking/<consumer>               a consumer's last position, b"%020d@<request token hex>"
+    /v1/slices/<slice>/<position:020d>    index: the event at that position is in the slice
+    /v1/slices-from                       b"%020d": slices are complete after this position
     /v1/snapshots/<stream>                the newest snapshot (msgpack Snapshot)
     /v1/snapshot-chunks/<stream>/<generation>/<index:08d>
                                           pieces of a snapshot too large for one value
@@ -63,6 +65,7 @@ from .records import (
     Snapshot,
     StreamAppend,
     Tracking,
+    slice_entries,
     to_record,
     utcnow,
     validate_append,
@@ -112,6 +115,7 @@ class EtcdEventStore(EventStore):
         self.page = PAGE
         self.transactions = 0  # write transactions sent, for benchmarks and tests
         self._head_cache: int | None = None
+        self._slices_marked = False
         self._tracking_cache: dict[str, bytes] = {}
         self._known_head = 0
         self._head_event: asyncio.Event | None = None
@@ -138,10 +142,53 @@ class EtcdEventStore(EventStore):
 
     # -- append -----------------------------------------------------------------
 
+    def _slice_prefix(self, name: str) -> bytes:
+        return self.prefix + b"/slices/" + name.encode() + b"/"
+
     async def append(self, *appends: StreamAppend, tracking: Tracking | None = None) -> list[int]:
         events = validate_append(appends, tracking)
-        cost = 2 * events + 2 * len(appends) + (1 if tracking else 0)
+        entries = slice_entries(appends)
+        if entries and not self._slices_marked:
+            await self._mark_slices()
+        cost = 2 * events + entries + 2 * len(appends) + (1 if tracking else 0)
         return await self._committer.submit(appends, tracking, cost)
+
+    async def _mark_slices(self) -> None:
+        """Before the first sliced append: record (once per log) that slices are
+        complete after the current head. Events before it were written by code that knew
+        no slices; a reader that needs them reads the log itself up to here."""
+        key = self.prefix + b"/slices-from"
+        head = await self._read_head()
+        await self.client.txn([cmp_version(key, "==", 0)], [op_put(key, _pad(head))])
+        self._slices_marked = True
+
+    async def slices_from(self) -> int | None:
+        kv = await self.client.get(self.prefix + b"/slices-from")
+        return int(kv.value) if kv is not None else None
+
+    async def read_slice(self, slice: str, after: int = 0, *, up_to: int | None = None,
+                         limit: int | None = None) -> list[EventRecord]:
+        prefix = self._slice_prefix(slice)
+        end = prefix + _pad(up_to + 1) if up_to is not None else prefix_end(prefix)
+        start = prefix + _pad(after + 1)
+        records: list[EventRecord] = []
+        while limit is None or len(records) < limit:
+            page = self.page if limit is None else min(self.page, limit - len(records))
+            index = await self.client.range(start, end, limit=page, keys_only=True)
+            positions = [int(kv.key[len(prefix):]) for kv in index.kvs]
+            chunk = max(1, self.max_txn_ops)
+            for i in range(0, len(positions), chunk):
+                ops = [op_get(self._event_key(p)) for p in positions[i : i + chunk]]
+                result = await self.client.txn([], ops, read_only=True)
+                for response in result.responses:
+                    kvs = range_kvs(response)
+                    if not kvs:
+                        raise DataError(f"slice {slice!r} indexes an event that is missing from the log")
+                    records.append(_decode(kvs[0].value))
+            if not index.more or not index.kvs:
+                break
+            start = index.kvs[-1].key + b"\0"
+        return records
 
     async def _commit_batch(self, batch: list[PendingAppend]) -> None:
         loop = asyncio.get_running_loop()
@@ -229,6 +276,8 @@ class EtcdEventStore(EventStore):
                     txn.put(self._events + b"%020d" % position,
                             encode(to_record(event, append.stream, version, position, now)))
                     txn.put(stream_prefix + b"%010d" % version, encode((position, event.id.bytes)))
+                    for name in event.slices:
+                        txn.put(self.prefix + b"/slices/" + name.encode() + b"/%020d" % position, b"")
                     positions.append(position)
             if request.tracking is not None:
                 key = self._tracking_key(request.tracking.consumer)
@@ -419,6 +468,7 @@ class EtcdEventStore(EventStore):
         after: int = 0,
         *,
         types: Collection[str] | None = None,
+        slice: str | None = None,
         batch: int = 1000,
         idle_timeout: float = 5.0,
     ) -> AsyncIterator[EventRecord]:
@@ -426,7 +476,18 @@ class EtcdEventStore(EventStore):
         read is retried (with a growing pause, logged) until etcd answers again.
 
         While catching up, the next window is read while the consumer works on this one
-        (etcd serves it meanwhile), so a replay waits on etcd less."""
+        (etcd serves it meanwhile), so a replay waits on etcd less. A slice is sparse, so
+        it is read up to the head at once rather than by windows of positions."""
+        wanted = None if types is None else frozenset(types)
+
+        async def read(low: int, high: int) -> list[EventRecord]:
+            if slice is None:
+                return await self.read_all(low, up_to=high, types=types)
+            records = await self.read_slice(slice, low, up_to=high)
+            return records if wanted is None else [r for r in records if r.type in wanted]
+
+        if slice is not None:
+            batch = 1 << 62
         position = after
         head = 0
         delay = 0.05
@@ -445,7 +506,7 @@ class EtcdEventStore(EventStore):
                         while head <= position:
                             head = await self.wait_for_events(position, idle_timeout)
                         up_to = min(head, position + batch)
-                        records = await self.read_all(position, up_to=up_to, types=types)
+                        records = await read(position, up_to)
                 except UnavailableError as error:
                     log.warning("subscription after position %d waits for etcd: %s", position, error)
                     await asyncio.sleep(delay)
@@ -454,8 +515,7 @@ class EtcdEventStore(EventStore):
                 delay = 0.05
                 if up_to < head:
                     ahead_to = min(head, up_to + batch)
-                    ahead = asyncio.get_running_loop().create_task(
-                        self.read_all(up_to, up_to=ahead_to, types=types))
+                    ahead = asyncio.get_running_loop().create_task(read(up_to, ahead_to))
                 for record in records:
                     yield record
                 position = up_to

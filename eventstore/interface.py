@@ -55,6 +55,25 @@ class EventStore(abc.ABC):
         """Events with after < position <= up_to, in order, optionally of some types."""
 
     @abc.abstractmethod
+    async def read_slice(
+        self,
+        slice: str,
+        after: int = 0,
+        *,
+        up_to: int | None = None,
+        limit: int | None = None,
+    ) -> list[EventRecord]:
+        """The events indexed under ``slice`` (NewEvent.slices) with after < position <=
+        up_to, in log order."""
+
+    @abc.abstractmethod
+    async def slices_from(self) -> int | None:
+        """Slices are complete after this position: an event appended before the log's
+        first sliced append (by code older than slices) is in no slice. None: no event
+        was ever appended with slices, so slices say nothing yet. 0: a log sliced from
+        its start."""
+
+    @abc.abstractmethod
     async def head(self) -> int:
         """The position of the last event; 0 for an empty log."""
 
@@ -87,6 +106,7 @@ class EventStore(abc.ABC):
         after: int = 0,
         *,
         types: Collection[str] | None = None,
+        slice: str | None = None,
         batch: int = 1000,
         idle_timeout: float = 5.0,
     ) -> AsyncIterator[EventRecord]:
@@ -95,14 +115,23 @@ class EventStore(abc.ABC):
         Reading is by position, never by a backend's own revision, so the switch from
         catch-up to live cannot drop or duplicate anything, and it survives etcd
         compaction, restarts and reconnects: the worst a disturbance can do is delay.
+        With ``slice`` only that slice's events are read (types then filter them).
         """
         position = after
+        wanted = None if types is None else frozenset(types)
         while True:
             head = await self.head()
             while head <= position:
                 head = await self.wait_for_events(position, idle_timeout)
             # Positions are gap-free, so a window of positions is a window of events.
             up_to = min(head, position + batch)
-            for record in await self.read_all(position, up_to=up_to, types=types):
+            if slice is None:
+                records = await self.read_all(position, up_to=up_to, types=types)
+            else:
+                up_to = head  # a slice is sparse: read it up to the head at once
+                records = await self.read_slice(slice, position, up_to=up_to)
+                if wanted is not None:
+                    records = [r for r in records if r.type in wanted]
+            for record in records:
                 yield record
             position = up_to

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Collection
 
 from .errors import StreamConflict, TrackingConflict
@@ -12,6 +13,7 @@ from .records import (
     Snapshot,
     StreamAppend,
     Tracking,
+    slice_entries,
     to_record,
     utcnow,
     validate_append,
@@ -25,6 +27,8 @@ class MemoryEventStore(EventStore):
         self._tracking: dict[str, int] = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._appended = Notifier()
+        self._slices: dict[str, list[EventRecord]] = {}
+        self._slices_from: int | None = None
 
     async def append(self, *appends: StreamAppend, tracking: Tracking | None = None) -> list[int]:
         validate_append(appends, tracking)
@@ -39,6 +43,8 @@ class MemoryEventStore(EventStore):
                 raise TrackingConflict(tracking.consumer, tracking.position, recorded)
         now = utcnow()
         positions = []
+        if self._slices_from is None and slice_entries(appends):
+            self._slices_from = len(self._log)
         for append in appends:
             stream = self._streams.setdefault(append.stream, [])
             for event in append.events:
@@ -46,6 +52,8 @@ class MemoryEventStore(EventStore):
                 stream.append(record)
                 self._log.append(record)
                 positions.append(record.position)
+                for name in event.slices:
+                    self._slices.setdefault(name, []).append(record)
         if tracking is not None:
             self._tracking[tracking.consumer] = tracking.position
         self._appended.notify()
@@ -84,6 +92,17 @@ class MemoryEventStore(EventStore):
             wanted = set(types)
             selected = [r for r in selected if r.type in wanted]
         return selected[:limit] if limit is not None else list(selected)
+
+    async def read_slice(self, slice: str, after: int = 0, *, up_to: int | None = None,
+                         limit: int | None = None) -> list[EventRecord]:
+        records = self._slices.get(slice, [])
+        start = bisect.bisect_right(records, after, key=lambda r: r.position)
+        end = len(records) if up_to is None else bisect.bisect_right(records, up_to, key=lambda r: r.position)
+        selected = records[start:end]
+        return selected[:limit] if limit is not None else selected
+
+    async def slices_from(self) -> int | None:
+        return self._slices_from
 
     async def head(self) -> int:
         return len(self._log)

@@ -33,6 +33,10 @@ class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
     # Opaque bytes for an adapter's own bookkeeping beside the event (the eventsourcing
     # recorders keep the library's originator_version here); the store never reads it.
     metadata: bytes = b""
+    # The read slices this event belongs to (e.g. "host-<uuid>"): the store indexes it
+    # under each, atomically with the append, so a reader of a slice (a host agent) gets
+    # exactly its events in log order without reading the rest of the log.
+    slices: tuple[str, ...] = ()
 
 
 class EventRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -91,7 +95,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
 
 # Streams are named "<kind>-<id>" by convention. '/' is refused because the etcd
 # backend keys stream versions under /v1/streams/<stream>/.
-_STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@=+-]{0,199}$")
+_STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@=+-]{0,199}")  # always fullmatch: "$" lets "\n" through
 _CONSUMER_NAME = _STREAM_NAME
 
 
@@ -102,7 +106,7 @@ def validate_append(appends: Sequence[StreamAppend], tracking: Tracking | None) 
     seen: set[str] = set()
     count = 0
     for append in appends:
-        if not _STREAM_NAME.match(append.stream):
+        if not _STREAM_NAME.fullmatch(append.stream):
             raise InvalidAppend(
                 f"stream name {append.stream!r} is invalid: use letters, digits and _.:@=+- "
                 "(no '/'), at most 200 characters"
@@ -120,13 +124,28 @@ def validate_append(appends: Sequence[StreamAppend], tracking: Tracking | None) 
         for event in append.events:
             if not event.type:
                 raise InvalidAppend(f"an event for stream {append.stream!r} has no type")
+            for name in event.slices:
+                validate_slice(name)
+            if len(set(event.slices)) != len(event.slices):
+                raise InvalidAppend(f"an event for stream {append.stream!r} names a slice twice")
         count += len(append.events)
     if tracking is not None:
-        if not _CONSUMER_NAME.match(tracking.consumer):
+        if not _CONSUMER_NAME.fullmatch(tracking.consumer):
             raise InvalidAppend(f"consumer name {tracking.consumer!r} is invalid")
         if tracking.position < 1:
             raise InvalidAppend(f"tracking position must be >= 1, got {tracking.position}")
     return count
+
+
+def validate_slice(name: str) -> None:
+    if not _STREAM_NAME.fullmatch(name):
+        raise InvalidAppend(
+            f"slice name {name!r} is invalid: use letters, digits and _.:@=+- (no '/'), at most 200 characters")
+
+
+def slice_entries(appends: Sequence[StreamAppend]) -> int:
+    """How many slice index entries a request writes."""
+    return sum(len(event.slices) for append in appends for event in append.events)
 
 
 def stream_kind(stream: str) -> str:

@@ -29,6 +29,7 @@ from .records import (
     Snapshot,
     StreamAppend,
     Tracking,
+    slice_entries,
     to_record,
     utcnow,
     validate_append,
@@ -54,6 +55,15 @@ CREATE TABLE IF NOT EXISTS snapshots (
     stream  TEXT PRIMARY KEY,
     version INTEGER NOT NULL,
     snapshot BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS slices (
+    slice    TEXT    NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (slice, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 """
 
@@ -103,7 +113,7 @@ class SqliteEventStore(EventStore):
     # -- writes -----------------------------------------------------------------
 
     async def append(self, *appends: StreamAppend, tracking: Tracking | None = None) -> list[int]:
-        count = validate_append(appends, tracking)
+        count = validate_append(appends, tracking) + slice_entries(appends)
         positions = await self._committer.submit(appends, tracking, count)
         self._appended.notify()
         return positions
@@ -180,6 +190,27 @@ class SqliteEventStore(EventStore):
             args.append(limit)
         return await self._run(self._reader_thread, lambda conn: _decode_rows(conn.execute(sql, args)))
 
+    async def read_slice(self, slice: str, after: int = 0, *, up_to: int | None = None,
+                         limit: int | None = None) -> list[EventRecord]:
+        sql = ("SELECT events.record FROM slices JOIN events ON events.position = slices.position "
+               "WHERE slices.slice = ? AND slices.position > ?")
+        args: list[Any] = [slice, after]
+        if up_to is not None:
+            sql += " AND slices.position <= ?"
+            args.append(up_to)
+        sql += " ORDER BY slices.position"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return await self._run(self._reader_thread, lambda conn: _decode_rows(conn.execute(sql, args)))
+
+    async def slices_from(self) -> int | None:
+        def marker(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'slices_from'").fetchone()
+            return row[0] if row else None
+
+        return await self._run(self._reader_thread, marker)
+
     async def head(self) -> int:
         return await self._run(self._reader_thread, _head)
 
@@ -246,6 +277,7 @@ def _commit(conn: sqlite3.Connection, batch: list[PendingAppend]) -> list[list[i
             start = position
             try:
                 rows = []
+                slice_rows: list[tuple[str, int]] = []
                 positions = []
                 for append in request.appends:
                     row = conn.execute(
@@ -259,6 +291,7 @@ def _commit(conn: sqlite3.Connection, batch: list[PendingAppend]) -> list[list[i
                         version = append.expected_version + offset
                         record = to_record(event, append.stream, version, position, now)
                         rows.append((position, append.stream, version, event.type, RECORD_ENCODER.encode(record)))
+                        slice_rows.extend((name, position) for name in event.slices)
                         positions.append(position)
                 if request.tracking is not None:
                     _record_tracking(conn, request.tracking)
@@ -266,6 +299,10 @@ def _commit(conn: sqlite3.Connection, batch: list[PendingAppend]) -> list[list[i
                     "INSERT INTO events (position, stream, version, type, record) VALUES (?, ?, ?, ?, ?)",
                     rows,
                 )
+                if slice_rows:
+                    # The first sliced append marks where slices begin (older events have none).
+                    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('slices_from', ?)", (start,))
+                    conn.executemany("INSERT INTO slices (slice, position) VALUES (?, ?)", slice_rows)
                 conn.execute("RELEASE request")
                 outcomes.append(positions)
             except (StreamConflict, TrackingConflict) as conflict:

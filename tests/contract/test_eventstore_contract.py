@@ -226,3 +226,70 @@ async def test_a_snapshot_of_tens_of_megabytes_saves_and_loads_whole(store: Even
     await store.save_snapshot(Snapshot(stream="projection-big", version=9, type="views", state=b"old"))
     loaded = await store.load_snapshot("projection-big")
     assert loaded is not None and (loaded.version, loaded.state) == (11, smaller)
+
+
+def sliced(n: int, *slices: str) -> NewEvent:
+    return NewEvent(type="thing.happened", data=b'{"n":%d}' % n, slices=slices)
+
+
+async def test_a_slice_holds_exactly_its_events_in_log_order(store: EventStore) -> None:
+    assert await store.slices_from() is None
+    await store.append(StreamAppend("vm-a", 0, [sliced(1, "host-1"), sliced(2)]))
+    await store.append(StreamAppend("vm-b", 0, [sliced(3, "host-2")]),
+                       StreamAppend("host-1", 0, [sliced(4, "host-1", "host-2")]))
+    await store.append(StreamAppend("vm-a", 2, [sliced(5, "host-1")]))
+    assert await store.slices_from() == 0
+    assert [r.position for r in await store.read_slice("host-1")] == [1, 4, 5]
+    assert [r.position for r in await store.read_slice("host-2")] == [3, 4]
+    assert [r.position for r in await store.read_slice("host-1", 1, up_to=4)] == [4]
+    assert [r.position for r in await store.read_slice("host-1", 0, limit=2)] == [1, 4]
+    assert await store.read_slice("host-3") == []
+    (record,) = await store.read_slice("host-2", 3)
+    assert (record.stream, record.version, record.data) == ("host-1", 1, b'{"n":4}')
+
+
+async def test_slices_begin_where_the_first_sliced_append_found_the_log(store: EventStore) -> None:
+    await store.append(StreamAppend("vm-a", 0, [ev(n=1), ev(n=2)]))  # written before slices existed
+    await store.append(StreamAppend("vm-a", 2, [sliced(3, "host-1")]))
+    await store.append(StreamAppend("vm-b", 0, [sliced(4, "host-1")]))
+    assert await store.slices_from() == 2
+
+
+async def test_a_conflicting_append_leaves_no_slice_entry(store: EventStore) -> None:
+    await store.append(StreamAppend("vm-a", 0, [sliced(1, "host-1")]))
+    with pytest.raises(StreamConflict):
+        await store.append(StreamAppend("vm-b", 0, [sliced(2, "host-1")]),
+                           StreamAppend("vm-a", 0, [sliced(3, "host-1")]))
+    assert [r.position for r in await store.read_slice("host-1")] == [1]
+    await store.append(StreamAppend("vm-b", 0, [sliced(2, "host-1")]))
+    assert [r.position for r in await store.read_slice("host-1")] == [1, 2]
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "x" * 201, "héllo", "host-1\n"])
+async def test_a_bad_slice_name_is_refused_before_anything_is_written(store: EventStore, bad: str) -> None:
+    with pytest.raises(InvalidAppend, match="slice name"):
+        await store.append(StreamAppend("vm-a", 0, [sliced(1, bad)]))
+    assert await store.head() == 0
+
+
+async def test_subscribing_to_a_slice_catches_up_then_follows_it_live(store: EventStore) -> None:
+    await store.append(StreamAppend("vm-a", 0, [sliced(1, "host-1"), sliced(2, "host-2")]))
+    seen: list[int] = []
+
+    async def follow() -> None:
+        async for record in store.subscribe(0, slice="host-1", idle_timeout=0.1):
+            seen.append(record.position)
+            if len(seen) == 3:
+                return
+
+    follower = asyncio.create_task(follow())
+    await asyncio.sleep(0.2)
+    await store.append(StreamAppend("vm-b", 0, [sliced(3, "host-2"), sliced(4, "host-1")]))
+    await store.append(StreamAppend("vm-c", 0, [sliced(5, "host-1")]))
+    await asyncio.wait_for(follower, 10)
+    assert seen == [1, 4, 5]
+
+
+async def test_a_stream_name_with_a_trailing_newline_is_refused(store: EventStore) -> None:
+    with pytest.raises(InvalidAppend, match="stream name"):
+        await store.append(StreamAppend("vm-a\n", 0, [ev(n=1)]))

@@ -595,7 +595,16 @@ class EtcdEventStore(EventStore):
             async with limit:
                 await self.client.put(chunk_prefix + b"%08d" % index, piece)
 
-        await asyncio.gather(*(put(index, piece) for index, piece in enumerate(pieces)))
+        tasks = [asyncio.ensure_future(put(index, piece)) for index, piece in enumerate(pieces)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # One refused chunk fails the save: stop the others rather than leave them
+            # writing in the background (the chunks already written are cleaned up later).
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         return msgspec.structs.replace(snapshot, state=b"", chunks=len(pieces), generation=generation,
                                        digest=hashlib.sha256(state).hexdigest())
 

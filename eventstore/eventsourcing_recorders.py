@@ -216,7 +216,7 @@ def _unescape(text: str) -> str:
 
 
 def _text_name(text: str, what: str) -> str:
-    if _STREAM_NAME.match(text) and stream_kind(text) not in _RESERVED_KINDS:
+    if _STREAM_NAME.fullmatch(text) and stream_kind(text) not in _RESERVED_KINDS:
         return text
     name = f"{TEXT_KIND}-{_escape(text)}"
     if len(name) > _MAX_NAME:

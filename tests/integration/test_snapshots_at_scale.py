@@ -120,8 +120,8 @@ async def test_a_snapshot_that_cannot_be_saved_is_counted_and_logged_and_followi
         caplog.set_level(logging.ERROR, logger="ucloud.projections.runner")
         follower = asyncio.create_task(runner.run())
         try:
-            assert await runner.wait_for(5, timeout=30)
-            for _ in range(200):
+            assert await runner.wait_for(5, timeout=60)
+            for _ in range(600):
                 if runner.snapshot_failures:
                     break
                 await asyncio.sleep(0.1)
@@ -129,10 +129,11 @@ async def test_a_snapshot_that_cannot_be_saved_is_counted_and_logged_and_followi
             assert "save" in runner.last_snapshot_error
             assert any("snapshot save failed" in r.getMessage() for r in caplog.records)
             assert not follower.done(), "a failed snapshot must not stop the read models"
-            assert await store.load_snapshot("projection-quota") is None  # nothing half-written counts
+            # Nothing half-written counts as a snapshot.
+            assert await asyncio.wait_for(store.load_snapshot("projection-quota"), 60) is None
         finally:
             follower.cancel()
             with pytest.raises(asyncio.CancelledError):
-                await follower
+                await asyncio.wait_for(follower, 120)  # its last save (which fails too) runs first
     finally:
         await store.close()

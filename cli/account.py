@@ -237,7 +237,7 @@ _switch("enable")
 @pass_context
 def user_enrol(ctx: Context, name: str, enrol_realm: str, replace: bool, no_qr: bool, as_json: bool) -> None:
     """Create NAME's OTP seed in a realm and show it ONCE (URI, QR code, login command)."""
-    from ucloud.gateway.auth_otp import (
+    from ucloud.auth.otp import (
         render_qr,  # only here: the rest of the CLI does not need qrcode
     )
 

@@ -14,7 +14,7 @@ identity and never sends the same one twice: when it already used the current
 step it takes the next one (the gateway accepts one step of clock skew), and only
 if that is used too does it wait for the step after.
 
-Both files go through gateway/auth_files.py: refused when others may read them,
+Both files go through auth/files.py: refused when others may read them,
 replaced atomically, written under a lock.
 """
 
@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 import pyotp
 
-from ucloud.gateway.auth_files import (
+from ucloud.auth.files import (
     PrivateFileError,
     atomic_write,
     ensure_private_dir,

@@ -15,6 +15,9 @@ way to log in elsewhere is shown once: the seed on a terminal, or in a 0600 file
 path is printed when stderr is not a terminal (it may be a log). Nothing secret goes
 to the log. ``--insecure-header-auth`` trusts X-Ucloud-User headers instead: for
 development only, never the default.
+
+This is the one module of the CLI that imports the server (``ucloud.gateway.app``, to
+run the gateway in-process); tests/unit/test_import_rules.py holds the rest to HTTP.
 """
 
 from __future__ import annotations
@@ -33,11 +36,7 @@ from typing import Any
 
 import click
 
-from ucloud.cli.credentials import Credentials, CredentialsError, Identity, Seed
-from ucloud.commands.service import CommandService
-from ucloud.eventstore.url import InvalidStoreUrl, open_store
-from ucloud.gateway.app import GatewayConfig, start
-from ucloud.gateway.auth_config import (
+from ucloud.auth.config import (
     FIRST_ADMIN,
     FirstAdmin,
     builtin_authenticator,
@@ -45,11 +44,15 @@ from ucloud.gateway.auth_config import (
     ldap_authenticator,
     load_ldap_config,
 )
-from ucloud.gateway.auth_directory import DirectoryError, DirectoryUnavailable
-from ucloud.gateway.auth_files import PrivateFileError, atomic_write
-from ucloud.gateway.auth_otp import render_qr
-from ucloud.gateway.auth_secrets import SecretStoreError
-from ucloud.gateway.auth_session import DEFAULT_TTL, SessionAuthenticator
+from ucloud.auth.directory import DirectoryError, DirectoryUnavailable
+from ucloud.auth.files import PrivateFileError, atomic_write
+from ucloud.auth.otp import render_qr
+from ucloud.auth.secrets import SecretStoreError
+from ucloud.auth.sessions import DEFAULT_TTL, SessionAuthenticator
+from ucloud.cli.credentials import Credentials, CredentialsError, Identity, Seed
+from ucloud.commands.service import CommandService
+from ucloud.eventstore.url import InvalidStoreUrl, open_store
+from ucloud.gateway.app import GatewayConfig, start
 from ucloud.hostagent.agent import HostAgent
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver

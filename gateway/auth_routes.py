@@ -24,11 +24,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ucloud.commands.unit_of_work import Actor
-from ucloud.domain.errors import InvalidValue, NotFound, Rejected
-from ucloud.eventstore.errors import ConflictError
-
-from .auth_directory import (
+from ucloud.auth.directory import (
     BuiltinDirectory,
     DirectoryError,
     DirectoryUnavailable,
@@ -36,10 +32,14 @@ from .auth_directory import (
     User,
     UserExists,
 )
-from .auth_otp import AlreadyEnrolled, enrol, unenrol
-from .auth_realms import AuthenticationUnavailable
-from .auth_secrets import otp_key
-from .auth_session import AUTHORIZATION, SessionAuthenticator
+from ucloud.auth.otp import AlreadyEnrolled, enrol, unenrol
+from ucloud.auth.realms import AuthenticationUnavailable
+from ucloud.auth.secrets import otp_key
+from ucloud.auth.sessions import AUTHORIZATION, SessionAuthenticator
+from ucloud.commands.unit_of_work import Actor
+from ucloud.domain.errors import InvalidValue, NotFound, Rejected
+from ucloud.eventstore.errors import ConflictError
+
 from .keys import AUTHENTICATOR, actor_of
 from .routes import ApiDoc, Handler, Param, answer
 

@@ -4,7 +4,7 @@ The gateway's auth middleware hands every request's headers and peer address to 
 configured authenticator and stores the ``Actor`` it returns in ``request[ACTOR]``.
 ``HeaderAuthenticator`` trusts ``X-Ucloud-User``/``X-Ucloud-Realm`` as they come: the
 development default, fit only behind something that sets those headers itself. A real
-authenticator (LDAP + TOTP, gateway/auth_*.py) implements the same protocol and is
+authenticator (LDAP + TOTP, ucloud.auth) implements the same protocol and is
 chosen by ``GatewayConfig.authenticator`` -- an object, or an import path
 ``"package.module:factory"`` -- without touching the gateway.
 
@@ -19,25 +19,18 @@ import re
 from collections.abc import Awaitable, Mapping
 from typing import Protocol, runtime_checkable
 
+from ucloud.auth.errors import AuthenticationFailed
 from ucloud.commands.unit_of_work import Actor
+
+__all__ = ["AuthenticationFailed", "Authenticator", "HeaderAuthenticator", "resolve_authenticator"]
 
 USER_HEADER = "X-Ucloud-User"
 REALM_HEADER = "X-Ucloud-Realm"
-TOKEN_HEADER = "X-Ucloud-Token"  # the TOTP, read by the real authenticator (gateway/auth_realms.py)
+TOKEN_HEADER = "X-Ucloud-Token"  # the TOTP, read by the real authenticator (auth/realms.py)
 DEFAULT_REALM = "ucloud"
 ADMIN_REALM = "ucloud-admin"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-
-
-class AuthenticationFailed(Exception):
-    """The request does not say (credibly) who sends it: answered with 401.
-
-    ``challenge`` becomes the WWW-Authenticate header, which a 401 must carry."""
-
-    def __init__(self, message: str, challenge: str = 'Ucloud realm="ucloud"') -> None:
-        super().__init__(message)
-        self.challenge = challenge
 
 
 @runtime_checkable

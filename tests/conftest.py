@@ -61,7 +61,7 @@ _SECRETS_SEEN: dict[str, str] = {}
 
 def _record_secret_stores() -> list[tuple[type, str, object]]:
     """Wrap every SecretStore implementation's writes so the suite knows each secret it made."""
-    from ucloud.gateway.auth_secrets import Secret, SecretStore
+    from ucloud.auth.secrets import Secret, SecretStore
 
     originals = []
     for store_type in SecretStore.__subclasses__():

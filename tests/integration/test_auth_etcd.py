@@ -11,10 +11,10 @@ import pytest
 
 from tests.support.auth import ManualClock
 from tests.support.etcd import EtcdCluster, free_port
+from ucloud.auth.otp import EtcdUsedTokenCache, LocalVerifier, enrol
+from ucloud.auth.secrets import EtcdSecretStore, Secret, SecretStoreError
 from ucloud.eventstore.errors import UnavailableError
 from ucloud.eventstore.etcd_client import EtcdClient, prefix_end
-from ucloud.gateway.auth_otp import EtcdUsedTokenCache, LocalVerifier, enrol
-from ucloud.gateway.auth_secrets import EtcdSecretStore, Secret, SecretStoreError
 
 pytestmark = pytest.mark.etcd
 

@@ -12,19 +12,19 @@ import pytest
 
 from tests.support.auth import ManualClock
 from tests.support.slapd import free_port
-from ucloud.eventstore.memory import MemoryEventStore
-from ucloud.gateway.app import GatewayConfig, RunningGateway, start
-from ucloud.gateway.auth_directory import BuiltinDirectory, LdapConfig, LdapDirectory
-from ucloud.gateway.auth_otp import LocalVerifier, enrol
-from ucloud.gateway.auth_ratelimit import FailureLimiter
-from ucloud.gateway.auth_realms import (
+from ucloud.auth.directory import BuiltinDirectory, LdapConfig, LdapDirectory
+from ucloud.auth.otp import LocalVerifier, enrol
+from ucloud.auth.ratelimit import FailureLimiter
+from ucloud.auth.realms import (
     HEADER_NAME,
     HEADER_REALM,
     HEADER_TOKEN,
     AuthenticationFailed,
     OtpAuthenticator,
 )
-from ucloud.gateway.auth_secrets import FileSecretStore
+from ucloud.auth.secrets import FileSecretStore
+from ucloud.eventstore.memory import MemoryEventStore
+from ucloud.gateway.app import GatewayConfig, RunningGateway, start
 
 T0 = 1_700_000_000.0
 

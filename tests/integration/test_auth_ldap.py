@@ -23,16 +23,16 @@ from tests.support.slapd import (
     person_ldif,
     slapd_server,
 )
-from ucloud.gateway.auth_directory import (
+from ucloud.auth.directory import (
     DirectoryError,
     DirectoryUnavailable,
     LdapConfig,
     LdapDirectory,
     User,
 )
-from ucloud.gateway.auth_otp import LocalVerifier, enrol
-from ucloud.gateway.auth_ratelimit import FailureLimiter
-from ucloud.gateway.auth_realms import (
+from ucloud.auth.otp import LocalVerifier, enrol
+from ucloud.auth.ratelimit import FailureLimiter
+from ucloud.auth.realms import (
     HEADER_NAME,
     HEADER_REALM,
     HEADER_TOKEN,
@@ -40,7 +40,7 @@ from ucloud.gateway.auth_realms import (
     AuthenticationFailed,
     authenticate,
 )
-from ucloud.gateway.auth_secrets import FileSecretStore, Secret
+from ucloud.auth.secrets import FileSecretStore, Secret
 
 pytestmark = pytest.mark.ldap
 

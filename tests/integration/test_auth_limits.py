@@ -19,7 +19,7 @@ import pytest
 
 from tests.support.auth import ManualClock
 from tests.support.auth_stack import ADMIN, USER, Stack, auth_stack
-from ucloud.gateway.auth_ratelimit import FailureLimiter, RateLimitPolicy
+from ucloud.auth.ratelimit import FailureLimiter, RateLimitPolicy
 
 PER_USER, PER_SOURCE, WINDOW = 3, 6, 300.0
 

@@ -27,9 +27,9 @@ import pytest
 from tests.support.auth_stack import ADMIN, USER, Directory, Stack, auth_stack, ldap_people
 from tests.support.gateway import PUBLIC_KEY
 from tests.support.slapd import Slapd, slapd_server
-from ucloud.gateway.auth_otp import unenrol
-from ucloud.gateway.auth_realms import AuthenticationFailed
-from ucloud.gateway.auth_session import SessionAuthenticator
+from ucloud.auth.otp import unenrol
+from ucloud.auth.realms import AuthenticationFailed
+from ucloud.auth.sessions import SessionAuthenticator
 from ucloud.gateway.openapi import OPENAPI
 
 pytestmark = pytest.mark.ldap

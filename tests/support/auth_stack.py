@@ -30,16 +30,16 @@ from tests.support.slapd import (
     group_ldif,
     person_ldif,
 )
+from ucloud.auth.directory import BuiltinDirectory, LdapConfig, LdapDirectory, UserDirectory
+from ucloud.auth.otp import LocalVerifier, enrol
+from ucloud.auth.ratelimit import FailureLimiter, RateLimitPolicy
+from ucloud.auth.realms import HEADER_NAME, HEADER_REALM, HEADER_TOKEN, Realms
+from ucloud.auth.secrets import FileSecretStore, Secret
+from ucloud.auth.sessions import SessionAuthenticator, SessionSigner
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.eventstore.sqlite import SqliteEventStore
 from ucloud.gateway.app import COMMANDS, GatewayConfig, RunningGateway, start
-from ucloud.gateway.auth_directory import BuiltinDirectory, LdapConfig, LdapDirectory, UserDirectory
-from ucloud.gateway.auth_otp import LocalVerifier, enrol
-from ucloud.gateway.auth_ratelimit import FailureLimiter, RateLimitPolicy
-from ucloud.gateway.auth_realms import HEADER_NAME, HEADER_REALM, HEADER_TOKEN, Realms
-from ucloud.gateway.auth_secrets import FileSecretStore, Secret
-from ucloud.gateway.auth_session import SessionAuthenticator, SessionSigner
 
 T0 = 1_700_000_000.0
 USER, ADMIN = "ucloud", "ucloud-admin"

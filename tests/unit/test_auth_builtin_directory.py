@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from ucloud.gateway.auth_directory import (
+from ucloud.auth.directory import (
     BuiltinDirectory,
     DirectoryError,
     UnknownUser,
     User,
     UserExists,
 )
-from ucloud.gateway.auth_files import PrivateFileError
+from ucloud.auth.files import PrivateFileError
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pyotp
 import pytest
 
 from tests.support.auth import ManualClock
-from ucloud.gateway.auth_otp import (
+from ucloud.auth.otp import (
     AlreadyEnrolled,
     LocalVerifier,
     MemoryUsedTokenCache,
@@ -20,7 +20,7 @@ from ucloud.gateway.auth_otp import (
     unenrol,
     well_formed,
 )
-from ucloud.gateway.auth_secrets import FileSecretStore, Secret, otp_key
+from ucloud.auth.secrets import FileSecretStore, Secret, otp_key
 
 T0 = 1_700_000_000.0  # 56666666 * 30 + 20: 20 s into a step
 SEED = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"

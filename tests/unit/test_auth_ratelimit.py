@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.auth import ManualClock
-from ucloud.gateway.auth_ratelimit import FailureLimiter, RateLimitPolicy, source_network
+from ucloud.auth.ratelimit import FailureLimiter, RateLimitPolicy, source_network
 
 
 @pytest.fixture

@@ -13,12 +13,10 @@ from multidict import CIMultiDict
 
 from tests.support.auth import ManualClock
 from tests.support.slapd import free_port
-from ucloud.eventstore.errors import UnavailableError
-from ucloud.gateway import identity
-from ucloud.gateway.auth_directory import BuiltinDirectory, LdapConfig, LdapDirectory
-from ucloud.gateway.auth_otp import LocalVerifier, MemoryUsedTokenCache, enrol
-from ucloud.gateway.auth_ratelimit import FailureLimiter, RateLimitPolicy
-from ucloud.gateway.auth_realms import (
+from ucloud.auth.directory import BuiltinDirectory, LdapConfig, LdapDirectory
+from ucloud.auth.otp import LocalVerifier, MemoryUsedTokenCache, enrol
+from ucloud.auth.ratelimit import FailureLimiter, RateLimitPolicy
+from ucloud.auth.realms import (
     HEADER_NAME,
     HEADER_REALM,
     HEADER_TOKEN,
@@ -37,7 +35,9 @@ from ucloud.gateway.auth_realms import (
     owner_filter,
     require_admin,
 )
-from ucloud.gateway.auth_secrets import FileSecretStore
+from ucloud.auth.secrets import FileSecretStore
+from ucloud.eventstore.errors import UnavailableError
+from ucloud.gateway import identity
 
 T0 = 1_700_000_000.0
 

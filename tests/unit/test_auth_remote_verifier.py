@@ -10,8 +10,8 @@ import pytest
 
 from tests.support.auth import ManualClock, OtpService
 from tests.support.slapd import free_port
-from ucloud.gateway.auth_otp import RemoteVerifier
-from ucloud.gateway.auth_secrets import Secret
+from ucloud.auth.otp import RemoteVerifier
+from ucloud.auth.secrets import Secret
 
 T0 = 1_700_000_000.0
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ucloud.gateway.auth_files import PrivateFileError
-from ucloud.gateway.auth_secrets import (
+from ucloud.auth.files import PrivateFileError
+from ucloud.auth.secrets import (
     FileSecretStore,
     InvalidSecretKey,
     Secret,
@@ -184,7 +184,7 @@ def test_a_failed_write_leaves_the_old_file_intact_and_no_temp_file(tmp_path: Pa
     # fails half-way (EFBIG), exactly like a full disk.
     result = _run(f"""
         import asyncio, resource, signal
-        from ucloud.gateway.auth_secrets import FileSecretStore, Secret
+        from ucloud.auth.secrets import FileSecretStore, Secret
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         store = FileSecretStore({str(path)!r})
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
@@ -206,7 +206,7 @@ def test_concurrent_writers_in_two_processes_lose_nothing(tmp_path: Path) -> Non
     FileSecretStore(path)
     code = """
         import asyncio, sys
-        from ucloud.gateway.auth_secrets import FileSecretStore, Secret
+        from ucloud.auth.secrets import FileSecretStore, Secret
         store = FileSecretStore({path!r})
         async def main():
             for i in range(40):

@@ -15,6 +15,8 @@ import pytest
 
 from tests.support.auth import ManualClock
 from tests.support.secret_scan import leaks
+from ucloud.auth.secrets import FileSecretStore
+from ucloud.auth.sessions import SESSION_KEY, SessionInvalid, SessionSigner
 from ucloud.cli.credentials import (
     STEP,
     Credentials,
@@ -25,8 +27,6 @@ from ucloud.cli.credentials import (
     parse_seed,
 )
 from ucloud.commands.unit_of_work import Actor
-from ucloud.gateway.auth_secrets import FileSecretStore
-from ucloud.gateway.auth_session import SESSION_KEY, SessionInvalid, SessionSigner
 
 T0 = 1_700_000_000.0
 

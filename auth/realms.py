@@ -27,10 +27,10 @@ from typing import Any
 from ucloud.commands.unit_of_work import Actor
 from ucloud.eventstore.errors import UnavailableError
 
-from . import identity
-from .auth_directory import DirectoryUnavailable, UserDirectory
-from .auth_otp import DIGITS, TokenVerifier, well_formed
-from .auth_ratelimit import FailureLimiter
+from .directory import DirectoryUnavailable, UserDirectory
+from .errors import AuthenticationFailed as Unauthenticated
+from .otp import DIGITS, TokenVerifier, well_formed
+from .ratelimit import FailureLimiter
 
 __all__ = [
     "HEADER_NAME",
@@ -127,7 +127,7 @@ class Realms:
         return Actor(name=name, realm=realm, is_admin=realm == self.admin)
 
 
-class AuthenticationFailed(identity.AuthenticationFailed):
+class AuthenticationFailed(Unauthenticated):
     """Authentication was refused (the gateway answers 401). ``str()`` is safe to send
     to the client; ``reason`` is for the server log only; ``retry_after`` is set when
     the refusal was rate limiting (unknown names are limited alike, so it reveals no

@@ -16,18 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .auth_directory import (
+from .directory import (
     BuiltinDirectory,
     DirectoryError,
     LdapConfig,
     LdapDirectory,
     UserDirectory,
 )
-from .auth_otp import AlreadyEnrolled, Enrolment, LocalVerifier, enrol
-from .auth_ratelimit import FailureLimiter
-from .auth_realms import Realms
-from .auth_secrets import FileSecretStore, Secret, SecretStore
-from .auth_session import DEFAULT_TTL, SessionAuthenticator, SessionSigner
+from .otp import AlreadyEnrolled, Enrolment, LocalVerifier, enrol
+from .ratelimit import FailureLimiter
+from .realms import Realms
+from .secrets import FileSecretStore, Secret, SecretStore
+from .sessions import DEFAULT_TTL, SessionAuthenticator, SessionSigner
 
 __all__ = [
     "FIRST_ADMIN",

@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 from ucloud.eventstore.etcd_client import EtcdClient, cmp_create, op_put
 
-from .auth_files import (
+from .files import (
     PrivateFileError,
     atomic_write,
     ensure_private_dir,

@@ -32,8 +32,8 @@ import ldap3
 from ldap3.core import exceptions as ldap_errors
 from ldap3.utils.conv import escape_filter_chars
 
-from .auth_files import atomic_write, ensure_private_dir, file_identity, locked, read_private
-from .auth_secrets import Secret
+from .files import atomic_write, ensure_private_dir, file_identity, locked, read_private
+from .secrets import Secret
 
 __all__ = [
     "BuiltinDirectory",

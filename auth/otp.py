@@ -32,7 +32,7 @@ import qrcode.constants
 
 from ucloud.eventstore.etcd_client import EtcdClient, cmp_create, op_put
 
-from .auth_secrets import InvalidSecretKey, Secret, SecretStore, otp_key
+from .secrets import InvalidSecretKey, Secret, SecretStore, otp_key
 
 __all__ = [
     "DIGITS",

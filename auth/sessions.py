@@ -36,10 +36,10 @@ import jwt
 
 from ucloud.commands.unit_of_work import Actor
 
-from .auth_directory import DirectoryUnavailable, UserDirectory
-from .auth_otp import TokenVerifier
-from .auth_ratelimit import FailureLimiter
-from .auth_realms import (
+from .directory import DirectoryUnavailable, UserDirectory
+from .otp import TokenVerifier
+from .ratelimit import FailureLimiter
+from .realms import (
     HEADER_NAME,
     HEADER_REALM,
     HEADER_TOKEN,
@@ -49,7 +49,7 @@ from .auth_realms import (
     OtpAuthenticator,
     Realms,
 )
-from .auth_secrets import Secret, SecretStore
+from .secrets import Secret, SecretStore
 
 __all__ = [
     "AUTHORIZATION",

@@ -2,8 +2,9 @@
 
 ``builtin_authenticator(state_dir)`` is the embedded default of ``ucloud up``: users
 in ``<state_dir>/users.json`` (BuiltinDirectory), seeds and the session key in
-``<state_dir>/secrets.json`` (FileSecretStore), both 0600. ``ldap_authenticator``
-reads users from LDAP instead and keeps the secrets in the same file.
+``<state_dir>/secrets.json`` (FileSecretStore), used one-time tokens in
+``<state_dir>/used-otp.sqlite`` (SqliteUsedTokenCache, so a restart forgets none), all
+0600. ``ldap_authenticator`` reads users from LDAP instead and keeps the rest alike.
 ``ensure_first_admin`` creates the first admin identity once.
 """
 
@@ -23,7 +24,7 @@ from .directory import (
     LdapDirectory,
     UserDirectory,
 )
-from .otp import AlreadyEnrolled, Enrolment, LocalVerifier, enrol
+from .otp import AlreadyEnrolled, Enrolment, LocalVerifier, SqliteUsedTokenCache, enrol
 from .ratelimit import FailureLimiter
 from .realms import Realms
 from .secrets import FileSecretStore, Secret, SecretStore
@@ -47,25 +48,30 @@ FIRST_ADMIN = "admin"
 FIRST_ADMIN_MARK = "bootstrap/first-admin"
 
 
-def _authenticator(directory: UserDirectory, secrets_path: Path, session_ttl: float,
+USED_TOKENS = "used-otp.sqlite"
+
+
+def _authenticator(directory: UserDirectory, state_dir: Path, session_ttl: float,
                    realms: Realms) -> SessionAuthenticator:
-    secrets = FileSecretStore(secrets_path)
-    return SessionAuthenticator(directory, LocalVerifier(secrets), SessionSigner(secrets, ttl=session_ttl),
+    secrets = FileSecretStore(state_dir / "secrets.json")
+    verifier = LocalVerifier(secrets, SqliteUsedTokenCache(state_dir / USED_TOKENS))
+    return SessionAuthenticator(directory, verifier, SessionSigner(secrets, ttl=session_ttl),
                                 FailureLimiter(), realms, secrets=secrets)
 
 
 def builtin_authenticator(state_dir: Path, *, session_ttl: float = DEFAULT_TTL,
                           realms: Realms | None = None) -> SessionAuthenticator:
-    """Users and secrets in two 0600 files under ``state_dir``."""
+    """Users, secrets and used tokens in 0600 files under ``state_dir``."""
     realms = realms or Realms()
     directory = BuiltinDirectory(state_dir / "users.json", default_realms=(realms.user,))
-    return _authenticator(directory, state_dir / "secrets.json", session_ttl, realms)
+    return _authenticator(directory, state_dir, session_ttl, realms)
 
 
 def ldap_authenticator(config: LdapConfig, state_dir: Path, *, session_ttl: float = DEFAULT_TTL,
                        realms: Realms | None = None) -> SessionAuthenticator:
-    """Users from LDAP; seeds and the session key in ``<state_dir>/secrets.json``."""
-    return _authenticator(LdapDirectory(config), state_dir / "secrets.json", session_ttl, realms or Realms())
+    """Users from LDAP; seeds and the session key in ``<state_dir>/secrets.json``, used
+    tokens in ``<state_dir>/used-otp.sqlite``."""
+    return _authenticator(LdapDirectory(config), state_dir, session_ttl, realms or Realms())
 
 
 def load_ldap_config(path: Path | None, overrides: Mapping[str, Any]) -> LdapConfig:

@@ -43,6 +43,7 @@ __all__ = [
     "LdapDirectory",
     "User",
     "UserDirectory",
+    "InvalidUser",
     "UserExists",
     "UnknownUser",
 ]
@@ -70,6 +71,12 @@ class DirectoryError(Exception):
 
 class DirectoryUnavailable(DirectoryError):
     """The directory cannot be reached now (down, timing out, refusing TLS)."""
+
+
+class InvalidUser(DirectoryError, ValueError):
+    """What a caller asked for is not a valid user (name, realms): the caller's fault.
+    Messages of this and the two below name the user, never a server path, since the
+    API passes them on."""
 
 
 class UserExists(DirectoryError):
@@ -527,7 +534,7 @@ class BuiltinDirectory(UserDirectory):
     def get(self, name: str) -> User:
         user = self._snapshot().get(_normalise(name))
         if user is None:
-            raise UnknownUser(f"no user {name!r} in {self.path}")
+            raise UnknownUser(f"no user {name!r} in the directory")
         return user
 
     def _modify(self, name: str, change: Any) -> Any:
@@ -547,18 +554,18 @@ class BuiltinDirectory(UserDirectory):
                  realms: Iterable[str] | None = None, groups: Iterable[str] = ()) -> User:
         key = _normalise(name)
         if not _NAME.fullmatch(key):
-            raise DirectoryError(
+            raise InvalidUser(
                 f"invalid user name {name!r}: use 1-128 letters, digits and ._@+- , starting with a letter or digit"
             )
         realms = frozenset(realms if realms is not None else self.default_realms)
         if not realms or not all(isinstance(r, str) and r for r in realms):
-            raise DirectoryError(f"user {name!r} needs at least one non-empty realm")
+            raise InvalidUser(f"user {name!r} needs at least one non-empty realm")
         new = User(name=key, display_name=display_name or key, email=email, enabled=True, realms=realms,
                    groups=frozenset(groups))
 
         def change(old: User | None) -> User:
             if old is not None:
-                raise UserExists(f"user {key!r} already exists in {self.path}")
+                raise UserExists(f"user {key!r} already exists")
             return new
 
         return self._modify(key, change)
@@ -566,7 +573,7 @@ class BuiltinDirectory(UserDirectory):
     def _existing(self, name: str, edit: Any) -> User:
         def change(old: User | None) -> User:
             if old is None:
-                raise UnknownUser(f"no user {name!r} in {self.path}")
+                raise UnknownUser(f"no user {name!r} in the directory")
             return edit(old)
 
         return self._modify(name, change)
@@ -580,13 +587,13 @@ class BuiltinDirectory(UserDirectory):
     def set_realms(self, name: str, realms: Iterable[str]) -> User:
         realm_set = frozenset(realms)
         if not realm_set:
-            raise DirectoryError(f"user {name!r} needs at least one realm")
+            raise InvalidUser(f"user {name!r} needs at least one realm")
         return self._existing(name, lambda u: replace(u, realms=realm_set))
 
     def remove_user(self, name: str) -> None:
         def change(old: User | None) -> None:
             if old is None:
-                raise UnknownUser(f"no user {name!r} in {self.path}")
+                raise UnknownUser(f"no user {name!r} in the directory")
             return None
 
         self._modify(name, change)

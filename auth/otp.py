@@ -5,8 +5,10 @@ does it. Two verifiers implement ``TokenVerifier``:
 
 * ``LocalVerifier`` checks the token with ``pyotp`` against the seed in a
   ``SecretStore``: 30 s steps, one step of clock skew either way, and each token is
-  accepted once. The used-token cache is behind ``UsedTokenCache``; the in-memory one
-  is right for one gateway, several gateways share ``EtcdUsedTokenCache``.
+  accepted once. The used-token cache is behind ``UsedTokenCache``: one gateway keeps
+  it in a private SQLite file (``SqliteUsedTokenCache``, so a restart forgets no used
+  token), several gateways share ``EtcdUsedTokenCache``; ``MemoryUsedTokenCache`` is
+  for tests and embedders that never restart within a token's window.
 * ``RemoteVerifier`` asks an external ungleich-otp-compatible service.
 
 Neither a token, a seed nor a provisioning URI is ever logged or put into an
@@ -15,14 +17,19 @@ exception message.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import heapq
 import hmac
 import logging
 import math
+import os
+import sqlite3
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
@@ -30,8 +37,10 @@ import pyotp
 import qrcode
 import qrcode.constants
 
+from ucloud.eventstore.errors import UnavailableError
 from ucloud.eventstore.etcd_client import EtcdClient, cmp_create, op_put
 
+from .files import ensure_private_dir
 from .secrets import InvalidSecretKey, Secret, SecretStore, otp_key
 
 __all__ = [
@@ -44,6 +53,7 @@ __all__ = [
     "LocalVerifier",
     "MemoryUsedTokenCache",
     "RemoteVerifier",
+    "SqliteUsedTokenCache",
     "TokenVerifier",
     "UsedTokenCache",
     "enrol",
@@ -102,6 +112,9 @@ class UsedTokenCache(ABC):
         """Record a use; True only for the first claim of this key before ``expires_at``
         (wall-clock seconds, after which the token can no longer be valid anyway)."""
 
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
 
 class MemoryUsedTokenCache(UsedTokenCache):
     """The used-token cache of a single gateway process; expired entries are pruned."""
@@ -130,6 +143,79 @@ class MemoryUsedTokenCache(UsedTokenCache):
         self._used[key] = expires_at
         heapq.heappush(self._expiry, (expires_at, key))
         return True
+
+
+class SqliteUsedTokenCache(UsedTokenCache):
+    """The used-token cache of one gateway, in a private SQLite file, so a token
+    accepted before a restart (or a ``kill -9``) is still refused after it.
+
+    One row per accepted token, keyed (name, realm, timestep) with its expiry; a claim
+    is an ``INSERT OR IGNORE`` in a transaction, so two gateways' processes sharing the
+    file cannot both claim one token either. Rows older than their window are deleted
+    on the way (at most once per ``prune_every`` seconds), so the file stays as small as
+    the tokens of the last minute or two. The file (and SQLite's journal beside it) is
+    created 0600 in a 0700 directory: it holds no secret, but says who logged in when.
+    Every call runs in a thread; the event loop never waits on the disk."""
+
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS used_otp (name TEXT NOT NULL, realm TEXT NOT NULL, "
+              "timestep INTEGER NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (name, realm, timestep))")
+
+    def __init__(self, path: str | Path, *, clock: Clock = time.time, prune_every: float = 60.0) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._prune_every = prune_every
+        self._pruned_at = -math.inf
+        self._mutex = threading.Lock()
+        ensure_private_dir(self.path.parent)
+        # SQLite gives its journal files the database file's mode: create it 0600 first.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+        self._db: sqlite3.Connection | None = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=10)
+        self._db.execute(self.SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"SqliteUsedTokenCache({str(self.path)!r})"
+
+    def __len__(self) -> int:
+        with self._mutex:
+            assert self._db is not None
+            row = self._db.execute("SELECT count(*) FROM used_otp WHERE expires_at > ?", (self._clock(),)).fetchone()
+        return int(row[0])
+
+    def _claim(self, name: str, realm: str, timestep: int, expires_at: float) -> bool:
+        with self._mutex:
+            if self._db is None:
+                raise RuntimeError(f"{self!r} is closed")
+            now = self._clock()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if now - self._pruned_at >= self._prune_every:
+                    self._db.execute("DELETE FROM used_otp WHERE expires_at <= ?", (now,))
+                    self._pruned_at = now
+                # An expired row for this key (a clock that went back) does not count.
+                self._db.execute("DELETE FROM used_otp WHERE name = ? AND realm = ? AND timestep = ? "
+                                 "AND expires_at <= ?", (name, realm, timestep, now))
+                claimed = self._db.execute(
+                    "INSERT OR IGNORE INTO used_otp (name, realm, timestep, expires_at) VALUES (?, ?, ?, ?)",
+                    (name, realm, timestep, expires_at)).rowcount == 1
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return claimed
+
+    async def claim(self, name: str, realm: str, timestep: int, expires_at: float) -> bool:
+        try:
+            return await asyncio.to_thread(self._claim, name, realm, timestep, expires_at)
+        except sqlite3.Error as error:  # locked past the timeout, disk full, I/O error: not the caller's fault
+            log.error("used-token cache %s failed: %s", self.path, error)
+            raise UnavailableError("the used-token cache is unavailable; try again later") from None
+
+    async def close(self) -> None:
+        with self._mutex:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
 
 class EtcdUsedTokenCache(UsedTokenCache):
@@ -178,6 +264,9 @@ class LocalVerifier(TokenVerifier):
 
     def __repr__(self) -> str:
         return f"LocalVerifier({self.secrets!r}, step={self.step}, window={self.window})"
+
+    async def close(self) -> None:
+        await self.used.close()
 
     def _match(self, seed: str, token: str, now: float) -> int | None:
         """The timestep within the window whose code is ``token``; every candidate is

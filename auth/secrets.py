@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ucloud.eventstore.etcd_client import EtcdClient, cmp_create, op_put
+from ucloud.eventstore.etcd_client import EtcdClient, cmp_create, op_put, prefix_end
 
 from .files import (
     PrivateFileError,
@@ -139,6 +139,10 @@ class SecretStore(ABC):
     async def delete(self, key: str) -> bool:
         """Remove ``key``; False if there was nothing to remove."""
 
+    @abstractmethod
+    async def keys(self, prefix: str) -> list[str]:
+        """The keys (never values) that start with ``prefix``, sorted: who is enrolled."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 
@@ -228,6 +232,13 @@ class FileSecretStore(SecretStore):
     async def delete(self, key: str) -> bool:
         return await asyncio.to_thread(self._update, check_key(key), None, only_new=False)
 
+    def _keys(self, prefix: str) -> list[str]:
+        with self._mutex:
+            return sorted(k for k in self._load() if k.startswith(prefix))
+
+    async def keys(self, prefix: str) -> list[str]:
+        return await asyncio.to_thread(self._keys, prefix)
+
 
 class EtcdSecretStore(SecretStore):
     """Secrets in etcd under ``prefix`` (default ``/secrets/``), outside the event log.
@@ -273,6 +284,11 @@ class EtcdSecretStore(SecretStore):
 
     async def delete(self, key: str) -> bool:
         return await self.client.delete(self._key(key)) > 0
+
+    async def keys(self, prefix: str) -> list[str]:
+        start = (self.prefix + prefix).encode()
+        result = await self.client.range(start, prefix_end(start), keys_only=True)
+        return sorted(kv.key.decode()[len(self.prefix):] for kv in result.kvs)
 
     async def close(self) -> None:
         if self._close_client:

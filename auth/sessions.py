@@ -36,6 +36,7 @@ import jwt
 
 from ucloud.commands.unit_of_work import Actor
 
+from .admins import AdminGuard
 from .directory import DirectoryUnavailable, UserDirectory
 from .otp import TokenVerifier
 from .ratelimit import FailureLimiter
@@ -190,6 +191,7 @@ class SessionAuthenticator(OtpAuthenticator):
         super().__init__(directory, verifier, limiter, realms)
         self.sessions = sessions
         self.secrets = secrets
+        self.admins = AdminGuard(directory, secrets, self.realms)  # no change may lock the admins out
 
     def __repr__(self) -> str:
         return f"SessionAuthenticator({self.directory!r}, {self.verifier!r}, {self.sessions!r})"

@@ -490,10 +490,12 @@ def _add_subcommands() -> None:
     definitions above, so they are imported last (inside a function, so that type
     checkers resolve the cycle)."""
     from ucloud.cli.account import login, logout, user
+    from ucloud.cli.admin import admin
 
     main.add_command(login)
     main.add_command(logout)
     main.add_command(user)
+    main.add_command(admin)  # `ucloud admin recover` (cli/admin.py)
 
     # `ucloud up` lives in cli/up.py; it joins this CLI when it can be imported.
     try:

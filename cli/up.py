@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -76,6 +77,24 @@ async def supervise(name: str, component: Callable[[], Awaitable[None]]) -> None
             log.exception("%s failed; starting it again in %.1fs", name, delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, 30.0)
+
+
+def private_state_dir(state_dir: Path) -> None:
+    """The state dir holds users, seeds, the log and disks: only the service may enter
+    it. A new one is made 0700; one of ours from an earlier install that others could
+    enter is tightened (and said so). A shared directory (sticky, like /tmp) or one
+    owned by someone else is left alone with a warning: it is not ours to change."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = state_dir.stat()
+    wide = stat.S_IMODE(st.st_mode)
+    if not wide & 0o077:
+        return
+    if st.st_uid == os.geteuid() and not wide & stat.S_ISVTX:
+        os.chmod(state_dir, 0o700)
+        click.echo(f"ucloud: made the state dir {state_dir} private (mode {wide:04o} -> 0700)", err=True)
+    else:
+        click.echo(f"ucloud: WARNING: the state dir {state_dir} (mode {wide:04o}) is open to others; "
+                   f"use a directory of its own", err=True)
 
 
 def write_cli_config(api: str, header_user: bool = False) -> Path | None:
@@ -165,7 +184,7 @@ async def run_up(
     auth: AuthOptions | None = None,
 ) -> None:
     auth = auth or AuthOptions()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_state_dir(state_dir)
     authenticator: SessionAuthenticator | None = None
     first: FirstAdmin | None = None
     if auth.insecure_header_auth:

@@ -13,6 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from ucloud.domain import host as host_domain
+from ucloud.domain import operators as operators_domain
 from ucloud.domain import sshkey as sshkey_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.catalogue import build_codec
@@ -22,7 +23,7 @@ from ucloud.domain.units import parse_cores, parse_size
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import Tracking
 
-from .aggregates import HOST, SSHKEY, VM
+from .aggregates import ADMIN, HOST, SSHKEY, VM
 from .unit_of_work import Actor, Loaded, Outcome, Repository, Session
 
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c003")
@@ -130,6 +131,20 @@ class CommandService:
         async def work(session: Session) -> None:
             key = await session.load(SSHKEY, key_id)
             session.record(SSHKEY, key_id, sshkey_domain.decide(key, command))
+
+        return await self.repository.transact(work, actor)
+
+    # -- operators ------------------------------------------------------------------
+
+    async def record_admin_recovery(self, actor: Actor, command: operators_domain.RecordAdminRecovery) -> Outcome[UUID]:
+        """Record that root on the server enrolled a fresh admin identity (the seed itself
+        is in the secret store, never here). ``actor`` is who ran it, e.g. ``root@local``."""
+        admin_id = operators_domain.admin_id_for(command.name)
+
+        async def work(session: Session) -> UUID:
+            account = await session.load(ADMIN, admin_id)
+            session.record(ADMIN, admin_id, operators_domain.decide(account, command))
+            return admin_id
 
         return await self.repository.transact(work, actor)
 

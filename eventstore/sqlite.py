@@ -10,7 +10,9 @@ connection (WAL mode lets them run beside the writer).
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -68,11 +70,31 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+def _make_private(path: Path) -> None:
+    """The log says who did what: only the service may read it. A new file (and its
+    directory) is created 0600 (0700), and SQLite gives its -wal and -shm files the
+    database file's mode; an older file of ours that others could read is tightened."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # not creatable here (read-only place, say): sqlite3 reports it in its own words
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            st = file.stat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.chmod(file, stat.S_IMODE(st.st_mode) & 0o600)
+
+
 class SqliteEventStore(EventStore):
     def __init__(self, path: str | Path, *, max_events_per_txn: int = 10_000) -> None:
         self.path = str(path)
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _make_private(Path(self.path))
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
         self._local = threading.local()

@@ -16,18 +16,20 @@ for a user. A gateway without a user directory (``--insecure-header-auth``) answ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from ucloud.auth.admins import LastAdmin, SelfLockout
 from ucloud.auth.directory import (
     BuiltinDirectory,
-    DirectoryError,
     DirectoryUnavailable,
+    InvalidUser,
     UnknownUser,
     User,
     UserExists,
@@ -144,8 +146,8 @@ def _admin(request: web.Request) -> tuple[Actor, SessionAuthenticator]:
 
 def _builtin(auth: SessionAuthenticator) -> BuiltinDirectory:
     if not isinstance(auth.directory, BuiltinDirectory):
-        raise web.HTTPNotImplemented(text=f"users live in {auth.directory!r}: add, disable and list them "
-                                          f"there (LDAP tools); ucloud only reads them")
+        raise web.HTTPNotImplemented(text="users live in LDAP: add, disable and list them there (LDAP "
+                                          "tools); ucloud only reads them")
     return auth.directory
 
 
@@ -187,8 +189,10 @@ def _directory_call(work: Callable[[], User]) -> Any:
             raise ConflictError(str(error)) from None
         except UnknownUser as error:
             raise NotFound(str(error)) from None
-        except DirectoryError as error:
+        except InvalidUser as error:
             raise InvalidValue("name", str(error)) from None
+        # Any other DirectoryError is the server's (a damaged user file): a 500 whose
+        # detail is generic; the message, which names the file, goes to the log only.
 
     return run()
 
@@ -255,18 +259,36 @@ def _switch(enabled: bool) -> Handler:
         actor, auth = _admin(request)
         directory = _builtin(auth)
         name = request.match_info["name"]
-        change = directory.enable_user if enabled else directory.disable_user
-        user = await _directory_call(lambda: change(name))
+        if enabled:
+            user = await _directory_call(lambda: directory.enable_user(name))
+        else:
+            target = await _lookup(auth, name)
+            async with _guarded():
+                async with auth.admins.disabling(actor.name, target):
+                    user = await _directory_call(lambda: directory.disable_user(target.name))
         log.info("%s %s user %r", actor, "enabled" if enabled else "disabled", user.name)
         return answer(await _user_out(auth, user))
 
     return handle
 
 
+@contextlib.asynccontextmanager
+async def _guarded() -> AsyncIterator[None]:
+    """The admin guard's refusals as problems: 422 for locking oneself out, 409 for
+    leaving no enabled admin."""
+    try:
+        yield
+    except SelfLockout as error:
+        raise Rejected(str(error)) from None
+    except LastAdmin as error:
+        raise ConflictError(str(error)) from None
+
+
 api("POST", "/v1/users/{name}/disable", ApiDoc(
     "Disable a user (admin, built-in directory)", "disableUser", "users", response=UserOut,
-    errors=(404, 501, 503),
+    errors=(404, 409, 422, 501, 503),
     description="The user's next request is refused, whether it carries a TOTP or a session. "
+                "An admin cannot disable themselves (422), nor the last enabled admin (409). "
                 "With LDAP: 501 (disable them in LDAP). Outside the admin realm: 404."))(_switch(False))
 api("POST", "/v1/users/{name}/enable", ApiDoc(
     "Enable a user (admin, built-in directory)", "enableUser", "users", response=UserOut,
@@ -279,7 +301,8 @@ api("POST", "/v1/users/{name}/enable", ApiDoc(
     errors=(400, 404, 409, 422, 501, 503),
     description="Creates a fresh TOTP seed for an existing, enabled directory user in a realm (default: "
                 "the user realm) and answers it with its otpauth:// provisioning URI, once. 409 if the user "
-                "is enrolled there already, unless replace is true. With a remote (ungleich-otp) verifier: "
+                "is enrolled there already, unless replace is true; 409 also when replacing would invalidate "
+                "the admin seed of the last enabled admin. With a remote (ungleich-otp) verifier: "
                 "501. Outside the admin realm: 404."))
 async def enrol_user(request: web.Request) -> web.Response:
     actor, auth = _admin(request)
@@ -287,14 +310,19 @@ async def enrol_user(request: web.Request) -> web.Response:
     realm = _realm(auth, body.realm)
     user = await _lookup(auth, request.match_info["name"])
     if auth.secrets is None:
-        raise web.HTTPNotImplemented(text=f"tokens are verified by {auth.verifier!r}: enrol users there")
+        raise web.HTTPNotImplemented(text="tokens are verified by a remote (ungleich-otp) service: enrol "
+                                          "users there")
     if not user.enabled:
         raise Rejected(f"user {user.name!r} is disabled; enable them first")
     if user.realms is not None and realm not in user.realms:
         raise Rejected(f"the directory does not grant {user.name!r} the realm {realm!r} "
                        f"(granted: {', '.join(sorted(user.realms)) or 'none'})")
     try:
-        enrolment = await enrol(auth.secrets, user.name, realm, replace=body.replace)
+        if body.replace:
+            async with _guarded(), auth.admins.dropping_seed(user, realm, replacing=True):
+                enrolment = await enrol(auth.secrets, user.name, realm, replace=True)
+        else:
+            enrolment = await enrol(auth.secrets, user.name, realm)
     except AlreadyEnrolled:
         raise ConflictError(f"{user.name!r} is enrolled in realm {realm!r} already; pass replace to issue "
                             f"a new seed (the old one stops working)") from None
@@ -306,17 +334,21 @@ async def enrol_user(request: web.Request) -> web.Response:
 
 @api("DELETE", "/v1/users/{name}/otp", ApiDoc(
     "Remove a user's OTP seed (admin)", "unenrolUser", "users", response=Unenrolled,
-    params=(Param("realm", "query", "The realm (default: the user realm)."),), errors=(400, 404, 501, 503),
+    params=(Param("realm", "query", "The realm (default: the user realm)."),), errors=(400, 404, 409, 501, 503),
     description="The user can no longer open sessions or send tokens in that realm (open sessions "
-                "last until they expire, unless the user is disabled). Outside the admin realm: 404."))
+                "last until they expire, unless the user is disabled). 409 for the admin seed of the "
+                "last enabled admin. Outside the admin realm: 404."))
 async def unenrol_user(request: web.Request) -> web.Response:
     actor, auth = _admin(request)
     realm = _realm(auth, request.query.get("realm"))
     name = request.match_info["name"]
     if auth.secrets is None:
-        raise web.HTTPNotImplemented(text=f"tokens are verified by {auth.verifier!r}: unenrol users there")
+        raise web.HTTPNotImplemented(text="tokens are verified by a remote (ungleich-otp) service: unenrol "
+                                          "users there")
     user = await _lookup(auth, name)
-    removed = await unenrol(auth.secrets, user.name, realm)
+    secrets = auth.secrets
+    async with _guarded(), auth.admins.dropping_seed(user, realm, replacing=False):
+        removed = await unenrol(secrets, user.name, realm)
     log.info("%s removed the OTP seed of %r in realm %r (%s)", actor, user.name, realm,
              "removed" if removed else "there was none")
     return answer(Unenrolled(name=user.name, realm=realm, removed=removed))

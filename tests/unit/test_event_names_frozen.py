@@ -33,6 +33,7 @@ FROZEN: dict[str, tuple[int, tuple[str, ...]]] = {
     "host.capacity_released": (1, ('host_id', 'vm_id')),
     "sshkey.added": (1, ('key_id', 'owner', 'name', 'public_key', 'fingerprint')),
     "sshkey.deleted": (1, ('key_id',)),
+    "admin.recovered": (1, ('admin_id', 'name', 'realm', 'created_user', 'reenabled', 'granted_realm', 'replaced_seed', 'machine')),
 }
 
 

@@ -5,6 +5,7 @@
     ucloud host add|list                      (admin realm)
     ucloud login NAME --realm R | logout      (store or forget an OTP identity)
     ucloud user add|list|show|disable|enable|enrol|unenrol   (admin realm)
+    ucloud admin recover                      (root on the server: a fresh admin identity)
 
 Settings come from ``$XDG_CONFIG_HOME/ucloud/config.toml`` (``~/.config/...``; keys
 ``api``, ``user``, ``realm``), overridden by UCLOUD_API / UCLOUD_USER / UCLOUD_REALM,

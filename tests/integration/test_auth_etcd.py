@@ -50,6 +50,15 @@ async def test_put_get_delete_put_new(client: EtcdClient, prefix: str) -> None:
     assert SEED not in repr(store)
 
 
+async def test_keys_lists_names_under_a_prefix_never_values(client: EtcdClient, prefix: str) -> None:
+    store = EtcdSecretStore(client, prefix)
+    for key in ("otp/ucloud-admin/root", "otp/ucloud-admin/st%2Ar", "otp/ucloud/alice", "session/hmac-key"):
+        await store.put(key, Secret(SEED))
+    assert await store.keys("otp/ucloud-admin/") == ["otp/ucloud-admin/root", "otp/ucloud-admin/st%2Ar"]
+    assert await store.keys("otp/") == ["otp/ucloud-admin/root", "otp/ucloud-admin/st%2Ar", "otp/ucloud/alice"]
+    assert await store.keys("nothing/") == []
+
+
 async def test_secrets_live_under_their_prefix_and_nowhere_near_the_log(client: EtcdClient, prefix: str) -> None:
     store = EtcdSecretStore(client, prefix)
     await store.put("otp/ucloud/alice", Secret(SEED))

@@ -311,3 +311,31 @@ async def test_login_end_to_end_with_ldap_users_and_group_realms(slapd: Slapd, t
         assert error.value.reason == "realm not granted to user"
     finally:
         await directory.close()
+
+
+async def test_enabled_admins_with_ldap_are_the_admin_seeds_ldap_backs(slapd: Slapd, tmp_path: object) -> None:
+    # LDAP cannot be listed cheaply; the guard asks it about each admin seed instead.
+    from pathlib import Path
+
+    from ucloud.auth.admins import AdminGuard, LastAdmin, enabled_admins
+    from ucloud.auth.realms import Realms
+
+    assert isinstance(tmp_path, Path)
+    secrets = FileSecretStore(tmp_path / "secrets.json")
+    for name in ("dave", "alice", "bob", "nobody", "star*user"):
+        await enrol(secrets, name, "ucloud-admin")  # bob is disabled, nobody is unknown
+    realms = Realms()
+    mapped = LdapDirectory(config(slapd, group_base_dn=GROUPS_DN, realm_groups={"admins": "ucloud-admin"}))
+    unmapped = LdapDirectory(config(slapd))
+    try:
+        # Groups grant the realm: only dave; without realm_groups the seeds decide.
+        assert await enabled_admins(mapped, secrets, realms) == {"dave"}
+        assert await enabled_admins(unmapped, secrets, realms) == {"dave", "alice", "star*user"}
+        dave = await mapped.lookup("dave")
+        assert dave is not None
+        with pytest.raises(LastAdmin):
+            async with AdminGuard(mapped, secrets, realms).dropping_seed(dave, "ucloud-admin", replacing=False):
+                pytest.fail("must not get here")
+    finally:
+        await mapped.close()
+        await unmapped.close()

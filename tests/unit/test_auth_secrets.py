@@ -220,3 +220,13 @@ def test_concurrent_writers_in_two_processes_lose_nothing(tmp_path: Path) -> Non
     for who in ("a", "b"):
         for i in range(40):
             assert asyncio.run(store.get(f"{who}/{i}")) == Secret("v")
+
+
+async def test_keys_lists_names_under_a_prefix_never_values(tmp_path: Path) -> None:
+    store = FileSecretStore(tmp_path / "secrets.json")
+    for key in ("otp/ucloud-admin/root", "otp/ucloud/alice", "session/hmac-key"):
+        await store.put(key, Secret("S" * 32))
+    assert await store.keys("otp/ucloud-admin/") == ["otp/ucloud-admin/root"]
+    assert await store.keys("otp/") == ["otp/ucloud-admin/root", "otp/ucloud/alice"]
+    other = FileSecretStore(tmp_path / "secrets.json")  # another process's view: from the file
+    assert await other.keys("") == ["otp/ucloud-admin/root", "otp/ucloud/alice", "session/hmac-key"]

@@ -69,7 +69,7 @@ def decide(account: AdminAccount | None, command: Command) -> list[Event]:
             for field in ("name", "realm", "machine"):
                 value = getattr(command, field)
                 if not value or not value.isprintable() or len(value) > 256:
-                    raise InvalidValue(field, f"{field} must be 1-256 printable characters")
+                    raise InvalidValue(field, "must be 1-256 printable characters")
             return [AdminRecovered(admin_id=admin_id_for(command.name), name=command.name, realm=command.realm,
                                    created_user=command.created_user, reenabled=command.reenabled,
                                    granted_realm=command.granted_realm, replaced_seed=command.replaced_seed,

@@ -296,3 +296,15 @@ def test_an_open_state_dir_and_log_from_an_earlier_install_are_made_private(tmp_
     assert f"made the state dir {up.state} private (mode 0755 -> 0700)" in printed
     assert mode(up.state) == 0o700
     assert mode(up.state / "events.sqlite") == 0o600
+
+
+def test_a_recovery_the_log_cannot_record_still_works_and_says_it_is_not_recorded(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    BuiltinDirectory(state / "users.json").add_user("admin", realms=["ucloud", ADMIN_REALM])
+    unreachable = f"etcd://127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run([str(BIN / "ucloud"), "admin", "recover", "--state-dir", str(state), "--store", unreachable],
+                            env=home_env(tmp_path / "home"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot record the recovery in the log {unreachable}" in result.stderr
+    assert "the recovery works but is NOT recorded in the log" in result.stderr
+    assert ("admin", ADMIN_REALM) in credentials_of(tmp_path / "home")

@@ -263,9 +263,8 @@ def _switch(enabled: bool) -> Handler:
             user = await _directory_call(lambda: directory.enable_user(name))
         else:
             target = await _lookup(auth, name)
-            async with _guarded():
-                async with auth.admins.disabling(actor.name, target):
-                    user = await _directory_call(lambda: directory.disable_user(target.name))
+            async with _guarded(), auth.admins.disabling(actor.name, target):
+                user = await _directory_call(lambda: directory.disable_user(target.name))
         log.info("%s %s user %r", actor, "enabled" if enabled else "disabled", user.name)
         return answer(await _user_out(auth, user))
 

@@ -6,7 +6,6 @@ write happens in the domain (units, names, keys) so the gateway and CLI stay thi
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,9 +16,11 @@ from ucloud.domain import operators as operators_domain
 from ucloud.domain import sshkey as sshkey_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.catalogue import build_codec
-from ucloud.domain.errors import InvalidValue, NotFound, Rejected
+from ucloud.domain.errors import InvalidValue, NotFound, OutOfBounds, Rejected
 from ucloud.domain.events import Command, EventCodec
-from ucloud.domain.units import parse_cores, parse_size
+from ucloud.domain.limits import DEFAULT_LIMITS, Limits, MiB, check_at_most
+from ucloud.domain.names import check_hostname, check_name, check_user_name
+from ucloud.domain.units import format_size, parse_cores, parse_size
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import Tracking
 
@@ -27,16 +28,13 @@ from .aggregates import ADMIN, HOST, SSHKEY, VM
 from .unit_of_work import Actor, Loaded, Outcome, Repository, Session
 
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c003")
-_VM_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE)
-_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-MIN_RAM = 16 * 1024 * 1024
-MIN_DISK = 1024 * 1024
 
 
 class CommandService:
     def __init__(self, store: EventStore, codec: EventCodec | None = None,
-                 overcommit: host_domain.Overcommit | None = None) -> None:
+                 overcommit: host_domain.Overcommit | None = None, limits: Limits | None = None) -> None:
         self.store = store
+        self.limits = limits or DEFAULT_LIMITS
         self.codec = codec or build_codec()
         self.repository = Repository(store, self.codec)
         self.overcommit = overcommit or host_domain.Overcommit()
@@ -58,33 +56,40 @@ class CommandService:
         idempotency_key: str | None = None,
     ) -> Outcome[UUID]:
         owner = self._owner(actor, owner)
-        if not _VM_NAME.match(name or ""):
-            raise InvalidValue("name", "use 1-63 letters, digits and '-' (a hostname label)")
-        if not _IMAGE.match(image or ""):
-            raise InvalidValue("image", f"{image!r} is not an image name")
+        limits = self.limits
+        check_name(name, "name")
+        check_name(image, "image")
         try:
             policy = vm_domain.RestartPolicy(restart_policy)
         except ValueError:
             raise InvalidValue("restart_policy", f"must be one of {[p.value for p in vm_domain.RestartPolicy]}") from None
-        ram_bytes = parse_size(ram, "ram")
-        disk_bytes = parse_size(disk, "disk")
-        if ram_bytes < MIN_RAM:
-            raise InvalidValue("ram", "must be at least 16MiB")
-        if ram_bytes % (1024 * 1024):
-            raise InvalidValue("ram", "must be a whole number of MiB")
-        if disk_bytes < MIN_DISK:
-            raise InvalidValue("disk", "must be at least 1MiB")
+        # Bounded before anything looks at the entries; repeated names are collapsed
+        # (a set of keys: naming one twice installs it once), first occurrence first.
+        if len(ssh_keys) > limits.vm_ssh_keys:
+            raise OutOfBounds("ssh_keys", f"{len(ssh_keys)} names; at most {limits.vm_ssh_keys} are allowed")
+        for index, key_name in enumerate(ssh_keys):
+            check_name(key_name, f"ssh_keys[{index}]")
+        keys = tuple(dict.fromkeys(ssh_keys))
+        cores_count = check_at_most(parse_cores(cores), limits.vm_cores, "cores", "a VM's cores")
+        ram_bytes = check_at_most(parse_size(ram, "ram"), limits.vm_ram, "ram", "a VM's RAM")
+        disk_bytes = check_at_most(parse_size(disk, "disk"), limits.vm_disk, "disk", "a VM's disk")
+        if ram_bytes < limits.vm_min_ram:
+            raise OutOfBounds("ram", f"must be at least {format_size(limits.vm_min_ram)}")
+        if ram_bytes % MiB:
+            raise OutOfBounds("ram", "must be a whole number of MiB")
+        if disk_bytes < limits.vm_min_disk:
+            raise OutOfBounds("disk", f"must be at least {format_size(limits.vm_min_disk)}")
         command = vm_domain.CreateVm(
             vm_id=uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{owner}\0{idempotency_key}") if idempotency_key else uuid.uuid4(),
-            owner=owner, name=name, cores=parse_cores(cores), ram=ram_bytes, disk=disk_bytes, image=image,
-            ssh_keys=tuple(ssh_keys), restart_policy=policy,
+            owner=owner, name=name, cores=cores_count, ram=ram_bytes, disk=disk_bytes, image=image,
+            ssh_keys=keys, restart_policy=policy,
         )
 
         async def work(session: Session) -> UUID:
             for key_name in command.ssh_keys:
                 key = await session.load(SSHKEY, sshkey_domain.key_id_for(owner, key_name))
                 if key is None or key.deleted:
-                    raise InvalidValue("ssh_keys", f"no SSH key named {key_name!r}")
+                    raise Rejected(f"ssh_keys: no SSH key named {key_name!r}", "ssh_keys")
             existing = await session.load(VM, command.vm_id)
             if existing is not None and idempotency_key:
                 same = (existing.name, existing.cores, existing.ram, existing.disk, existing.image) == (
@@ -125,6 +130,7 @@ class CommandService:
 
     async def delete_ssh_key(self, actor: Actor, name: str, owner: str | None = None) -> Outcome[None]:
         owner = self._owner(actor, owner)
+        check_name(name)
         key_id = sshkey_domain.key_id_for(owner, name)
         command = sshkey_domain.DeleteSshKey(owner=owner, name=name)
 
@@ -154,9 +160,15 @@ class CommandService:
                             disk: int | str, hypervisor: str = "qemu") -> Outcome[UUID]:
         if not actor.is_admin:
             raise NotFound("hosts are managed in the admin realm")
-        command = host_domain.RegisterHost(hostname=hostname, cores=parse_cores(cores, "cores"),
-                                           ram=parse_size(ram, "ram"), disk=parse_size(disk, "disk"),
-                                           hypervisor=hypervisor)
+        limits = self.limits
+        check_hostname(hostname)
+        check_name(hypervisor, "hypervisor")
+        command = host_domain.RegisterHost(
+            hostname=hostname,
+            cores=check_at_most(parse_cores(cores, "cores"), limits.host_cores, "cores", "a host's cores"),
+            ram=check_at_most(parse_size(ram, "ram"), limits.host_ram, "ram", "a host's RAM"),
+            disk=check_at_most(parse_size(disk, "disk"), limits.host_disk, "disk", "a host's disk"),
+            hypervisor=hypervisor)
         host_id = host_domain.host_id_for(hostname)
 
         async def work(session: Session) -> UUID:
@@ -274,6 +286,8 @@ class CommandService:
 
     @staticmethod
     def _owner(actor: Actor, owner: str | None) -> str:
+        if owner is not None:
+            check_user_name(owner)
         if owner is None or owner == actor.name:
             return actor.name
         if not actor.is_admin:

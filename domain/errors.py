@@ -8,7 +8,13 @@ class DomainError(Exception):
 
 
 class Rejected(DomainError):
-    """The command is well-formed but not allowed in the aggregate's current state."""
+    """The command is well-formed but not allowed: by the aggregate's current state, or
+    because a value, once read, is beyond what this installation accepts (then ``field``
+    names it)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(message)
 
 
 class NotFound(DomainError):
@@ -21,3 +27,11 @@ class InvalidValue(DomainError):
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+class OutOfBounds(Rejected):
+    """A value is well-formed but not acceptable here (over a limit, not a whole number
+    of bytes, below a minimum): 422 naming the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", field)

@@ -7,7 +7,9 @@ on one log serve the same data.
 
 Middlewares, outermost first: metrics (counts every answer, errors included), the
 one error middleware (everything becomes problem+json), authentication (sets
-``request[ACTOR]`` from the configured Authenticator).
+``request[ACTOR]`` from the configured Authenticator), input (parameters against their
+schemas, the body's media type and encoding: gateway/inputs.py). What aiohttp refuses
+before any middleware (an over-long request line) is answered by gateway/lowlevel.py.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .identity import (
     HeaderAuthenticator,
     resolve_authenticator,
 )
+from .inputs import input_middleware
 from .keys import (
     ACTOR,
     AUTHENTICATOR,
@@ -49,6 +52,7 @@ from .keys import (
     STORE,
     actor_of,
 )
+from .lowlevel import ProblemAppRunner
 from .metrics import GatewayMetrics
 from .openapi import OPENAPI, build_openapi
 from .problems import error_middleware
@@ -134,12 +138,12 @@ def init_app(config: GatewayConfig) -> web.Application:
     metrics = GatewayMetrics()
 
     app = web.Application(
-        middlewares=[metrics.middleware(), error_middleware, auth_middleware],
+        middlewares=[metrics.middleware(), error_middleware, auth_middleware, input_middleware],
         client_max_size=config.max_body_size,
     )
     app[CONFIG] = config
     app[STORE] = store
-    app[COMMANDS] = CommandService(store, codec)
+    app[COMMANDS] = CommandService(store, codec, limits=config.limits)
     app[READ_MODELS] = read_models
     app[RUNNER] = ProjectionRunner(store, codec, read_models.all(), name=config.projection_name,
                                    snapshot_interval=config.snapshot_interval)
@@ -185,7 +189,8 @@ async def start(config: GatewayConfig) -> RunningGateway:
     cannot (a machine without IPv4 loopback). With port 0 the first address picks a
     free port and the others use the same one."""
     app = init_app(config)
-    runner = web.AppRunner(app, access_log=None)
+    runner = ProblemAppRunner(app, access_log=None, max_line_size=config.max_line_size,
+                              max_field_size=config.max_line_size)
     await runner.setup()
     addresses: list[tuple[str, int]] = []
     port = config.port

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ucloud.domain.limits import DEFAULT_LIMITS, Limits
 from ucloud.eventstore.interface import EventStore
 
 from .identity import Authenticator
@@ -30,6 +31,12 @@ class GatewayConfig:
     snapshot_interval: float = 30.0  # seconds between read-model snapshots
     projection_name: str = "read-models"  # gateways sharing a log share its snapshots
     max_body_size: int = 1024 * 1024
+    # Bounds on sizes and counts a request may ask for (domain/limits.py); the OpenAPI
+    # document states them.
+    limits: Limits = DEFAULT_LIMITS
+    # The longest request line (method, path and query) and header line aiohttp reads;
+    # longer ones are answered 400 problem+json by gateway/lowlevel.py.
+    max_line_size: int = 8190
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

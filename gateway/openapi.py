@@ -8,24 +8,43 @@ from the code: a route without an ApiDoc is refused when the document is built.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from ucloud.domain.limits import Limits
+
 from .identity import REALM_HEADER, TOKEN_HEADER, USER_HEADER
+from .keys import CONFIG
 from .problems import PROBLEM_JSON, Problem
-from .routes import POSITION_PARAMS, ApiDoc
+from .routes import LIMIT_KEY, ApiDoc, declared_params
 
 _TITLES = {400: "Invalid request: the problem's detail and field say what is wrong",
+           413: "The body is larger than the gateway accepts", 415: "The body is not sent as application/json",
            401: "Not authenticated", 404: "Not found (or not yours)", 405: "Method not allowed",
-           409: "Conflict with a concurrent writer; retry", 422: "Rejected in the resource's current state",
+           409: "Conflict with a concurrent writer; retry",
+           422: "Rejected: not allowed in the resource's current state, or a value (named by the problem's "
+                "field) beyond this installation's limits once its units are read",
            429: "Too many failed authentication attempts for this name or network; see Retry-After",
            501: "Not available with this gateway's configuration (user directory, verifier)",
            503: "Event store unreachable, or the read models did not reach ?position in time"}
-_PATH_PARAM = re.compile(r"{([^}/:]+)(?::[^}]*)?}")
 OPENAPI = web.AppKey("openapi_document", dict)
+
+
+def _apply_limits(node: Any, limits: Limits) -> Any:
+    """The schemas with each ``x-ucloud-limit`` marker replaced by this installation's
+    bound: ``maximum`` of an integer, ``maxItems`` of an array."""
+    if isinstance(node, list):
+        return [_apply_limits(item, limits) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _apply_limits(value, limits) for key, value in node.items() if key != LIMIT_KEY}
+    if LIMIT_KEY in node:
+        bound = getattr(limits, node[LIMIT_KEY])
+        key = "maxItems" if node.get("type") == "array" else "maximum"
+        out[key] = min(bound, node.get(key, bound))
+    return out
 
 
 def documented_routes(app: web.Application) -> list[tuple[str, str, ApiDoc]]:
@@ -48,26 +67,30 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
     for _, _, doc in routes:
         types.extend(t for t in (doc.body, doc.response) if t is not None)
     schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    limits = app[CONFIG].limits if CONFIG in app else Limits()
+    components = _apply_limits(components, limits)
     schema_of = dict(zip(map(id, types), schemas, strict=True))
     problem_ref = schema_of[id(Problem)]
 
     paths: dict[str, dict[str, Any]] = {}
     for method, path, doc in routes:
+        resource = next(r.resource for r in app.router.routes()
+                        if r.resource is not None and r.resource.canonical == path)
+        declared = declared_params(doc, resource)
         params: list[dict[str, Any]] = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in _PATH_PARAM.findall(path)
-        ]
-        extra = (*doc.params, *(POSITION_PARAMS if doc.reads else ()))
-        params += [{"name": p.name, "in": p.where, "required": False, "description": p.description,
-                    "schema": p.schema} for p in extra]
+            {"name": p.name, "in": p.where, "required": p.where == "path",
+             **({"description": p.description} if p.description else {}), "schema": p.schema}
+            for p in declared]
         responses: dict[str, Any] = {}
         for status in (doc.status, *doc.also):
             responses[str(status)] = {"description": doc.description}
             if doc.response is not None:
                 responses[str(status)]["content"] = {doc.media_type: {"schema": schema_of[id(doc.response)]}}
         errors = set(doc.errors) | ({401, 429} if doc.auth else set()) | ({400, 503} if doc.reads else set())
+        if declared:
+            errors.add(400)  # a parameter outside its schema
         if doc.body is not None:
-            errors.add(400)
+            errors |= {400, 413, 415, 422}  # malformed; too large; not JSON; beyond a limit
         for status in sorted(errors):
             responses[str(status)] = {"description": _TITLES.get(status, "Error"),
                                       "content": {PROBLEM_JSON: {"schema": problem_ref}}}

@@ -46,9 +46,16 @@ class NotReady(Exception):
     """The gateway cannot answer well right now (its read models are not following the log)."""
 
 
+class UnsupportedMediaType(Exception):
+    """A request carries a body that does not say it is JSON (415 naming Content-Type)."""
+
+    field = "Content-Type"
+
+
 # (status, slug, title) per error class; the first match in order wins.
 _MAPPING: list[tuple[type[BaseException], int, str, str]] = [
     (AuthenticationFailed, 401, "unauthenticated", "Authentication required"),
+    (UnsupportedMediaType, 415, "unsupported-media-type", "Unsupported media type"),
     (InvalidValue, 400, "invalid", "Invalid request"),
     (msgspec.ValidationError, 400, "invalid", "Invalid request"),
     (msgspec.DecodeError, 400, "invalid", "Invalid request"),
@@ -62,24 +69,56 @@ _MAPPING: list[tuple[type[BaseException], int, str, str]] = [
     (DataError, 500, "internal", "Internal error"),
 ]
 
-_AT_PATH = re.compile(r"\s+-\s+at\s+`\$\.?([^`]*)`$")
-_NAMED_FIELD = re.compile(r"field `([^`]+)`")
+_AT = " - at `$"
+_NAMED = "field `"
+MAX_SHOWN = 64  # characters of a user-supplied name quoted back in a problem
+
+
+def shorten(text: str, limit: int = MAX_SHOWN) -> str:
+    """A user-supplied name as quoted back: at most ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _decode_error(error: msgspec.MsgspecError) -> tuple[str, str | None]:
-    """A clear sentence and the field it is about, from msgspec's message."""
+    """A clear sentence and the field it is about, from msgspec's message.
+
+    msgspec writes "<what> - at `$.path`" and "... field `name`"; the message is split
+    with (r)partition, never a regular expression: a field name is the user's and may
+    be a megabyte of spaces, and a backtracking pattern then stalls the event loop."""
     message = str(error)
     field: str | None = None
-    if match := _AT_PATH.search(message):
-        field = match.group(1) or None
-        message = message[: match.start()]
-    if named := _NAMED_FIELD.search(message):  # "Object missing required field `name`"
-        field = f"{field}.{named.group(1)}" if field else named.group(1)
+    head, at, path = message.rpartition(_AT)
+    if at and path.endswith("`"):
+        message, field = head, path[:-1].removeprefix(".") or None
+    before, named, rest = message.partition(_NAMED)
+    if named and rest.endswith("`"):  # "Object missing required field `name`", "unknown field `x`"
+        name = shorten(rest[:-1])
+        message = f"{before}{named}{name}`"
+        field = f"{field}.{name}" if field else name
     if not isinstance(error, msgspec.ValidationError):  # ValidationError is a DecodeError too
-        return f"the request body is not valid JSON ({message})", None
+        return f"the request body is not valid JSON ({shorten(message, 200)})", None
     if message.startswith("Expected `object`") and field is None:
         return "the request body must be a JSON object", None
     return (f"{field}: {message}" if field else message), field
+
+
+# Absolute paths under the usual roots of a server's file system. Details are built from
+# exception text; whatever an error says about where the server keeps its files is cut
+# out (/v1/... API paths are not among these roots). Linear: one class, no nesting.
+_SERVER_PATH = re.compile(r"(?<![\w/])/(?:var|etc|tmp|home|root|run|srv|opt|usr|proc|dev|mnt|work|lib|sys)"
+                          r"(?:/[^\s'\"`]*)?")
+
+
+def _from_os(error: BaseException) -> bool:
+    """The error is, or was raised from, an operating-system error (whose text names files)."""
+    seen: BaseException | None = error
+    for _ in range(16):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def problem_for(error: BaseException, instance: str = "") -> tuple[Problem, dict[str, str]]:
@@ -94,8 +133,8 @@ def problem_for(error: BaseException, instance: str = "") -> tuple[Problem, dict
             detail = f"no such resource: {instance}"
         elif error.status == 405:
             detail = f"method not allowed here; allowed: {headers.get('Allow', 'none')}"
-        slug = {404: "not-found", 405: "method-not-allowed", 413: "too-large",
-                501: "not-implemented"}.get(error.status, "http")
+        slug = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 414: "too-large",
+                415: "unsupported-media-type", 431: "too-large", 501: "not-implemented"}.get(error.status, "http")
         return Problem(type=TYPE_PREFIX + slug, title=error.reason, status=error.status, detail=detail,
                        instance=instance), headers
     match = next(((status, slug, title) for error_type, status, slug, title in _MAPPING
@@ -108,9 +147,13 @@ def problem_for(error: BaseException, instance: str = "") -> tuple[Problem, dict
     status, slug, title = match
     field: str | None = None
     detail = str(error)
+    if _from_os(error):
+        log.warning("answering %s with %d for an error of the operating system: %s", instance, status, detail)
+        detail = title  # its text names the server's files; the log has it
+    detail = _SERVER_PATH.sub("<server path>", detail)
     if isinstance(error, msgspec.MsgspecError):
         detail, field = _decode_error(error)
-    elif isinstance(error, InvalidValue):
+    elif isinstance(error, InvalidValue | Rejected | UnsupportedMediaType):
         field = error.field
     elif isinstance(error, AuthenticationFailed):
         retry_after = getattr(error, "retry_after", None)

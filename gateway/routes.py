@@ -13,9 +13,10 @@ documentation (``ApiDoc``), from which gateway/openapi.py builds /v1/openapi.jso
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeVar
 from uuid import UUID
 
 import msgspec
@@ -24,11 +25,22 @@ from prometheus_client.exposition import choose_encoder
 
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import vm as vm_domain
-from ucloud.domain.errors import InvalidValue, NotFound, Rejected
+from ucloud.domain.errors import InvalidValue, NotFound, OutOfBounds, Rejected
 from ucloud.domain.host import Host, HostRegistered
-from ucloud.domain.sshkey import SshKey
+from ucloud.domain.limits import CEILING
+from ucloud.domain.names import (
+    HOSTNAME_MAX_LENGTH,
+    HOSTNAME_PATTERN,
+    NAME_MAX_LENGTH,
+    NAME_PATTERN,
+    USER_NAME_MAX_LENGTH,
+    USER_NAME_PATTERN,
+)
+from ucloud.domain.sshkey import PUBLIC_KEY_MAX_LENGTH, PUBLIC_KEY_PATTERN, SshKey
+from ucloud.domain.units import CORES_PATTERN, SIZE_MAX_LENGTH, SIZE_PATTERN
 from ucloud.projections.views import VmRow
 
+from .inputs import check_value, schema_of
 from .keys import COMMANDS, CONFIG, FOLLOWER, METRICS, READ_MODELS, RUNNER, STORE, actor_of
 from .problems import NotReady, PositionNotReached
 
@@ -39,12 +51,70 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # -- documentation carried by the routes ----------------------------------------------------
 
 
+def _meta(**constraints: Any) -> msgspec.Meta:
+    """msgspec constraints; ``pattern`` goes to the schema only. The domain checks every
+    pattern with fullmatch (msgspec's search would let "web\\n" through a "$"), and
+    ``limit`` names the GatewayConfig.limits bound the OpenAPI document states as the
+    maximum (gateway/openapi.py fills it in per installation)."""
+    extra: dict[str, Any] = {}
+    if "pattern" in constraints:
+        extra["pattern"] = constraints.pop("pattern")
+    if "limit" in constraints:
+        extra[LIMIT_KEY] = constraints.pop("limit")
+    return msgspec.Meta(**constraints, extra_json_schema=extra or None)
+
+
+LIMIT_KEY = "x-ucloud-limit"  # replaced by "maximum"/"maxItems" in the served document
+
+# Every field's limits, in its type: lengths and ranges are checked by msgspec while it
+# decodes; patterns by the domain with fullmatch; both are in the OpenAPI document.
+Name = Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN, examples=["web1"])]
+HostName = Annotated[str, _meta(max_length=HOSTNAME_MAX_LENGTH, pattern=HOSTNAME_PATTERN,
+                                examples=["node1.example.org"])]
+UserName = Annotated[str, _meta(max_length=USER_NAME_MAX_LENGTH, pattern=USER_NAME_PATTERN, examples=["alice"])]
+SizeText = Annotated[str, _meta(max_length=SIZE_MAX_LENGTH, pattern=SIZE_PATTERN, examples=["2GiB"])]
+CoresText = Annotated[str, _meta(max_length=7, pattern=CORES_PATTERN, examples=["2"])]
+PublicKey = Annotated[str, _meta(max_length=PUBLIC_KEY_MAX_LENGTH, pattern=PUBLIC_KEY_PATTERN, examples=[
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICvYBsl/DgCvGh/DMo+nY6kmlyPI24+sT5OvcdsYbW6Q alice@laptop"])]
+Position = Annotated[int, msgspec.Meta(ge=0, le=CEILING)]
+IdempotencyKey = Annotated[str, _meta(min_length=1, max_length=255, pattern=r"^[!-~]{1,255}$")]
+
+
+def _size(limit: str) -> Any:
+    """Bytes (an integer up to the installation's limit) or a size as people write it."""
+    return Annotated[int, _meta(ge=1, le=CEILING, limit=limit)] | SizeText
+
+
+def _cores(limit: str) -> Any:
+    return Annotated[int, _meta(ge=1, le=CEILING, limit=limit)] | CoresText
+
+
+if TYPE_CHECKING:  # what the handlers see; msgspec reads the annotated types below
+    VmCores: TypeAlias = int | str
+    HostCores: TypeAlias = int | str
+    VmRam: TypeAlias = int | str
+    VmDisk: TypeAlias = int | str
+    HostRam: TypeAlias = int | str
+    HostDisk: TypeAlias = int | str
+else:
+    VmCores, HostCores = _cores("vm_cores"), _cores("host_cores")
+    VmRam, VmDisk = _size("vm_ram"), _size("vm_disk")
+    HostRam, HostDisk = _size("host_ram"), _size("host_disk")
+
+
 @dataclasses.dataclass(frozen=True)
 class Param:
+    """A path, query or header parameter. Its schema comes from ``type`` (a msgspec
+    type) when given; gateway/inputs.py checks every request against it."""
+
     name: str
-    where: str  # "query" or "header"
+    where: str  # "path", "query" or "header"
     description: str
     schema: dict[str, Any] = dataclasses.field(default_factory=lambda: {"type": "string"})
+
+    @classmethod
+    def of(cls, name: str, where: str, description: str, value_type: Any) -> Param:
+        return cls(name, where, description, schema_of(value_type))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +135,26 @@ class ApiDoc:
 
 
 POSITION_PARAMS = (
-    Param("position", "query", "Wait until the read models include this log position (read your writes).",
-          {"type": "integer", "minimum": 0}),
-    Param(POSITION_HEADER, "header", "Same as ?position=.", {"type": "integer", "minimum": 0}),
+    Param.of("position", "query", "Wait until the read models include this log position (read your writes).",
+             Position),
+    Param.of(POSITION_HEADER, "header", "Same as ?position=.", Position),
 )
+# A path parameter a route does not declare is a name by the user-name rule (the widest
+# of our name rules: resource names are a subset of it).
+DEFAULT_PATH_PARAM = Param.of("", "path", "", UserName)
+_PATH_NAMES = re.compile(r"{([^}/:]+)(?::[^}]*)?}")
+
+
+def declared_params(doc: ApiDoc, resource: Any) -> tuple[Param, ...]:
+    """Every parameter of a route: its path parameters (declared, or the default) first,
+    then the documented query and header ones."""
+    path = getattr(resource, "canonical", "") if resource is not None else ""
+    declared = {p.name: p for p in doc.params if p.where == "path"}
+    in_path = tuple(declared.get(name) or dataclasses.replace(DEFAULT_PATH_PARAM, name=name)
+                    for name in _PATH_NAMES.findall(path))
+    others = tuple(p for p in (*doc.params, *(POSITION_PARAMS if doc.reads else ())) if p.where != "path")
+    return in_path + others
+
 
 routes = web.RouteTableDef()
 
@@ -86,32 +172,36 @@ def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
 
 # -- bodies and answers ------------------------------------------------------------------------
 
-Size = int | str  # bytes, or as people write it: "2GB", "512mb", "1 TiB"
+# ssh_keys: the list is capped here (before its entries are read) at a ceiling no
+# installation exceeds; the installation's own limit (GatewayConfig.limits.vm_ssh_keys)
+# is the document's maxItems and is checked by the command side.
+SSH_KEYS_CEILING = 1024
 
 
 class CreateVmBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: str
-    cores: int | str
-    ram: Size
-    disk: Size
-    image: str
-    ssh_keys: list[str] = []
+    name: Name
+    cores: VmCores
+    ram: VmRam
+    disk: VmDisk
+    image: Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN, examples=["debian-12"])]
+    ssh_keys: Annotated[list[Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN)]],
+                        _meta(max_length=SSH_KEYS_CEILING, limit="vm_ssh_keys")] = []
     restart_policy: vm_domain.RestartPolicy = vm_domain.RestartPolicy.ALWAYS
-    owner: str | None = None  # admins may create for another user
+    owner: UserName | None = None  # admins may create for another user
 
 
 class AddSshKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: str
-    public_key: str
-    owner: str | None = None
+    name: Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN, examples=["laptop"])]
+    public_key: PublicKey
+    owner: UserName | None = None
 
 
 class RegisterHostBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    hostname: str
-    cores: int | str
-    ram: Size
-    disk: Size
-    hypervisor: str = "qemu"
+    hostname: HostName
+    cores: HostCores
+    ram: HostRam
+    disk: HostDisk
+    hypervisor: Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN, examples=["qemu"])] = "qemu"
 
 
 class Accepted(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -237,13 +327,8 @@ def answer(value: Any, status: int = 200, position: int | None = None,
 
 
 def _parse_position(raw: str, where: str) -> int:
-    try:
-        position = int(raw)
-    except ValueError:
-        raise InvalidValue("position", f"{where} {raw!r} is not a log position (a whole number)") from None
-    if position < 0:
-        raise InvalidValue("position", f"{where} must not be negative, got {position}")
-    return position
+    # The input middleware checked it against Position (ASCII digits, 0 .. 2**63-1).
+    return int(check_value(where, POSITION_PARAMS[0].schema, raw))
 
 
 async def reach_position(request: web.Request) -> int:
@@ -253,13 +338,14 @@ async def reach_position(request: web.Request) -> int:
     runner = request.app[RUNNER]
     wanted = 0
     if "position" in request.query:
-        wanted = _parse_position(request.query["position"], "?position=")
+        wanted = _parse_position(request.query["position"], "position")
     if POSITION_HEADER in request.headers:
         wanted = max(wanted, _parse_position(request.headers[POSITION_HEADER], POSITION_HEADER))
     if runner.position < wanted:
         head = await request.app[STORE].head()
         if wanted > head:
-            raise InvalidValue("position", f"{wanted} is beyond the end of the log ({head})")
+            # Well-formed, but this log is not that long (yet): 422, naming the field.
+            raise OutOfBounds("position", f"{wanted} is beyond the end of the log ({head})")
         timeout = request.app[CONFIG].read_timeout
         if not await runner.wait_for(wanted, timeout):
             raise PositionNotReached(
@@ -269,11 +355,9 @@ async def reach_position(request: web.Request) -> int:
 
 
 def _vm_id(request: web.Request) -> UUID:
-    raw = request.match_info["id"]
-    try:
-        return UUID(raw)
-    except ValueError:
-        raise InvalidValue("id", f"{raw!r} is not a VM id (a UUID)") from None
+    # The input middleware checked the text form (VM_ID: format uuid) first; UUID() alone
+    # would also take "{...}", "urn:uuid:..." and 32 bare hex digits.
+    return UUID(check_value("id", VM_ID.schema, request.match_info["id"]))
 
 
 def _visible_owner(actor: Actor, owner: str | None) -> str | None:
@@ -303,12 +387,7 @@ def _own_vm(request: web.Request, vm_id: UUID) -> VmRow:
 
 
 def _bool_query(request: web.Request, name: str) -> bool:
-    raw = request.query.get(name, "false").lower()
-    if raw in ("1", "true", "yes"):
-        return True
-    if raw in ("0", "false", "no", ""):
-        return False
-    raise InvalidValue(name, f"{raw!r} is not a boolean (true or false)")
+    return bool(check_value(name, {"type": "boolean"}, request.query.get(name, "false")))
 
 
 def _key_out(key: SshKey) -> SshKeyOut:
@@ -322,8 +401,10 @@ def _host_out(host: Host, vms: int) -> HostOut:
                    used_disk=host.used_disk, vms=vms)
 
 
-OWNER_PARAM = Param("owner", "query", "Admins: only this user's resources (default: everyone's). "
-                    "Others may name only themselves.")
+OWNER_PARAM = Param.of("owner", "query", "Admins: only this user's resources (default: everyone's). "
+                       "Others may name only themselves.", UserName)
+VM_ID = Param.of("id", "path", "The VM's id.", UUID)
+KEY_NAME = Param.of("name", "path", "The SSH key's name.", Name)
 
 # -- VMs -------------------------------------------------------------------------------------------
 
@@ -332,15 +413,13 @@ OWNER_PARAM = Param("owner", "query", "Admins: only this user's resources (defau
     "Create a VM", "createVm", "vms", status=202, response=Accepted, also=(200,), body=CreateVmBody,
     description="Recorded; the VM is requested and the scheduler takes it from here. "
                 "200 when an Idempotency-Key repeats an earlier identical request (same id).",
-    params=(Param(IDEMPOTENCY_HEADER, "header",
-                  "Retry-safe creation: the same key and body give the same VM; the same key with a "
-                  "different body is rejected (422)."),),
+    params=(Param.of(IDEMPOTENCY_HEADER, "header",
+                     "Retry-safe creation: the same key and body give the same VM; the same key with a "
+                     "different body is rejected (422).", IdempotencyKey),),
     errors=(400, 404, 409, 422, 503)))
 async def create_vm(request: web.Request) -> web.Response:
     body = await decode_body(request, CreateVmBody)
-    key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is not None and not 1 <= len(key) <= 255:
-        raise InvalidValue(IDEMPOTENCY_HEADER, "must be 1 to 255 characters")
+    key = request.headers.get(IDEMPOTENCY_HEADER)  # checked by the input middleware
     outcome = await request.app[COMMANDS].create_vm(
         actor_of(request), name=body.name, cores=body.cores, ram=body.ram, disk=body.disk, image=body.image,
         ssh_keys=body.ssh_keys, restart_policy=body.restart_policy.value, owner=body.owner,
@@ -355,7 +434,8 @@ async def create_vm(request: web.Request) -> web.Response:
     await runner.wait_for(outcome.position, request.app[CONFIG].read_timeout)
     row = request.app[READ_MODELS].vms.by_id.get(vm_id)
     # The command side compares name, size and image; the rest of the body is compared here.
-    if row is not None and (row.vm.ssh_keys, row.vm.restart_policy) != (tuple(body.ssh_keys), body.restart_policy):
+    asked = (tuple(dict.fromkeys(body.ssh_keys)), body.restart_policy)  # repeats collapse, as on creation
+    if row is not None and (row.vm.ssh_keys, row.vm.restart_policy) != asked:
         raise Rejected("this Idempotency-Key was already used for a different request")
     status = row.vm.status.value if row else vm_domain.Status.REQUESTED.value
     return answer(Accepted(id=vm_id, position=outcome.position, status=status), 200, outcome.position, headers)
@@ -364,7 +444,7 @@ async def create_vm(request: web.Request) -> web.Response:
 @api("GET", "/v1/vms", ApiDoc(
     "List VMs", "listVms", "vms", response=VmList,
     description="Your VMs (admins: everyone's, or ?owner='s), oldest first; deleted ones only on request.",
-    params=(OWNER_PARAM, Param("include_deleted", "query", "Also list deleted VMs.", {"type": "boolean"})),
+    params=(OWNER_PARAM, Param.of("include_deleted", "query", "Also list deleted VMs.", bool)),
     errors=(400, 404), reads=True))
 async def list_vms(request: web.Request) -> web.Response:
     position = await reach_position(request)
@@ -375,7 +455,8 @@ async def list_vms(request: web.Request) -> web.Response:
     return answer(VmList(vms=vms, position=position), position=position)
 
 
-@api("GET", "/v1/vms/{id}", ApiDoc("Show a VM", "getVm", "vms", response=VmOut, errors=(400, 404), reads=True))
+@api("GET", "/v1/vms/{id}", ApiDoc("Show a VM", "getVm", "vms", response=VmOut, params=(VM_ID,),
+                                   errors=(400, 404), reads=True))
 async def get_vm(request: web.Request) -> web.Response:
     vm_id = _vm_id(request)
     position = await reach_position(request)
@@ -383,7 +464,8 @@ async def get_vm(request: web.Request) -> web.Response:
 
 
 @api("GET", "/v1/vms/{id}/status", ApiDoc(
-    "A VM's status", "getVmStatus", "vms", response=VmStatusOut, errors=(400, 404), reads=True))
+    "A VM's status", "getVmStatus", "vms", response=VmStatusOut, params=(VM_ID,), errors=(400, 404),
+    reads=True))
 async def get_vm_status(request: web.Request) -> web.Response:
     vm_id = _vm_id(request)
     position = await reach_position(request)
@@ -405,16 +487,16 @@ def _lifecycle(command_type: type[vm_domain.StartVm | vm_domain.StopVm | vm_doma
 
 _LIFECYCLE_ERRORS = (400, 404, 409, 422, 503)
 api("POST", "/v1/vms/{id}/start", ApiDoc(
-    "Start a stopped VM", "startVm", "vms", status=202, response=Accepted, errors=_LIFECYCLE_ERRORS,
+    "Start a stopped VM", "startVm", "vms", status=202, response=Accepted, params=(VM_ID,), errors=_LIFECYCLE_ERRORS,
     description="Recorded; the host agent starts the VM."))(_lifecycle(vm_domain.StartVm))
 api("POST", "/v1/vms/{id}/stop", ApiDoc(
-    "Stop a VM", "stopVm", "vms", status=202, response=Accepted, errors=_LIFECYCLE_ERRORS,
+    "Stop a VM", "stopVm", "vms", status=202, response=Accepted, params=(VM_ID,), errors=_LIFECYCLE_ERRORS,
     description="Recorded; the host agent stops the VM."))(_lifecycle(vm_domain.StopVm))
 api("POST", "/v1/vms/{id}/reboot", ApiDoc(
-    "Reboot a running VM", "rebootVm", "vms", status=202, response=Accepted, errors=_LIFECYCLE_ERRORS,
+    "Reboot a running VM", "rebootVm", "vms", status=202, response=Accepted, params=(VM_ID,), errors=_LIFECYCLE_ERRORS,
     description="Recorded; the host agent reboots the VM."))(_lifecycle(vm_domain.RebootVm))
 api("DELETE", "/v1/vms/{id}", ApiDoc(
-    "Delete a VM", "deleteVm", "vms", status=202, response=Accepted, errors=_LIFECYCLE_ERRORS,
+    "Delete a VM", "deleteVm", "vms", status=202, response=Accepted, params=(VM_ID,), errors=_LIFECYCLE_ERRORS,
     description="Recorded; a VM never placed is deleted at once, a placed one once its host removed it."
 ))(_lifecycle(vm_domain.DeleteVm))
 
@@ -444,7 +526,7 @@ async def add_ssh_key(request: web.Request) -> web.Response:
 
 
 @api("DELETE", "/v1/ssh-keys/{name}", ApiDoc(
-    "Delete an SSH key", "deleteSshKey", "ssh-keys", response=Accepted, params=(OWNER_PARAM,),
+    "Delete an SSH key", "deleteSshKey", "ssh-keys", response=Accepted, params=(KEY_NAME, OWNER_PARAM),
     errors=(404, 409, 503)))
 async def delete_ssh_key(request: web.Request) -> web.Response:
     outcome = await request.app[COMMANDS].delete_ssh_key(

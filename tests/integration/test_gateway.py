@@ -9,6 +9,7 @@ the CommandService, as those components would.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 import uuid
@@ -51,6 +52,14 @@ from ucloud.gateway.openapi import build_openapi
 from ucloud.gateway.problems import problem_for
 
 PROBLEM = "application/problem+json"
+
+
+def rsa_key(bits: int) -> str:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = rsa.generate_private_key(65537, bits).public_key()
+    return key.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode() + " me@host"
 
 
 @dataclass
@@ -134,15 +143,21 @@ async def test_sizes_are_accepted_as_people_write_them(gw: Gateway) -> None:
 @pytest.mark.parametrize(("body", "field", "detail"), [
     (vm_body(ram="2XB"), "ram", "'2XB' is not a size"),
     (vm_body(disk="-1GB"), "disk", "not a size"),
-    (vm_body(ram=0), "ram", "must be positive"),
+    (vm_body(ram=0), "ram", "Expected `int` >= 1"),
     (vm_body(cores=2.5), "cores", "Expected `int \\| str`, got `float`"),
-    (vm_body(cores=0), "cores", "between 1 and 1024"),
+    (vm_body(cores=0), "cores", "Expected `int` >= 1"),
+    (vm_body(name="web\n"), "name", "is not a name"),
+    (vm_body(name="Web1"), "name", "is not a name"),
+    (vm_body(cores="١٢"), "cores", "not a whole number of cores"),
+    (vm_body(ram="1" + " " * 100 + "x"), "ram", "length <= 48"),
+    (vm_body(ram="9" * 300), "ram", "length <= 48"),
+    (vm_body(ssh_keys=["k"] * 2000), "ssh_keys", "length <= 1024"),
+    (vm_body(ram=2**70), "ram", "<= 9223372036854775807"),
     (vm_body(ram=True), "ram", "got `bool`"),
     (vm_body(name="not a hostname"), "name", "hostname"),
-    (vm_body(image=""), "image", "not an image name"),
+    (vm_body(image=""), "image", "is not a name"),
     (vm_body(restart_policy="sometimes"), "restart_policy", "Invalid enum value 'sometimes'"),
     (vm_body(ssh_keys=[1]), "ssh_keys[0]", "Expected `str`"),
-    (vm_body(ssh_keys=["nokey"]), "ssh_keys", "no SSH key named 'nokey'"),
     ({"cores": 1, "ram": "1G", "disk": "1G", "image": "x"}, "name", "missing required field `name`"),
     (vm_body(colour="blue"), "colour", "unknown field `colour`"),
 ])
@@ -152,11 +167,29 @@ async def test_a_bad_vm_body_answers_400_naming_the_field(gw: Gateway, body: Any
     assert problem["detail"].startswith(field.split("[")[0])
 
 
+@pytest.mark.parametrize(("body", "field", "detail"), [
+    (vm_body(ram="5TiB"), "ram", "more than this installation allows for a VM's RAM"),
+    (vm_body(disk="99999999999999999999P"), "disk", "more than this installation allows for a VM's disk"),
+    (vm_body(cores="2000"), "cores", "more than this installation allows for a VM's cores"),
+    (vm_body(cores="0"), "cores", "at least 1"),
+    (vm_body(ram="1.3B"), "ram", "not a whole number of bytes"),
+    (vm_body(ram="8MiB"), "ram", "at least 16MiB"),
+    (vm_body(ram="0"), "ram", "must be positive"),
+    (vm_body(ssh_keys=["k"] * 33), "ssh_keys", "at most 32"),
+    (vm_body(ssh_keys=["nokey"]), "ssh_keys", "no SSH key named 'nokey'"),
+])
+async def test_a_well_formed_value_beyond_the_limits_answers_422_naming_the_field(
+        gw: Gateway, body: Any, field: str, detail: str) -> None:
+    status, problem, response = await gw.as_("alice").call("POST", "/v1/vms", body)
+    assert_problem(status, problem, response, 422, detail, field)
+
+
 @pytest.mark.parametrize(("data", "detail"), [
     (b"{", "not valid JSON"),
     (b"", "needs a JSON object body"),
     (b"[1, 2]", "must be a JSON object"),
-    (b"\xff\xfe", "not valid JSON"),
+    (b"\xff\xfe", "not valid UTF-8"),
+    (b'{"name": "web\xff"}', "not valid UTF-8"),
 ])
 async def test_a_body_that_is_not_a_json_object_answers_400(gw: Gateway, data: bytes, detail: str) -> None:
     status, problem, response = await gw.as_("alice").call(
@@ -179,9 +212,13 @@ async def test_an_unknown_vm_answers_404_and_a_malformed_id_400(gw: Gateway) -> 
         status, problem, response = await alice.call(method, path)
         assert_problem(status, problem, response, 404, str(missing))
     status, problem, response = await alice.call("GET", "/v1/vms/not-a-uuid")
-    assert_problem(status, problem, response, 400, "not a VM id", "id")
+    assert_problem(status, problem, response, 400, "not a UUID", "id")
     status, problem, response = await alice.call("POST", "/v1/vms/not-a-uuid/stop")
-    assert_problem(status, problem, response, 400, "not a VM id", "id")
+    assert_problem(status, problem, response, 400, "not a UUID", "id")
+    # Python's UUID() takes these too; the document's format uuid does not.
+    for other_form in (missing.hex, f"urn:uuid:{missing}", f"{missing}%0A", f"{missing}".replace("1", "%D9%A1")):
+        status, problem, response = await alice.call("GET", f"/v1/vms/{other_form}")
+        assert_problem(status, problem, response, 400, "not a UUID", "id")
 
 
 async def test_another_tenants_vm_answers_404_exactly_like_a_missing_one(gw: Gateway) -> None:
@@ -297,7 +334,7 @@ async def test_an_idempotency_key_gives_a_retry_the_same_vm(gw: Gateway) -> None
     bobs = await gw.as_("bob").ok("POST", "/v1/vms", vm_body("once"), status=202, headers=key)
     assert bobs["id"] != first["id"]
     status, problem, response = await alice.call("POST", "/v1/vms", vm_body("x"), {"Idempotency-Key": "k" * 300})
-    assert_problem(status, problem, response, 400, "1 to 255", "Idempotency-Key")
+    assert_problem(status, problem, response, 400, "longer than 255", "Idempotency-Key")
 
 
 async def test_concurrent_retries_with_one_idempotency_key_make_one_vm(gw: Gateway) -> None:
@@ -333,14 +370,18 @@ async def test_a_position_the_read_models_do_not_reach_in_time_answers_503(tmp_p
         assert (await alice.ok("GET", "/healthz"))["following"] is True
 
 
-async def test_a_bad_or_future_position_answers_400(gw: Gateway) -> None:
+async def test_a_bad_position_answers_400_and_a_future_one_422(gw: Gateway) -> None:
     alice = gw.as_("alice")
     status, problem, response = await alice.call("GET", "/v1/vms?position=abc")
-    assert_problem(status, problem, response, 400, "not a log position", "position")
+    assert_problem(status, problem, response, 400, "not a whole number", "position")
+    status, problem, response = await alice.call("GET", "/v1/vms?position=%D9%A1%D9%A2")  # Arabic-Indic 12
+    assert_problem(status, problem, response, 400, "not a whole number", "position")
     status, problem, response = await alice.call("GET", "/v1/vms", headers={"X-Ucloud-Position": "-3"})
-    assert_problem(status, problem, response, 400, "must not be negative", "position")
+    assert_problem(status, problem, response, 400, "at least 0", "X-Ucloud-Position")
+    status, problem, response = await alice.call("GET", "/v1/vms?position=" + "9" * 300)
+    assert_problem(status, problem, response, 400, "not a whole number", "position")
     status, problem, response = await alice.call("GET", "/v1/vms?position=999999")
-    assert_problem(status, problem, response, 400, "beyond the end of the log", "position")
+    assert_problem(status, problem, response, 422, "beyond the end of the log", "position")
 
 
 # -- authentication --------------------------------------------------------------------------------------
@@ -425,7 +466,7 @@ async def test_ssh_keys_are_added_listed_used_and_deleted(gw: Gateway) -> None:
     vm = await alice.ok("POST", "/v1/vms", vm_body("keyed", ssh_keys=["laptop"]))
     assert (await alice.ok("GET", f"/v1/vms/{vm['id']}?position={vm['position']}"))["ssh_keys"] == ["laptop"]
     status, problem, response = await gw.as_("bob").call("POST", "/v1/vms", vm_body(ssh_keys=["laptop"]))
-    assert_problem(status, problem, response, 400, "no SSH key named 'laptop'", "ssh_keys")
+    assert_problem(status, problem, response, 422, "no SSH key named 'laptop'", "ssh_keys")
 
     status, problem, response = await alice.call("POST", "/v1/ssh-keys", {"name": "laptop", "public_key": OTHER_KEY})
     assert_problem(status, problem, response, 422, "already exists")
@@ -438,15 +479,29 @@ async def test_ssh_keys_are_added_listed_used_and_deleted(gw: Gateway) -> None:
 
 
 @pytest.mark.parametrize(("body", "field", "detail"), [
-    ({"name": "k", "public_key": "ssh-rsa n@pe!"}, "public_key", "not valid base64"),
+    ({"name": "k", "public_key": "ssh-rsa n@pe!"}, "public_key", "one OpenSSH public key line"),
     ({"name": "k", "public_key": "-----BEGIN OPENSSH PRIVATE KEY-----"}, "public_key", "private key"),
-    ({"name": "k", "public_key": "hello"}, "public_key", "expected an OpenSSH public key"),
-    ({"name": "bad name", "public_key": PUBLIC_KEY}, "name", "letters, digits"),
+    ({"name": "k", "public_key": "hello"}, "public_key", "one OpenSSH public key line"),
+    ({"name": "k", "public_key": PUBLIC_KEY + "\n"}, "public_key", "one OpenSSH public key line"),
+    ({"name": "k", "public_key": "ssh-ed25519 " + "A" * 20000}, "public_key", "length <= 16384"),
+    ({"name": "k\n", "public_key": PUBLIC_KEY}, "name", "is not a name"),
+    ({"name": "bad name", "public_key": PUBLIC_KEY}, "name", "is not a name"),
     ({"name": "k"}, "public_key", "missing required field `public_key`"),
 ])
 async def test_a_bad_ssh_key_answers_400_naming_the_field(gw: Gateway, body: Any, field: str, detail: str) -> None:
     status, problem, response = await gw.as_("alice").call("POST", "/v1/ssh-keys", body)
     assert_problem(status, problem, response, 400, detail, field)
+
+
+@pytest.mark.parametrize(("public_key", "detail"), [
+    ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5", "not a valid ssh-ed25519 key"),  # the type, no key material
+    ("ssh-ed25519 " + base64.b64encode(b"\0\0\0\x0bssh-ed25519" + b"\0" * 9000).decode(), "not a valid"),
+    (PUBLIC_KEY.replace("ssh-ed25519", "ssh-rsa"), "not a valid ssh-rsa key"),  # the blob says ed25519
+    (rsa_key(1024), "2048 to 16384 bits, this one has 1024"),
+])
+async def test_ssh_key_material_that_does_not_parse_answers_422(gw: Gateway, public_key: str, detail: str) -> None:
+    status, problem, response = await gw.as_("alice").call("POST", "/v1/ssh-keys", {"name": "k", "public_key": public_key})
+    assert_problem(status, problem, response, 422, detail, "public_key")
 
 
 # -- hosts --------------------------------------------------------------------------------------------------

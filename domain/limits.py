@@ -1,0 +1,60 @@
+"""Upper (and lower) bounds on what one request may ask for, per installation.
+
+The defaults fit any real machine of today with room to spare; an installation may
+narrow or widen them (``GatewayConfig.limits``, ``ucloud up --limits FILE``). The domain
+checks every size and count against them after reading the user's units, so a 16 EiB
+VM or a host declaring 2^80 bytes is refused with a problem naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from .errors import OutOfBounds
+
+KiB, MiB, GiB, TiB, PiB = (1024**n for n in range(1, 6))
+# What no configuration may exceed: sizes stay within a signed 64-bit integer, which
+# QEMU, SQLite and every client language can hold.
+CEILING = 2**63 - 1
+
+_Positive = Annotated[int, msgspec.Meta(ge=1, le=CEILING)]
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Bounds on a VM, a host and their lists; sizes in bytes."""
+
+    vm_cores: _Positive = 1024
+    vm_ram: _Positive = 4 * TiB
+    vm_disk: _Positive = 64 * TiB
+    vm_min_ram: _Positive = 16 * MiB
+    vm_min_disk: _Positive = 1 * MiB
+    vm_ssh_keys: _Positive = 32  # names in one VM's ssh_keys
+    host_cores: _Positive = 16384
+    host_ram: _Positive = 256 * TiB
+    host_disk: _Positive = 16 * PiB
+    public_key_length: _Positive = 16 * KiB  # an OpenSSH key line, comment included
+
+    def __post_init__(self) -> None:
+        if self.vm_min_ram > self.vm_ram:
+            raise ValueError(f"vm_min_ram ({self.vm_min_ram}) is above vm_ram ({self.vm_ram})")
+        if self.vm_min_disk > self.vm_disk:
+            raise ValueError(f"vm_min_disk ({self.vm_min_disk}) is above vm_disk ({self.vm_disk})")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def load_limits(raw: bytes) -> Limits:
+    """Limits from a JSON object naming only the bounds to change; a clear ValueError otherwise."""
+    try:
+        return msgspec.json.decode(raw or b"{}", type=Limits)
+    except msgspec.MsgspecError as error:
+        raise ValueError(f"bad limits: {error}") from None
+
+
+def check_at_most(value: int, limit: int, field: str, what: str) -> int:
+    if value > limit:
+        raise OutOfBounds(field, f"{value} is more than this installation allows for {what} ({limit})")
+    return value

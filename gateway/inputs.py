@@ -1,0 +1,158 @@
+"""What a request carries is checked against what its route declares, before a handler
+parses anything: path, query and header parameters against their schemas, and a body's
+media type, size and UTF-8.
+
+A parameter's schema comes from a msgspec type (``Param.of``), so the OpenAPI document
+and this check read one declaration. The check itself is an explicit grammar per schema
+keyword: a length cap first, then ``fullmatch`` of ASCII-only patterns, integers as
+ASCII digits only (``int()`` and ``str.isdigit`` take Arabic-Indic digits too), UUIDs
+in their one canonical text form; nothing here backtracks over user data.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from functools import cache
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ucloud.domain.errors import InvalidValue
+
+from .problems import UnsupportedMediaType, shorten
+
+JSON = "application/json"
+_INTEGER = re.compile(r"-?[0-9]{1,20}", re.ASCII)
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
+_BOOLEANS = {"true": True, "false": False}
+
+
+@cache
+def _pattern(pattern: str) -> re.Pattern[str]:
+    # Our patterns are anchored ECMA/Python-compatible texts: "^...$". fullmatch of the
+    # inner part, because Python's "$" also matches before a final newline.
+    if not (pattern.startswith("^") and pattern.endswith("$")):
+        raise ValueError(f"a parameter pattern must be anchored with ^ and $: {pattern!r}")
+    return re.compile(pattern[1:-1], re.ASCII)
+
+
+def check_value(field: str, schema: dict[str, Any], raw: str) -> Any:
+    """``raw`` read by ``schema`` (type string, integer or boolean; maxLength, pattern,
+    format uuid, enum, minimum, maximum): the value, or InvalidValue naming ``field``."""
+    kind = schema.get("type", "string")
+    if kind == "integer":
+        if len(raw) > 20 or not _INTEGER.fullmatch(raw):
+            raise InvalidValue(field, f"{shorten(raw)!r} is not a whole number (ASCII digits)")
+        value = int(raw)
+        if "minimum" in schema and value < schema["minimum"]:
+            raise InvalidValue(field, f"must be at least {schema['minimum']}, got {value}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise InvalidValue(field, f"must be at most {schema['maximum']}, got {value}")
+        return value
+    if kind == "boolean":
+        if raw not in _BOOLEANS:
+            raise InvalidValue(field, f"{shorten(raw)!r} is not a boolean (true or false)")
+        return _BOOLEANS[raw]
+    limit = schema.get("maxLength")
+    if limit is not None and len(raw) > limit:
+        raise InvalidValue(field, f"longer than {limit} characters")
+    if len(raw) < schema.get("minLength", 0):
+        raise InvalidValue(field, f"shorter than {schema['minLength']} characters")
+    if "enum" in schema and raw not in schema["enum"]:
+        raise InvalidValue(field, f"{shorten(raw)!r} is not one of {', '.join(map(str, schema['enum']))}")
+    if schema.get("format") == "uuid" and not (len(raw) == 36 and _UUID.fullmatch(raw)):
+        raise InvalidValue(field, f"{shorten(raw)!r} is not a UUID (like 6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c002)")
+    if "pattern" in schema and not _pattern(schema["pattern"]).fullmatch(raw):
+        raise InvalidValue(field, f"{shorten(raw)!r} does not match {schema['pattern']}")
+    return raw
+
+
+def schema_of(value_type: Any) -> dict[str, Any]:
+    """The JSON schema of a parameter's msgspec type (a plain, reference-free type)."""
+    schema = msgspec.json.schema(value_type)
+    if "$ref" in schema or "$defs" in schema:
+        raise TypeError(f"a parameter type must be plain, not {value_type!r}")
+    return schema
+
+
+# -- the body ---------------------------------------------------------------------------------------
+
+_MARK = "\ufdd0"  # a Unicode noncharacter: where a byte was not UTF-8
+
+
+def _mark(error: UnicodeError) -> tuple[str, int]:
+    assert isinstance(error, UnicodeDecodeError)
+    return _MARK, error.end
+
+
+codecs.register_error("ucloud-mark-invalid", _mark)
+
+
+def utf8_field(raw: bytes) -> str | None:
+    """Where a body that is not UTF-8 has its bad bytes: the top-level JSON field (or the
+    path to it, 'ssh_keys[2]'), or None when it cannot be told (not JSON at all)."""
+    text = raw.decode("utf-8", errors="ucloud-mark-invalid")
+    try:
+        document = msgspec.json.decode(text.encode())
+    except msgspec.DecodeError:
+        return None
+    # Iterative, depth-first in document order: a deeply nested body cannot exhaust the stack.
+    stack: list[tuple[str, Any]] = [("", document)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            if _MARK in node:
+                return path or None
+        elif isinstance(node, dict):
+            items = []
+            for key, value in node.items():
+                name = shorten(key)
+                where = f"{path}.{name}" if path else name
+                if _MARK in key:
+                    return where
+                items.append((where, value))
+            stack.extend(reversed(items))
+        elif isinstance(node, list):
+            stack.extend(reversed([(f"{path}[{index}]", value) for index, value in enumerate(node)]))
+    return None
+
+
+async def check_body(request: web.Request) -> None:
+    """A request with a body must say it is JSON; the body must fit and be UTF-8."""
+    raw = await request.read()  # 413 past the size limit; kept: the handler's read() gets these bytes
+    if request.content_type != JSON or request.charset not in (None, "utf-8", "UTF-8"):
+        raise UnsupportedMediaType(
+            f"Content-Type: this request carries JSON; send it as '{JSON}' (UTF-8), "
+            f"not {shorten(request.headers.get('Content-Type', 'none'))!r}")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        field = utf8_field(raw)
+        raise InvalidValue(field or "body", "is not valid UTF-8") from None
+
+
+@web.middleware
+async def input_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Check every declared parameter and the body's kind before the handler runs."""
+    doc = getattr(request.match_info.handler, "api_doc", None)
+    if doc is None:  # aiohttp's own 404/405 answers
+        return await handler(request)
+    from .routes import declared_params
+
+    for param in declared_params(doc, request.match_info.route.resource):
+        if param.where == "path":
+            values = [request.match_info[param.name]] if param.name in request.match_info else []
+        elif param.where == "query":
+            values = request.query.getall(param.name, [])
+        else:
+            values = request.headers.getall(param.name, [])
+        if param.where != "path" and len(values) > 1:
+            raise InvalidValue(param.name, f"given {len(values)} times; give it once")
+        for value in values:
+            check_value(param.name, param.schema, value)
+    if request.body_exists and doc.body is not None:
+        await check_body(request)
+    return await handler(request)

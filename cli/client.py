@@ -264,7 +264,7 @@ class Client:
             status, data = await self._send(method, path, body, query, {**auth, **(headers or {})})
         if status >= 400:
             field = data.get("field") if isinstance(data, dict) else None
-            if status == 400 and field == "position" and "position" in query and read:
+            if status in (400, 422) and field == "position" and "position" in query and read:
                 # The remembered position belongs to another log (a rebuilt test cluster, say).
                 self.position = 0
                 self.positions.set(self.settings.api, 0)

@@ -13,7 +13,8 @@ from uuid import UUID
 
 import msgspec
 
-from ucloud.domain.host import Host, Overcommit, fits
+from ucloud.domain.host import Host, Overcommit
+from ucloud.domain.units import readable_size
 
 DEFAULT_OVERCOMMIT = Overcommit()
 
@@ -83,7 +84,38 @@ def place(
         return Placed(best.id)
     if not refused:
         return NoRoom("no hosts are registered" if not exclude else "no other host is available")
-    refusals = [f"{host.hostname}: {fits(host, needs.cores, needs.ram, needs.disk, overcommit)}" for host in refused]
-    shown = "; ".join(sorted(refusals)[:5])
-    more = f" (and {len(refusals) - 5} more)" if len(refusals) > 5 else ""
-    return NoRoom(f"no host has room for {needs.cores} cores, {needs.ram} B RAM, {needs.disk} B disk: {shown}{more}")
+    return NoRoom(no_room_reason(refused, needs, overcommit))
+
+
+def _free(host: Host, overcommit: Overcommit) -> tuple[int, int, int]:
+    """What a host can still take: cores, RAM and disk bytes under overcommit (never negative)."""
+    return (max(0, int(host.cores * overcommit.cpu) - host.used_cores),
+            max(0, int(host.ram * overcommit.ram) - host.used_ram),
+            max(0, int(host.disk * overcommit.disk) - host.used_disk))
+
+
+def no_room_reason(refused: list[Host], needs: Needs, overcommit: Overcommit) -> str:
+    """Why no host fits, in units a person reads: per resource that no host has enough of,
+    what the VM needs and the most any host has free (and where), e.g. "needs 500 GiB RAM;
+    the largest free is 22 GiB on host vm"; then the first hosts' own shortfalls."""
+    free = {host.hostname: _free(host, overcommit) for host in refused}
+    wanted = (needs.cores, needs.ram, needs.disk)
+    show = (lambda n: f"{n} cores" if n != 1 else "1 core", readable_size, readable_size)
+    labels = ("", " RAM", " disk")
+    short: list[str] = []
+    for index in range(3):
+        # The host with the most free of this resource (ties: the first name).
+        hostname, most = min(((name, amounts[index]) for name, amounts in free.items()),
+                             key=lambda item: (-item[1], item[0]))
+        if wanted[index] > most:
+            short.append(f"needs {show[index](wanted[index])}{labels[index]}; the largest free is "
+                         f"{show[index](most)} on host {hostname}")
+    if not short:
+        short.append("each resource is free somewhere, but no one host has all of it")
+    per_host = []
+    for name in sorted(free)[:5]:
+        lacks = [f"{show[i](free[name][i])}{labels[i]}" for i in range(3) if wanted[i] > free[name][i]]
+        per_host.append(f"{name}: only {', '.join(lacks)} free")
+    more = f" (and {len(free) - 5} more)" if len(free) > 5 else ""
+    asked = f"{show[0](needs.cores)}, {readable_size(needs.ram)} RAM, {readable_size(needs.disk)} disk"
+    return f"no host has room for {asked}: {'; '.join(short)} (hosts: {'; '.join(per_host)}{more})"

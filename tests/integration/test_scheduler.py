@@ -64,7 +64,7 @@ async def test_vm_is_placed_and_its_capacity_released_on_delete(backend: str, tm
         assert placed.status is vm_domain.Status.SCHEDULED and placed.host_id == host
         refused = models.vms.get(too_big)
         assert refused.status is vm_domain.Status.UNSCHEDULABLE
-        assert "ram" in refused.reason
+        assert "needs 8 GiB RAM; the largest free is 3 GiB on host h1" in refused.reason
         assert models.hosts.by_id[host].used_cores == 2
         # Delete: the host agent is not running here, so report the deletion as it would.
         await commands.vm_command(ALICE, vm_domain.DeleteVm(vm_id=vm))

@@ -39,7 +39,31 @@ def test_cpu_overcommit_allows_four_times_the_cores_by_default() -> None:
 def test_ram_is_not_overcommitted_by_default_and_the_reason_names_it() -> None:
     decision = place([host("a", ram=2 * GiB)], Needs(1, 3 * GiB, GiB))
     assert isinstance(decision, NoRoom)
-    assert "a: ram" in decision.reason
+    assert "a: only 2 GiB RAM free" in decision.reason
+
+
+def test_an_unschedulable_vm_says_what_it_needs_and_the_most_any_host_has_free() -> None:
+    busy = host("vm", cores=4, ram=24 * GiB, disk=500 * GiB, used=2)  # 2 GiB RAM and 2 GiB disk claimed
+    small = host("small", cores=2, ram=8 * GiB, disk=100 * GiB)
+    decision = place([small, busy], Needs(2, 500 * GiB, 10 * GiB))
+    assert isinstance(decision, NoRoom)
+    assert decision.reason.startswith("no host has room for 2 cores, 500 GiB RAM, 10 GiB disk: "
+                                      "needs 500 GiB RAM; the largest free is 22 GiB on host vm ")
+    assert "disk;" not in decision.reason and "cores;" not in decision.reason  # those fit somewhere
+    assert "small: only 8 GiB RAM free" in decision.reason
+
+    decision = place([small, busy], Needs(20, GiB, 2 * 1024 * GiB))
+    assert isinstance(decision, NoRoom)
+    assert "needs 20 cores; the largest free is 14 cores on host vm" in decision.reason  # 4 x 4.0 - 2
+    assert "needs 2 TiB disk; the largest free is 498 GiB on host vm" in decision.reason
+
+
+def test_when_each_resource_fits_somewhere_but_not_together_the_reason_says_so() -> None:
+    cpu_rich = host("cpu", cores=64, ram=2 * GiB)
+    ram_rich = host("ram", cores=1, ram=256 * GiB)
+    decision = place([cpu_rich, ram_rich], Needs(16, 64 * GiB, GiB))
+    assert isinstance(decision, NoRoom)
+    assert "no one host has all of it" in decision.reason
 
 
 def test_no_hosts_is_a_clear_reason() -> None:

@@ -9,6 +9,7 @@ detail: aiohttp's own message quotes the offending bytes, which a client already
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import msgspec
@@ -20,13 +21,23 @@ from aiohttp.web_request import BaseRequest
 from .problems import PROBLEM_JSON, TYPE_PREFIX, Problem
 
 
+# The URL ("/v1/...", C parser) or the whole line ("GET /...", Python parser); a header
+# line starts with "Name:".
+_REQUEST_LINE = re.compile(r"[A-Z]{1,20} [^ :]")
+
+
 def low_level_problem(status: int, exc: BaseException | None) -> Problem:
     if isinstance(exc, LineTooLong):
-        what = str(exc.args[0]) if exc.args else ""
-        field = "request line" if "status line" in what.lower() else "headers"
+        # args[0]: the line's first bytes (Python parser) or a description (C parser).
+        what = exc.args[0] if exc.args else b""
+        text = what.decode("latin-1") if isinstance(what, bytes) else str(what)
+        request_line = ("status line" in text.lower() or text.startswith(("/", "*", "http"))
+                        or _REQUEST_LINE.match(text) is not None)
+        field = "request line" if request_line else "headers"
+        what_is = "the request line (method, path and query)" if request_line else "a header line"
         limit = exc.args[1] if len(exc.args) > 1 else "the limit of"
         return Problem(type=TYPE_PREFIX + "too-large", title="Request line or header too long", status=status,
-                       detail=f"the {field} is longer than {limit} bytes", field=field)
+                       detail=f"{what_is} is longer than {limit} bytes", field=field)
     if isinstance(exc, BadHttpMethod):
         return Problem(type=TYPE_PREFIX + "invalid", title="Bad request", status=status,
                        detail="the request method is not a valid HTTP method", field="method")

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ucloud.domain.errors import InvalidValue, OutOfBounds
-from ucloud.domain.limits import DEFAULT_LIMITS, TiB, Limits, load_limits
+from ucloud.domain.limits import DEFAULT_LIMITS, Limits, TiB, load_limits
 from ucloud.domain.names import NAME_PATTERN, check_hostname, check_name, check_user_name, is_name
 from ucloud.domain.sshkey import PUBLIC_KEY_MAX_LENGTH, parse_public_key
 from ucloud.domain.units import parse_size

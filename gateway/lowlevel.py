@@ -20,7 +20,6 @@ from aiohttp.web_request import BaseRequest
 
 from .problems import PROBLEM_JSON, TYPE_PREFIX, Problem
 
-
 # The URL ("/v1/...", C parser) or the whole line ("GET /...", Python parser); a header
 # line starts with "Name:".
 _REQUEST_LINE = re.compile(r"[A-Z]{1,20} [^ :]")
@@ -30,7 +29,7 @@ def low_level_problem(status: int, exc: BaseException | None) -> Problem:
     if isinstance(exc, LineTooLong):
         # args[0]: the line's first bytes (Python parser) or a description (C parser).
         what = exc.args[0] if exc.args else b""
-        text = what.decode("latin-1") if isinstance(what, bytes) else str(what)
+        text = bytes(what).decode("latin-1") if isinstance(what, bytes | bytearray) else str(what)
         request_line = ("status line" in text.lower() or text.startswith(("/", "*", "http"))
                         or _REQUEST_LINE.match(text) is not None)
         field = "request line" if request_line else "headers"

@@ -30,7 +30,7 @@ RSA_MIN_BITS, RSA_MAX_BITS = 2048, 16384
 # "type base64 [comment]": one line, single spaces, a comment without control characters.
 # The same text is the OpenAPI pattern; the check is a fullmatch after the length cap.
 PUBLIC_KEY_PATTERN = (
-    "^(" + "|".join(t.replace(".", r"\.") for t in KEY_TYPES) + r") [A-Za-z0-9+/]+={0,2}( [^\x00-\x1f\x7f\ud800-\udfff]*)?$"
+    "^(" + "|".join(t.replace(".", r"\.") for t in KEY_TYPES) + r") [A-Za-z0-9+/]+={0,2}( [^\x00-\x1f\x7f]*)?$"
 )
 _PUBLIC_KEY = re.compile(PUBLIC_KEY_PATTERN[1:-1], re.ASCII)
 _SK_TYPES = frozenset(t for t in KEY_TYPES if t.startswith("sk-"))
@@ -104,7 +104,7 @@ def parse_public_key(text: str) -> tuple[str, str]:
     try:
         blob = base64.b64decode(material, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidValue("public_key", "the key data is not valid base64") from None
+        raise OutOfBounds("public_key", "the key data is not valid base64") from None
     try:
         key = load_ssh_public_key(f"{key_type} {material}".encode())
     except (ValueError, TypeError, UnsupportedAlgorithm):

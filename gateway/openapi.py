@@ -86,7 +86,7 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
             responses[str(status)] = {"description": doc.description}
             if doc.response is not None:
                 responses[str(status)]["content"] = {doc.media_type: {"schema": schema_of[id(doc.response)]}}
-        errors = set(doc.errors) | ({401, 429} if doc.auth else set()) | ({400, 503} if doc.reads else set())
+        errors = set(doc.errors) | ({401, 429} if doc.auth else set()) | ({400, 422, 503} if doc.reads else set())
         if declared:
             errors.add(400)  # a parameter outside its schema
         if doc.body is not None:

@@ -300,8 +300,10 @@ class Health(msgspec.Struct, kw_only=True):
     lag: int
 
 
+# strict=False: a JSON number with no fraction (2408.0, 1e3) is an integer, as JSON Schema
+# (and so the OpenAPI document) says; strings stay strings (every str field is str-only).
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
-    t: msgspec.json.Decoder(t) for t in (CreateVmBody, AddSshKeyBody, RegisterHostBody)
+    t: msgspec.json.Decoder(t, strict=False) for t in (CreateVmBody, AddSshKeyBody, RegisterHostBody)
 }
 _ENCODER = msgspec.json.Encoder()
 

@@ -110,12 +110,13 @@ _SERVER_PATH = re.compile(r"(?<![\w/])/(?:var|etc|tmp|home|root|run|srv|opt|usr|
 
 
 def _from_os(error: BaseException) -> bool:
-    """The error is, or was raised from, an operating-system error (whose text names files)."""
+    """The error is, or was raised from, an operating-system error about a file (whose
+    text names the file: "[Errno 17] File exists: '/var/lib/...'")."""
     seen: BaseException | None = error
     for _ in range(16):
         if seen is None:
             return False
-        if isinstance(seen, OSError):
+        if isinstance(seen, OSError) and (seen.filename is not None or seen.filename2 is not None):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -183,7 +183,7 @@ def test_the_installed_console_script_fails_without_a_traceback(home: Path, serv
     done = subprocess.run([str(UCLOUD), "vm", "create", "x", "--image", "debian-12", "--ram", "2XB"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
-    assert done.stderr == "error: ram: '2XB' is not a size; write e.g. 512MB, 2GiB or 1T\n"
+    assert done.stderr == "error: ram: '2XB' is not a size; write e.g. 512MB, 2GiB or 1T (binary units), or a number of bytes\n"
     done = subprocess.run([str(UCLOUD), "vm", "list", "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and json.loads(done.stdout) == []
 

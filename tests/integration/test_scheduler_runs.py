@@ -110,7 +110,7 @@ async def test_a_run_that_conflicts_is_decided_again_one_event_at_a_time(
     models = await models_of(store, commands)
     assert models.vms.get(a).host_id == host and models.vms.get(b).host_id == host
     assert models.vms.get(c).status is vm_domain.Status.UNSCHEDULABLE
-    assert "ram" in models.vms.get(c).reason
+    assert "needs 1 GiB RAM; the largest free is 0 B on host h1" in models.vms.get(c).reason
     assert set(models.hosts.by_id[host].claims) == {a, b}
     assert await store.tracked_position(scheduler.consumer) == records[-1].position
     await store.close()

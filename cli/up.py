@@ -52,6 +52,7 @@ from ucloud.auth.secrets import SecretStoreError
 from ucloud.auth.sessions import DEFAULT_TTL, SessionAuthenticator
 from ucloud.cli.credentials import Credentials, CredentialsError, Identity, Seed
 from ucloud.commands.service import CommandService
+from ucloud.domain.limits import DEFAULT_LIMITS, Limits, load_limits
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 from ucloud.gateway.app import GatewayConfig, start
 from ucloud.hostagent.agent import HostAgent
@@ -182,6 +183,7 @@ async def run_up(
     with_agent: bool,
     ready: asyncio.Event | None = None,
     auth: AuthOptions | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> None:
     auth = auth or AuthOptions()
     private_state_dir(state_dir)
@@ -200,10 +202,10 @@ async def run_up(
             await authenticator.close()
             raise
     store = open_store(store_url)
-    commands = CommandService(store)
+    commands = CommandService(store, limits=limits)
     try:
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
-                                            authenticator=authenticator or "header"))
+                                            authenticator=authenticator or "header", limits=limits))
     except BaseException:
         await store.close()
         if authenticator is not None:
@@ -288,11 +290,13 @@ async def run_up(
               help="Seconds a session opened with a TOTP lasts.")
 @click.option("--insecure-header-auth", is_flag=True,
               help="DEVELOPMENT ONLY: trust X-Ucloud-User/X-Ucloud-Realm as sent, no tokens.")
+@click.option("--limits", "limits_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              envvar="UCLOUD_LIMITS", help="A JSON object of size and count limits to change (docs/api.md).")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
        ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
-       insecure_header_auth: bool, verbose: bool) -> None:
+       insecure_header_auth: bool, limits_file: Path | None, verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -302,8 +306,12 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
     if insecure_header_auth and auth.uses_ldap:
         raise click.UsageError("--insecure-header-auth uses no directory: drop the LDAP options")
     try:
+        limits = load_limits(limits_file.read_bytes()) if limits_file else DEFAULT_LIMITS
+    except ValueError as error:
+        raise click.UsageError(f"--limits {limits_file}: {error}") from None
+    try:
         asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent,
-                           auth=auth))
+                           auth=auth, limits=limits))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError) as error:

@@ -726,3 +726,40 @@ async def test_start_fails_clearly_when_the_first_address_cannot_bind() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot listen on \\[127.0.0.1\\]:{port}"):
             await start(GatewayConfig(store=MemoryEventStore(), listen=("127.0.0.1",), port=port))
+
+
+async def test_an_installations_limits_are_enforced_and_stated_in_the_document() -> None:
+    from ucloud.domain.limits import Limits
+
+    store = MemoryEventStore()
+    limits = Limits(vm_ram=8 * 1024**3, vm_cores=4, vm_ssh_keys=2, host_ram=1024**4)
+    app = init_app(GatewayConfig(store=store, limits=limits))
+    try:
+        async with TestClient(TestServer(app)) as client:
+            alice, admin = Api(client, user("alice")), Api(client, ADMIN)
+            document = await alice.ok("GET", "/v1/openapi.json")
+            schemas = document["components"]["schemas"]
+            vm = schemas["CreateVmBody"]["properties"]
+            assert vm["ram"]["anyOf"][0]["maximum"] == 8 * 1024**3
+            assert vm["cores"]["anyOf"][0]["maximum"] == 4
+            assert vm["ssh_keys"]["maxItems"] == 2
+            assert schemas["RegisterHostBody"]["properties"]["ram"]["anyOf"][0]["maximum"] == 1024**4
+            assert "x-ucloud-limit" not in str(document)
+            for body, field in ((vm_body(ram="9GiB"), "ram"), (vm_body(cores=5), "cores"),
+                                (vm_body(ssh_keys=["a", "b", "c"]), "ssh_keys")):
+                status, problem, response = await alice.call("POST", "/v1/vms", body)
+                assert_problem(status, problem, response, 422, "more than this installation allows|at most 2", field)
+            assert (await alice.call("POST", "/v1/vms", vm_body(ram="8GiB", cores=4)))[0] == 202
+            status, problem, response = await admin.call(
+                "POST", "/v1/hosts", {"hostname": "big", "cores": 8, "ram": "1048576P", "disk": "1TiB"})  # 2**70 bytes
+            assert_problem(status, problem, response, 422, "a host's RAM", "ram")
+    finally:
+        await store.close()
+
+
+async def test_ssh_keys_named_twice_are_installed_once(gw: Gateway) -> None:
+    alice = gw.as_("alice")
+    await alice.ok("POST", "/v1/ssh-keys", {"name": "laptop", "public_key": PUBLIC_KEY})
+    created = await alice.ok("POST", "/v1/vms", vm_body("twice-keyed", ssh_keys=["laptop", "laptop", "laptop"]))
+    vm = await alice.ok("GET", f"/v1/vms/{created['id']}?position={created['position']}")
+    assert vm["ssh_keys"] == ["laptop"]

@@ -120,9 +120,14 @@ def utf8_field(raw: bytes) -> str | None:
     return None
 
 
-async def check_body(request: web.Request) -> None:
-    """A request with a body must say it is JSON; the body must fit and be UTF-8."""
-    raw = await request.read()  # 413 past the size limit; kept: the handler's read() gets these bytes
+async def check_body(request: web.Request, limit: int | None = None) -> None:
+    """A request with a body must fit (``limit``: the operation's own, below the gateway's),
+    say it is JSON and be UTF-8."""
+    if limit is not None and request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    raw = await request.read()  # 413 past the gateway's limit; kept: the handler's read() gets these bytes
+    if limit is not None and len(raw) > limit:  # chunked: no Content-Length to judge by
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
     if request.content_type != JSON or request.charset not in (None, "utf-8", "UTF-8"):
         raise UnsupportedMediaType(
             f"Content-Type: this request carries JSON; send it as '{JSON}' (UTF-8), "
@@ -154,5 +159,5 @@ async def input_middleware(request: web.Request, handler: Handler) -> web.Stream
         for value in values:
             check_value(param.name, param.schema, value)
     if request.body_exists and doc.body is not None:
-        await check_body(request)
+        await check_body(request, doc.max_body)
     return await handler(request)

@@ -72,6 +72,7 @@ _MAPPING: list[tuple[type[BaseException], int, str, str]] = [
 _AT = " - at `$"
 _NAMED = "field `"
 MAX_SHOWN = 64  # characters of a user-supplied name quoted back in a problem
+MAX_DETAIL = 2000  # characters of a problem's detail: no megabyte is ever echoed back
 
 
 def shorten(text: str, limit: int = MAX_SHOWN) -> str:
@@ -147,16 +148,19 @@ def problem_for(error: BaseException, instance: str = "") -> tuple[Problem, dict
                        instance=instance), headers
     status, slug, title = match
     field: str | None = None
-    detail = str(error)
+    if isinstance(error, msgspec.MsgspecError):
+        detail, field = _decode_error(error)  # short: user-supplied names are cut (shorten)
+    else:
+        detail = str(error)
+        if isinstance(error, InvalidValue | Rejected | UnsupportedMediaType):
+            field = error.field
     if _from_os(error):
         log.warning("answering %s with %d for an error of the operating system: %s", instance, status, detail)
         detail = title  # its text names the server's files; the log has it
+    if len(detail) > MAX_DETAIL:
+        detail = detail[:MAX_DETAIL] + "…"
     detail = _SERVER_PATH.sub("<server path>", detail)
-    if isinstance(error, msgspec.MsgspecError):
-        detail, field = _decode_error(error)
-    elif isinstance(error, InvalidValue | Rejected | UnsupportedMediaType):
-        field = error.field
-    elif isinstance(error, AuthenticationFailed):
+    if isinstance(error, AuthenticationFailed):
         retry_after = getattr(error, "retry_after", None)
         if retry_after:
             # Too many failures for this name or from this network (unknown names are

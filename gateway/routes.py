@@ -132,6 +132,9 @@ class ApiDoc:
     auth: bool = True
     reads: bool = False  # accepts ?position= / X-Ucloud-Position
     media_type: str = "application/json"
+    # The largest body this operation takes (413 beyond, before it is read or parsed);
+    # None: the gateway's max_body_size. Well above the largest valid body of its type.
+    max_body: int | None = None
 
 
 POSITION_PARAMS = (
@@ -176,6 +179,11 @@ def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
 # installation exceeds; the installation's own limit (GatewayConfig.limits.vm_ssh_keys)
 # is the document's maxItems and is checked by the command side.
 SSH_KEYS_CEILING = 1024
+# The largest body of the operations here: a create with 1024 key names of 63 characters
+# is ~70 KiB, a key line with a comment in \u escapes ~100 KiB. A megabyte of array
+# items would cost the JSON decoder ~100 ms to build before any length check; capped
+# here, refused before it is read.
+BODY_LIMIT = 128 * 1024
 
 
 class CreateVmBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -413,6 +421,7 @@ KEY_NAME = Param.of("name", "path", "The SSH key's name.", Name)
 
 @api("POST", "/v1/vms", ApiDoc(
     "Create a VM", "createVm", "vms", status=202, response=Accepted, also=(200,), body=CreateVmBody,
+    max_body=BODY_LIMIT,
     description="Recorded; the VM is requested and the scheduler takes it from here. "
                 "200 when an Idempotency-Key repeats an earlier identical request (same id).",
     params=(Param.of(IDEMPOTENCY_HEADER, "header",
@@ -518,6 +527,7 @@ async def list_ssh_keys(request: web.Request) -> web.Response:
 
 @api("POST", "/v1/ssh-keys", ApiDoc(
     "Add an SSH public key", "addSshKey", "ssh-keys", status=201, response=SshKeyAccepted, body=AddSshKeyBody,
+    max_body=BODY_LIMIT,
     description="Added; VMs created from now on may name it in ssh_keys.", errors=(400, 404, 409, 422, 503)))
 async def add_ssh_key(request: web.Request) -> web.Response:
     body = await decode_body(request, AddSshKeyBody)
@@ -558,7 +568,7 @@ async def list_hosts(request: web.Request) -> web.Response:
 
 @api("POST", "/v1/hosts", ApiDoc(
     "Register a host (admin)", "registerHost", "hosts", status=201, response=HostAccepted,
-    body=RegisterHostBody, also=(200,),
+    body=RegisterHostBody, also=(200,), max_body=BODY_LIMIT,
     description="201 for a new host; 200 when it was known (its capacity is updated). Outside the "
                 "admin realm: 404.", errors=(400, 404, 409, 503)))
 async def register_host(request: web.Request) -> web.Response:

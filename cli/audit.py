@@ -53,8 +53,8 @@ T = TypeVar("T")
 
 # -- parsing the command line ----------------------------------------------------------
 
-_DURATION = re.compile(r"(\d+)([smhdw])")
-_DURATION_ALL = re.compile(r"(?:\d+[smhdw])+")
+_DURATION = re.compile(r"(\d+)([smhdw])", re.ASCII)
+_DURATION_ALL = re.compile(r"(?:\d+[smhdw])+", re.ASCII)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 

@@ -251,7 +251,7 @@ def vm_create(ctx: Context, name: str | None, name_option: str | None, image: st
     if name and name_option and name != name_option:
         raise click.UsageError(f"two names given: {name!r} and --name {name_option!r}")
     name = name or name_option or default_vm_name(image)
-    body = {"name": name, "image": image, "cores": int(cores) if cores.isdigit() else cores, "ram": ram,
+    body = {"name": name, "image": image, "cores": int(cores) if cores.isascii() and cores.isdigit() else cores, "ram": ram,
             "disk": disk, "ssh_keys": list(ssh_keys), "restart_policy": restart_policy}
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
 
@@ -443,7 +443,7 @@ def host() -> None:
 @pass_context
 def host_add(ctx: Context, hostname: str, cores: str, ram: str, disk: str, hypervisor: str, as_json: bool) -> None:
     """Register HOSTNAME (again: updates its capacity)."""
-    body = {"hostname": hostname, "cores": int(cores) if cores.isdigit() else cores, "ram": ram, "disk": disk,
+    body = {"hostname": hostname, "cores": int(cores) if cores.isascii() and cores.isdigit() else cores, "ram": ram, "disk": disk,
             "hypervisor": hypervisor}
 
     async def work(client: Client) -> None:

@@ -174,7 +174,7 @@ def _endpoint(url: str, part: str) -> str:
             raise InvalidStoreUrl(f"store URL {url!r}: {host!r} in etcd endpoint {part!r} is not a host name or address")
     if port is None or port == "":
         raise InvalidStoreUrl(f"store URL {url!r}: etcd endpoint {part!r} has no port: write {host}:2379")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise InvalidStoreUrl(f"store URL {url!r}: port {port!r} of etcd endpoint {part!r} is not a number in 1..65535")
     return f"{host}:{int(port)}"
 

@@ -54,6 +54,20 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await backend.close()
 
 
+async def forget(store: EventStore) -> None:
+    """Remove what a test wrote that holds no secret but is large (tens of MiB of
+    snapshots), so the suite-wide secret scan below does not read it again: a SQLite
+    log's files are unlinked (the store keeps working on them until closed), an etcd
+    store's prefix is deleted."""
+    if isinstance(store, SqliteEventStore):
+        for suffix in ("", "-wal", "-shm"):
+            Path(store.path + suffix).unlink(missing_ok=True)
+    elif isinstance(store, EtcdEventStore):
+        from ucloud.eventstore.etcd_client import prefix_end
+
+        await store.client.delete(store.prefix + b"/", prefix_end(store.prefix + b"/"))
+
+
 # -- no secret in any log the suite wrote ---------------------------------------------------------
 
 _SECRETS_SEEN: dict[str, str] = {}

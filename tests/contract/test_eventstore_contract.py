@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from tests.conftest import forget
 from ucloud.eventstore.errors import InvalidAppend, StreamConflict, TrackingConflict
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import NewEvent, Snapshot, StreamAppend, Tracking
@@ -226,6 +227,7 @@ async def test_a_snapshot_of_tens_of_megabytes_saves_and_loads_whole(store: Even
     await store.save_snapshot(Snapshot(stream="projection-big", version=9, type="views", state=b"old"))
     loaded = await store.load_snapshot("projection-big")
     assert loaded is not None and (loaded.version, loaded.state) == (11, smaller)
+    await forget(store)
 
 
 def sliced(n: int, *slices: str) -> NewEvent:

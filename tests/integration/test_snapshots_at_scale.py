@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tests.conftest import open_store
+from tests.conftest import forget, open_store
 from tests.support.etcd import EtcdCluster, etcd_cluster
 from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
@@ -97,6 +97,7 @@ async def test_read_models_of_100k_vms_on_1k_hosts_save_and_restore(
         assert picture(restored) == picture(models)
         assert restored.hosts.by_id[uuid.UUID(int=1)].used_cores == VMS // HOSTS
     finally:
+        await forget(store)
         await store.close()
 
 

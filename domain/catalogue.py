@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from .account import ACCOUNT_EVENT_TYPES
 from .events import Event, EventCodec
 from .host import HOST_EVENT_TYPES
+from .invoice import INVOICE_EVENT_TYPES
 from .operators import OPERATOR_EVENT_TYPES
+from .pricing import PRICING_EVENT_TYPES
 from .sshkey import SSHKEY_EVENT_TYPES
 from .vm import VM_EVENT_TYPES
 
 ALL_EVENT_TYPES: tuple[type[Event], ...] = (*VM_EVENT_TYPES, *HOST_EVENT_TYPES, *SSHKEY_EVENT_TYPES,
-                                            *OPERATOR_EVENT_TYPES)
+                                            *OPERATOR_EVENT_TYPES, *PRICING_EVENT_TYPES, *ACCOUNT_EVENT_TYPES,
+                                            *INVOICE_EVENT_TYPES)
 
 
 def build_codec() -> EventCodec:
@@ -75,6 +79,10 @@ def _type_name(info: object) -> str:
             return " or ".join(_type_name(t) for t in info.types)
         case msgspec.inspect.NoneType():
             return "null"
+        case msgspec.inspect.DateTimeType():
+            return "time (RFC 3339, UTC)"
+        case msgspec.inspect.StructType():
+            return f"`{info.cls.__name__}` ({', '.join(f.name for f in info.fields)})"
         case msgspec.inspect.VarTupleType() | msgspec.inspect.ListType():
             return f"list of {_type_name(info.item_type)}"
     return type(info).__name__

@@ -34,6 +34,14 @@ FROZEN: dict[str, tuple[int, tuple[str, ...]]] = {
     "sshkey.added": (1, ('key_id', 'owner', 'name', 'public_key', 'fingerprint')),
     "sshkey.deleted": (1, ('key_id',)),
     "admin.recovered": (1, ('admin_id', 'name', 'realm', 'created_user', 'reenabled', 'granted_realm', 'replaced_seed', 'machine')),
+    "price.set": (1, ('resource', 'micros', 'currency', 'per', 'per_seconds', 'effective_from')),
+    "account.configured": (1, ('owner', 'kind')),
+    "account.credited": (1, ('owner', 'micros', 'currency', 'source', 'reference')),
+    "coupon.created": (1, ('coupon_id', 'micros', 'currency', 'expires')),
+    "coupon.redeemed": (1, ('coupon_id', 'owner')),
+    "billing.period_closed": (1, ('period_start', 'period_end')),
+    "invoice.issued": (1, ('number', 'owner', 'period_start', 'period_end', 'currency', 'lines', 'total',
+                           'reference')),
 }
 
 

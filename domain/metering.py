@@ -1,0 +1,252 @@
+"""Metering: usage from VM lifecycle events at one-second resolution. Pure, no I/O.
+
+A ``Meter`` folds, in log order, the VM events, the price book and the period closings,
+each with its record time in whole epoch seconds (floor). It accumulates integer
+quantity-seconds per (owner, period, VM, resource, price version):
+
+- cores and RAM while the VM runs: from ``vm.started`` to ``vm.stopped``, ``vm.crashed``,
+  ``vm.failed`` or ``vm.deleted``; each start is billed at least 60 s (a run shorter than
+  that counts as [start, start + 60));
+- disk for as long as the VM exists: from ``vm.requested`` to ``vm.deleted``.
+
+An interval is split where a price changes (one line per price version) and where a
+billing period ends. Quantity-seconds are exact integers and addition is associative,
+so the totals do not depend on how the log was cut into batches, folded, snapshotted or
+restored; the only rounding is per invoice line (``line_amount``).
+
+Time only moves forward for billing: an event whose time lies before the end of the
+last closed period counts from that end (its period is final).
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from datetime import UTC, datetime
+from uuid import UUID
+
+import msgspec
+
+from . import vm as vm_domain
+from .errors import InvalidValue
+from .events import Event
+from .invoice import InvoiceLine, PeriodClosed
+from .money import div_round
+from .pricing import QUANTUM, Price, PriceSet, Resource, Schedule, epoch_seconds
+
+MINIMUM_RUN = 60  # seconds billed at least per start (as AWS and GCP do)
+_CORE, _RAM, _DISK = Resource.CORE.value, Resource.RAM.value, Resource.DISK.value
+_SIZES = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_PERIOD = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+
+
+class PeriodPolicy(msgspec.Struct, frozen=True):
+    """Billing periods: calendar months (UTC) by default, or fixed lengths of ``seconds``
+    aligned to the epoch (``1d``, ``3600s``)."""
+
+    seconds: int = 0  # 0: calendar months
+
+    @classmethod
+    def parse(cls, text: str) -> PeriodPolicy:
+        text = text.strip().lower()
+        if text in ("month", "monthly", "1mo"):
+            return cls()
+        aliases = {"day": "1d", "daily": "1d", "hour": "1h", "hourly": "1h"}
+        match = _PERIOD.match(aliases.get(text, text))
+        if not match or int(match.group(1)) <= 0:
+            raise InvalidValue("period", f"{text!r}: 'month' or a length like 1d, 12h, 3600s")
+        return cls(seconds=int(match.group(1)) * _SIZES[match.group(2)])
+
+    def bounds(self, t: int) -> tuple[int, int]:
+        """[start, end) of the period holding second ``t``."""
+        if self.seconds:
+            start = t - t % self.seconds
+            return start, start + self.seconds
+        moment = datetime.fromtimestamp(t, UTC)
+        start = calendar.timegm((moment.year, moment.month, 1, 0, 0, 0))
+        year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+        return start, calendar.timegm((year, month, 1, 0, 0, 0))
+
+    def describe(self) -> str:
+        return "month" if not self.seconds else f"{self.seconds}s"
+
+
+class VmMeter(msgspec.Struct, kw_only=True, gc=False):
+    """What the meter knows of one VM. Mutable: the fold updates it in place."""
+
+    owner: str
+    name: str
+    cores: int
+    ram: int
+    disk: int
+    disk_from: int  # disk charged up to here
+    run_from: int = -1  # -1: not running; else run charged up to here
+    run_until_at_least: int = 0  # the run's start + MINIMUM_RUN
+
+
+# (vm, resource, price version) -> quantity-seconds
+Lines = dict[tuple[UUID, str, int], int]
+
+
+def line_amount(price: Price, quantity_seconds: int) -> int:
+    """Micros for ``quantity_seconds`` at ``price``: the one rounding (half away from zero)."""
+    return div_round(quantity_seconds * price.micros, price.per_seconds * QUANTUM[price.resource])
+
+
+class Meter:
+    """The metering fold. ``apply(event, t)`` in log order; nothing else changes it."""
+
+    def __init__(self, periods: PeriodPolicy | None = None) -> None:
+        self.periods = periods or PeriodPolicy()
+        self.schedule = Schedule()
+        self.vms: dict[UUID, VmMeter] = {}
+        self.names: dict[UUID, str] = {}  # every VM ever seen, for invoice lines
+        self.usage: dict[tuple[str, int], Lines] = {}  # (owner, period start) -> lines
+        self.closed_until = 0
+        self.closed: list[tuple[int, int]] = []
+        self._period = (0, 0)
+
+    # -- the fold --------------------------------------------------------------------------
+
+    def apply(self, event: Event, t: int) -> None:
+        if t < self.closed_until:
+            t = self.closed_until
+        match event:
+            case vm_domain.VmStarted():
+                meter = self.vms.get(event.vm_id)
+                if meter is not None and meter.run_from < 0:
+                    meter.run_from = t
+                    meter.run_until_at_least = t + MINIMUM_RUN
+            case vm_domain.VmStopped() | vm_domain.VmCrashed() | vm_domain.VmFailed():
+                meter = self.vms.get(event.vm_id)
+                if meter is not None and meter.run_from >= 0:
+                    self._end_run(event.vm_id, meter, t)
+            case vm_domain.VmRequested():
+                if event.vm_id not in self.vms:
+                    self.vms[event.vm_id] = VmMeter(owner=event.owner, name=event.name, cores=event.cores,
+                                                    ram=event.ram, disk=event.disk, disk_from=t)
+                    self.names[event.vm_id] = event.name
+            case vm_domain.VmDeleted():
+                meter = self.vms.pop(event.vm_id, None)
+                if meter is not None:
+                    if meter.run_from >= 0:
+                        self._end_run(event.vm_id, meter, t)
+                    self._charge(meter.owner, event.vm_id, _DISK, meter.disk, meter.disk_from, t)
+            case PriceSet():
+                self.schedule.add(Price(
+                    version=self.schedule.count + 1, resource=event.resource, micros=event.micros,
+                    currency=event.currency, per=event.per, per_seconds=event.per_seconds,
+                    effective_from=epoch_seconds(event.effective_from)))
+            case PeriodClosed():
+                self.close(epoch_seconds(event.period_start), epoch_seconds(event.period_end))
+
+    def _end_run(self, vm_id: UUID, meter: VmMeter, t: int) -> None:
+        end = t if t > meter.run_until_at_least else meter.run_until_at_least
+        self._charge(meter.owner, vm_id, _CORE, meter.cores, meter.run_from, end)
+        self._charge(meter.owner, vm_id, _RAM, meter.ram, meter.run_from, end)
+        meter.run_from = -1
+
+    def _charge(self, owner: str, vm_id: UUID, resource: str, quantity: int, start: int, end: int,
+                into: dict[tuple[str, int], Lines] | None = None) -> None:
+        usage = self.usage if into is None else into
+        while start < end:
+            period_start, period_end = self._period
+            if not period_start <= start < period_end:
+                period_start, period_end = self._period = self.periods.bounds(start)
+            upto = end if end < period_end else period_end
+            lines = usage.get((owner, period_start))
+            if lines is None:
+                lines = usage[(owner, period_start)] = {}
+            for version, a, b in self.schedule.segments(resource, start, upto):
+                key = (vm_id, resource, version)
+                lines[key] = lines.get(key, 0) + quantity * (b - a)
+            start = upto
+
+    def close(self, start: int, end: int) -> None:
+        """Cut everything still running or existing at ``end``; later events count from there."""
+        if end <= self.closed_until:
+            return
+        for vm_id, meter in self.vms.items():
+            if 0 <= meter.run_from < end:
+                self._charge(meter.owner, vm_id, _CORE, meter.cores, meter.run_from, end)
+                self._charge(meter.owner, vm_id, _RAM, meter.ram, meter.run_from, end)
+                meter.run_from = end
+            if meter.disk_from < end:
+                self._charge(meter.owner, vm_id, _DISK, meter.disk, meter.disk_from, end)
+                meter.disk_from = end
+        self.closed_until = end
+        self.closed.append((start, end))
+
+    # -- questions -------------------------------------------------------------------------
+
+    def lines(self, owner: str, period_start: int, now: int | None = None) -> list[InvoiceLine]:
+        """An owner's lines in a period; with ``now``, what runs or exists is counted up to
+        ``now`` as well (usage so far: the 60 s minimum included), without changing the fold."""
+        usage: Lines = dict(self.usage.get((owner, period_start), {}))
+        if now is not None:
+            extra: dict[tuple[str, int], Lines] = {}
+            for vm_id, meter in self.vms.items():
+                if meter.owner != owner:
+                    continue
+                if meter.run_from >= 0:
+                    end = max(now, meter.run_until_at_least)
+                    self._charge(owner, vm_id, _CORE, meter.cores, meter.run_from, end, extra)
+                    self._charge(owner, vm_id, _RAM, meter.ram, meter.run_from, end, extra)
+                self._charge(owner, vm_id, _DISK, meter.disk, meter.disk_from, max(now, meter.disk_from), extra)
+            for key, value in extra.get((owner, period_start), {}).items():
+                usage[key] = usage.get(key, 0) + value
+        return self.to_lines(usage)
+
+    def to_lines(self, usage: Lines) -> list[InvoiceLine]:
+        result = []
+        for (vm_id, resource, version), quantity_seconds in usage.items():
+            if quantity_seconds == 0:
+                continue
+            price = self.schedule.price(version)
+            result.append(InvoiceLine(
+                vm_id=vm_id, vm_name=self.names.get(vm_id, ""), resource=resource, price_version=version,
+                quantity_seconds=quantity_seconds, micros=price.micros, per=price.per,
+                per_seconds=price.per_seconds, quantum=QUANTUM[resource], amount=line_amount(price, quantity_seconds)))
+        return sorted(result, key=lambda line: (line.vm_name, str(line.vm_id), line.resource, line.price_version))
+
+    def owners_in(self, period_start: int) -> list[str]:
+        return sorted(owner for owner, start in self.usage if start == period_start)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def dump(self) -> MeterSnapshot:
+        return MeterSnapshot(
+            periods=self.periods.seconds, prices=self.schedule.all(), vms=list(self.vms.items()),
+            names=dict(self.names), closed=list(self.closed), closed_until=self.closed_until,
+            usage=[(owner, start, [(v, r, ver, q) for (v, r, ver), q in lines.items()])
+                   for (owner, start), lines in self.usage.items()])
+
+    @classmethod
+    def load(cls, snapshot: MeterSnapshot) -> Meter:
+        meter = cls(PeriodPolicy(seconds=snapshot.periods))
+        meter.schedule = Schedule.load(snapshot.prices)
+        meter.vms = dict(snapshot.vms)
+        meter.names = dict(snapshot.names)
+        meter.usage = {(owner, start): {(v, r, ver): q for v, r, ver, q in lines}
+                       for owner, start, lines in snapshot.usage}
+        meter.closed = list(snapshot.closed)
+        meter.closed_until = snapshot.closed_until
+        return meter
+
+
+class MeterSnapshot(msgspec.Struct, kw_only=True):
+    """The meter's whole state, for snapshots (msgpack or JSON)."""
+
+    periods: int
+    prices: list[Price]
+    vms: list[tuple[UUID, VmMeter]]
+    names: dict[UUID, str]
+    usage: list[tuple[str, int, list[tuple[UUID, str, int, int]]]]
+    closed: list[tuple[int, int]]
+    closed_until: int
+
+
+def totals(meter: Meter) -> dict[tuple[str, int, UUID, str, int], int]:
+    """Every quantity-second the meter holds, flat: for comparing two folds."""
+    return {(owner, start, vm, r, v): q for (owner, start), lines in meter.usage.items()
+            for (vm, r, v), q in lines.items() if q}

@@ -1,0 +1,240 @@
+"""Metering: random lifecycles and price changes against a per-second reference model;
+the totals never depend on how the log is batched, snapshotted or folded again."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from uuid import UUID
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ucloud.domain import vm as vm_domain
+from ucloud.domain.events import Event
+from ucloud.domain.invoice import PeriodClosed
+from ucloud.domain.metering import (
+    MINIMUM_RUN,
+    Meter,
+    MeterSnapshot,
+    PeriodPolicy,
+    line_amount,
+    totals,
+)
+from ucloud.domain.pricing import GIB, PriceSet, Resource
+
+HOST = uuid.UUID(int=1)
+T0 = 1_800_000_000  # a whole hour: 1,800,000,000 s is 2027-01-15T08:00:00Z
+
+
+def at(t: int) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+def price(resource: Resource, micros: int, t: int, per: str = "second", per_seconds: int = 1) -> PriceSet:
+    return PriceSet(resource=resource, micros=micros, currency="CHF", per=per, per_seconds=per_seconds,
+                    effective_from=at(t))
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> tuple[list[tuple[int, Event]], int]:
+    """A time-ordered log: prices (set before they apply), VMs created, started, stopped,
+    crashed, deleted, in random interleavings; returns (events with times, end time)."""
+    t = T0
+    log: list[tuple[int, Event]] = []
+    vms: dict[UUID, str] = {}  # vm -> "stopped" | "running"
+    for _ in range(draw(st.integers(1, 40))):
+        t += draw(st.integers(0, 200))
+        action = draw(st.sampled_from(["price", "create", "start", "stop", "crash", "delete"]))
+        alive = sorted(vms)
+        if action == "price":
+            resource = draw(st.sampled_from([Resource.CORE, Resource.RAM, Resource.DISK]))
+            log.append((t, price(resource, draw(st.integers(0, 5000)), t + draw(st.integers(0, 300)),
+                                 *draw(st.sampled_from([("second", 1), ("minute", 60), ("hour", 3600)])))))
+        elif action == "create" or not alive:
+            vm_id = uuid.UUID(int=len(log) + 100)
+            vms[vm_id] = "stopped"
+            log.append((t, vm_domain.VmRequested(
+                vm_id=vm_id, owner=draw(st.sampled_from(["alice", "bob"])), name=f"vm{len(vms)}",
+                cores=draw(st.integers(1, 8)), ram=draw(st.integers(1, 8)) * GIB // 2,
+                disk=draw(st.integers(1, 40)) * GIB, image="debian-12")))
+        else:
+            vm_id = draw(st.sampled_from(alive))
+            if action == "start" and vms[vm_id] == "stopped":
+                vms[vm_id] = "running"
+                log.append((t, vm_domain.VmStarted(vm_id=vm_id, host_id=HOST)))
+            elif action in ("stop", "crash") and vms[vm_id] == "running":
+                vms[vm_id] = "stopped"
+                log.append((t, vm_domain.VmStopped(vm_id=vm_id, host_id=HOST) if action == "stop"
+                            else vm_domain.VmCrashed(vm_id=vm_id, host_id=HOST, reason="boom")))
+            elif action == "delete":
+                del vms[vm_id]
+                log.append((t, vm_domain.VmDeleted(vm_id=vm_id, host_id=HOST)))
+    return log, t + draw(st.integers(0, 100))
+
+
+def finish(log: list[tuple[int, Event]], end: int) -> list[tuple[int, Event]]:
+    """Delete every VM still there at ``end``."""
+    alive: list[UUID] = []
+    for _, event in log:
+        if isinstance(event, vm_domain.VmRequested):
+            alive.append(event.vm_id)
+        elif isinstance(event, vm_domain.VmDeleted):
+            alive.remove(event.vm_id)
+    return [(end, vm_domain.VmDeleted(vm_id=vm_id, host_id=HOST)) for vm_id in alive]
+
+
+def reference(log: list[tuple[int, Event]]) -> dict[tuple[UUID, str, int], int]:
+    """Quantity-seconds per (vm, resource, price version), counted second by second."""
+    prices: list[tuple[int, int, str]] = []  # (effective_from, version, resource)
+    runs: list[tuple[UUID, str, int, int, int]] = []  # (vm, resource, quantity, start, end)
+    vms: dict[UUID, vm_domain.VmRequested] = {}
+    running: dict[UUID, int] = {}
+    created: dict[UUID, int] = {}
+    for t, event in log:
+        match event:
+            case PriceSet():
+                prices.append((int(event.effective_from.timestamp()), len(prices) + 1, event.resource))
+            case vm_domain.VmRequested():
+                vms[event.vm_id], created[event.vm_id] = event, t
+            case vm_domain.VmStarted():
+                running[event.vm_id] = t
+            case vm_domain.VmStopped() | vm_domain.VmCrashed() | vm_domain.VmDeleted():
+                if event.vm_id in running:
+                    start = running.pop(event.vm_id)
+                    vm = vms[event.vm_id]
+                    end = max(t, start + MINIMUM_RUN)
+                    runs += [(vm.vm_id, "core", vm.cores, start, end), (vm.vm_id, "ram", vm.ram, start, end)]
+                if isinstance(event, vm_domain.VmDeleted):
+                    runs.append((event.vm_id, "disk", vms[event.vm_id].disk, created[event.vm_id], t))
+    # The version in force at each second, per resource, computed once.
+    span = max((end for *_, end in runs), default=T0) - T0
+    version_at: dict[str, list[int]] = {r: [0] * span for r in ("core", "ram", "disk")}
+    for effective_from, version, resource in sorted(prices):
+        column = version_at[resource]
+        for second in range(max(0, effective_from - T0), span):
+            column[second] = version  # sorted by (time, version): the later one wins
+    expected: dict[tuple[UUID, str, int], int] = {}
+    for vm_id, resource, quantity, start, end in runs:
+        for second in range(start - T0, end - T0):
+            version = version_at[resource][second]
+            if version:
+                key = (vm_id, resource, version)
+                expected[key] = expected.get(key, 0) + quantity
+    return expected
+
+
+def fold(log: list[tuple[int, Event]], periods: PeriodPolicy | None = None) -> Meter:
+    meter = Meter(periods or PeriodPolicy(seconds=10**9))
+    for t, event in log:
+        meter.apply(event, t)
+    return meter
+
+
+def by_line(meter: Meter) -> dict[tuple[UUID, str, int], int]:
+    result: dict[tuple[UUID, str, int], int] = {}
+    for (_, _, vm, resource, version), q in totals(meter).items():
+        result[(vm, resource, version)] = result.get((vm, resource, version), 0) + q
+    return result
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories())
+def test_metered_quantity_seconds_equal_the_per_second_reference(history: tuple[list[tuple[int, Event]], int]) -> None:
+    log, _ = history
+    assert by_line(fold(log)) == reference(log)
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories(), st.lists(st.integers(0, 50), max_size=6))
+def test_folding_in_batches_with_snapshots_between_gives_identical_usage(
+        history: tuple[list[tuple[int, Event]], int], cuts: list[int]) -> None:
+    log, _ = history
+    whole = fold(log, PeriodPolicy(seconds=3600))
+    meter = Meter(PeriodPolicy(seconds=3600))
+    previous = 0
+    for cut in sorted({min(c, len(log)) for c in cuts}) + [len(log)]:
+        for t, event in log[previous:cut]:
+            meter.apply(event, t)
+        previous = cut
+        # A snapshot through bytes, as a process restart would read it.
+        meter = Meter.load(msgspec.json.decode(msgspec.json.encode(meter.dump()), type=MeterSnapshot))
+    assert totals(meter) == totals(whole)
+    assert meter.vms == whole.vms
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories(), st.lists(st.integers(0, 60), max_size=4))
+def test_closing_periods_moves_seconds_between_periods_but_never_changes_them(
+        history: tuple[list[tuple[int, Event]], int], closes: list[int]) -> None:
+    """Period ends cut runs and disks; a run cut by a close still gets its 60 s minimum;
+    across all periods the quantity-seconds are those of a log without closes."""
+    log, end = history
+    log = log + finish(log, end)  # every run ends, so no usage is left open in either fold
+    policy = PeriodPolicy(seconds=600)
+    with_closes: list[tuple[int, Event]] = []
+    closed_until = 0
+    marks = sorted({min(c, len(log)) for c in closes})
+    for index, (t, event) in enumerate(log):
+        if index in marks:
+            start, period_end = policy.bounds(t)
+            if start > closed_until:  # close the period before the one ``t`` is in
+                previous_start = policy.bounds(start - 1)[0]
+                with_closes.append((t, PeriodClosed(period_start=at(previous_start), period_end=at(start))))
+                closed_until = start
+        with_closes.append((t, event))
+    assert by_line(fold(with_closes, policy)) == by_line(fold(log, policy))
+    # and every second lies in the period it belongs to: usage of a closed period is final
+    meter = fold(with_closes, policy)
+    for (_, period_start, _, _, _), q in totals(meter).items():
+        assert period_start % 600 == 0 and q > 0
+
+
+def test_a_short_run_costs_sixty_seconds_and_a_price_change_splits_the_line() -> None:
+    vm_id = uuid.UUID(int=7)
+    log: list[tuple[int, Event]] = [
+        (T0, price(Resource.CORE, 10, T0)),  # 10 micros per core-second
+        (T0, vm_domain.VmRequested(vm_id=vm_id, owner="alice", name="web", cores=2, ram=GIB, disk=GIB,
+                                   image="debian-12")),
+        (T0 + 10, vm_domain.VmStarted(vm_id=vm_id, host_id=HOST)),
+        (T0 + 20, vm_domain.VmStopped(vm_id=vm_id, host_id=HOST)),  # 10 s run: billed 60 s
+        (T0 + 30, price(Resource.CORE, 20, T0 + 100)),
+        (T0 + 50, vm_domain.VmStarted(vm_id=vm_id, host_id=HOST)),
+        (T0 + 250, vm_domain.VmStopped(vm_id=vm_id, host_id=HOST)),  # 50 s old price, 150 s new
+    ]
+    meter = fold(log)
+    period = meter.periods.bounds(T0)[0]
+    lines = {(line.resource, line.price_version): line for line in meter.lines("alice", period)}
+    assert lines[("core", 1)].quantity_seconds == 2 * (60 + 50)
+    assert lines[("core", 1)].amount == 2 * (60 + 50) * 10
+    assert lines[("core", 2)].quantity_seconds == 2 * 150
+    assert lines[("core", 2)].amount == 2 * 150 * 20
+    assert set(lines) == {("core", 1), ("core", 2)}  # RAM and disk are unpriced: free
+
+
+def test_usage_so_far_counts_what_runs_now_without_changing_the_fold() -> None:
+    vm_id = uuid.UUID(int=8)
+    meter = fold([
+        (T0, price(Resource.RAM, 3600, T0, "hour", 3600)),  # 0.0036 CHF per GiB-hour
+        (T0, vm_domain.VmRequested(vm_id=vm_id, owner="bob", name="db", cores=1, ram=2 * GIB, disk=GIB,
+                                   image="debian-12")),
+        (T0 + 5, vm_domain.VmStarted(vm_id=vm_id, host_id=HOST)),
+    ])
+    before = totals(meter)
+    period = meter.periods.bounds(T0)[0]
+    [line] = meter.lines("bob", period, now=T0 + 5 + 1800)
+    assert line.quantity_seconds == 2 * GIB * 1800
+    assert line.amount == line_amount(meter.schedule.price(1), 2 * GIB * 1800) == 3600
+    assert totals(meter) == before
+    [line] = meter.lines("bob", period, now=T0 + 6)  # within the first minute: the minimum
+    assert line.quantity_seconds == 2 * GIB * 60
+
+
+def test_monthly_periods_are_calendar_months_in_utc() -> None:
+    policy = PeriodPolicy.parse("month")
+    start, end = policy.bounds(int(datetime(2027, 2, 14, tzinfo=UTC).timestamp()))
+    assert (at(start), at(end)) == (datetime(2027, 2, 1, tzinfo=UTC), datetime(2027, 3, 1, tzinfo=UTC))
+    start, end = policy.bounds(int(datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()))
+    assert at(end) == datetime(2027, 1, 1, tzinfo=UTC)
+    assert PeriodPolicy.parse("1d").bounds(86400 * 3 + 5) == (86400 * 3, 86400 * 4)

@@ -102,6 +102,7 @@ class Meter:
         self.vms: dict[UUID, VmMeter] = {}
         self.names: dict[UUID, str] = {}  # every VM ever seen, for invoice lines
         self.usage: dict[tuple[str, int], Lines] = {}  # (owner, period start) -> lines
+        self.periods_of: dict[str, set[int]] = {}  # owner -> period starts with usage
         self.closed_until = 0
         self.closed: list[tuple[int, int]] = []
         self._period = (0, 0)
@@ -157,6 +158,8 @@ class Meter:
             lines = usage.get((owner, period_start))
             if lines is None:
                 lines = usage[(owner, period_start)] = {}
+                if into is None:
+                    self.periods_of.setdefault(owner, set()).add(period_start)
             for version, a, b in self.schedule.segments(resource, start, upto):
                 key = (vm_id, resource, version)
                 lines[key] = lines.get(key, 0) + quantity * (b - a)
@@ -182,20 +185,27 @@ class Meter:
     def lines(self, owner: str, period_start: int, now: int | None = None) -> list[InvoiceLine]:
         """An owner's lines in a period; with ``now``, what runs or exists is counted up to
         ``now`` as well (usage so far: the 60 s minimum included), without changing the fold."""
-        usage: Lines = dict(self.usage.get((owner, period_start), {}))
-        if now is not None:
-            extra: dict[tuple[str, int], Lines] = {}
-            for vm_id, meter in self.vms.items():
-                if meter.owner != owner:
-                    continue
-                if meter.run_from >= 0:
-                    end = max(now, meter.run_until_at_least)
-                    self._charge(owner, vm_id, _CORE, meter.cores, meter.run_from, end, extra)
-                    self._charge(owner, vm_id, _RAM, meter.ram, meter.run_from, end, extra)
-                self._charge(owner, vm_id, _DISK, meter.disk, meter.disk_from, max(now, meter.disk_from), extra)
-            for key, value in extra.get((owner, period_start), {}).items():
-                usage[key] = usage.get(key, 0) + value
-        return self.to_lines(usage)
+        return self.to_lines(self.usage_of(owner, now).get(period_start, {}))
+
+    def usage_of(self, owner: str, now: int | None = None) -> dict[int, Lines]:
+        """An owner's quantity-seconds by period start; with ``now`` including what is open."""
+        result = {start: dict(self.usage[(owner, start)]) for start in self.periods_of.get(owner, ())}
+        if now is None:
+            return result
+        extra: dict[tuple[str, int], Lines] = {}
+        for vm_id, meter in self.vms.items():
+            if meter.owner != owner:
+                continue
+            if meter.run_from >= 0:
+                end = max(now, meter.run_until_at_least)
+                self._charge(owner, vm_id, _CORE, meter.cores, meter.run_from, end, extra)
+                self._charge(owner, vm_id, _RAM, meter.ram, meter.run_from, end, extra)
+            self._charge(owner, vm_id, _DISK, meter.disk, meter.disk_from, max(now, meter.disk_from), extra)
+        for (_, start), lines in extra.items():
+            merged = result.setdefault(start, {})
+            for key, value in lines.items():
+                merged[key] = merged.get(key, 0) + value
+        return result
 
     def to_lines(self, usage: Lines) -> list[InvoiceLine]:
         result = []
@@ -210,7 +220,7 @@ class Meter:
         return sorted(result, key=lambda line: (line.vm_name, str(line.vm_id), line.resource, line.price_version))
 
     def owners_in(self, period_start: int) -> list[str]:
-        return sorted(owner for owner, start in self.usage if start == period_start)
+        return sorted(owner for owner, starts in self.periods_of.items() if period_start in starts)
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -229,6 +239,8 @@ class Meter:
         meter.names = dict(snapshot.names)
         meter.usage = {(owner, start): {(v, r, ver): q for v, r, ver, q in lines}
                        for owner, start, lines in snapshot.usage}
+        for owner, start in meter.usage:
+            meter.periods_of.setdefault(owner, set()).add(start)
         meter.closed = list(snapshot.closed)
         meter.closed_until = snapshot.closed_until
         return meter

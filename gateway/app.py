@@ -32,6 +32,7 @@ from ucloud.projections.runner import ProjectionRunner
 from ucloud.projections.views import ReadModels
 
 from .auth_routes import auth_routes
+from .billing_routes import setup_billing
 from .config import GatewayConfig
 from .identity import (
     AuthenticationFailed,
@@ -155,6 +156,7 @@ def init_app(config: GatewayConfig) -> web.Application:
     app[METRICS] = metrics
     app.add_routes(routes)
     app.add_routes(auth_routes)  # sessions and users (gateway/auth_routes.py)
+    setup_billing(app)  # prices, usage, invoices, balance, coupons (gateway/billing_routes.py)
     app[OPENAPI] = build_openapi(app)  # refuses a route without documentation, now rather than later
 
     if owns_store:

@@ -88,7 +88,8 @@ def finish(log: list[tuple[int, Event]], end: int) -> list[tuple[int, Event]]:
 def reference(log: list[tuple[int, Event]]) -> dict[tuple[UUID, str, int], int]:
     """Quantity-seconds per (vm, resource, price version), counted second by second."""
     prices: list[tuple[int, int, str]] = []  # (effective_from, version, resource)
-    runs: list[tuple[UUID, str, int, int, int]] = []  # (vm, resource, quantity, start, end)
+    # (vm, resource, quantity, start, end, prices recorded before the run was metered)
+    runs: list[tuple[UUID, str, int, int, int, int]] = []
     vms: dict[UUID, vm_domain.VmRequested] = {}
     running: dict[UUID, int] = {}
     created: dict[UUID, int] = {}
@@ -105,20 +106,24 @@ def reference(log: list[tuple[int, Event]]) -> dict[tuple[UUID, str, int], int]:
                     start = running.pop(event.vm_id)
                     vm = vms[event.vm_id]
                     end = max(t, start + MINIMUM_RUN)
-                    runs += [(vm.vm_id, "core", vm.cores, start, end), (vm.vm_id, "ram", vm.ram, start, end)]
+                    runs += [(vm.vm_id, "core", vm.cores, start, end, len(prices)),
+                             (vm.vm_id, "ram", vm.ram, start, end, len(prices))]
                 if isinstance(event, vm_domain.VmDeleted):
-                    runs.append((event.vm_id, "disk", vms[event.vm_id].disk, created[event.vm_id], t))
-    # The version in force at each second, per resource, computed once.
-    span = max((end for *_, end in runs), default=T0) - T0
-    version_at: dict[str, list[int]] = {r: [0] * span for r in ("core", "ram", "disk")}
-    for effective_from, version, resource in sorted(prices):
-        column = version_at[resource]
-        for second in range(max(0, effective_from - T0), span):
-            column[second] = version  # sorted by (time, version): the later one wins
+                    runs.append((event.vm_id, "disk", vms[event.vm_id].disk, created[event.vm_id], t, len(prices)))
+    # The version in force at each second, per resource, given the prices known so far.
+    span = max((run[4] for run in runs), default=T0) - T0
+    tables: dict[int, dict[str, list[int]]] = {}
+    for known in {run[5] for run in runs}:
+        version_at = tables[known] = {r: [0] * span for r in ("core", "ram", "disk")}
+        for effective_from, version, resource in sorted(prices[:known]):
+            column = version_at[resource]
+            for second in range(max(0, effective_from - T0), span):
+                column[second] = version  # sorted by (time, version): the later one wins
     expected: dict[tuple[UUID, str, int], int] = {}
-    for vm_id, resource, quantity, start, end in runs:
+    for vm_id, resource, quantity, start, end, known in runs:
+        column = tables[known][resource]
         for second in range(start - T0, end - T0):
-            version = version_at[resource][second]
+            version = column[second]
             if version:
                 key = (vm_id, resource, version)
                 expected[key] = expected.get(key, 0) + quantity

@@ -1,0 +1,454 @@
+"""HTTP API v1 for billing: prices, usage, invoices, balance, accounts, credit, coupons.
+
+``setup_billing(app)`` adds the routes and the billing read model (its own
+ProjectionRunner following the log in the background; queries accept ``?position=`` as
+every query does and wait until the billing view reached it). Amounts in answers are
+integer micro-units (``*_micros``) with the currency beside them, plus a display string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+import msgspec
+from aiohttp import web
+
+from ucloud.commands.billing import BillingCommands
+from ucloud.commands.unit_of_work import Actor
+from ucloud.domain.account import Source
+from ucloud.domain.catalogue import build_codec
+from ucloud.domain.errors import InvalidValue, NotFound
+from ucloud.domain.invoice import InvoiceIssued, InvoiceLine
+from ucloud.domain.money import format_micros
+from ucloud.domain.pricing import QUANTUM_NAME, Price
+from ucloud.projections.billing import BillingView, periods_from_environment
+from ucloud.projections.runner import ProjectionRunner
+
+from .keys import CONFIG, STORE, actor_of
+from .problems import PositionNotReached
+from .routes import POSITION_HEADER, POSITION_PARAMS, Accepted, ApiDoc, Param, answer
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+BILLING_VIEW = web.AppKey("billing_view", BillingView)
+BILLING_RUNNER = web.AppKey("billing_runner", ProjectionRunner)
+BILLING = web.AppKey("billing_commands", BillingCommands)
+
+billing_routes = web.RouteTableDef()
+
+
+def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        handler.api_doc = doc  # type: ignore[attr-defined]
+        billing_routes.route(method, path)(handler)
+        return handler
+
+    return register
+
+
+# -- bodies and answers ------------------------------------------------------------------------
+
+
+class SetPriceBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    resource: str
+    amount: str  # "0.01 CHF/hour"
+    effective_from: datetime | None = None
+
+
+class ConfigureAccountBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    kind: str  # prepaid or postpaid
+
+
+class CreditBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    amount: str  # "20 CHF"
+    source: str = "grant"  # grant or bank-transfer
+    reference: str = ""
+
+
+class CouponBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    code: str
+    amount: str
+    expires: datetime
+
+
+class RedeemBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    code: str
+
+
+class PriceOut(msgspec.Struct, kw_only=True):
+    version: int
+    resource: str
+    micros: int
+    currency: str
+    per: str
+    quantum: str
+    effective_from: datetime
+    display: str  # "0.01 CHF per core per hour"
+
+
+class PriceList(msgspec.Struct, kw_only=True):
+    prices: list[PriceOut]
+    current: dict[str, int]  # resource -> version in force now
+    position: int
+
+
+class LineOut(msgspec.Struct, kw_only=True):
+    vm_id: UUID
+    vm_name: str
+    resource: str
+    price_version: int
+    quantity_seconds: int
+    quantity: str  # "7200 core-seconds"
+    rate: str
+    amount_micros: int
+    amount: str
+
+
+class UsageOut(msgspec.Struct, kw_only=True):
+    owner: str
+    period_start: datetime
+    period_end: datetime
+    until: datetime
+    currency: str
+    lines: list[LineOut]
+    total_micros: int
+    total: str
+    position: int
+
+
+class InvoiceOut(msgspec.Struct, kw_only=True):
+    number: int
+    owner: str
+    period_start: datetime
+    period_end: datetime
+    currency: str
+    reference: str
+    paid: bool
+    lines: list[LineOut]
+    total_micros: int
+    total: str
+
+
+class InvoiceList(msgspec.Struct, kw_only=True):
+    invoices: list[InvoiceOut]
+    position: int
+
+
+class BalanceOut(msgspec.Struct, kw_only=True):
+    owner: str
+    kind: str
+    currency: str
+    credited_micros: int
+    invoiced_micros: int
+    unbilled_micros: int
+    balance_micros: int
+    balance: str
+    position: int
+
+
+class Redeemed(msgspec.Struct, kw_only=True):
+    position: int
+    credited_micros: int
+    credited: str
+
+
+_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
+    t: msgspec.json.Decoder(t) for t in (SetPriceBody, ConfigureAccountBody, CreditBody, CouponBody, RedeemBody)}
+T = TypeVar("T")
+
+
+async def _body(request: web.Request, body_type: type[T]) -> T:
+    raw = await request.read()
+    if not raw.strip():
+        raise InvalidValue("body", "the request needs a JSON object body")
+    result: T = _DECODERS[body_type].decode(raw)
+    return result
+
+
+async def _reach(request: web.Request) -> int:
+    """Wait until the billing view includes ?position= / X-Ucloud-Position (read your writes)."""
+    runner = request.app[BILLING_RUNNER]
+    wanted = 0
+    for raw, where in ((request.query.get("position"), "?position="), (request.headers.get(POSITION_HEADER), POSITION_HEADER)):
+        if raw is None:
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidValue("position", f"{where} {raw!r} is not a log position (a whole number)") from None
+        if value < 0:
+            raise InvalidValue("position", f"{where} must not be negative, got {value}")
+        wanted = max(wanted, value)
+    if runner.position < wanted:
+        head = await request.app[STORE].head()
+        if wanted > head:
+            raise InvalidValue("position", f"{wanted} is beyond the end of the log ({head})")
+        timeout = request.app[CONFIG].read_timeout
+        if not await runner.wait_for(wanted, timeout):
+            raise PositionNotReached(f"the billing view did not reach position {wanted} within {timeout:g}s")
+    return runner.position
+
+
+def _whose(actor: Actor, owner: str | None) -> str:
+    if owner is None or owner == actor.name:
+        return actor.name
+    if not actor.is_admin:
+        raise NotFound("only the admin realm may see another user's billing")
+    return owner
+
+
+def _admin(actor: Actor, what: str) -> None:
+    if not actor.is_admin:
+        raise NotFound(f"{what} is done in the admin realm")
+
+
+def _price_out(price: Price) -> PriceOut:
+    quantum = QUANTUM_NAME[price.resource]
+    return PriceOut(version=price.version, resource=price.resource.value, micros=price.micros,
+                    currency=price.currency, per=price.per, quantum=quantum,
+                    effective_from=datetime.fromtimestamp(price.effective_from, UTC),
+                    display=f"{format_micros(price.micros, price.currency)} per {quantum} per {price.per}")
+
+
+_SECONDS_UNIT = {"core": "core-seconds", "ram": "GiB-seconds", "disk": "GiB-seconds", "network": "network-seconds",
+                 "image-storage": "GiB-seconds"}
+
+
+def _line_out(line: InvoiceLine, currency: str) -> LineOut:
+    quantity = line.quantity_seconds / line.quantum  # display only; the amount is from integers
+    return LineOut(
+        vm_id=line.vm_id, vm_name=line.vm_name, resource=line.resource, price_version=line.price_version,
+        quantity_seconds=line.quantity_seconds, quantity=f"{quantity:g} {_SECONDS_UNIT.get(line.resource, 's')}",
+        rate=f"{format_micros(line.micros, currency)}/{line.per}", amount_micros=line.amount,
+        amount=format_micros(line.amount, currency))
+
+
+def _invoice_out(view: BillingView, invoice: InvoiceIssued) -> InvoiceOut:
+    return InvoiceOut(number=invoice.number, owner=invoice.owner, period_start=invoice.period_start,
+                      period_end=invoice.period_end, currency=invoice.currency, reference=invoice.reference,
+                      paid=view.paid(invoice), lines=[_line_out(line, invoice.currency) for line in invoice.lines],
+                      total_micros=invoice.total, total=format_micros(invoice.total, invoice.currency))
+
+
+OWNER = Param("owner", "query", "Admins: this user's (default: your own). Others may name only themselves.")
+
+# -- prices ------------------------------------------------------------------------------------
+
+
+@api("GET", "/v1/prices", ApiDoc("List prices", "listPrices", "billing", response=PriceList,
+                                 description="Every price version, oldest first, and which is in force now.",
+                                 params=POSITION_PARAMS, errors=(400, 503), reads=True))
+async def list_prices(request: web.Request) -> web.Response:
+    position = await _reach(request)
+    view = request.app[BILLING_VIEW]
+    now = int(time.time())
+    prices = view.meter.schedule.all()
+    current: dict[str, int] = {}
+    for price in prices:
+        if price.effective_from <= now:
+            best = current.get(price.resource)
+            if best is None or (price.effective_from, price.version) >= (
+                    view.meter.schedule.price(best).effective_from, best):
+                current[price.resource.value] = price.version
+    return answer(PriceList(prices=[_price_out(p) for p in prices], current=current, position=position),
+                  position=position)
+
+
+@api("POST", "/v1/prices", ApiDoc(
+    "Set a price (admin)", "setPrice", "billing", status=201, response=Accepted, body=SetPriceBody,
+    description="A new price version for a resource (core, ram, disk, network, image-storage): amount as "
+                "'0.01 CHF/hour' (second, minute, hour, day, month = 30 days), from effective_from (default now; "
+                "never in the past). The first price fixes the currency. Outside the admin realm: 404.",
+    errors=(400, 404, 409, 503)))
+async def set_price(request: web.Request) -> web.Response:
+    body = await _body(request, SetPriceBody)
+    outcome = await request.app[BILLING].set_price(actor_of(request), body.resource, body.amount, body.effective_from)
+    return answer(Accepted(position=outcome.position, status=f"version {outcome.result}"), 201, outcome.position)
+
+
+# -- usage, invoices, balance ----------------------------------------------------------------------
+
+
+@api("GET", "/v1/usage", ApiDoc(
+    "Usage this period so far", "getUsage", "billing", response=UsageOut, params=(OWNER, *POSITION_PARAMS),
+    description="Line items per VM, resource and price version for the current billing period, counted up "
+                "to now (a run shorter than 60 s counts 60 s).", errors=(400, 404, 503), reads=True))
+async def get_usage(request: web.Request) -> web.Response:
+    position = await _reach(request)
+    owner = _whose(actor_of(request), request.query.get("owner"))
+    view = request.app[BILLING_VIEW]
+    now = int(time.time())
+    start, end, lines = view.usage(owner, now)
+    total = sum(line.amount for line in lines)
+    currency = view.currency
+    return answer(UsageOut(
+        owner=owner, period_start=datetime.fromtimestamp(start, UTC), period_end=datetime.fromtimestamp(end, UTC),
+        until=datetime.fromtimestamp(now, UTC), currency=currency, lines=[_line_out(li, currency) for li in lines],
+        total_micros=total, total=format_micros(total, currency) if currency else "0", position=position),
+        position=position)
+
+
+@api("GET", "/v1/invoices", ApiDoc(
+    "List invoices", "listInvoices", "billing", response=InvoiceList, params=(OWNER, *POSITION_PARAMS),
+    description="Your invoices, oldest first (admins: ?owner='s).", errors=(400, 404, 503), reads=True))
+async def list_invoices(request: web.Request) -> web.Response:
+    position = await _reach(request)
+    owner = _whose(actor_of(request), request.query.get("owner"))
+    view = request.app[BILLING_VIEW]
+    invoices = [_invoice_out(view, i) for i in view.invoices_of(owner)]
+    return answer(InvoiceList(invoices=invoices, position=position), position=position)
+
+
+@api("GET", "/v1/invoices/{number}", ApiDoc(
+    "Show an invoice", "getInvoice", "billing", response=InvoiceOut,
+    params=(Param("format", "query", "json (default) or html"), *POSITION_PARAMS),
+    description="One invoice with its lines; ?format=html (or Accept: text/html) renders it as a page.",
+    errors=(400, 404, 503), reads=True))
+async def get_invoice(request: web.Request) -> web.Response:
+    raw = request.match_info["number"]
+    if not raw.isdigit():
+        raise InvalidValue("number", f"{raw!r} is not an invoice number")
+    position = await _reach(request)
+    view = request.app[BILLING_VIEW]
+    invoice = view.invoices.get(int(raw))
+    actor = actor_of(request)
+    if invoice is None or (invoice.owner != actor.name and not actor.is_admin):
+        raise NotFound(f"invoice {raw} does not exist")  # another user's invoice does not exist for you
+    out = _invoice_out(view, invoice)
+    wants = request.query.get("format", "")
+    if wants not in ("", "json", "html"):
+        raise InvalidValue("format", f"{wants!r}: json or html")
+    if wants == "html" or (not wants and "text/html" in request.headers.get("Accept", "")):
+        return web.Response(text=render_html(out), content_type="text/html", headers={POSITION_HEADER: str(position)})
+    return answer(out, position=position)
+
+
+def render_html(invoice: InvoiceOut) -> str:
+    e = html.escape
+    rows = "\n".join(
+        f"<tr><td>{e(li.vm_name)}</td><td>{e(li.resource)}</td><td>{e(li.quantity)}</td><td>{e(li.rate)}</td>"
+        f"<td class=n>{e(li.amount)}</td></tr>" for li in invoice.lines)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Invoice {invoice.number}</title>
+<style>body{{font-family:sans-serif;max-width:50em;margin:2em auto}}table{{border-collapse:collapse;width:100%}}
+td,th{{border-bottom:1px solid #ccc;padding:.3em;text-align:left}}.n{{text-align:right}}</style></head>
+<body><h1>Invoice {invoice.number}</h1>
+<p>To: {e(invoice.owner)}<br>Period: {invoice.period_start:%Y-%m-%d %H:%M} – {invoice.period_end:%Y-%m-%d %H:%M} UTC<br>
+Payment reference: <strong>{e(invoice.reference)}</strong><br>Status: {"paid" if invoice.paid else "open"}</p>
+<table><thead><tr><th>VM</th><th>resource</th><th>usage</th><th>rate</th><th class=n>amount</th></tr></thead>
+<tbody>
+{rows}
+</tbody><tfoot><tr><th colspan=4>Total</th><th class=n>{e(invoice.total)}</th></tr></tfoot></table>
+</body></html>
+"""
+
+
+@api("GET", "/v1/balance", ApiDoc(
+    "Account balance", "getBalance", "billing", response=BalanceOut, params=(OWNER, *POSITION_PARAMS),
+    description="Money in (credit, coupons, payments) minus invoices minus usage not yet invoiced, up to now.",
+    errors=(400, 404, 503), reads=True))
+async def get_balance(request: web.Request) -> web.Response:
+    position = await _reach(request)
+    owner = _whose(actor_of(request), request.query.get("owner"))
+    balance = request.app[BILLING_VIEW].balance(owner, int(time.time()))
+    return answer(BalanceOut(
+        owner=owner, kind=balance.kind, currency=balance.currency, credited_micros=balance.credited,
+        invoiced_micros=balance.invoiced, unbilled_micros=balance.unbilled, balance_micros=balance.balance,
+        balance=format_micros(balance.balance, balance.currency) if balance.currency else "0",
+        position=position), position=position)
+
+
+# -- accounts, credit, coupons ------------------------------------------------------------------------
+
+
+@api("PUT", "/v1/accounts/{owner}", ApiDoc(
+    "Make an account prepaid or postpaid (admin)", "configureAccount", "billing", response=Accepted,
+    body=ConfigureAccountBody, description="Accounts are postpaid until configured. Outside the admin realm: 404.",
+    errors=(400, 404, 409, 503)))
+async def configure_account(request: web.Request) -> web.Response:
+    body = await _body(request, ConfigureAccountBody)
+    outcome = await request.app[BILLING].configure_account(actor_of(request), request.match_info["owner"], body.kind)
+    return answer(Accepted(position=outcome.position), position=outcome.position)
+
+
+@api("POST", "/v1/accounts/{owner}/credits", ApiDoc(
+    "Credit an account (admin)", "creditAccount", "billing", status=201, response=Accepted, body=CreditBody,
+    description="source grant: account credit an admin grants; source bank-transfer: a transfer received "
+                "(reference: what the payer quoted, e.g. the invoice's). Outside the admin realm: 404.",
+    errors=(400, 404, 409, 503)))
+async def credit_account(request: web.Request) -> web.Response:
+    body = await _body(request, CreditBody)
+    if body.source not in (Source.GRANT.value, Source.BANK_TRANSFER.value):
+        raise InvalidValue("source", f"{body.source!r}: grant or bank-transfer")
+    outcome = await request.app[BILLING].credit(actor_of(request), request.match_info["owner"], body.amount,
+                                                Source(body.source), body.reference)
+    return answer(Accepted(position=outcome.position), 201, outcome.position)
+
+
+@api("POST", "/v1/coupons", ApiDoc(
+    "Create a coupon (admin)", "createCoupon", "billing", status=201, response=Accepted, body=CouponBody,
+    description="A code worth an amount, redeemable once until it expires. Outside the admin realm: 404.",
+    errors=(400, 404, 409, 422, 503)))
+async def create_coupon(request: web.Request) -> web.Response:
+    body = await _body(request, CouponBody)
+    outcome = await request.app[BILLING].create_coupon(actor_of(request), body.code, body.amount, body.expires)
+    return answer(Accepted(position=outcome.position), 201, outcome.position)
+
+
+@api("POST", "/v1/coupons/redeem", ApiDoc(
+    "Redeem a coupon", "redeemCoupon", "billing", response=Redeemed, body=RedeemBody,
+    description="Credits the coupon's amount to your account, once: a coupon redeemed or expired is refused "
+                "(422), an unknown one is 404.", errors=(400, 404, 409, 422, 503)))
+async def redeem_coupon(request: web.Request) -> web.Response:
+    body = await _body(request, RedeemBody)
+    outcome = await request.app[BILLING].redeem_coupon(actor_of(request), body.code)
+    money = outcome.result
+    return answer(Redeemed(position=outcome.position, credited_micros=money.micros, credited=str(money)),
+                  position=outcome.position)
+
+
+# -- wiring -------------------------------------------------------------------------------------------
+
+
+async def _follow(runner: ProjectionRunner) -> None:
+    delay = 0.1
+    while True:
+        reached = runner.position
+        try:
+            await runner.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the billing view stopped following the log at %d; retrying", runner.position)
+        delay = 0.1 if runner.position > reached else min(delay * 2, 5.0)
+        await asyncio.sleep(delay)
+
+
+def setup_billing(app: web.Application) -> None:
+    """Add the billing routes and the billing read model to a gateway application."""
+    store = app[STORE]
+    codec = build_codec()
+    view = BillingView(periods_from_environment())
+    app[BILLING_VIEW] = view
+    app[BILLING_RUNNER] = ProjectionRunner(store, codec, [view], name="billing",
+                                           snapshot_interval=app[CONFIG].snapshot_interval)
+    app[BILLING] = BillingCommands(store, codec)
+    app.add_routes(billing_routes)
+
+    async def follow(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_follow(app[BILLING_RUNNER]), name="gateway-billing-view")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(follow)

@@ -1,0 +1,147 @@
+"""The billing process manager: closes billing periods and issues numbered invoices.
+
+Its decisions are a pure function of its view (projections.billing.BillingView) and the
+clock: ``decide(view, now, settings)``. Every decision is appended at the version of the
+stream it extends (``billing-periods``, ``invoices``) as the view saw it, so a stale or
+second instance loses with a conflict, folds what the winner wrote, and decides again:
+periods are closed once, invoices are numbered gap-free and issued once per owner and
+period, with no tracking position needed.
+
+TO BE REPLACED: ``BillingProcess.run`` is the smallest loop that drives ``decide`` (fold
+the log, decide when caught up, append, wait). When the shared process-manager framework
+(subscribe from a tracked position, snapshots, leader lease, metrics) lands on main, the
+view and ``decide`` move onto it unchanged and this loop goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from ucloud.commands.billing import BillingCommands
+from ucloud.commands.unit_of_work import Actor
+from ucloud.domain.catalogue import build_codec
+from ucloud.domain.invoice import InvoiceIssued, PeriodClosed, reference_for
+from ucloud.domain.metering import PeriodPolicy
+from ucloud.eventstore.errors import ConflictError
+from ucloud.eventstore.interface import EventStore
+from ucloud.projections.billing import BillingView, periods_from_environment
+from ucloud.projections.runner import ProjectionRunner
+
+log = logging.getLogger(__name__)
+BILLING_ACTOR = Actor("billing", "ucloud-system", is_admin=True)
+
+
+@dataclass(frozen=True)
+class BillingSettings:
+    periods: PeriodPolicy = field(default_factory=periods_from_environment)
+    close_delay: int = 60  # seconds after a period's end before it is closed (events in flight)
+    chunk: int = 50  # invoices per append (two etcd operations each, under --max-txn-ops)
+    tick: float = 5.0  # how often the clock is looked at when the log is quiet
+
+
+@dataclass(frozen=True)
+class ClosePeriod:
+    event: PeriodClosed
+    expected_version: int
+
+
+@dataclass(frozen=True)
+class IssueInvoices:
+    events: tuple[InvoiceIssued, ...]
+    expected_version: int
+
+
+Decision = ClosePeriod | IssueInvoices
+
+
+def _at(t: int) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+def decide(view: BillingView, now: int, settings: BillingSettings) -> list[Decision]:
+    """What to append next, on ``view`` at ``now`` (epoch seconds). Pure."""
+    decisions: list[Decision] = []
+    periods = view.meter.periods
+    if view.meter.closed_until:
+        start = view.meter.closed_until
+    elif view.first_time is not None:
+        start = periods.bounds(view.first_time)[0]
+    else:
+        start = None
+    if start is not None:
+        end = periods.bounds(start)[1]
+        if end + settings.close_delay <= now:
+            decisions.append(ClosePeriod(PeriodClosed(period_start=_at(start), period_end=_at(end)),
+                                         view.periods_version))
+    if view.pending:
+        invoices: list[InvoiceIssued] = []
+        number = view.invoices_version
+        for (owner, period_start), period_end in sorted(view.pending.items(), key=lambda i: (i[0][1], i[0][0])):
+            lines = tuple(view.meter.lines(owner, period_start))
+            if not lines:
+                continue
+            number += 1
+            invoices.append(InvoiceIssued(
+                number=number, owner=owner, period_start=_at(period_start), period_end=_at(period_end),
+                currency=view.currency, lines=lines, total=sum(line.amount for line in lines),
+                reference=reference_for(number)))
+            if len(invoices) == settings.chunk:
+                break
+        if invoices:
+            decisions.append(IssueInvoices(tuple(invoices), view.invoices_version))
+    return decisions
+
+
+class BillingProcess:
+    """Drives ``decide``; see the module's note: to be replaced by the shared framework."""
+
+    name = "billing"
+
+    def __init__(self, store: EventStore, settings: BillingSettings | None = None,
+                 clock: Callable[[], float] = time.time, actor: Actor = BILLING_ACTOR) -> None:
+        self.store = store
+        self.settings = settings or BillingSettings()
+        self.clock = clock
+        self.actor = actor
+        self.codec = build_codec()
+        self.commands = BillingCommands(store, self.codec)
+        self.view = BillingView(self.settings.periods)
+        self.runner = ProjectionRunner(store, self.codec, [self.view], name="billing-process")
+
+    async def step(self) -> int:
+        """Catch up, decide once, append; the number of decisions appended."""
+        await self.runner.catch_up()
+        appended = 0
+        for decision in decide(self.view, int(self.clock()), self.settings):
+            try:
+                if isinstance(decision, ClosePeriod):
+                    await self.commands.close_period(self.actor, decision.event, decision.expected_version)
+                else:
+                    await self.commands.issue_invoices(self.actor, decision.events, decision.expected_version)
+                appended += 1
+            except ConflictError:
+                log.info("billing: another writer was first; deciding again on fresh state")
+                break
+        return appended
+
+    async def run_until_idle(self) -> None:
+        """Step until nothing is left to decide (tests, ``ucloud billing close``)."""
+        while await self.step():
+            pass
+
+    async def run(self) -> None:
+        while True:
+            try:
+                if await self.step():
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("billing process step failed; retrying")
+            await self.store.wait_for_events(self.runner.position, self.settings.tick)
+

@@ -237,6 +237,8 @@ class Client:
             raise Failure(f"the API at {url} answered {status} without a body")
         if status >= 400 and not isinstance(data, dict):
             data = {"detail": f"the API answered {status} {text[:200]}"}
+        elif data is None and not content_type.endswith("json"):
+            data = text  # an HTML or text rendering (an invoice page)
         return status, data
 
     def _fail(self, status: int, data: Any, hint: str) -> NoReturn:

@@ -497,6 +497,9 @@ def _add_subcommands() -> None:
     main.add_command(logout)
     main.add_command(user)
     main.add_command(admin)  # `ucloud admin recover` (cli/admin.py)
+    from ucloud.cli.billing import register as add_billing  # price, usage, bill, balance, pay, ...
+
+    add_billing(main)
 
     # `ucloud up` lives in cli/up.py; it joins this CLI when it can be imported.
     try:

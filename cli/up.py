@@ -58,6 +58,7 @@ from ucloud.gateway.app import GatewayConfig, start
 from ucloud.hostagent.agent import HostAgent
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
+from ucloud.processes.billing import BillingProcess
 from ucloud.processes.scheduler import Scheduler
 
 log = logging.getLogger("ucloud.up")
@@ -212,6 +213,7 @@ async def run_up(
             await authenticator.close()
         raise
     components: dict[str, Callable[[], Awaitable[None]]] = {"scheduler": Scheduler(commands, instance="up").run}
+    components["billing"] = BillingProcess(store).run  # closes billing periods, issues invoices
     if with_agent:
         images = ImageCatalogue(state_dir / "images")
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)

@@ -175,6 +175,8 @@ def balance(ctx: Context, owner: str | None, as_json: bool) -> None:
             emit_json(data)
         else:
             console().print(f"{data['owner']} ({data['kind']}): balance {data['balance']}")
+            if data.get("reason"):
+                console().print(data["reason"])
 
     ctx.run(work)
 

@@ -12,7 +12,7 @@ from ucloud.domain import account as account_domain
 from ucloud.domain import pricing
 from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import InvalidValue, NotFound
-from ucloud.domain.events import EventCodec
+from ucloud.domain.events import Event, EventCodec
 from ucloud.domain.invoice import INVOICES_STREAM, PERIODS_STREAM, InvoiceIssued, PeriodClosed
 from ucloud.domain.money import Money, parse_money
 from ucloud.eventstore.interface import EventStore
@@ -143,5 +143,11 @@ class BillingCommands:
             StreamAppend(INVOICES_STREAM, expected_version, [self._new(i, actor) for i in invoices]),
             tracking=tracking)
 
-    def _new(self, event: PeriodClosed | InvoiceIssued, actor: Actor) -> NewEvent:
+    async def account_events(self, actor: Actor, owner: str, events: Sequence[Event], expected_version: int) -> list[int]:
+        """The billing process's account decisions (depleted, suspended, resumed), appended at
+        the account stream's version it decided on (StreamConflict if stale)."""
+        stream = account_domain.account_stream(account_domain.account_id_for(owner))
+        return await self.store.append(StreamAppend(stream, expected_version, [self._new(e, actor) for e in events]))
+
+    def _new(self, event: Event, actor: Actor) -> NewEvent:
         return self.repository._new_event(event, actor, None, uuid.uuid4())

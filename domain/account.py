@@ -86,7 +86,34 @@ class CouponRedeemed(Event, tag="coupon.redeemed", frozen=True):
     owner: str
 
 
-ACCOUNT_EVENT_TYPES: tuple[type[Event], ...] = (AccountConfigured, AccountCredited, CouponCreated, CouponRedeemed)
+class AccountDepleted(Event, tag="account.depleted", frozen=True):
+    """A prepaid account's balance reached zero at ``at``; its VMs stop after the grace
+    period unless it is topped up."""
+
+    owner: str
+    at: datetime
+    grace_seconds: int
+
+
+class AccountSuspended(Event, tag="account.suspended", frozen=True):
+    """A prepaid account stayed at zero past its grace period: its running VMs are stopped
+    (never deleted) for ``reason``; ``vm_ids`` start again after a top-up."""
+
+    owner: str
+    reason: str
+    vm_ids: tuple[UUID, ...] = ()
+
+
+class AccountResumed(Event, tag="account.resumed", frozen=True):
+    """A depleted or suspended account was topped up; the VMs it stopped start again."""
+
+    owner: str
+    vm_ids: tuple[UUID, ...] = ()
+
+
+ACCOUNT_EVENT_TYPES: tuple[type[Event], ...] = (
+    AccountConfigured, AccountCredited, CouponCreated, CouponRedeemed, AccountDepleted, AccountSuspended,
+    AccountResumed)
 
 
 class Account(msgspec.Struct, frozen=True, kw_only=True):

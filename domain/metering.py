@@ -103,6 +103,7 @@ class Meter:
         self.names: dict[UUID, str] = {}  # every VM ever seen, for invoice lines
         self.usage: dict[tuple[str, int], Lines] = {}  # (owner, period start) -> lines
         self.periods_of: dict[str, set[int]] = {}  # owner -> period starts with usage
+        self.vms_of: dict[str, set[UUID]] = {}  # owner -> VMs that exist
         self.closed_until = 0
         self.closed: list[tuple[int, int]] = []
         self._period = (0, 0)
@@ -127,9 +128,11 @@ class Meter:
                     self.vms[event.vm_id] = VmMeter(owner=event.owner, name=event.name, cores=event.cores,
                                                     ram=event.ram, disk=event.disk, disk_from=t)
                     self.names[event.vm_id] = event.name
+                    self.vms_of.setdefault(event.owner, set()).add(event.vm_id)
             case vm_domain.VmDeleted():
                 meter = self.vms.pop(event.vm_id, None)
                 if meter is not None:
+                    self.vms_of.get(meter.owner, set()).discard(event.vm_id)
                     if meter.run_from >= 0:
                         self._end_run(event.vm_id, meter, t)
                     self._charge(meter.owner, event.vm_id, _DISK, meter.disk, meter.disk_from, t)
@@ -193,9 +196,8 @@ class Meter:
         if now is None:
             return result
         extra: dict[tuple[str, int], Lines] = {}
-        for vm_id, meter in self.vms.items():
-            if meter.owner != owner:
-                continue
+        for vm_id in self.vms_of.get(owner, ()):
+            meter = self.vms[vm_id]
             if meter.run_from >= 0:
                 end = max(now, meter.run_until_at_least)
                 self._charge(owner, vm_id, _CORE, meter.cores, meter.run_from, end, extra)
@@ -219,6 +221,10 @@ class Meter:
                 per_seconds=price.per_seconds, quantum=QUANTUM[resource], amount=line_amount(price, quantity_seconds)))
         return sorted(result, key=lambda line: (line.vm_name, str(line.vm_id), line.resource, line.price_version))
 
+    def running(self, owner: str) -> list[UUID]:
+        """The owner's VMs that run now, as far as the log says."""
+        return sorted(v for v in self.vms_of.get(owner, ()) if self.vms[v].run_from >= 0)
+
     def owners_in(self, period_start: int) -> list[str]:
         return sorted(owner for owner, starts in self.periods_of.items() if period_start in starts)
 
@@ -236,6 +242,8 @@ class Meter:
         meter = cls(PeriodPolicy(seconds=snapshot.periods))
         meter.schedule = Schedule.load(snapshot.prices)
         meter.vms = dict(snapshot.vms)
+        for vm_id, vm in meter.vms.items():
+            meter.vms_of.setdefault(vm.owner, set()).add(vm_id)
         meter.names = dict(snapshot.names)
         meter.usage = {(owner, start): {(v, r, ver): q for v, r, ver, q in lines}
                        for owner, start, lines in snapshot.usage}

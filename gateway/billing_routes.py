@@ -152,6 +152,8 @@ class BalanceOut(msgspec.Struct, kw_only=True):
     unbilled_micros: int
     balance_micros: int
     balance: str
+    suspended: bool  # a prepaid account whose VMs were stopped at zero balance
+    reason: str  # why VMs stopped or will stop; empty when all is well
     position: int
 
 
@@ -364,7 +366,7 @@ async def get_balance(request: web.Request) -> web.Response:
         owner=owner, kind=balance.kind, currency=balance.currency, credited_micros=balance.credited,
         invoiced_micros=balance.invoiced, unbilled_micros=balance.unbilled, balance_micros=balance.balance,
         balance=format_micros(balance.balance, balance.currency) if balance.currency else "0",
-        position=position), position=position)
+        suspended=balance.suspended, reason=balance.reason, position=position), position=position)
 
 
 # -- accounts, credit, coupons ------------------------------------------------------------------------

@@ -21,10 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from uuid import UUID
 
 from ucloud.commands.billing import BillingCommands
+from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
+from ucloud.domain import vm as vm_domain
+from ucloud.domain.account import AccountDepleted, AccountResumed, AccountSuspended, Kind
 from ucloud.domain.catalogue import build_codec
+from ucloud.domain.errors import DomainError
 from ucloud.domain.invoice import InvoiceIssued, PeriodClosed, reference_for
 from ucloud.domain.metering import PeriodPolicy
 from ucloud.eventstore.errors import ConflictError
@@ -42,6 +47,7 @@ class BillingSettings:
     close_delay: int = 60  # seconds after a period's end before it is closed (events in flight)
     chunk: int = 50  # invoices per append (two etcd operations each, under --max-txn-ops)
     tick: float = 5.0  # how often the clock is looked at when the log is quiet
+    grace: int = 3600  # seconds a prepaid account may stay at zero before its VMs stop
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,26 @@ class IssueInvoices:
     expected_version: int
 
 
-Decision = ClosePeriod | IssueInvoices
+@dataclass(frozen=True)
+class AccountChange:
+    """Append to an account stream at the version the view saw."""
+
+    owner: str
+    events: tuple[AccountDepleted | AccountSuspended | AccountResumed, ...]
+    expected_version: int
+
+
+@dataclass(frozen=True)
+class StopVms:
+    vm_ids: tuple[UUID, ...]
+
+
+@dataclass(frozen=True)
+class StartVms:
+    vm_ids: tuple[UUID, ...]
+
+
+Decision = ClosePeriod | IssueInvoices | AccountChange | StopVms | StartVms
 
 
 def _at(t: int) -> datetime:
@@ -94,6 +119,40 @@ def decide(view: BillingView, now: int, settings: BillingSettings) -> list[Decis
                 break
         if invoices:
             decisions.append(IssueInvoices(tuple(invoices), view.invoices_version))
+    decisions += _prepaid(view, now, settings)
+    return decisions
+
+
+def _prepaid(view: BillingView, now: int, settings: BillingSettings) -> list[Decision]:
+    """Prepaid accounts at zero: told (depleted), then after the grace period their running
+    VMs are stopped (never deleted) with the reason; a top-up starts them again. While
+    suspended, a VM started anyway is stopped again."""
+    decisions: list[Decision] = []
+    for owner, row in view.accounts.items():
+        waiting = row.depleted_at is not None or row.suspended is not None
+        if row.kind is not Kind.PREPAID:
+            if waiting:  # made postpaid meanwhile: nothing to wait for
+                decisions += [AccountChange(owner, (AccountResumed(owner=owner, vm_ids=tuple(row.suspended or ())),),
+                                            row.version), StartVms(tuple(row.suspended or ()))]
+            continue
+        balance = view.balance(owner, now).balance
+        if balance > 0:
+            if waiting:
+                decisions += [AccountChange(owner, (AccountResumed(owner=owner, vm_ids=tuple(row.suspended or ())),),
+                                            row.version), StartVms(tuple(row.suspended or ()))]
+            continue
+        running = tuple(view.meter.running(owner))
+        if row.suspended is not None:
+            if running:
+                decisions.append(StopVms(running))
+        elif row.depleted_at is None:
+            decisions.append(AccountChange(owner, (AccountDepleted(owner=owner, at=_at(now),
+                                                                   grace_seconds=settings.grace),), row.version))
+        elif now >= row.depleted_at + row.grace_seconds:
+            reason = (f"stopped: the prepaid balance of {owner} has been at zero since "
+                      f"{_at(row.depleted_at).isoformat()}; top up to start the VMs again")
+            decisions += [AccountChange(owner, (AccountSuspended(owner=owner, reason=reason, vm_ids=running),),
+                                        row.version), StopVms(running)]
     return decisions
 
 
@@ -110,6 +169,7 @@ class BillingProcess:
         self.actor = actor
         self.codec = build_codec()
         self.commands = BillingCommands(store, self.codec)
+        self.vms = CommandService(store, self.codec)
         self.view = BillingView(self.settings.periods)
         self.runner = ProjectionRunner(store, self.codec, [self.view], name="billing-process")
 
@@ -119,15 +179,30 @@ class BillingProcess:
         appended = 0
         for decision in decide(self.view, int(self.clock()), self.settings):
             try:
-                if isinstance(decision, ClosePeriod):
-                    await self.commands.close_period(self.actor, decision.event, decision.expected_version)
-                else:
-                    await self.commands.issue_invoices(self.actor, decision.events, decision.expected_version)
+                match decision:
+                    case ClosePeriod():
+                        await self.commands.close_period(self.actor, decision.event, decision.expected_version)
+                    case IssueInvoices():
+                        await self.commands.issue_invoices(self.actor, decision.events, decision.expected_version)
+                    case AccountChange():
+                        await self.commands.account_events(self.actor, decision.owner, decision.events,
+                                                           decision.expected_version)
+                    case StopVms() | StartVms():
+                        await self._vms(decision)
+                        continue  # idempotent commands: not progress by themselves
                 appended += 1
             except ConflictError:
                 log.info("billing: another writer was first; deciding again on fresh state")
                 break
         return appended
+
+    async def _vms(self, decision: StopVms | StartVms) -> None:
+        for vm_id in decision.vm_ids:
+            command = vm_domain.StopVm(vm_id=vm_id) if isinstance(decision, StopVms) else vm_domain.StartVm(vm_id=vm_id)
+            try:
+                await self.vms.vm_command(self.actor, command)
+            except DomainError as refused:  # deleted meanwhile, or not in a state to start
+                log.info("billing: %s of VM %s refused: %s", type(command).__name__, vm_id, refused)
 
     async def run_until_idle(self) -> None:
         """Step until nothing is left to decide (tests, ``ucloud billing close``)."""

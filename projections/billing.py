@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from uuid import UUID
 
 import msgspec
 
@@ -27,7 +28,10 @@ _METERED = (vm_domain.VmRequested, vm_domain.VmStarted, vm_domain.VmStopped, vm_
             vm_domain.VmFailed, vm_domain.VmDeleted)
 BILLING_TAGS = frozenset(tag_of(t) for t in (
     *_METERED, PriceSet, PeriodClosed, InvoiceIssued, account_domain.AccountConfigured,
-    account_domain.AccountCredited))
+    account_domain.AccountCredited, account_domain.AccountDepleted, account_domain.AccountSuspended,
+    account_domain.AccountResumed))
+_ACCOUNT_EVENTS = (account_domain.AccountConfigured, account_domain.AccountCredited, account_domain.AccountDepleted,
+                   account_domain.AccountSuspended, account_domain.AccountResumed)
 
 
 def periods_from_environment() -> PeriodPolicy:
@@ -50,6 +54,11 @@ class AccountRow(msgspec.Struct, kw_only=True):
     credited: int = 0
     invoiced: int = 0
     credits: list[Credit] = msgspec.field(default_factory=list)
+    version: int = 0  # of the account stream
+    depleted_at: int | None = None  # prepaid, at zero since (epoch seconds)
+    grace_seconds: int = 0
+    suspended: list[UUID] | None = None  # the VMs stopped for a zero balance
+    reason: str = ""
 
 
 class Balance(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,6 +69,8 @@ class Balance(msgspec.Struct, frozen=True, kw_only=True):
     invoiced: int  # micros, all invoices issued
     unbilled: int  # micros, usage not yet invoiced (up to now)
     balance: int  # credited - invoiced - unbilled
+    suspended: bool = False
+    reason: str = ""
 
 
 class BillingState(msgspec.Struct, kw_only=True):
@@ -111,13 +122,33 @@ class BillingView(Projection):
             self.pending.pop((event.owner, start), None)
             self.account(event.owner).invoiced += event.total
             self.invoices_version = record.version
-        elif isinstance(event, account_domain.AccountConfigured):
-            self.account(event.owner).kind = event.kind
-        elif isinstance(event, account_domain.AccountCredited):
-            row = self.account(event.owner)
-            row.credited += event.micros
-            row.credits.append(Credit(time=t, micros=event.micros, currency=event.currency,
-                                      source=event.source.value, reference=event.reference))
+        elif isinstance(event, _ACCOUNT_EVENTS):
+            self._account_event(event, t).version = record.version
+
+    def _account_event(self, event: Event, t: int) -> AccountRow:
+        match event:
+            case account_domain.AccountConfigured():
+                row = self.account(event.owner)
+                row.kind = event.kind
+            case account_domain.AccountCredited():
+                row = self.account(event.owner)
+                row.credited += event.micros
+                row.credits.append(Credit(time=t, micros=event.micros, currency=event.currency,
+                                          source=event.source.value, reference=event.reference))
+            case account_domain.AccountDepleted():
+                row = self.account(event.owner)
+                row.depleted_at, row.grace_seconds = int(event.at.timestamp()), event.grace_seconds
+                row.reason = (f"the prepaid balance reached zero at {event.at.isoformat()}; VMs stop "
+                              f"{event.grace_seconds} s later unless the account is topped up")
+            case account_domain.AccountSuspended():
+                row = self.account(event.owner)
+                row.suspended, row.reason = list(event.vm_ids), event.reason
+            case account_domain.AccountResumed():
+                row = self.account(event.owner)
+                row.depleted_at, row.suspended, row.reason = None, None, ""
+            case _:
+                raise TypeError(f"not an account event: {event!r}")
+        return row
 
     def account(self, owner: str) -> AccountRow:
         row = self.accounts.get(owner)
@@ -142,7 +173,8 @@ class BillingView(Projection):
         row = self.accounts.get(owner) or AccountRow(owner=owner)
         unbilled = self.unbilled(owner, now)
         return Balance(owner=owner, kind=row.kind.value, currency=self.currency, credited=row.credited,
-                       invoiced=row.invoiced, unbilled=unbilled, balance=row.credited - row.invoiced - unbilled)
+                       invoiced=row.invoiced, unbilled=unbilled, balance=row.credited - row.invoiced - unbilled,
+                       suspended=row.suspended is not None, reason=row.reason)
 
     def usage(self, owner: str, now: int) -> tuple[int, int, list[InvoiceLine]]:
         """(period start, period end, lines) of the period ``now`` is in, so far."""

@@ -4,7 +4,7 @@
     ucloud usage [--owner U]                  this period so far
     ucloud bill list | bill show NUMBER [--html]
     ucloud balance [--owner U]
-    ucloud pay --coupon CODE                  redeem a coupon
+    ucloud pay --coupon CODE | --card AMOUNT | --invoice NUMBER
     ucloud account kind OWNER prepaid|postpaid | account credit OWNER AMOUNT [--transfer REF]
     ucloud coupon create CODE AMOUNT --expires TIME                        (admin realm)
 """
@@ -183,20 +183,32 @@ def balance(ctx: Context, owner: str | None, as_json: bool) -> None:
 
 @click.command("pay")
 @click.option("--coupon", metavar="CODE", help="Redeem a coupon code.")
+@click.option("--card", "card", metavar="AMOUNT", help="Pay AMOUNT (e.g. '20 CHF') by card: prints where to confirm.")
+@click.option("--invoice", type=int, metavar="NUMBER", help="Pay invoice NUMBER by bank transfer: prints how.")
 @json_option
 @pass_context
-def pay(ctx: Context, coupon: str | None, as_json: bool) -> None:
-    """Pay into your account. Coupons here; bank transfers quote an invoice's reference and an
-    admin records them (`ucloud account credit --transfer`)."""
-    if not coupon:
-        raise Failure("say how: --coupon CODE (bank transfers: quote the invoice's reference)", 2)
+def pay(ctx: Context, coupon: str | None, card: str | None, invoice: int | None, as_json: bool) -> None:
+    """Pay into your account: a coupon, a card, or a bank transfer for an invoice."""
+    chosen = [name for name, value in (("coupon", coupon), ("card", card), ("invoice", invoice)) if value]
+    if len(chosen) != 1:
+        raise Failure("say how, once: --coupon CODE, --card AMOUNT or --invoice NUMBER", 2)
+    if coupon:
+        body: dict[str, Any] = {"method": "coupon", "code": coupon}
+    elif card:
+        body = {"method": "card", "amount": card}
+    else:
+        body = {"method": "bank-transfer", "invoice": invoice}
 
     async def work(client: Client) -> None:
-        _, done = await client.request("POST", "/v1/coupons/redeem", {"code": coupon})
+        _, done = await client.request("POST", "/v1/payments", body)
         if as_json:
             emit_json(done)
+        elif done["method"] == "coupon":
+            console().print(f"coupon redeemed: {done['amount']} credited")
+        elif done["method"] == "card":
+            console().print(f"confirm the payment of {done['amount']} at {done['confirm_url']}")
         else:
-            console().print(f"coupon redeemed: {done['credited']} credited")
+            console().print(done["instructions"])
 
     ctx.run(work)
 

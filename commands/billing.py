@@ -23,6 +23,8 @@ from .unit_of_work import Actor, AggregateType, Outcome, Repository, Session
 PRICEBOOK = AggregateType("pricebook", pricing.Pricebook, pricing.evolve, pricing.stream_name)
 ACCOUNT = AggregateType("account", account_domain.Account, account_domain.evolve_account,
                         account_domain.account_stream)
+PAYMENT = AggregateType("payment", account_domain.Payment, account_domain.evolve_payment,
+                        account_domain.payment_stream)
 COUPON = AggregateType("coupon", account_domain.Coupon, account_domain.evolve_coupon, account_domain.coupon_stream)
 
 
@@ -123,6 +125,25 @@ class BillingCommands:
             return Money(coupon.micros, coupon.currency)
 
         return await self.repository.transact(work, actor, attempts=100)
+
+    async def settle_card_payment(self, actor: Actor, provider: str, intent: str, owner: str,
+                                  amount: Money) -> Outcome[bool]:
+        """A provider's verified webhook: credit ``owner`` once per intent (True if credited
+        now, False if this intent was settled before)."""
+        payment_id = account_domain.payment_id_for(provider, intent)
+        account_id = account_domain.account_id_for(owner)
+
+        async def work(session: Session) -> bool:
+            currency = await self._currency(session)
+            payment = await session.load(PAYMENT, payment_id)
+            await session.load(ACCOUNT, account_id)
+            payment_events, account_events = account_domain.decide_settle(
+                payment, provider, intent, owner, amount, currency)
+            session.record(PAYMENT, payment_id, payment_events)
+            session.record(ACCOUNT, account_id, account_events)
+            return bool(payment_events)
+
+        return await self.repository.transact(work, actor)
 
     # -- the billing process ------------------------------------------------------------------
 

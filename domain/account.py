@@ -111,9 +111,58 @@ class AccountResumed(Event, tag="account.resumed", frozen=True):
     vm_ids: tuple[UUID, ...] = ()
 
 
+class PaymentSettled(Event, tag="payment.settled", frozen=True):
+    """A card provider confirmed payment ``intent`` (a signed webhook); appended once, with
+    its ``account.credited``, to the payment's own stream: a repeated webhook credits nothing."""
+
+    payment_id: UUID
+    provider: str
+    intent: str
+    owner: str
+    micros: int
+    currency: str
+
+
 ACCOUNT_EVENT_TYPES: tuple[type[Event], ...] = (
     AccountConfigured, AccountCredited, CouponCreated, CouponRedeemed, AccountDepleted, AccountSuspended,
-    AccountResumed)
+    AccountResumed, PaymentSettled)
+PAYMENT_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c017")
+
+
+class Payment(msgspec.Struct, frozen=True, kw_only=True):
+    id: UUID
+    owner: str
+    micros: int
+
+
+def payment_id_for(provider: str, intent: str) -> UUID:
+    return uuid.uuid5(PAYMENT_NAMESPACE, f"{provider}\0{intent}")
+
+
+def payment_stream(payment_id: UUID) -> str:
+    return f"payment-{payment_id}"
+
+
+def evolve_payment(payment: Payment | None, event: Event) -> Payment | None:
+    if isinstance(event, PaymentSettled):
+        return Payment(id=event.payment_id, owner=event.owner, micros=event.micros)
+    return payment
+
+
+def decide_settle(payment: Payment | None, provider: str, intent: str, owner: str, amount: Money,
+                  currency: str | None) -> tuple[list[Event], list[Event]]:
+    """(payment stream events, account stream events); nothing if already settled."""
+    if payment is not None:
+        return [], []
+    if amount.micros <= 0:
+        raise InvalidValue("amount", "must be more than zero")
+    if currency is not None:
+        require_same(currency, amount.currency)
+    payment_id = payment_id_for(provider, intent)
+    return ([PaymentSettled(payment_id=payment_id, provider=provider, intent=intent, owner=owner,
+                            micros=amount.micros, currency=amount.currency)],
+            [AccountCredited(owner=owner, micros=amount.micros, currency=amount.currency, source=Source.CARD,
+                             reference=f"{provider}:{intent}")])
 
 
 class Account(msgspec.Struct, frozen=True, kw_only=True):

@@ -22,16 +22,17 @@ import msgspec
 from aiohttp import web
 
 from ucloud.commands.billing import BillingCommands
-from ucloud.commands.unit_of_work import Actor
+from ucloud.commands.unit_of_work import SYSTEM, Actor
 from ucloud.domain.account import Source
 from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import InvalidValue, NotFound
 from ucloud.domain.invoice import InvoiceIssued, InvoiceLine
-from ucloud.domain.money import format_micros
+from ucloud.domain.money import Money, format_micros
 from ucloud.domain.pricing import QUANTUM_NAME, Price
 from ucloud.projections.billing import BillingView, periods_from_environment
 from ucloud.projections.runner import ProjectionRunner
 
+from .billing_payments import CardMethod, PayBody, PaymentMethod, PayOut, methods_from_environment
 from .keys import CONFIG, STORE, actor_of
 from .problems import PositionNotReached
 from .routes import POSITION_HEADER, POSITION_PARAMS, Accepted, ApiDoc, Param, answer
@@ -42,6 +43,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BILLING_VIEW = web.AppKey("billing_view", BillingView)
 BILLING_RUNNER = web.AppKey("billing_runner", ProjectionRunner)
 BILLING = web.AppKey("billing_commands", BillingCommands)
+PAYMENT_METHODS: web.AppKey[dict[str, PaymentMethod]] = web.AppKey("payment_methods")
 
 billing_routes = web.RouteTableDef()
 
@@ -164,7 +166,8 @@ class Redeemed(msgspec.Struct, kw_only=True):
 
 
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
-    t: msgspec.json.Decoder(t) for t in (SetPriceBody, ConfigureAccountBody, CreditBody, CouponBody, RedeemBody)}
+    t: msgspec.json.Decoder(t) for t in (SetPriceBody, ConfigureAccountBody, CreditBody, CouponBody, RedeemBody,
+                                         PayBody)}
 T = TypeVar("T")
 
 
@@ -418,6 +421,49 @@ async def redeem_coupon(request: web.Request) -> web.Response:
                   position=outcome.position)
 
 
+# -- payments ----------------------------------------------------------------------------------------
+
+
+@api("POST", "/v1/payments", ApiDoc(
+    "Pay", "pay", "billing", response=PayOut, also=(202,), body=PayBody,
+    description="method coupon {code}: credited at once (200). method bank-transfer {invoice}: how to pay "
+                "that invoice (202; an admin records the receipt). method card {amount}: a payment intent at "
+                "the card provider and where to confirm it (202); the provider's signed webhook credits the "
+                "account. Another user's invoice is 404.", errors=(400, 404, 409, 422, 503)))
+async def pay(request: web.Request) -> web.Response:
+    body = await _body(request, PayBody)
+    methods = request.app[PAYMENT_METHODS]
+    method = methods.get(body.method)
+    if method is None:
+        raise InvalidValue("method", f"{body.method!r}: one of {', '.join(sorted(methods))}")
+    await _reach(request)
+    out = await method.pay(actor_of(request), body, request.app[BILLING_VIEW], request.app[BILLING])
+    return answer(out, 200 if out.status == "credited" else 202, out.position or None)
+
+
+@api("POST", "/v1/payments/card/webhook", ApiDoc(
+    "Card provider webhook", "cardWebhook", "billing", response=PayOut, auth=False,
+    description="Called by the card provider. Its HMAC-SHA256 signature is checked (400 naming the header "
+                "if wrong or stale); a succeeded intent credits its owner once.", errors=(400, 404, 409, 503)))
+async def card_webhook(request: web.Request) -> web.Response:
+    card = request.app[PAYMENT_METHODS].get(CardMethod.name)
+    if not isinstance(card, CardMethod):
+        raise NotFound("card payments are not configured here")
+    event = card.verify(request.headers, await request.read())
+    intent = event.get("intent") or {}
+    if event.get("type") != "payment_intent.succeeded" or intent.get("status") != "succeeded":
+        return answer(PayOut(method=card.name, status="ignored"))
+    try:
+        amount = Money(int(intent["amount_micros"]), str(intent["currency"]))
+        owner, intent_id = str(intent["metadata"]["owner"]), str(intent["id"])
+    except (KeyError, TypeError, ValueError):
+        raise InvalidValue("body", "the webhook's intent lacks amount, currency, owner or id") from None
+    outcome = await request.app[BILLING].settle_card_payment(SYSTEM, card.provider, intent_id, owner, amount)
+    return answer(PayOut(method=card.name, status="credited" if outcome.result else "already credited",
+                         position=outcome.position, credited_micros=amount.micros if outcome.result else 0,
+                         intent=intent_id), position=outcome.position)
+
+
 # -- wiring -------------------------------------------------------------------------------------------
 
 
@@ -444,6 +490,7 @@ def setup_billing(app: web.Application) -> None:
     app[BILLING_RUNNER] = ProjectionRunner(store, codec, [view], name="billing",
                                            snapshot_interval=app[CONFIG].snapshot_interval)
     app[BILLING] = BillingCommands(store, codec)
+    app[PAYMENT_METHODS] = methods_from_environment()
     app.add_routes(billing_routes)
 
     async def follow(app: web.Application) -> AsyncIterator[None]:

@@ -103,6 +103,10 @@ def test_prices_usage_bills_balance_and_coupons_from_the_cli(home: Path, served:
     code = f"GIFT-{uuid.uuid4().hex[:8]}"
     ok("coupon", "create", code, "10 CHF", "--expires", expires, user="root")
     assert "10.00 CHF credited" in ok("pay", "--coupon", code, user=alice).stdout
+    transfer = ok("pay", "--invoice", number, user=alice).stdout
+    assert bills[-1]["reference"] in transfer and bills[-1]["total"] in transfer
+    refused = ucloud("pay", "--invoice", number, user=f"u{uuid.uuid4().hex[:8]}")
+    assert refused.exit_code == 1 and "does not exist" in refused.stderr  # another user's invoice
     again = ucloud("pay", "--coupon", code, user=alice)
     assert again.exit_code == 1 and "redeemed already" in again.stderr
     balance = as_json(ok("balance", "--json", user=alice))
@@ -113,3 +117,4 @@ def test_prices_usage_bills_balance_and_coupons_from_the_cli(home: Path, served:
     after = as_json(ok("balance", "--json", user=alice))
     assert (after["kind"], after["credited_micros"]) == ("prepaid", 15_000_000)
     assert ucloud("pay", user=alice).exit_code == 2
+    assert ucloud("pay", "--coupon", code, "--invoice", number, user=alice).exit_code == 2

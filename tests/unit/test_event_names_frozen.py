@@ -42,6 +42,7 @@ FROZEN: dict[str, tuple[int, tuple[str, ...]]] = {
     "account.depleted": (1, ('owner', 'at', 'grace_seconds')),
     "account.suspended": (1, ('owner', 'reason', 'vm_ids')),
     "account.resumed": (1, ('owner', 'vm_ids')),
+    "payment.settled": (1, ('payment_id', 'provider', 'intent', 'owner', 'micros', 'currency')),
     "billing.period_closed": (1, ('period_start', 'period_end')),
     "invoice.issued": (1, ('number', 'owner', 'period_start', 'period_end', 'currency', 'lines', 'total',
                            'reference')),

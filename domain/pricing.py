@@ -194,6 +194,14 @@ class Schedule:
     def all(self) -> list[Price]:
         return [self._prices[v] for v in sorted(self._prices)]
 
+    def latest(self, resource: str, start: int) -> int:
+        """The version in force from ``start`` on for good (no change after it); 0 if prices
+        change later or none is set. The fast path of metering."""
+        starts = self._starts.get(resource)
+        if starts and starts[-1][0] <= start:
+            return starts[-1][1]
+        return 0
+
     def segments(self, resource: str, start: int, end: int) -> Iterator[tuple[int, int, int]]:
         """(version, seconds from, seconds to) covering [start, end) where a price applies.
         At equal effective times the later version wins; unpriced stretches are free."""

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -28,6 +30,32 @@ def _lines_table(lines: list[dict[str, Any]]) -> Table:
         listing.add_row(line["vm_name"] or str(line["vm_id"]), line["resource"], line["quantity"], line["rate"],
                         f"v{line['price_version']}", line["amount"])
     return listing
+
+
+# -- ordering (used by `ucloud vm create`) --------------------------------------------------------
+
+
+async def order_if_priced(client: Client, body: dict[str, Any], *, yes: bool, quiet: bool,
+                          timeout: float = 120.0) -> dict[str, Any] | None:
+    """When prices are set: quote the VM, show the price, confirm (asking unless ``yes``), and
+    wait for the ordering process to provision it; the VM as ``POST /v1/vms`` would answer.
+    None when nothing is priced (the VM is free and created directly)."""
+    if not (await client.get("/v1/prices"))["prices"]:
+        return None
+    _, quoted = await client.request("POST", "/v1/orders", body)
+    if not quiet:
+        console().print(f"VM {quoted['name']}: {quoted['per_hour']} per hour ({quoted['per_month']} per 30 days "
+                        "running), billed per second")
+    if not yes and not click.confirm("order it?", default=False, err=True):
+        raise Failure("not ordered", 1)
+    _, order = await client.request("POST", f"/v1/orders/{quoted['id']}/confirm")
+    deadline = time.monotonic() + timeout
+    while order["status"] == "confirmed" and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        order = await client.get(f"/v1/orders/{quoted['id']}")
+    if order["status"] != "provisioned":
+        raise Failure(f"order {quoted['id']} {order['status']}: {order['reason'] or 'not provisioned in time'}")
+    return {"id": order["vm_id"], "status": "requested", "order": order["id"]}
 
 
 # -- prices ------------------------------------------------------------------------------------

@@ -241,12 +241,13 @@ def default_vm_name(image: str) -> str:
 @click.option("--restart-policy", type=click.Choice(["always", "never"]), default="always", show_default=True,
               help="Restart the VM after a crash?")
 @click.option("--idempotency-key", metavar="KEY", help="Retry-safe: the same key and options give the same VM.")
+@click.option("--yes", is_flag=True, help="When prices are set: order at the quoted price without asking.")
 @wait_options
 @json_option
 @pass_context
 def vm_create(ctx: Context, name: str | None, name_option: str | None, image: str, cores: str, ram: str, disk: str,
-              ssh_keys: tuple[str, ...], restart_policy: str, idempotency_key: str | None, wait: bool, timeout: float,
-              as_json: bool) -> None:
+              ssh_keys: tuple[str, ...], restart_policy: str, idempotency_key: str | None, yes: bool, wait: bool,
+              timeout: float, as_json: bool) -> None:
     """Create a VM called NAME (--wait: until it runs)."""
     if name and name_option and name != name_option:
         raise click.UsageError(f"two names given: {name!r} and --name {name_option!r}")
@@ -256,7 +257,13 @@ def vm_create(ctx: Context, name: str | None, name_option: str | None, image: st
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
 
     async def work(client: Client) -> None:
-        _, created = await client.request("POST", "/v1/vms", body, headers=headers)
+        from ucloud.cli.billing import (
+            order_if_priced,  # priced VMs are ordered first (docs/billing.md)
+        )
+
+        created = await order_if_priced(client, body, yes=yes, quiet=as_json)
+        if created is None:  # no prices: free, no order step
+            _, created = await client.request("POST", "/v1/vms", body, headers=headers)
         if not as_json:
             console().print(f"VM {name} is {created['status']}: {created['id']}")
         if wait:

@@ -9,12 +9,14 @@ from datetime import UTC, datetime
 from uuid import UUID
 
 from ucloud.domain import account as account_domain
+from ucloud.domain import order as order_domain
 from ucloud.domain import pricing
 from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import InvalidValue, NotFound
 from ucloud.domain.events import Event, EventCodec
 from ucloud.domain.invoice import INVOICES_STREAM, PERIODS_STREAM, InvoiceIssued, PeriodClosed
 from ucloud.domain.money import Money, parse_money
+from ucloud.domain.units import parse_cores, parse_size
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import NewEvent, StreamAppend, Tracking
 
@@ -25,6 +27,7 @@ ACCOUNT = AggregateType("account", account_domain.Account, account_domain.evolve
                         account_domain.account_stream)
 PAYMENT = AggregateType("payment", account_domain.Payment, account_domain.evolve_payment,
                         account_domain.payment_stream)
+ORDER = AggregateType("order", order_domain.Order, order_domain.evolve, order_domain.stream_name)
 COUPON = AggregateType("coupon", account_domain.Coupon, account_domain.evolve_coupon, account_domain.coupon_stream)
 
 
@@ -142,6 +145,60 @@ class BillingCommands:
             session.record(PAYMENT, payment_id, payment_events)
             session.record(ACCOUNT, account_id, account_events)
             return bool(payment_events)
+
+        return await self.repository.transact(work, actor)
+
+    # -- orders -------------------------------------------------------------------------------
+
+    async def quote_order(self, actor: Actor, *, name: str, cores: int | str, ram: int | str, disk: int | str,
+                          image: str, ssh_keys: Sequence[str] = (), restart_policy: str = "always",
+                          owner: str | None = None) -> Outcome[order_domain.Order]:
+        """Record a quote for a VM at the prices in force now (the VM's name, image and keys
+        are checked when it is provisioned: a bad one cancels the order with the reason)."""
+        if owner is not None and owner != actor.name and not actor.is_admin:
+            raise NotFound("only the admin realm may order for another user")
+        owner = owner or actor.name
+        order_id = uuid.uuid4()
+        now = _now()
+
+        async def work(session: Session) -> order_domain.Order:
+            book = await session.load(PRICEBOOK, pricing.PRICEBOOK_ID)
+            schedule = pricing.Schedule.load(list(book.prices) if book else [])
+            await session.load(ORDER, order_id)
+            quoted = order_domain.quote(
+                schedule, pricing.epoch_seconds(now), order_id=order_id, owner=owner, name=name,
+                cores=parse_cores(cores), ram=parse_size(ram, "ram"), disk=parse_size(disk, "disk"), image=image,
+                ssh_keys=tuple(ssh_keys), restart_policy=restart_policy)
+            session.record(ORDER, order_id, [quoted])
+            order = order_domain.evolve(None, quoted)
+            assert order is not None
+            return order
+
+        return await self.repository.transact(work, actor)
+
+    async def confirm_order(self, actor: Actor, order_id: UUID, *, prepaid: bool, available: int,
+                            hours: int) -> Outcome[order_domain.Order]:
+        """Confirm one's own order; ``prepaid``/``available``: the owner's account as the
+        caller's billing view sees it now."""
+
+        async def work(session: Session) -> order_domain.Order:
+            order = await session.load(ORDER, order_id)
+            if order is not None and order.owner != actor.name and not actor.is_admin:
+                order = None  # another user's order does not exist for you
+            events = order_domain.decide_confirm(order, order_domain.ConfirmOrder(
+                order_id=order_id, prepaid=prepaid, available=available, hours=hours))
+            session.record(ORDER, order_id, events)
+            for event in events:
+                order = order_domain.evolve(order, event)
+            assert order is not None
+            return order
+
+        return await self.repository.transact(work, actor)
+
+    async def order_outcome(self, actor: Actor, order_id: UUID, vm_id: UUID | None, reason: str = "") -> Outcome[None]:
+        async def work(session: Session) -> None:
+            order = await session.load(ORDER, order_id)
+            session.record(ORDER, order_id, order_domain.decide_outcome(order, vm_id, reason))
 
         return await self.repository.transact(work, actor)
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import html
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import InvalidValue, NotFound
 from ucloud.domain.invoice import InvoiceIssued, InvoiceLine
 from ucloud.domain.money import Money, format_micros
+from ucloud.domain.order import Order
 from ucloud.domain.pricing import QUANTUM_NAME, Price
 from ucloud.projections.billing import BillingView, periods_from_environment
 from ucloud.projections.runner import ProjectionRunner
@@ -84,6 +86,17 @@ class CouponBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class RedeemBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     code: str
+
+
+class OrderBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    cores: int | str
+    ram: int | str
+    disk: int | str
+    image: str
+    ssh_keys: list[str] = []
+    restart_policy: str = "always"
+    owner: str | None = None
 
 
 class PriceOut(msgspec.Struct, kw_only=True):
@@ -167,7 +180,7 @@ class Redeemed(msgspec.Struct, kw_only=True):
 
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
     t: msgspec.json.Decoder(t) for t in (SetPriceBody, ConfigureAccountBody, CreditBody, CouponBody, RedeemBody,
-                                         PayBody)}
+                                         PayBody, OrderBody)}
 T = TypeVar("T")
 
 
@@ -419,6 +432,107 @@ async def redeem_coupon(request: web.Request) -> web.Response:
     money = outcome.result
     return answer(Redeemed(position=outcome.position, credited_micros=money.micros, credited=str(money)),
                   position=outcome.position)
+
+
+# -- orders ------------------------------------------------------------------------------------------
+
+
+class QuoteLineOut(msgspec.Struct, kw_only=True):
+    resource: str
+    quantity: int
+    price_version: int
+    per_hour_micros: int
+    per_hour: str
+
+
+class OrderOut(msgspec.Struct, kw_only=True):
+    id: UUID
+    owner: str
+    status: str
+    reason: str
+    vm_id: UUID | None
+    name: str
+    currency: str
+    per_hour_micros: int
+    per_hour: str
+    per_month: str  # 30 days
+    lines: list[QuoteLineOut]
+    position: int
+
+
+def prepaid_hours() -> int:
+    """UCLOUD_PREPAID_ORDER_HOURS (24 by default): a prepaid order needs a balance for this long."""
+    raw = os.environ.get("UCLOUD_PREPAID_ORDER_HOURS", "24")
+    if not raw.isdigit():
+        raise ValueError(f"UCLOUD_PREPAID_ORDER_HOURS must be a whole number of hours, got {raw!r}")
+    return int(raw)
+
+
+def _order_out(order: Order, position: int) -> OrderOut:
+    quote = order.quote
+    currency = quote.currency
+
+    def money(micros: int) -> str:
+        return format_micros(micros, currency) if currency else "free"
+
+    return OrderOut(
+        id=order.id, owner=order.owner, status=order.status.value, reason=order.reason, vm_id=order.vm_id,
+        name=quote.name, currency=currency, per_hour_micros=quote.per_hour, per_hour=money(quote.per_hour),
+        per_month=money(quote.per_hour * 24 * 30), position=position,
+        lines=[QuoteLineOut(resource=line.resource, quantity=line.quantity, price_version=line.price_version,
+                            per_hour_micros=line.per_hour, per_hour=money(line.per_hour)) for line in quote.lines])
+
+
+def _order_id(request: web.Request) -> UUID:
+    raw = request.match_info["id"]
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise InvalidValue("id", f"{raw!r} is not an order id (a UUID)") from None
+
+
+@api("POST", "/v1/orders", ApiDoc(
+    "Quote a VM (order)", "quoteOrder", "billing", status=201, response=OrderOut, body=OrderBody,
+    description="What the VM would cost per hour and per month at the prices in force; confirm it to have it "
+                "provisioned. Without prices, create VMs directly (POST /v1/vms).", errors=(400, 404, 409, 503)))
+async def quote_order(request: web.Request) -> web.Response:
+    body = await _body(request, OrderBody)
+    outcome = await request.app[BILLING].quote_order(
+        actor_of(request), name=body.name, cores=body.cores, ram=body.ram, disk=body.disk, image=body.image,
+        ssh_keys=body.ssh_keys, restart_policy=body.restart_policy, owner=body.owner)
+    return answer(_order_out(outcome.result, outcome.position), 201, outcome.position,
+                  {"Location": f"/v1/orders/{outcome.result.id}"})
+
+
+@api("POST", "/v1/orders/{id}/confirm", ApiDoc(
+    "Confirm an order", "confirmOrder", "billing", response=OrderOut, errors=(400, 404, 409, 422, 503),
+    description="confirmed: the ordering process creates the VM (status provisioned, vm_id) or cancels the "
+                "order with the reason. A prepaid account needs a balance covering the first "
+                "UCLOUD_PREPAID_ORDER_HOURS (24) hours, or the order is rejected (insufficient funds)."))
+async def confirm_order(request: web.Request) -> web.Response:
+    order_id = _order_id(request)
+    await _reach(request)
+    actor = actor_of(request)
+    view = request.app[BILLING_VIEW]
+    known = view.orders.get(order_id)
+    owner = known[0].owner if known else actor.name
+    balance = view.balance(owner, int(time.time()))
+    outcome = await request.app[BILLING].confirm_order(
+        actor, order_id, prepaid=balance.kind == "prepaid", available=balance.balance, hours=prepaid_hours())
+    return answer(_order_out(outcome.result, outcome.position), position=outcome.position)
+
+
+@api("GET", "/v1/orders/{id}", ApiDoc(
+    "Show an order", "getOrder", "billing", response=OrderOut, params=POSITION_PARAMS, errors=(400, 404, 503),
+    reads=True))
+async def get_order(request: web.Request) -> web.Response:
+    order_id = _order_id(request)
+    position = await _reach(request)
+    known = request.app[BILLING_VIEW].orders.get(order_id)
+    actor = actor_of(request)
+    if known is None or (known[0].owner != actor.name and not actor.is_admin):
+        raise NotFound(f"order {order_id} does not exist")
+    return answer(_order_out(known[0], position), position=position)
 
 
 # -- payments ----------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import DomainError
 from ucloud.domain.invoice import InvoiceIssued, PeriodClosed, reference_for
 from ucloud.domain.metering import PeriodPolicy
+from ucloud.domain.order import Order
 from ucloud.eventstore.errors import ConflictError
 from ucloud.eventstore.interface import EventStore
 from ucloud.projections.billing import BillingView, periods_from_environment
@@ -81,7 +82,14 @@ class StartVms:
     vm_ids: tuple[UUID, ...]
 
 
-Decision = ClosePeriod | IssueInvoices | AccountChange | StopVms | StartVms
+@dataclass(frozen=True)
+class Provision:
+    """Create the VM a confirmed order asked for (retry-safe: keyed by the order)."""
+
+    order: Order
+
+
+Decision = ClosePeriod | IssueInvoices | AccountChange | StopVms | StartVms | Provision
 
 
 def _at(t: int) -> datetime:
@@ -119,6 +127,7 @@ def decide(view: BillingView, now: int, settings: BillingSettings) -> list[Decis
                 break
         if invoices:
             decisions.append(IssueInvoices(tuple(invoices), view.invoices_version))
+    decisions += [Provision(order) for order in view.confirmed_orders()]
     decisions += _prepaid(view, now, settings)
     return decisions
 
@@ -187,6 +196,8 @@ class BillingProcess:
                     case AccountChange():
                         await self.commands.account_events(self.actor, decision.owner, decision.events,
                                                            decision.expected_version)
+                    case Provision():
+                        await self._provision(decision.order)
                     case StopVms() | StartVms():
                         await self._vms(decision)
                         continue  # idempotent commands: not progress by themselves
@@ -195,6 +206,20 @@ class BillingProcess:
                 log.info("billing: another writer was first; deciding again on fresh state")
                 break
         return appended
+
+    async def _provision(self, order: Order) -> None:
+        """The ordering step: a confirmed order becomes the VM (``create_vm`` with the order as
+        its idempotency key, so a retry after a crash gives the same VM); a refusal cancels
+        the order with the reason (nothing was charged: nothing to refund)."""
+        spec = order.quote
+        try:
+            created = await self.vms.create_vm(
+                Actor(order.owner), name=spec.name, cores=spec.cores, ram=spec.ram, disk=spec.disk, image=spec.image,
+                ssh_keys=spec.ssh_keys, restart_policy=spec.restart_policy, idempotency_key=f"order-{order.id}")
+        except DomainError as refused:
+            await self.commands.order_outcome(self.actor, order.id, None, f"provisioning failed: {refused}")
+            return
+        await self.commands.order_outcome(self.actor, order.id, created.result)
 
     async def _vms(self, decision: StopVms | StartVms) -> None:
         for vm_id in decision.vm_ids:

@@ -15,6 +15,7 @@ from uuid import UUID
 import msgspec
 
 from ucloud.domain import account as account_domain
+from ucloud.domain import order as order_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.events import Event, tag_of
 from ucloud.domain.invoice import InvoiceIssued, InvoiceLine, PeriodClosed
@@ -26,10 +27,11 @@ from .runner import Projection
 
 _METERED = (vm_domain.VmRequested, vm_domain.VmStarted, vm_domain.VmStopped, vm_domain.VmCrashed,
             vm_domain.VmFailed, vm_domain.VmDeleted)
-BILLING_TAGS = frozenset(tag_of(t) for t in (
+_FOLDED: tuple[type[Event], ...] = (
     *_METERED, PriceSet, PeriodClosed, InvoiceIssued, account_domain.AccountConfigured,
     account_domain.AccountCredited, account_domain.AccountDepleted, account_domain.AccountSuspended,
-    account_domain.AccountResumed))
+    account_domain.AccountResumed, *order_domain.ORDER_EVENT_TYPES)
+BILLING_TAGS = frozenset(tag_of(t) for t in _FOLDED)
 _ACCOUNT_EVENTS = (account_domain.AccountConfigured, account_domain.AccountCredited, account_domain.AccountDepleted,
                    account_domain.AccountSuspended, account_domain.AccountResumed)
 
@@ -81,6 +83,7 @@ class BillingState(msgspec.Struct, kw_only=True):
     periods_version: int
     first_time: int | None
     pending: list[tuple[str, int, int]]
+    orders: list[tuple[order_domain.Order, int]] = []
 
 
 class BillingView(Projection):
@@ -97,6 +100,7 @@ class BillingView(Projection):
         self.invoices_version = 0
         self.periods_version = 0
         self.first_time: int | None = None  # the first metered second: periods count from its period
+        self.orders: dict[UUID, tuple[order_domain.Order, int]] = {}  # order -> (state, stream version)
 
     def apply(self, record: EventRecord, event: Event) -> None:
         t = int(record.time.timestamp())
@@ -122,6 +126,12 @@ class BillingView(Projection):
             self.pending.pop((event.owner, start), None)
             self.account(event.owner).invoiced += event.total
             self.invoices_version = record.version
+        elif isinstance(event, order_domain.ORDER_EVENT_TYPES):
+            order_id: UUID = event.order_id  # type: ignore[attr-defined]
+            known = self.orders.get(order_id)
+            order = order_domain.evolve(known[0] if known else None, event)
+            if order is not None:
+                self.orders[order_id] = (order, record.version)
         elif isinstance(event, _ACCOUNT_EVENTS):
             self._account_event(event, t).version = record.version
 
@@ -149,6 +159,9 @@ class BillingView(Projection):
             case _:
                 raise TypeError(f"not an account event: {event!r}")
         return row
+
+    def confirmed_orders(self) -> list[order_domain.Order]:
+        return [o for o, _ in self.orders.values() if o.status is order_domain.OrderStatus.CONFIRMED]
 
     def account(self, owner: str) -> AccountRow:
         row = self.accounts.get(owner)
@@ -199,7 +212,8 @@ class BillingView(Projection):
         return msgspec.to_builtins(BillingState(
             meter=self.meter.dump(), accounts=list(self.accounts.values()), invoices=list(self.invoices.values()),
             invoices_version=self.invoices_version, periods_version=self.periods_version,
-            first_time=self.first_time, pending=[(o, s, e) for (o, s), e in self.pending.items()]))
+            first_time=self.first_time, pending=[(o, s, e) for (o, s), e in self.pending.items()],
+            orders=list(self.orders.values())))
 
     def load(self, data: Any) -> None:
         state = msgspec.convert(data, BillingState)
@@ -214,3 +228,4 @@ class BillingView(Projection):
         self.periods_version = state.periods_version
         self.first_time = state.first_time
         self.pending = {(o, s): e for o, s, e in state.pending}
+        self.orders = {order.id: (order, version) for order, version in state.orders}

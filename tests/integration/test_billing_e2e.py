@@ -33,8 +33,10 @@ def test_a_guest_run_for_a_measured_time_is_billed_price_times_seconds(cloud: Cl
     cloud.ucloud(*ADMIN, "price", "set", "core", "0.36CHF/hour")  # 100 micros per core-second
     cloud.ucloud(*ADMIN, "price", "set", "ram", "3.6CHF/hour")  # 1000 micros per GiB-second
     cloud.ucloud(*ADMIN, "price", "set", "disk", "0.0036CHF/hour")  # 1 micro per GiB-second
+    # Prices are set: the VM is ordered (quoted, confirmed with --yes, provisioned by the
+    # ordering process inside `ucloud up`).
     created = json.loads(cloud.ucloud("vm", "create", "--image", "tiny", "--cores", "2", "--ram", "256MB",
-                                      "--disk", "1GB", "--wait", "--timeout", "150", "--json").stdout)
+                                      "--disk", "1GB", "--yes", "--wait", "--timeout", "150", "--json").stdout)
     vm_id = created["id"]
     wait_for_marker(cloud, vm_id)  # the guest really runs
     time.sleep(65)  # past the 60 s minimum, so the measured time is what is billed

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,8 @@ class BillingSettings:
     close_delay: int = 60  # seconds after a period's end before it is closed (events in flight)
     chunk: int = 50  # invoices per append (two etcd operations each, under --max-txn-ops)
     tick: float = 5.0  # how often the clock is looked at when the log is quiet
-    grace: int = 3600  # seconds a prepaid account may stay at zero before its VMs stop
+    # Seconds a prepaid account may stay at zero before its VMs stop (UCLOUD_PREPAID_GRACE_SECONDS).
+    grace: int = field(default_factory=lambda: int(os.environ.get("UCLOUD_PREPAID_GRACE_SECONDS", "3600")))
 
 
 @dataclass(frozen=True)

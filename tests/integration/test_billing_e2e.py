@@ -8,11 +8,20 @@ import asyncio
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import datetime
 
 import pytest
 
-from tests.integration.test_vm_lifecycle_e2e import ADMIN, BIN, Cloud, cloud, wait_for_marker
+from tests.integration.test_vm_lifecycle_e2e import (
+    ADMIN,
+    BIN,
+    Cloud,
+    _alive,
+    cloud,
+    qemu_pids,
+    wait_for_marker,
+)
 from ucloud.domain.metering import PeriodPolicy
 from ucloud.eventstore.url import open_store
 from ucloud.processes.billing import BillingProcess, BillingSettings
@@ -76,3 +85,50 @@ def test_a_guest_run_for_a_measured_time_is_billed_price_times_seconds(cloud: Cl
     assert invoice["total_micros"] == 2 * seconds * 100 + seconds * 250 + disk_seconds
     shown = cloud.ucloud("bill", "show", str(invoice["number"])).stdout
     assert invoice["total"] in shown
+
+
+@pytest.fixture
+def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the cloud starts: `ucloud up`'s billing process stops VMs 5 s after a prepaid
+    balance reaches zero, and a prepaid order needs no balance ahead."""
+    monkeypatch.setenv("UCLOUD_PREPAID_GRACE_SECONDS", "5")
+    monkeypatch.setenv("UCLOUD_PREPAID_ORDER_HOURS", "0")
+
+
+def _vm(cloud: Cloud, vm_id: str) -> dict[str, object]:
+    shown: dict[str, object] = json.loads(cloud.ucloud("vm", "show", vm_id, "--json").stdout)
+    return shown
+
+
+def _until(cloud: Cloud, what: str, check: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen\n{cloud.agent_log()}"
+        time.sleep(0.5)
+
+
+def test_a_prepaid_guest_is_stopped_at_zero_after_the_grace_period_and_started_by_a_top_up(
+        short_grace: None, cloud: Cloud) -> None:
+    cloud.ucloud(*ADMIN, "price", "set", "core", "36CHF/hour")  # 0.01 CHF per core-second
+    cloud.ucloud(*ADMIN, "account", "kind", "alice", "prepaid")
+    cloud.ucloud(*ADMIN, "account", "credit", "alice", "0.05 CHF")  # 5 s of one core; a start bills 60 s
+    created = json.loads(cloud.ucloud("vm", "create", "--image", "tiny", "--cores", "1", "--ram", "256MB",
+                                      "--disk", "1GB", "--yes", "--wait", "--timeout", "150", "--json").stdout)
+    vm_id = created["id"]
+    wait_for_marker(cloud, vm_id)
+    (pid,) = qemu_pids(vm_id)
+
+    # At zero: told, and after the 5 s grace period the guest is stopped (not deleted).
+    _until(cloud, "the stop at zero balance", lambda: _vm(cloud, vm_id)["status"] == "stopped")
+    assert qemu_pids(vm_id) == [] and not _alive(pid)
+    balance = json.loads(cloud.ucloud("balance", "--json").stdout)
+    assert balance["suspended"] and "has been at zero" in balance["reason"], balance
+    assert "top up" in cloud.ucloud("balance").stdout
+
+    # A top-up: the billing process starts it again; the guest boots a second time.
+    cloud.ucloud(*ADMIN, "account", "credit", "alice", "100 CHF")
+    _until(cloud, "the start after the top-up", lambda: _vm(cloud, vm_id)["status"] == "running")
+    wait_for_marker(cloud, vm_id, count=2)
+    assert len(qemu_pids(vm_id)) == 1
+    balance = json.loads(cloud.ucloud("balance", "--json").stdout)
+    assert not balance["suspended"] and balance["reason"] == ""

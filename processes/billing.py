@@ -98,8 +98,10 @@ def _at(t: int) -> datetime:
     return datetime.fromtimestamp(t, UTC)
 
 
-def decide(view: BillingView, now: int, settings: BillingSettings) -> list[Decision]:
-    """What to append next, on ``view`` at ``now`` (epoch seconds). Pure."""
+def decide(view: BillingView, now: int, settings: BillingSettings, *, prepaid: bool = True) -> list[Decision]:
+    """What to append next, on ``view`` at ``now`` (epoch seconds). Pure. ``prepaid``: also
+    look at prepaid balances (a loop over every prepaid account; the loop asks at most once
+    per tick)."""
     decisions: list[Decision] = []
     periods = view.meter.periods
     if view.meter.closed_until:
@@ -130,7 +132,8 @@ def decide(view: BillingView, now: int, settings: BillingSettings) -> list[Decis
         if invoices:
             decisions.append(IssueInvoices(tuple(invoices), view.invoices_version))
     decisions += [Provision(order) for order in view.confirmed_orders()]
-    decisions += _prepaid(view, now, settings)
+    if prepaid:
+        decisions += _prepaid(view, now, settings)
     return decisions
 
 
@@ -184,11 +187,11 @@ class BillingProcess:
         self.view = BillingView(self.settings.periods)
         self.runner = ProjectionRunner(store, self.codec, [self.view], name="billing-process")
 
-    async def step(self) -> int:
+    async def step(self, prepaid: bool = True) -> int:
         """Catch up, decide once, append; the number of decisions appended."""
         await self.runner.catch_up()
         appended = 0
-        for decision in decide(self.view, int(self.clock()), self.settings):
+        for decision in decide(self.view, int(self.clock()), self.settings, prepaid=prepaid):
             try:
                 match decision:
                     case ClosePeriod():
@@ -237,9 +240,13 @@ class BillingProcess:
             pass
 
     async def run(self) -> None:
+        checked = 0.0
         while True:
             try:
-                if await self.step():
+                prepaid = time.monotonic() - checked >= self.settings.tick
+                if prepaid:
+                    checked = time.monotonic()
+                if await self.step(prepaid=prepaid):
                     continue
             except asyncio.CancelledError:
                 raise

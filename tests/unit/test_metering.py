@@ -3,8 +3,12 @@ the totals never depend on how the log is batched, snapshotted or folded again."
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from uuid import UUID
 
 import msgspec
@@ -12,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucloud.domain import vm as vm_domain
+from ucloud.domain.catalogue import build_codec
 from ucloud.domain.events import Event
 from ucloud.domain.invoice import PeriodClosed
 from ucloud.domain.metering import (
@@ -243,3 +248,26 @@ def test_monthly_periods_are_calendar_months_in_utc() -> None:
     start, end = policy.bounds(int(datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()))
     assert at(end) == datetime(2027, 1, 1, tzinfo=UTC)
     assert PeriodPolicy.parse("1d").bounds(86400 * 3 + 5) == (86400 * 3, 86400 * 4)
+
+
+def fold_file(path: str) -> str:
+    """Fold a log written by ``_write_log`` and answer its totals as canonical JSON."""
+    codec = build_codec()
+    meter = Meter(PeriodPolicy(seconds=3600))
+    for t, tag, data in msgspec.json.decode(Path(path).read_bytes(), type=list[tuple[int, str, bytes]]):
+        meter.apply(codec.decode(tag, 1, data), t)
+    return msgspec.json.encode(sorted([list(map(str, k)), q] for k, q in totals(meter).items())).decode()
+
+
+def test_folding_in_another_process_gives_identical_usage(tmp_path: Path) -> None:
+    from tests.bench.bench_billing import lifecycle
+
+    codec = build_codec()
+    log = [(t, *codec.encode(event)[::2]) for _, event, t in lifecycle(20_000, 50)]
+    path = tmp_path / "log.json"
+    path.write_bytes(msgspec.json.encode(log))
+    here = fold_file(str(path))
+    there = subprocess.run([sys.executable, "-c", f"from tests.unit.test_metering import fold_file; "
+                            f"print(fold_file({str(path)!r}))"], capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).resolve().parents[2], check=True).stdout.strip()
+    assert there == here and len(json.loads(here)) > 1000

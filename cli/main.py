@@ -257,9 +257,8 @@ def vm_create(ctx: Context, name: str | None, name_option: str | None, image: st
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
 
     async def work(client: Client) -> None:
-        from ucloud.cli.billing import (
-            order_if_priced,  # priced VMs are ordered first (docs/billing.md)
-        )
+        # Priced VMs are ordered first (docs/billing.md).
+        from ucloud.cli.billing import order_if_priced
 
         created = await order_if_priced(client, body, yes=yes, quiet=as_json)
         if created is None:  # no prices: free, no order step

@@ -13,8 +13,8 @@ from .sshkey import SSHKEY_EVENT_TYPES
 from .vm import VM_EVENT_TYPES
 
 ALL_EVENT_TYPES: tuple[type[Event], ...] = (*VM_EVENT_TYPES, *HOST_EVENT_TYPES, *SSHKEY_EVENT_TYPES,
-                                            *OPERATOR_EVENT_TYPES, *PRICING_EVENT_TYPES, *ACCOUNT_EVENT_TYPES, *INVOICE_EVENT_TYPES,
-                                            *ORDER_EVENT_TYPES)
+                                            *OPERATOR_EVENT_TYPES, *PRICING_EVENT_TYPES, *ACCOUNT_EVENT_TYPES,
+                                            *INVOICE_EVENT_TYPES, *ORDER_EVENT_TYPES)
 
 
 def build_codec() -> EventCodec:

@@ -582,6 +582,8 @@ async def card_webhook(request: web.Request) -> web.Response:
 
 
 async def _follow(runner: ProjectionRunner) -> None:
+    """Keep the billing view following the log, as app.ReadModelFollower does for the other
+    views (not reused: app.py imports this module); an outage only delays it."""
     delay = 0.1
     while True:
         reached = runner.position

@@ -41,7 +41,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import click
 from rich import box
@@ -229,6 +229,23 @@ def default_vm_name(image: str) -> str:
     return f"{stem}-{secrets.token_hex(2)}"
 
 
+USER_DATA_READ_LIMIT = 1024 * 1024  # the gateway states the real limit; this only bounds the read
+
+
+def read_user_data(source: BinaryIO) -> str:
+    """A user-data file as text: UTF-8, read up to a bound so a wrong file name (a disk
+    image) fails at once rather than after reading gigabytes."""
+    raw = source.read(USER_DATA_READ_LIMIT + 1)
+    if len(raw) > USER_DATA_READ_LIMIT:
+        raise click.BadParameter(f"larger than {USER_DATA_READ_LIMIT} bytes; user data is a short text",
+                                 param_hint="--user-data")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise click.BadParameter(f"not UTF-8 text ({error.reason} at byte {error.start}); compressed or "
+                                 "binary user data is not supported", param_hint="--user-data") from None
+
+
 @vm.command("create")
 @click.argument("name", required=False)
 @click.option("--name", "name_option", metavar="NAME", help="The VM's name (or give it as the argument; "
@@ -241,19 +258,25 @@ def default_vm_name(image: str) -> str:
 @click.option("--restart-policy", type=click.Choice(["always", "never"]), default="always", show_default=True,
               help="Restart the VM after a crash?")
 @click.option("--idempotency-key", metavar="KEY", help="Retry-safe: the same key and options give the same VM.")
+@click.option("--user-data", "user_data_file", type=click.File("rb"), metavar="FILE",
+              help="User data for cloud-init/ucloud-init (UTF-8 text, at most 16 KiB characters by default). "
+                   "It is stored in the log: never put secrets in it.")
 @click.option("--yes", is_flag=True, help="When prices are set: order at the quoted price without asking.")
 @wait_options
 @json_option
 @pass_context
 def vm_create(ctx: Context, name: str | None, name_option: str | None, image: str, cores: str, ram: str, disk: str,
-              ssh_keys: tuple[str, ...], restart_policy: str, idempotency_key: str | None, yes: bool, wait: bool,
-              timeout: float, as_json: bool) -> None:
+              ssh_keys: tuple[str, ...], restart_policy: str, idempotency_key: str | None,
+              user_data_file: BinaryIO | None, yes: bool, wait: bool, timeout: float, as_json: bool) -> None:
     """Create a VM called NAME (--wait: until it runs)."""
     if name and name_option and name != name_option:
         raise click.UsageError(f"two names given: {name!r} and --name {name_option!r}")
+    user_data = read_user_data(user_data_file) if user_data_file else ""
     name = name or name_option or default_vm_name(image)
     body = {"name": name, "image": image, "cores": int(cores) if cores.isascii() and cores.isdigit() else cores, "ram": ram,
             "disk": disk, "ssh_keys": list(ssh_keys), "restart_policy": restart_policy}
+    if user_data:
+        body["user_data"] = user_data
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
 
     async def work(client: Client) -> None:

@@ -55,11 +55,8 @@ class CommandService:
         restart_policy: str = "always",
         owner: str | None = None,
         idempotency_key: str | None = None,
-<<<<<<< HEAD
         user_data: str = "",
-=======
         networks: Sequence[str] = (),
->>>>>>> main
     ) -> Outcome[UUID]:
         """``networks``: names of the owner's networks, one NIC on each, in this order."""
         owner = self._owner(actor, owner)

@@ -532,12 +532,14 @@ def _add_subcommands() -> None:
 
     # `ucloud up` lives in cli/up.py; it joins this CLI when it can be imported.
     try:
-        from ucloud.cli.up import up
+        from ucloud.cli.up import metadata, up
     except ModuleNotFoundError as missing:
         if missing.name != "ucloud.cli.up":  # up.py exists but needs something missing: say so when used
             main.add_command(_unavailable("up", str(missing)))
+            main.add_command(_unavailable("metadata", str(missing)))
     else:
         main.add_command(up)
+        main.add_command(metadata)  # `ucloud metadata`: the metadata server as its own process
 
 
 _add_subcommands()

@@ -61,10 +61,14 @@ def _meta(**constraints: Any) -> msgspec.Meta:
         extra["pattern"] = constraints.pop("pattern")
     if "limit" in constraints:
         extra[LIMIT_KEY] = constraints.pop("limit")
+    if constraints.pop("free_text", False):
+        extra[FREE_TEXT_KEY] = True
     return msgspec.Meta(**constraints, extra_json_schema=extra or None)
 
 
 LIMIT_KEY = "x-ucloud-limit"  # replaced by "maximum"/"maxItems" in the served document
+# A free-text field (user data): any Unicode character but NUL, bounded only in length.
+FREE_TEXT_KEY = "x-ucloud-free-text"
 
 # Every field's limits, in its type: lengths and ranges are checked by msgspec while it
 # decodes; patterns by the domain with fullmatch; both are in the OpenAPI document.
@@ -203,7 +207,7 @@ class CreateVmBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     owner: UserName | None = None  # admins may create for another user
     # Served to the guest by the metadata server (cloud-init, ucloud-init). Stored in the
     # log: never put secrets here.
-    user_data: Annotated[str, _meta(max_length=USER_DATA_CEILING, limit="vm_user_data",
+    user_data: Annotated[str, _meta(max_length=USER_DATA_CEILING, limit="vm_user_data", free_text=True,
                                     examples=["#!/bin/sh\necho hello > /tmp/hello\n"])] = ""
 
 

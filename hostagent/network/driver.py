@@ -15,6 +15,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ucloud.domain.network import bridge_name, vni_of_bridge
+
+__all__ = ["NetworkDriver", "NetworkError", "NetworkSpec", "PortSpec", "bridge_name", "tap_name", "vni_of_bridge",
+           "vxlan_name"]
+
 
 @dataclass(frozen=True)
 class NetworkSpec:
@@ -34,12 +39,9 @@ class PortSpec:
     addresses: tuple[str, ...]  # the only IPv6 sources: its link-local and its EUI-64 address in the /64
 
 
-def bridge_name(vni: int) -> str:
-    return f"ucbr{vni:x}"
-
-
 def vxlan_name(vni: int) -> str:
-    return f"ucvx{vni:x}"
+    """The VXLAN device of a network, beside its bridge (``bridge_name``: ``ucbr42``)."""
+    return f"ucvx{vni}"
 
 
 def tap_name(nic_hex: str) -> str:

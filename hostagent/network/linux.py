@@ -1,7 +1,7 @@
 """The Linux network driver: pyroute2 for links and addresses, nftables for the port
 firewall (firewall.py), radvd for router advertisements (radvd.py).
 
-Per network: ``ucbr<vni>`` (a bridge, multicast snooping off: with snooping on, a bridge
+Per network: ``ucbr<vni>`` (decimal, as the metadata server expects) (a bridge, multicast snooping off: with snooping on, a bridge
 that never hears an MLD querier drops the multicast NDP and RAs need, lxc/incus#3294) and
 ``ucvx<vni>`` (VXLAN: the VNI, the network's IPv6 multicast group, the underlay device and
 local address, UDP 4789) as its port. Per NIC a tap ``uct<nic>`` with the network's MTU.
@@ -27,7 +27,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ucloud.domain.network import VXLAN_OVERHEAD, router_address
 
 from . import radvd as radvd_config
-from .driver import NetworkDriver, NetworkError, NetworkSpec, PortSpec, bridge_name, vxlan_name
+from .driver import (
+    NetworkDriver,
+    NetworkError,
+    NetworkSpec,
+    PortSpec,
+    bridge_name,
+    vni_of_bridge,
+    vxlan_name,
+)
 from .firewall import Firewall
 from .radvd import Radvd
 
@@ -163,7 +171,7 @@ class LinuxNetworkDriver(NetworkDriver):
     def _networks(self) -> set[int]:
         with IPRoute() as ipr:
             names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
-        return {int(n[4:], 16) for n in names if n.startswith("ucbr") and _is_hex(n[4:])}
+        return {vni for vni in map(vni_of_bridge, names) if vni is not None}
 
     def _ensure_link(self, spec: PortSpec) -> int:
         with IPRoute() as ipr:
@@ -233,7 +241,3 @@ class LinuxNetworkDriver(NetworkDriver):
 
     async def ports(self) -> set[str]:
         return await asyncio.to_thread(self._port_links) | await self.firewall.ports()
-
-
-def _is_hex(text: str) -> bool:
-    return bool(text) and all(c in "0123456789abcdef" for c in text)

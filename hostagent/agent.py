@@ -23,13 +23,23 @@ from uuid import UUID
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import host as host_domain
+from ucloud.domain import network as net
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.errors import DomainError
 from ucloud.projections.runner import ProjectionRunner
-from ucloud.projections.views import VmsView
+from ucloud.projections.views import NetworksView, VmsView
 
-from .hypervisor import ExitReason, HypervisorDriver, VmSpec, VmState, VmStatus
+from .hypervisor import (
+    ExitReason,
+    HypervisorDriver,
+    HypervisorError,
+    NetworkInterface,
+    VmSpec,
+    VmState,
+    VmStatus,
+)
 from .images import ImageCatalogue, ImageNotFound
+from .network.driver import NetworkDriver, NetworkError, NetworkSpec, PortSpec, tap_name
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +78,16 @@ class HostAgent:
         capacity: Capacity | None = None,
         resync_interval: float = 2.0,
         stop_timeout: float = 30.0,
+        network: NetworkDriver | None = None,
+        router: bool = False,
+        rdnss: tuple[str, ...] = (),
+        nic_grace: float = 20.0,
     ) -> None:
+        """``network``: the network driver (None: VMs run without their NICs, with a
+        warning); ``router``: this host routes every IPAM network (holds each /64's first
+        address, runs radvd for the automatic ones); ``rdnss``: DNS servers radvd announces;
+        ``nic_grace``: how long a VM waits for the IPAM allocator to give its NICs their MACs
+        before it boots without them (they are hot-plugged when they come)."""
         self.commands = commands
         self.driver = driver
         self.images = images
@@ -78,7 +97,15 @@ class HostAgent:
         self.capacity = capacity or measure_capacity(self.state_dir)
         self.actor = Actor(f"host/{self.hostname}", "ucloud-system", is_admin=True)
         self.vms = VmsView()
-        self.runner = ProjectionRunner(commands.store, commands.codec, [self.vms], name=f"hostagent-{self.host_id}")
+        self.networks = NetworksView()
+        self.runner = ProjectionRunner(commands.store, commands.codec, [self.vms, self.networks],
+                                       name=f"hostagent-{self.host_id}")
+        self.network = network
+        self.router = router
+        self.rdnss = rdnss
+        self.nic_grace = nic_grace
+        self._waiting_for_macs: dict[UUID, float] = {}
+        self._ports: dict[str, PortSpec] = {}  # the ports this pass wants, by tap
         self.resync_interval = resync_interval
         self.stop_timeout = stop_timeout
         self._wake = asyncio.Event()
@@ -111,12 +138,20 @@ class HostAgent:
         async for record in self.commands.store.subscribe(self.runner.position):
             self.runner.apply(record)
             await self.runner.notify()
-            if record.type.startswith("vm."):
+            if record.type.startswith(("vm.", "network.")):
                 self._wake.set()
 
     async def reconcile(self) -> None:
-        """One pass: compare what the log wants with what runs, and act on each VM."""
-        for vm in self.vms.on_host(self.host_id):
+        """One pass: compare what the log wants with what runs, and act on each VM.
+        Networks and ports first (a VM boots onto its ports), stale ones last (a NIC
+        leaves its VM before its port goes)."""
+        vms = self.vms.on_host(self.host_id)
+        if self.network is not None:
+            try:
+                await self._ensure_networks(vms)
+            except Exception:
+                log.exception("networks: reconcile failed")
+        for vm in vms:
             try:
                 await self._reconcile_vm(vm)
             except DomainError as error:
@@ -124,6 +159,95 @@ class HostAgent:
                 log.info("vm %s: report not accepted: %s", vm.id, error)
             except Exception:
                 log.exception("vm %s: reconcile failed", vm.id)
+        if self.network is not None:
+            try:
+                await self._remove_stale_networks(vms)
+            except Exception:
+                log.exception("networks: cleanup failed")
+
+    # -- networks ------------------------------------------------------------------------------
+
+    def _wanted(self, vms: list[vm_domain.Vm]) -> tuple[dict[int, NetworkSpec], dict[str, PortSpec]]:
+        """The networks and ports this host should have: every NIC (with its MAC) of a VM
+        placed here and not being deleted, on a ready network; a router host also has every
+        ready IPAM network."""
+        networks: dict[int, NetworkSpec] = {}
+        ports: dict[str, PortSpec] = {}
+
+        def spec(network: net.Network) -> NetworkSpec:
+            routes = self.router and network.ipam is not net.Ipam.NONE
+            return NetworkSpec(vni=network.vni, group=network.group, ipam=network.ipam.value,
+                               prefix=network.prefix, router=routes, rdnss=self.rdnss if routes else ())
+
+        if self.router:
+            for served in self.networks.by_id.values():
+                if served.status is net.NetworkStatus.READY and served.ipam is not net.Ipam.NONE:
+                    networks[served.vni] = spec(served)
+        for vm in vms:
+            if vm.desired is D.DELETED or vm.status is S.DELETED:
+                continue
+            for nic in vm.nics:
+                network = self.networks.by_id.get(nic.network_id)
+                if not nic.mac or network is None or network.status is not net.NetworkStatus.READY:
+                    continue
+                networks.setdefault(network.vni, spec(network))
+                addresses = (net.link_local_address(nic.mac),) + (
+                    (net.eui64_address(network.prefix, nic.mac),) if network.prefix else ())
+                ports[tap_name(nic.id.hex)] = PortSpec(name=tap_name(nic.id.hex), mac=nic.mac, vni=network.vni,
+                                                       addresses=addresses)
+        return networks, ports
+
+    async def _ensure_networks(self, vms: list[vm_domain.Vm]) -> None:
+        assert self.network is not None
+        networks, ports = self._wanted(vms)
+        for spec in networks.values():
+            try:
+                await self.network.ensure_network(spec)
+            except NetworkError:
+                log.exception("network VNI %d: setup failed", spec.vni)
+        for port in ports.values():
+            try:
+                await self.network.ensure_port(port)
+            except NetworkError:
+                log.exception("port %s: setup failed", port.name)
+                ports = {k: v for k, v in ports.items() if k != port.name}
+        self._ports = ports
+
+    async def _remove_stale_networks(self, vms: list[vm_domain.Vm]) -> None:
+        assert self.network is not None
+        networks, ports = self._wanted(vms)
+        in_use: set[str] = set()
+        for vm_id in await self.driver.list_running():
+            in_use |= {nic.tap for nic in await self.driver.interfaces(vm_id)}
+        for name in await self.network.ports() - set(ports) - in_use:
+            await self.network.remove_port(name)
+        for vni in await self.network.networks() - set(networks):
+            await self.network.remove_network(vni)
+
+    def _interfaces(self, vm: vm_domain.Vm) -> tuple[NetworkInterface, ...]:
+        """The VM's NICs whose ports are ready, in the VM's order."""
+        result = []
+        for nic in vm.nics:
+            port = self._ports.get(tap_name(nic.id.hex))
+            if port is not None:
+                result.append(NetworkInterface(tap=port.name, mac=port.mac))
+        return tuple(result)
+
+    async def _plug(self, vm: vm_domain.Vm) -> None:
+        """Hot-plug the NICs a running VM lacks and unplug those it should not have."""
+        if self.network is None:
+            return
+        wanted = self._interfaces(vm)
+        has = await self.driver.interfaces(vm.id)
+        for nic in has:
+            if nic not in wanted:
+                try:
+                    await self.driver.detach_interface(vm.id, nic.tap)
+                except HypervisorError as error:
+                    log.warning("vm %s: unplugging %s: %s", vm.id, nic.tap, error)
+        for nic in wanted:
+            if nic not in has:
+                await self.driver.attach_interface(vm.id, nic)
 
     async def _reconcile_vm(self, vm: vm_domain.Vm) -> None:
         if vm.status is S.DELETED:
@@ -149,6 +273,7 @@ class HostAgent:
             return
         # desired: running
         if running:
+            await self._plug(vm)
             if vm.status is not S.RUNNING:  # adopted, or our report was lost
                 await self._report(vm_domain.ReportStarted(vm_id=vm.id, host_id=self.host_id))
             elif vm.reboot_requests > vm.reboots and self._reported_reboots.get(vm.id, -1) < vm.reboot_requests:
@@ -174,6 +299,16 @@ class HostAgent:
         await self._start(vm)
 
     async def _start(self, vm: vm_domain.Vm) -> None:
+        if self.network is None and vm.nics:
+            log.warning("vm %s: this host has no network driver; it runs without its %d NICs", vm.id, len(vm.nics))
+        elif self.network is not None and any(not nic.mac for nic in vm.nics):
+            # The IPAM allocator gives MACs within moments; boot with every NIC if it can.
+            loop = asyncio.get_running_loop()
+            since = self._waiting_for_macs.setdefault(vm.id, loop.time())
+            if loop.time() - since < self.nic_grace:
+                return
+            log.warning("vm %s: starts without the NICs that have no MAC yet (hot-plugged later)", vm.id)
+        self._waiting_for_macs.pop(vm.id, None)
         try:
             image = self.images.get(vm.image)
         except ImageNotFound as error:
@@ -191,6 +326,7 @@ class HostAgent:
                 kernel=str(image.kernel) if image.kernel else None,
                 initrd=str(image.initrd) if image.initrd else None,
                 append=image.append if image.kernel else None,
+                interfaces=self._interfaces(vm) if self.network is not None else (),
             ))
         except Exception as error:  # any start failure is reported, with its reason
             log.exception("vm %s: start failed", vm.id)

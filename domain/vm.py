@@ -63,6 +63,10 @@ class VmRequested(Event, tag="vm.requested", frozen=True):
     image: str
     ssh_keys: tuple[str, ...] = ()
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    # The catalogued image the disk is a clone of, and its store; None/"" for an image the
+    # hosts provide themselves (``tiny``).
+    image_id: UUID | None = None
+    image_store: str = ""
 
 
 class VmScheduled(Event, tag="vm.scheduled", frozen=True):
@@ -149,9 +153,29 @@ class VmDeleted(Event, tag="vm.deleted", frozen=True):
     host_id: UUID | None = None
 
 
+class VmResized(Event, tag="vm.resized", frozen=True):
+    """The owner changed the VM's size: cores and RAM while it is stopped, the disk grown at
+    any time (appended with host.claim_changed when the VM is placed)."""
+
+    vm_id: UUID
+    cores: int
+    ram: int
+    disk: int
+
+
+class VmDiskResized(Event, tag="vm.disk_resized", frozen=True):
+    """The host agent grew the VM's disk to ``disk`` bytes (online through QMP if it runs)."""
+
+    vm_id: UUID
+    host_id: UUID
+    disk: int
+    online: bool = False
+
+
 VmEvent = (
     VmRequested | VmScheduled | VmUnschedulable | VmStartRequested | VmStarted | VmStopRequested
     | VmStopped | VmRebootRequested | VmRebooted | VmCrashed | VmFailed | VmDeleteRequested | VmDeleted
+    | VmResized | VmDiskResized
 )
 VM_EVENT_TYPES: tuple[type[Event], ...] = VmEvent.__args__
 
@@ -169,6 +193,8 @@ class CreateVm(Command, tag="vm.create", frozen=True):
     image: str
     ssh_keys: tuple[str, ...] = ()
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    image_id: UUID | None = None
+    image_store: str = ""
 
 
 class StartVm(Command, tag="vm.start", frozen=True):
@@ -185,6 +211,15 @@ class RebootVm(Command, tag="vm.reboot", frozen=True):
 
 class DeleteVm(Command, tag="vm.delete", frozen=True):
     vm_id: UUID
+
+
+class ResizeVm(Command, tag="vm.resize", frozen=True):
+    """The new size; a field equal to the current one is no change."""
+
+    vm_id: UUID
+    cores: int
+    ram: int
+    disk: int
 
 
 # Placement and observations come from the scheduler and the host agent.
@@ -232,13 +267,21 @@ class ReportDeleted(Command, tag="vm.report_deleted", frozen=True):
     host_id: UUID
 
 
+class ReportDiskResized(Command, tag="vm.report_disk_resized", frozen=True):
+    vm_id: UUID
+    host_id: UUID
+    disk: int
+    online: bool = False
+
+
 # What a user may ask of an existing VM, and what a host agent may report about one.
 VmLifecycleCommand = StartVm | StopVm | RebootVm | DeleteVm
-VmReport = ReportStarted | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
+VmReport = (ReportStarted | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
+            | ReportDiskResized)
 
 VmCommand = (
     CreateVm | StartVm | StopVm | RebootVm | DeleteVm | PlaceVm | MarkUnschedulable | ReportStarted
-    | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
+    | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted | ResizeVm | ReportDiskResized
 )
 
 
@@ -266,6 +309,9 @@ class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     accelerator: str = ""
     reboot_requests: int = 0  # a host agent reboots while reboots < reboot_requests
     reboots: int = 0
+    image_id: UUID | None = None
+    image_store: str = ""
+    disk_on_host: int = 0  # the disk size the host agent last reported (vm.disk_resized)
 
 
 def evolve(vm: Vm | None, event: Event) -> Vm | None:
@@ -276,6 +322,7 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
                 id=event.vm_id, owner=event.owner, name=event.name, cores=event.cores, ram=event.ram,
                 disk=event.disk, image=event.image, ssh_keys=event.ssh_keys,
                 restart_policy=event.restart_policy, status=Status.REQUESTED, desired=Desired.RUNNING,
+                image_id=event.image_id, image_store=event.image_store,
             )
     if vm is None:
         return None
@@ -310,6 +357,10 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
             return msgspec.structs.replace(vm, desired=Desired.DELETED, status=Status.DELETING)
         case VmDeleted():
             return msgspec.structs.replace(vm, status=Status.DELETED, desired=Desired.DELETED)
+        case VmResized():
+            return msgspec.structs.replace(vm, cores=event.cores, ram=event.ram, disk=event.disk)
+        case VmDiskResized():
+            return msgspec.structs.replace(vm, disk_on_host=event.disk)
     return vm
 
 
@@ -334,7 +385,7 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
         return [VmRequested(
             vm_id=command.vm_id, owner=command.owner, name=command.name, cores=command.cores,
             ram=command.ram, disk=command.disk, image=command.image, ssh_keys=command.ssh_keys,
-            restart_policy=command.restart_policy,
+            restart_policy=command.restart_policy, image_id=command.image_id, image_store=command.image_store,
         )]
     vm = _require(vm, command.vm_id)  # type: ignore[attr-defined]
     match command:
@@ -392,12 +443,36 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
         case ReportFailed():
             _from_host(vm, command.host_id, "a failure")
             return [VmFailed(vm_id=vm.id, host_id=command.host_id, reason=command.reason)]
+        case ResizeVm():
+            return _resize(vm, command)
+        case ReportDiskResized():
+            _from_host(vm, command.host_id, "a disk resize")
+            if command.disk == vm.disk_on_host:
+                return []
+            return [VmDiskResized(vm_id=vm.id, host_id=command.host_id, disk=command.disk, online=command.online)]
         case ReportDeleted():
             _from_host(vm, command.host_id, "a deletion")
             if vm.status is not Status.DELETING:
                 raise Rejected(f"VM {vm.id} is {vm.status}, not being deleted")
             return [VmDeleted(vm_id=vm.id, host_id=command.host_id)]
     raise Rejected(f"{type(command).__name__} is not a VM command")
+
+
+# Where cores and RAM may change: no guest runs or is about to (a stopped VM keeps its claim).
+_RESIZABLE = (Status.STOPPED, Status.REQUESTED, Status.UNSCHEDULABLE)
+
+
+def _resize(vm: Vm, command: ResizeVm) -> list[Event]:
+    if vm.status is Status.DELETING:
+        raise Rejected(f"VM {vm.id} is being deleted")
+    if command.disk < vm.disk:
+        raise Rejected(f"disk: a disk only grows: {command.disk} bytes is less than its {vm.disk}", "disk")
+    if (command.cores, command.ram) != (vm.cores, vm.ram) and vm.status not in _RESIZABLE:
+        raise Rejected(f"cores and ram change only while the VM is stopped; it is {vm.status} (stop it first)",
+                       "cores" if command.cores != vm.cores else "ram")
+    if (command.cores, command.ram, command.disk) == (vm.cores, vm.ram, vm.disk):
+        return []
+    return [VmResized(vm_id=vm.id, cores=command.cores, ram=command.ram, disk=command.disk)]
 
 
 def stream_name(vm_id: UUID) -> str:

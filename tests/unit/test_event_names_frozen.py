@@ -52,6 +52,21 @@ FROZEN: dict[str, tuple[int, tuple[str, ...]]] = {
     "billing.period_closed": (1, ('period_start', 'period_end')),
     "invoice.issued": (1, ('number', 'owner', 'period_start', 'period_end', 'currency', 'lines', 'total',
                            'reference')),
+    "vm.resized": (1, ('vm_id', 'cores', 'ram', 'disk')),
+    "vm.disk_resized": (1, ('vm_id', 'host_id', 'disk', 'online')),
+    "host.stores_declared": (1, ('host_id', 'stores')),
+    "host.claim_changed": (1, ('host_id', 'vm_id', 'cores', 'ram', 'disk')),
+    "file.appeared": (1, ('file_id', 'owner', 'name', 'size', 'sha256')),
+    "file.changed": (1, ('file_id', 'size', 'sha256')),
+    "file.removed": (1, ('file_id',)),
+    "image.requested": (1, ('image_id', 'owner', 'name', 'public', 'store', 'file_id', 'file_name', 'file_size',
+                            'file_sha256')),
+    "image.import_progressed": (1, ('image_id', 'percent')),
+    "image.imported": (1, ('image_id', 'virtual_size', 'stored_size', 'location')),
+    "image.import_failed": (1, ('image_id', 'reason')),
+    "image.used": (1, ('image_id', 'vm_id', 'vm_name')),
+    "image.released": (1, ('image_id', 'vm_id')),
+    "image.deleted": (1, ('image_id',)),
 }
 
 

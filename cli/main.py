@@ -506,6 +506,9 @@ def _add_subcommands() -> None:
     from ucloud.cli.billing import register as add_billing  # price, usage, bill, balance, pay, ...
 
     add_billing(main)
+    from ucloud.cli.images import register as add_images  # file, image, vm resize
+
+    add_images(main)
 
     # `ucloud up` lives in cli/up.py; it joins this CLI when it can be imported.
     try:

@@ -185,8 +185,10 @@ async def run_up(
     ready: asyncio.Event | None = None,
     auth: AuthOptions | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    files_root: Path | None = None,
 ) -> None:
     auth = auth or AuthOptions()
+    files_root = files_root or state_dir / "files"
     private_state_dir(state_dir)
     authenticator: SessionAuthenticator | None = None
     first: FirstAdmin | None = None
@@ -206,7 +208,8 @@ async def run_up(
     commands = CommandService(store, limits=limits)
     try:
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
-                                            authenticator=authenticator or "header", limits=limits))
+                                            authenticator=authenticator or "header", limits=limits,
+                                            files_root=files_root))
     except BaseException:
         await store.close()
         if authenticator is not None:
@@ -294,11 +297,13 @@ async def run_up(
               help="DEVELOPMENT ONLY: trust X-Ucloud-User/X-Ucloud-Realm as sent, no tokens.")
 @click.option("--limits", "limits_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               envvar="UCLOUD_LIMITS", help="A JSON object of size and count limits to change (docs/api.md).")
+@click.option("--files-root", type=click.Path(path_type=Path), envvar="UCLOUD_FILES_ROOT",
+              help="Users' files, one directory per user (default: <state-dir>/files).")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
        ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
-       insecure_header_auth: bool, limits_file: Path | None, verbose: bool) -> None:
+       insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -313,7 +318,7 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
         raise click.UsageError(f"--limits {limits_file}: {error}") from None
     try:
         asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent,
-                           auth=auth, limits=limits))
+                           auth=auth, limits=limits, files_root=files_root.absolute() if files_root else None))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError) as error:

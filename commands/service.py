@@ -154,7 +154,7 @@ class CommandService:
         if new_ram is not None and (new_ram < limits.vm_min_ram or new_ram % MiB):
             raise OutOfBounds("ram", f"must be a whole number of MiB and at least {format_size(limits.vm_min_ram)}")
         if new_cores is None and new_ram is None and new_disk is None:
-            raise InvalidValue("body", "give at least one of cores, ram, disk")
+            raise Rejected("give at least one of cores, ram, disk to change")
 
         async def work(session: Session) -> None:
             vm = await session.load(VM, vm_id)
@@ -390,7 +390,7 @@ class CommandService:
         owner = self._owner(actor, owner)
         check_name(name, "name")
         file_domain.check_file_name(file, "file")
-        store = store or self.image_stores[0]
+        store = self.image_stores[0] if store is None else store
         check_name(store, "store")
         if store not in self.image_stores:
             raise Rejected(f"store: no image store named {store!r}; this installation has "

@@ -33,6 +33,11 @@ def image_id_for(owner: str, name: str) -> UUID:
     return uuid.uuid5(IMAGE_NAMESPACE, f"{owner}\0{name}")
 
 
+def image_key(owner: str, name: str, public: bool) -> UUID:
+    """Public images share one namespace (their names are global); others are per owner."""
+    return image_id_for("" if public else owner, name)
+
+
 class ImageStatus(enum.StrEnum):
     IMPORTING = "importing"
     READY = "ready"
@@ -203,7 +208,7 @@ def decide(image: Image | None, command: Command) -> list[Event]:
             if image is not None and image.status is not ImageStatus.DELETED:
                 raise Rejected(f"an image named {command.name!r} already exists ({image.status})", "name")
             return [ImageRequested(
-                image_id=image_id_for(command.owner, command.name), owner=command.owner, name=command.name,
+                image_id=image_key(command.owner, command.name, command.public), owner=command.owner, name=command.name,
                 public=command.public, store=command.store, file_id=command.file_id, file_name=command.file_name,
                 file_size=command.file_size, file_sha256=command.file_sha256)]
     if image is None or image.status is ImageStatus.DELETED:

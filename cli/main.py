@@ -113,6 +113,11 @@ def show_vm(vm: dict[str, Any]) -> None:
     for key, value in rows:
         grid.add_row(key, value)
     console().print(grid)
+    if vm.get("nics"):
+        nics = table("NETWORK", "MAC", "LINK-LOCAL", "ADDRESS")
+        for nic in vm["nics"]:
+            nics.add_row(nic["network"], nic["mac"] or "(allocating)", nic["link_local"] or "-", nic["address"] or "-")
+        console().print(nics)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of tables.")
@@ -240,13 +245,16 @@ def default_vm_name(image: str) -> str:
 @click.option("--ssh-key", "ssh_keys", multiple=True, metavar="NAME", help="An SSH key (by name) to install; repeat.")
 @click.option("--restart-policy", type=click.Choice(["always", "never"]), default="always", show_default=True,
               help="Restart the VM after a crash?")
+@click.option("--network", "networks", multiple=True, metavar="NAME",
+              help="A NIC on this network of yours; repeat (the order is the guest's NIC order).")
 @click.option("--idempotency-key", metavar="KEY", help="Retry-safe: the same key and options give the same VM.")
 @click.option("--yes", is_flag=True, help="When prices are set: order at the quoted price without asking.")
 @wait_options
 @json_option
 @pass_context
 def vm_create(ctx: Context, name: str | None, name_option: str | None, image: str, cores: str, ram: str, disk: str,
-              ssh_keys: tuple[str, ...], restart_policy: str, idempotency_key: str | None, yes: bool, wait: bool,
+              ssh_keys: tuple[str, ...], restart_policy: str, networks: tuple[str, ...], idempotency_key: str | None,
+              yes: bool, wait: bool,
               timeout: float, as_json: bool) -> None:
     """Create a VM called NAME (--wait: until it runs)."""
     if name and name_option and name != name_option:
@@ -254,6 +262,8 @@ def vm_create(ctx: Context, name: str | None, name_option: str | None, image: st
     name = name or name_option or default_vm_name(image)
     body = {"name": name, "image": image, "cores": int(cores) if cores.isascii() and cores.isdigit() else cores, "ram": ram,
             "disk": disk, "ssh_keys": list(ssh_keys), "restart_policy": restart_policy}
+    if networks:
+        body["networks"] = list(networks)
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
 
     async def work(client: Client) -> None:
@@ -509,6 +519,10 @@ def _add_subcommands() -> None:
     from ucloud.cli.images import register as add_images  # file, image, vm resize
 
     add_images(main)
+
+    from ucloud.cli.network import register as add_networks  # network, vm attach-network
+
+    add_networks(main, vm)
 
     # `ucloud up` lives in cli/up.py; it joins this CLI when it can be imported.
     try:

@@ -52,13 +52,16 @@ from ucloud.auth.secrets import SecretStoreError
 from ucloud.auth.sessions import DEFAULT_TTL, SessionAuthenticator
 from ucloud.cli.credentials import Credentials, CredentialsError, Identity, Seed
 from ucloud.commands.service import CommandService
+from ucloud.domain.errors import InvalidValue
 from ucloud.domain.limits import DEFAULT_LIMITS, Limits, load_limits
+from ucloud.domain.network import check_pool
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 from ucloud.gateway.app import GatewayConfig, start
 from ucloud.hostagent.agent import HostAgent
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
 from ucloud.processes.billing import BillingProcess
+from ucloud.processes.ipam import IpamAllocator
 from ucloud.processes.scheduler import Scheduler
 
 log = logging.getLogger("ucloud.up")
@@ -186,6 +189,7 @@ async def run_up(
     auth: AuthOptions | None = None,
     limits: Limits = DEFAULT_LIMITS,
     files_root: Path | None = None,
+    ipv6_pool: str | None = None,
 ) -> None:
     auth = auth or AuthOptions()
     files_root = files_root or state_dir / "files"
@@ -217,6 +221,7 @@ async def run_up(
         raise
     components: dict[str, Callable[[], Awaitable[None]]] = {"scheduler": Scheduler(commands, instance="up").run}
     components["billing"] = BillingProcess(store).run  # closes billing periods, issues invoices
+    components["ipam"] = IpamAllocator(store, commands.codec, pool=ipv6_pool).run  # VNIs, /64s, MACs
     if with_agent:
         images = ImageCatalogue(state_dir / "images")
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)
@@ -299,11 +304,15 @@ async def run_up(
               envvar="UCLOUD_LIMITS", help="A JSON object of size and count limits to change (docs/api.md).")
 @click.option("--files-root", type=click.Path(path_type=Path), envvar="UCLOUD_FILES_ROOT",
               help="Users' files, one directory per user (default: <state-dir>/files).")
+@click.option("--ipv6-pool", envvar="UCLOUD_IPV6_POOL", metavar="PREFIX",
+              help="The IPv6 prefix (/64 or shorter) networks get their /64 from. Default: a unique local "
+                   "/48 generated at the first start and kept in the log.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
        ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
-       insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, verbose: bool) -> None:
+       insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, ipv6_pool: str | None,
+       verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -316,9 +325,15 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
         limits = load_limits(limits_file.read_bytes()) if limits_file else DEFAULT_LIMITS
     except ValueError as error:
         raise click.UsageError(f"--limits {limits_file}: {error}") from None
+    if ipv6_pool is not None:
+        try:
+            check_pool(ipv6_pool, "--ipv6-pool")
+        except InvalidValue as error:
+            raise click.UsageError(str(error)) from None
     try:
         asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent,
-                           auth=auth, limits=limits, files_root=files_root.absolute() if files_root else None))
+                           auth=auth, limits=limits, files_root=files_root.absolute() if files_root else None,
+                           ipv6_pool=ipv6_pool))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError) as error:

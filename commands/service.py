@@ -29,6 +29,7 @@ from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import Tracking
 
 from .aggregates import ADMIN, FILE, HOST, IMAGE, SSHKEY, VM
+from .networks import add_nic, check_network_names
 from .unit_of_work import Actor, Loaded, Outcome, Repository, Session
 
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c003")
@@ -69,8 +70,11 @@ class CommandService:
         restart_policy: str = "always",
         owner: str | None = None,
         idempotency_key: str | None = None,
+        networks: Sequence[str] = (),
     ) -> Outcome[UUID]:
+        """``networks``: names of the owner's networks, one NIC on each, in this order."""
         owner = self._owner(actor, owner)
+        network_names = check_network_names(networks)
         limits = self.limits
         check_name(name, "name")
         check_name(image, "image")
@@ -123,7 +127,15 @@ class CommandService:
                 if not same:
                     raise Rejected("this Idempotency-Key was already used for a different request")
                 return command.vm_id  # a retry of the same request: answer as before
-            session.record(VM, command.vm_id, vm_domain.decide(existing, command))
+            events = vm_domain.decide(existing, command)
+            session.record(VM, command.vm_id, events)
+            vm = existing
+            for event in events:
+                vm = vm_domain.evolve(vm, event)
+            for network_name in network_names:
+                assert vm is not None
+                await add_nic(session, vm, network_name)
+                vm = vm_domain.evolve(vm, session.recorded[vm_domain.stream_name(vm.id)][-1])
             return command.vm_id
 
         return await self.repository.transact(work, actor)

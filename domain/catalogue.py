@@ -8,6 +8,7 @@ from .file import FILE_EVENT_TYPES
 from .host import HOST_EVENT_TYPES
 from .image import IMAGE_EVENT_TYPES
 from .invoice import INVOICE_EVENT_TYPES
+from .network import IPAM_EVENT_TYPES, NETWORK_EVENT_TYPES
 from .operators import OPERATOR_EVENT_TYPES
 from .order import ORDER_EVENT_TYPES
 from .pricing import PRICING_EVENT_TYPES
@@ -16,7 +17,8 @@ from .vm import VM_EVENT_TYPES
 
 ALL_EVENT_TYPES: tuple[type[Event], ...] = (*VM_EVENT_TYPES, *HOST_EVENT_TYPES, *SSHKEY_EVENT_TYPES,
                                             *OPERATOR_EVENT_TYPES, *PRICING_EVENT_TYPES, *ACCOUNT_EVENT_TYPES,
-                                            *INVOICE_EVENT_TYPES, *ORDER_EVENT_TYPES, *FILE_EVENT_TYPES,
+                                            *INVOICE_EVENT_TYPES, *ORDER_EVENT_TYPES,
+                                            *NETWORK_EVENT_TYPES, *IPAM_EVENT_TYPES, *FILE_EVENT_TYPES,
                                             *IMAGE_EVENT_TYPES)
 
 

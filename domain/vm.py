@@ -170,12 +170,34 @@ class VmDiskResized(Event, tag="vm.disk_resized", frozen=True):
     host_id: UUID
     disk: int
     online: bool = False
+class VmNicAdded(Event, tag="vm.nic_added", frozen=True):
+    """A NIC on a network was added to the VM (appended with network.port_added); its MAC
+    comes from the IPAM allocator. On a running VM the host agent hot-plugs it."""
+
+    vm_id: UUID
+    nic_id: UUID
+    network_id: UUID
+
+
+class VmNicAllocated(Event, tag="vm.nic_allocated", frozen=True):
+    """The IPAM allocator gave the NIC its MAC (claimed in the MAC's own stream)."""
+
+    vm_id: UUID
+    nic_id: UUID
+    mac: str
+
+
+class VmNicRemoved(Event, tag="vm.nic_removed", frozen=True):
+    """The NIC was detached (appended with network.port_removed); the host agent unplugs it."""
+
+    vm_id: UUID
+    nic_id: UUID
 
 
 VmEvent = (
     VmRequested | VmScheduled | VmUnschedulable | VmStartRequested | VmStarted | VmStopRequested
     | VmStopped | VmRebootRequested | VmRebooted | VmCrashed | VmFailed | VmDeleteRequested | VmDeleted
-    | VmResized | VmDiskResized
+    | VmNicAdded | VmNicAllocated | VmNicRemoved | VmResized | VmDiskResized
 )
 VM_EVENT_TYPES: tuple[type[Event], ...] = VmEvent.__args__
 
@@ -272,6 +294,24 @@ class ReportDiskResized(Command, tag="vm.report_disk_resized", frozen=True):
     host_id: UUID
     disk: int
     online: bool = False
+class AddNic(Command, tag="vm.add_nic", frozen=True):
+    vm_id: UUID
+    nic_id: UUID
+    network_id: UUID
+
+
+class AllocateNic(Command, tag="vm.allocate_nic", frozen=True):
+    vm_id: UUID
+    nic_id: UUID
+    mac: str
+
+
+class RemoveNic(Command, tag="vm.remove_nic", frozen=True):
+    vm_id: UUID
+    network_id: UUID
+
+
+MAX_NICS = 16
 
 
 # What a user may ask of an existing VM, and what a host agent may report about one.
@@ -281,11 +321,20 @@ VmReport = (ReportStarted | ReportStopped | ReportRebooted | ReportCrashed | Rep
 
 VmCommand = (
     CreateVm | StartVm | StopVm | RebootVm | DeleteVm | PlaceVm | MarkUnschedulable | ReportStarted
-    | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted | ResizeVm | ReportDiskResized
+    | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted | AddNic | AllocateNic
+    | RemoveNic | ResizeVm | ReportDiskResized
 )
 
 
 # -- state ----------------------------------------------------------------------
+
+
+class Nic(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A VM's network card: its network and, once the IPAM allocator gave it, its MAC."""
+
+    id: UUID
+    network_id: UUID
+    mac: str = ""
 
 
 class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -312,6 +361,10 @@ class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     image_id: UUID | None = None
     image_store: str = ""
     disk_on_host: int = 0  # the disk size the host agent last reported (vm.disk_resized)
+    nics: tuple[Nic, ...] = ()  # in the order they were added: the guest's NIC order
+
+    def nic(self, nic_id: UUID) -> Nic | None:
+        return next((n for n in self.nics if n.id == nic_id), None)
 
 
 def evolve(vm: Vm | None, event: Event) -> Vm | None:
@@ -361,6 +414,13 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
             return msgspec.structs.replace(vm, cores=event.cores, ram=event.ram, disk=event.disk)
         case VmDiskResized():
             return msgspec.structs.replace(vm, disk_on_host=event.disk)
+        case VmNicAdded():
+            return msgspec.structs.replace(vm, nics=(*vm.nics, Nic(id=event.nic_id, network_id=event.network_id)))
+        case VmNicAllocated():
+            return msgspec.structs.replace(vm, nics=tuple(
+                msgspec.structs.replace(n, mac=event.mac) if n.id == event.nic_id else n for n in vm.nics))
+        case VmNicRemoved():
+            return msgspec.structs.replace(vm, nics=tuple(n for n in vm.nics if n.id != event.nic_id))
     return vm
 
 
@@ -455,6 +515,28 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
             if vm.status is not Status.DELETING:
                 raise Rejected(f"VM {vm.id} is {vm.status}, not being deleted")
             return [VmDeleted(vm_id=vm.id, host_id=command.host_id)]
+        case AddNic():
+            if vm.status is Status.DELETING:
+                raise Rejected(f"VM {vm.id} is being deleted")
+            if vm.nic(command.nic_id) is not None:
+                return []
+            if any(n.network_id == command.network_id for n in vm.nics):
+                raise Rejected(f"VM {vm.name!r} is already on network {command.network_id}", "networks")
+            if len(vm.nics) >= MAX_NICS:
+                raise Rejected(f"VM {vm.name!r} has {len(vm.nics)} NICs; at most {MAX_NICS} are allowed", "networks")
+            return [VmNicAdded(vm_id=vm.id, nic_id=command.nic_id, network_id=command.network_id)]
+        case AllocateNic():
+            nic = vm.nic(command.nic_id)
+            if nic is None or nic.mac == command.mac:
+                return []  # removed meanwhile, or already given
+            if nic.mac:
+                raise Rejected(f"NIC {nic.id} already has MAC {nic.mac}")
+            return [VmNicAllocated(vm_id=vm.id, nic_id=nic.id, mac=command.mac)]
+        case RemoveNic():
+            nic = next((n for n in vm.nics if n.network_id == command.network_id), None)
+            if nic is None:
+                raise NotFound(f"VM {vm.name!r} has no NIC on network {command.network_id}")
+            return [VmNicRemoved(vm_id=vm.id, nic_id=nic.id)]
     raise Rejected(f"{type(command).__name__} is not a VM command")
 
 

@@ -70,6 +70,7 @@ class CommandService:
         restart_policy: str = "always",
         owner: str | None = None,
         idempotency_key: str | None = None,
+        user_data: str = "",
         networks: Sequence[str] = (),
     ) -> Outcome[UUID]:
         """``networks``: names of the owner's networks, one NIC on each, in this order."""
@@ -89,6 +90,7 @@ class CommandService:
         for index, key_name in enumerate(ssh_keys):
             check_name(key_name, f"ssh_keys[{index}]")
         keys = tuple(dict.fromkeys(ssh_keys))
+        vm_domain.check_user_data(user_data, limits.vm_user_data)
         cores_count = check_at_most(parse_cores(cores), limits.vm_cores, "cores", "a VM's cores")
         ram_bytes = check_at_most(parse_size(ram, "ram"), limits.vm_ram, "ram", "a VM's RAM")
         disk_bytes = check_at_most(parse_size(disk, "disk"), limits.vm_disk, "disk", "a VM's disk")
@@ -103,7 +105,7 @@ class CommandService:
         async def work(session: Session) -> UUID:
             command = vm_domain.CreateVm(
                 vm_id=vm_id, owner=owner, name=name, cores=cores_count, ram=ram_bytes, disk=disk_bytes, image=image,
-                ssh_keys=keys, restart_policy=policy,
+                ssh_keys=keys, restart_policy=policy, user_data=user_data,
             )
             catalogued = None
             if image not in self.host_images:
@@ -122,8 +124,9 @@ class CommandService:
                     raise Rejected(f"ssh_keys: no SSH key named {key_name!r}", "ssh_keys")
             existing = await session.load(VM, command.vm_id)
             if existing is not None and idempotency_key:
-                same = (existing.name, existing.cores, existing.ram, existing.disk, existing.image) == (
-                    command.name, command.cores, command.ram, command.disk, command.image)
+                same = (existing.name, existing.cores, existing.ram, existing.disk, existing.image,
+                        existing.user_data) == (
+                    command.name, command.cores, command.ram, command.disk, command.image, command.user_data)
                 if not same:
                     raise Rejected("this Idempotency-Key was already used for a different request")
                 return command.vm_id  # a retry of the same request: answer as before

@@ -453,3 +453,23 @@ class Pool(msgspec.Struct, frozen=True, gc=False):
 
 def evolve_pool(pool: Pool | None, event: Event) -> Pool | None:
     return Pool(event.pool) if isinstance(event, IpamPoolConfigured) else pool
+
+
+# -- names on a host -----------------------------------------------------------------------
+
+BRIDGE_PREFIX = "ucbr"  # + the VNI: at most 12 characters, under Linux's 15
+
+
+def bridge_name(vni: int) -> str:
+    """The bridge a network has on every host it reaches: ``ucbr42`` for VNI 42. The
+    metadata server knows a request's network from the bridge it came in on."""
+    return f"{BRIDGE_PREFIX}{vni}"
+
+
+def vni_of_bridge(name: str) -> int | None:
+    """The VNI of a bridge named by ``bridge_name``, or None for any other interface."""
+    digits = name.removeprefix(BRIDGE_PREFIX)
+    if digits == name or not digits.isascii() or not digits.isdigit() or digits != str(int(digits)):
+        return None
+    vni = int(digits)
+    return vni if VNI_MIN <= vni <= VNI_MAX else None

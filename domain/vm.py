@@ -19,7 +19,7 @@ from uuid import UUID
 
 import msgspec
 
-from .errors import NotFound, Rejected
+from .errors import InvalidValue, NotFound, OutOfBounds, Rejected
 from .events import Command, Event
 
 
@@ -67,6 +67,9 @@ class VmRequested(Event, tag="vm.requested", frozen=True):
     # hosts provide themselves (``tiny``).
     image_id: UUID | None = None
     image_store: str = ""
+    # What the guest's cloud-init or ucloud-init runs (served by the metadata server). It
+    # is in the log like every other field: never a place for secrets.
+    user_data: str = ""
 
 
 class VmScheduled(Event, tag="vm.scheduled", frozen=True):
@@ -217,6 +220,7 @@ class CreateVm(Command, tag="vm.create", frozen=True):
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
     image_id: UUID | None = None
     image_store: str = ""
+    user_data: str = ""
 
 
 class StartVm(Command, tag="vm.start", frozen=True):
@@ -361,6 +365,7 @@ class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     image_id: UUID | None = None
     image_store: str = ""
     disk_on_host: int = 0  # the disk size the host agent last reported (vm.disk_resized)
+    user_data: str = ""
     nics: tuple[Nic, ...] = ()  # in the order they were added: the guest's NIC order
 
     def nic(self, nic_id: UUID) -> Nic | None:
@@ -376,6 +381,7 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
                 disk=event.disk, image=event.image, ssh_keys=event.ssh_keys,
                 restart_policy=event.restart_policy, status=Status.REQUESTED, desired=Desired.RUNNING,
                 image_id=event.image_id, image_store=event.image_store,
+                user_data=event.user_data,
             )
     if vm is None:
         return None
@@ -424,6 +430,20 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
     return vm
 
 
+def check_user_data(text: str, limit: int) -> str:
+    """User data as stored: text of at most ``limit`` characters that encodes as UTF-8
+    (a lone surrogate from a JSON escape does not) and holds no NUL."""
+    if len(text) > limit:
+        raise OutOfBounds("user_data", f"{len(text)} characters; at most {limit} are allowed")
+    if "\x00" in text:
+        raise InvalidValue("user_data", "contains a NUL character; user data is text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidValue("user_data", "is not valid Unicode text (a lone surrogate)") from None
+    return text
+
+
 def _require(vm: Vm | None, vm_id: UUID) -> Vm:
     if vm is None:
         raise NotFound(f"VM {vm_id} does not exist")
@@ -446,6 +466,7 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
             vm_id=command.vm_id, owner=command.owner, name=command.name, cores=command.cores,
             ram=command.ram, disk=command.disk, image=command.image, ssh_keys=command.ssh_keys,
             restart_policy=command.restart_policy, image_id=command.image_id, image_store=command.image_store,
+            user_data=command.user_data,
         )]
     vm = _require(vm, command.vm_id)  # type: ignore[attr-defined]
     match command:

@@ -97,6 +97,7 @@ class OrderBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ssh_keys: list[str] = []
     restart_policy: str = "always"
     owner: str | None = None
+    user_data: str = ""  # checked against the installation's vm_user_data
 
 
 class PriceOut(msgspec.Struct, kw_only=True):
@@ -499,7 +500,8 @@ async def quote_order(request: web.Request) -> web.Response:
     body = await _body(request, OrderBody)
     outcome = await request.app[BILLING].quote_order(
         actor_of(request), name=body.name, cores=body.cores, ram=body.ram, disk=body.disk, image=body.image,
-        ssh_keys=body.ssh_keys, restart_policy=body.restart_policy, owner=body.owner)
+        ssh_keys=body.ssh_keys, restart_policy=body.restart_policy, owner=body.owner, user_data=body.user_data,
+        limits=request.app[CONFIG].limits)
     return answer(_order_out(outcome.result, outcome.position), 201, outcome.position,
                   {"Location": f"/v1/orders/{outcome.result.id}"})
 

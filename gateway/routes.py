@@ -62,10 +62,14 @@ def _meta(**constraints: Any) -> msgspec.Meta:
         extra["pattern"] = constraints.pop("pattern")
     if "limit" in constraints:
         extra[LIMIT_KEY] = constraints.pop("limit")
+    if constraints.pop("free_text", False):
+        extra[FREE_TEXT_KEY] = True
     return msgspec.Meta(**constraints, extra_json_schema=extra or None)
 
 
 LIMIT_KEY = "x-ucloud-limit"  # replaced by "maximum"/"maxItems" in the served document
+# A free-text field (user data): any Unicode character but NUL, bounded only in length.
+FREE_TEXT_KEY = "x-ucloud-free-text"
 
 # Every field's limits, in its type: lengths and ranges are checked by msgspec while it
 # decodes; patterns by the domain with fullmatch; both are in the OpenAPI document.
@@ -188,6 +192,11 @@ SSH_KEYS_CEILING = 1024
 # items would cost the JSON decoder ~100 ms to build before any length check; capped
 # here, refused before it is read.
 BODY_LIMIT = 128 * 1024
+# user_data: capped here at a ceiling no installation exceeds (characters); the
+# installation's GatewayConfig.limits.vm_user_data is the document's maxLength. Written
+# entirely in \u escapes it is six bytes a character, so a create's body may be larger.
+USER_DATA_CEILING = 64 * 1024
+CREATE_VM_BODY_LIMIT = BODY_LIMIT + 6 * USER_DATA_CEILING
 
 
 class CreateVmBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -204,6 +213,10 @@ class CreateVmBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     networks: Annotated[list[Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN)]],
                         msgspec.Meta(max_length=vm_domain.MAX_NICS,
                                      extra_json_schema={"uniqueItems": True})] = []
+    # Served to the guest by the metadata server (cloud-init, ucloud-init). Stored in the
+    # log: never put secrets here.
+    user_data: Annotated[str, _meta(max_length=USER_DATA_CEILING, limit="vm_user_data", free_text=True,
+                                    examples=["#!/bin/sh\necho hello > /tmp/hello\n"])] = ""
 
 
 class AddSshKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -451,7 +464,7 @@ KEY_NAME = Param.of("name", "path", "The SSH key's name.", Name)
 
 @api("POST", "/v1/vms", ApiDoc(
     "Create a VM", "createVm", "vms", status=202, response=Accepted, also=(200,), body=CreateVmBody,
-    max_body=BODY_LIMIT,
+    max_body=CREATE_VM_BODY_LIMIT,
     description="Recorded; the VM is requested and the scheduler takes it from here. "
                 "200 when an Idempotency-Key repeats an earlier identical request (same id).",
     params=(Param.of(IDEMPOTENCY_HEADER, "header",
@@ -464,7 +477,7 @@ async def create_vm(request: web.Request) -> web.Response:
     outcome = await request.app[COMMANDS].create_vm(
         actor_of(request), name=body.name, cores=body.cores, ram=body.ram, disk=body.disk, image=body.image,
         ssh_keys=body.ssh_keys, restart_policy=body.restart_policy.value, owner=body.owner,
-        idempotency_key=key, networks=body.networks)
+        idempotency_key=key, networks=body.networks, user_data=body.user_data)
     vm_id = outcome.result
     headers = {"Location": f"/v1/vms/{vm_id}"}
     if outcome.events:

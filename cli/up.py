@@ -52,13 +52,19 @@ from ucloud.auth.secrets import SecretStoreError
 from ucloud.auth.sessions import DEFAULT_TTL, SessionAuthenticator
 from ucloud.cli.credentials import Credentials, CredentialsError, Identity, Seed
 from ucloud.commands.service import CommandService
+from ucloud.domain.errors import InvalidValue
 from ucloud.domain.limits import DEFAULT_LIMITS, Limits, load_limits
+from ucloud.domain.network import check_pool
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 from ucloud.gateway.app import GatewayConfig, start
+from ucloud.gateway.metadata import MetadataConfig, RunningMetadata
+from ucloud.gateway.metadata import serve as serve_metadata
+from ucloud.gateway.metadata import start as start_metadata
 from ucloud.hostagent.agent import HostAgent
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
 from ucloud.processes.billing import BillingProcess
+from ucloud.processes.ipam import IpamAllocator
 from ucloud.processes.scheduler import Scheduler
 
 log = logging.getLogger("ucloud.up")
@@ -185,6 +191,8 @@ async def run_up(
     ready: asyncio.Event | None = None,
     auth: AuthOptions | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    ipv6_pool: str | None = None,
+    metadata_port: int | None = 80,
 ) -> None:
     auth = auth or AuthOptions()
     private_state_dir(state_dir)
@@ -212,8 +220,15 @@ async def run_up(
         if authenticator is not None:
             await authenticator.close()
         raise
+    metadata: RunningMetadata | None = None
+    if metadata_port is not None:
+        try:
+            metadata = await start_metadata(MetadataConfig(store=store, port=metadata_port))
+        except OSError as error:  # not root (port 80), or the port is taken: the rest still runs
+            click.echo(f"ucloud: WARNING: no metadata server: {error}", err=True)
     components: dict[str, Callable[[], Awaitable[None]]] = {"scheduler": Scheduler(commands, instance="up").run}
     components["billing"] = BillingProcess(store).run  # closes billing periods, issues invoices
+    components["ipam"] = IpamAllocator(store, commands.codec, pool=ipv6_pool).run  # VNIs, /64s, MACs
     if with_agent:
         images = ImageCatalogue(state_dir / "images")
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)
@@ -254,6 +269,8 @@ async def run_up(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await gateway.stop()
+        if metadata is not None:
+            await metadata.stop()
         await store.close()
         if authenticator is not None:
             await authenticator.close()
@@ -294,11 +311,18 @@ async def run_up(
               help="DEVELOPMENT ONLY: trust X-Ucloud-User/X-Ucloud-Realm as sent, no tokens.")
 @click.option("--limits", "limits_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               envvar="UCLOUD_LIMITS", help="A JSON object of size and count limits to change (docs/api.md).")
+@click.option("--ipv6-pool", envvar="UCLOUD_IPV6_POOL", metavar="PREFIX",
+              help="The IPv6 prefix (/64 or shorter) networks get their /64 from. Default: a unique local "
+                   "/48 generated at the first start and kept in the log.")
+@click.option("--metadata-port", type=click.IntRange(0, 65535), default=80, show_default=True,
+              help="The metadata server's port (on [::] and fe80::a9fe:a9fe on every network bridge).")
+@click.option("--no-metadata", is_flag=True, help="Do not run a metadata server in this process.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
        ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
-       insecure_header_auth: bool, limits_file: Path | None, verbose: bool) -> None:
+       insecure_header_auth: bool, limits_file: Path | None, ipv6_pool: str | None, metadata_port: int,
+       no_metadata: bool, verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -311,12 +335,48 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
         limits = load_limits(limits_file.read_bytes()) if limits_file else DEFAULT_LIMITS
     except ValueError as error:
         raise click.UsageError(f"--limits {limits_file}: {error}") from None
+    if ipv6_pool is not None:
+        try:
+            check_pool(ipv6_pool, "--ipv6-pool")
+        except InvalidValue as error:
+            raise click.UsageError(str(error)) from None
     try:
         asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent,
-                           auth=auth, limits=limits))
+                           auth=auth, limits=limits, ipv6_pool=ipv6_pool,
+                           metadata_port=None if no_metadata else metadata_port))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(str(error)) from None
+
+
+@click.command("metadata")
+@click.option("--store", "store_url", envvar="UCLOUD_STORE", default=f"sqlite://{DEFAULT_STATE_DIR}/events.sqlite",
+              show_default=True, help="The log: sqlite:///path or etcd://host:port[,host:port][/prefix].")
+@click.option("--listen", multiple=True, default=("::",), show_default=True, metavar="ADDRESS",
+              help="Addresses to listen on (repeat). [::] takes fe80::a9fe:a9fe on every bridge too.")
+@click.option("--port", default=80, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--no-link-local", is_flag=True,
+              help="Do not put fe80::a9fe:a9fe on this host's network bridges (something else does).")
+@click.option("--no-neighbour-check", is_flag=True,
+              help="Do not check a link-local source against the kernel's neighbour entry.")
+@click.option("-v", "--verbose", is_flag=True)
+def metadata(store_url: str, listen: tuple[str, ...], port: int, no_link_local: bool, no_neighbour_check: bool,
+             verbose: bool) -> None:
+    """Run a metadata server: guests learn their SSH keys, hostname, user data and network
+    configuration (ucloud, OpenStack and NoCloud formats; docs/metadata.md). Run one on
+    every host; any number of instances may share a host and a port."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = MetadataConfig(store_url=store_url, listen=listen, port=port, link_local=not no_link_local,
+                            check_neighbour=not no_neighbour_check)
+    try:
+        asyncio.run(serve_metadata(config))
+    except InvalidStoreUrl as error:
+        raise click.UsageError(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        pass

@@ -25,6 +25,7 @@ from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import Tracking
 
 from .aggregates import ADMIN, HOST, SSHKEY, VM
+from .networks import add_nic, check_network_names
 from .unit_of_work import Actor, Loaded, Outcome, Repository, Session
 
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c003")
@@ -54,8 +55,12 @@ class CommandService:
         restart_policy: str = "always",
         owner: str | None = None,
         idempotency_key: str | None = None,
+        user_data: str = "",
+        networks: Sequence[str] = (),
     ) -> Outcome[UUID]:
+        """``networks``: names of the owner's networks, one NIC on each, in this order."""
         owner = self._owner(actor, owner)
+        network_names = check_network_names(networks)
         limits = self.limits
         check_name(name, "name")
         check_name(image, "image")
@@ -70,11 +75,12 @@ class CommandService:
         for index, key_name in enumerate(ssh_keys):
             check_name(key_name, f"ssh_keys[{index}]")
         keys = tuple(dict.fromkeys(ssh_keys))
+        vm_domain.check_user_data(user_data, limits.vm_user_data)
         cores_count, ram_bytes, disk_bytes = vm_request(limits, cores, ram, disk)
         command = vm_domain.CreateVm(
             vm_id=uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{owner}\0{idempotency_key}") if idempotency_key else uuid.uuid4(),
             owner=owner, name=name, cores=cores_count, ram=ram_bytes, disk=disk_bytes, image=image,
-            ssh_keys=keys, restart_policy=policy,
+            ssh_keys=keys, restart_policy=policy, user_data=user_data,
         )
 
         async def work(session: Session) -> UUID:
@@ -84,12 +90,21 @@ class CommandService:
                     raise Rejected(f"ssh_keys: no SSH key named {key_name!r}", "ssh_keys")
             existing = await session.load(VM, command.vm_id)
             if existing is not None and idempotency_key:
-                same = (existing.name, existing.cores, existing.ram, existing.disk, existing.image) == (
-                    command.name, command.cores, command.ram, command.disk, command.image)
+                same = (existing.name, existing.cores, existing.ram, existing.disk, existing.image,
+                        existing.user_data) == (
+                    command.name, command.cores, command.ram, command.disk, command.image, command.user_data)
                 if not same:
                     raise Rejected("this Idempotency-Key was already used for a different request")
                 return command.vm_id  # a retry of the same request: answer as before
-            session.record(VM, command.vm_id, vm_domain.decide(existing, command))
+            events = vm_domain.decide(existing, command)
+            session.record(VM, command.vm_id, events)
+            vm = existing
+            for event in events:
+                vm = vm_domain.evolve(vm, event)
+            for name in network_names:
+                assert vm is not None
+                await add_nic(session, vm, name)
+                vm = vm_domain.evolve(vm, session.recorded[vm_domain.stream_name(vm.id)][-1])
             return command.vm_id
 
         return await self.repository.transact(work, actor)

@@ -6,6 +6,7 @@ from .account import ACCOUNT_EVENT_TYPES
 from .events import Event, EventCodec
 from .host import HOST_EVENT_TYPES
 from .invoice import INVOICE_EVENT_TYPES
+from .network import IPAM_EVENT_TYPES, NETWORK_EVENT_TYPES
 from .operators import OPERATOR_EVENT_TYPES
 from .order import ORDER_EVENT_TYPES
 from .pricing import PRICING_EVENT_TYPES
@@ -14,7 +15,8 @@ from .vm import VM_EVENT_TYPES
 
 ALL_EVENT_TYPES: tuple[type[Event], ...] = (*VM_EVENT_TYPES, *HOST_EVENT_TYPES, *SSHKEY_EVENT_TYPES,
                                             *OPERATOR_EVENT_TYPES, *PRICING_EVENT_TYPES, *ACCOUNT_EVENT_TYPES,
-                                            *INVOICE_EVENT_TYPES, *ORDER_EVENT_TYPES)
+                                            *INVOICE_EVENT_TYPES, *ORDER_EVENT_TYPES,
+                                            *NETWORK_EVENT_TYPES, *IPAM_EVENT_TYPES)
 
 
 def build_codec() -> EventCodec:

@@ -33,6 +33,7 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     vm_min_ram: _Positive = 16 * MiB
     vm_min_disk: _Positive = 1 * MiB
     vm_ssh_keys: _Positive = 32  # names in one VM's ssh_keys
+    vm_user_data: _Positive = 16 * KiB  # characters of a VM's user data (it is in the log)
     host_cores: _Positive = 16384
     host_ram: _Positive = 256 * TiB
     host_disk: _Positive = 16 * PiB

@@ -19,7 +19,7 @@ from uuid import UUID
 
 import msgspec
 
-from .errors import NotFound, Rejected
+from .errors import InvalidValue, NotFound, OutOfBounds, Rejected
 from .events import Command, Event
 
 
@@ -63,6 +63,9 @@ class VmRequested(Event, tag="vm.requested", frozen=True):
     image: str
     ssh_keys: tuple[str, ...] = ()
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    # What the guest's cloud-init or ucloud-init runs (served by the metadata server). It
+    # is in the log like every other field: never a place for secrets.
+    user_data: str = ""
 
 
 class VmScheduled(Event, tag="vm.scheduled", frozen=True):
@@ -149,9 +152,34 @@ class VmDeleted(Event, tag="vm.deleted", frozen=True):
     host_id: UUID | None = None
 
 
+class VmNicAdded(Event, tag="vm.nic_added", frozen=True):
+    """A NIC on a network was added to the VM (appended with network.port_added); its MAC
+    comes from the IPAM allocator. On a running VM the host agent hot-plugs it."""
+
+    vm_id: UUID
+    nic_id: UUID
+    network_id: UUID
+
+
+class VmNicAllocated(Event, tag="vm.nic_allocated", frozen=True):
+    """The IPAM allocator gave the NIC its MAC (claimed in the MAC's own stream)."""
+
+    vm_id: UUID
+    nic_id: UUID
+    mac: str
+
+
+class VmNicRemoved(Event, tag="vm.nic_removed", frozen=True):
+    """The NIC was detached (appended with network.port_removed); the host agent unplugs it."""
+
+    vm_id: UUID
+    nic_id: UUID
+
+
 VmEvent = (
     VmRequested | VmScheduled | VmUnschedulable | VmStartRequested | VmStarted | VmStopRequested
     | VmStopped | VmRebootRequested | VmRebooted | VmCrashed | VmFailed | VmDeleteRequested | VmDeleted
+    | VmNicAdded | VmNicAllocated | VmNicRemoved
 )
 VM_EVENT_TYPES: tuple[type[Event], ...] = VmEvent.__args__
 
@@ -169,6 +197,7 @@ class CreateVm(Command, tag="vm.create", frozen=True):
     image: str
     ssh_keys: tuple[str, ...] = ()
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    user_data: str = ""
 
 
 class StartVm(Command, tag="vm.start", frozen=True):
@@ -232,17 +261,46 @@ class ReportDeleted(Command, tag="vm.report_deleted", frozen=True):
     host_id: UUID
 
 
+class AddNic(Command, tag="vm.add_nic", frozen=True):
+    vm_id: UUID
+    nic_id: UUID
+    network_id: UUID
+
+
+class AllocateNic(Command, tag="vm.allocate_nic", frozen=True):
+    vm_id: UUID
+    nic_id: UUID
+    mac: str
+
+
+class RemoveNic(Command, tag="vm.remove_nic", frozen=True):
+    vm_id: UUID
+    network_id: UUID
+
+
+MAX_NICS = 16
+
+
 # What a user may ask of an existing VM, and what a host agent may report about one.
 VmLifecycleCommand = StartVm | StopVm | RebootVm | DeleteVm
 VmReport = ReportStarted | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
 
 VmCommand = (
     CreateVm | StartVm | StopVm | RebootVm | DeleteVm | PlaceVm | MarkUnschedulable | ReportStarted
-    | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
+    | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted | AddNic | AllocateNic
+    | RemoveNic
 )
 
 
 # -- state ----------------------------------------------------------------------
+
+
+class Nic(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A VM's network card: its network and, once the IPAM allocator gave it, its MAC."""
+
+    id: UUID
+    network_id: UUID
+    mac: str = ""
 
 
 class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -266,6 +324,11 @@ class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     accelerator: str = ""
     reboot_requests: int = 0  # a host agent reboots while reboots < reboot_requests
     reboots: int = 0
+    user_data: str = ""
+    nics: tuple[Nic, ...] = ()  # in the order they were added: the guest's NIC order
+
+    def nic(self, nic_id: UUID) -> Nic | None:
+        return next((n for n in self.nics if n.id == nic_id), None)
 
 
 def evolve(vm: Vm | None, event: Event) -> Vm | None:
@@ -276,6 +339,7 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
                 id=event.vm_id, owner=event.owner, name=event.name, cores=event.cores, ram=event.ram,
                 disk=event.disk, image=event.image, ssh_keys=event.ssh_keys,
                 restart_policy=event.restart_policy, status=Status.REQUESTED, desired=Desired.RUNNING,
+                user_data=event.user_data,
             )
     if vm is None:
         return None
@@ -310,7 +374,28 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
             return msgspec.structs.replace(vm, desired=Desired.DELETED, status=Status.DELETING)
         case VmDeleted():
             return msgspec.structs.replace(vm, status=Status.DELETED, desired=Desired.DELETED)
+        case VmNicAdded():
+            return msgspec.structs.replace(vm, nics=(*vm.nics, Nic(id=event.nic_id, network_id=event.network_id)))
+        case VmNicAllocated():
+            return msgspec.structs.replace(vm, nics=tuple(
+                msgspec.structs.replace(n, mac=event.mac) if n.id == event.nic_id else n for n in vm.nics))
+        case VmNicRemoved():
+            return msgspec.structs.replace(vm, nics=tuple(n for n in vm.nics if n.id != event.nic_id))
     return vm
+
+
+def check_user_data(text: str, limit: int) -> str:
+    """User data as stored: text of at most ``limit`` characters that encodes as UTF-8
+    (a lone surrogate from a JSON escape does not) and holds no NUL."""
+    if len(text) > limit:
+        raise OutOfBounds("user_data", f"{len(text)} characters; at most {limit} are allowed")
+    if "\x00" in text:
+        raise InvalidValue("user_data", "contains a NUL character; user data is text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidValue("user_data", "is not valid Unicode text (a lone surrogate)") from None
+    return text
 
 
 def _require(vm: Vm | None, vm_id: UUID) -> Vm:
@@ -334,7 +419,7 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
         return [VmRequested(
             vm_id=command.vm_id, owner=command.owner, name=command.name, cores=command.cores,
             ram=command.ram, disk=command.disk, image=command.image, ssh_keys=command.ssh_keys,
-            restart_policy=command.restart_policy,
+            restart_policy=command.restart_policy, user_data=command.user_data,
         )]
     vm = _require(vm, command.vm_id)  # type: ignore[attr-defined]
     match command:
@@ -397,6 +482,28 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
             if vm.status is not Status.DELETING:
                 raise Rejected(f"VM {vm.id} is {vm.status}, not being deleted")
             return [VmDeleted(vm_id=vm.id, host_id=command.host_id)]
+        case AddNic():
+            if vm.status is Status.DELETING:
+                raise Rejected(f"VM {vm.id} is being deleted")
+            if vm.nic(command.nic_id) is not None:
+                return []
+            if any(n.network_id == command.network_id for n in vm.nics):
+                raise Rejected(f"VM {vm.name!r} is already on network {command.network_id}", "networks")
+            if len(vm.nics) >= MAX_NICS:
+                raise Rejected(f"VM {vm.name!r} has {len(vm.nics)} NICs; at most {MAX_NICS} are allowed", "networks")
+            return [VmNicAdded(vm_id=vm.id, nic_id=command.nic_id, network_id=command.network_id)]
+        case AllocateNic():
+            nic = vm.nic(command.nic_id)
+            if nic is None or nic.mac == command.mac:
+                return []  # removed meanwhile, or already given
+            if nic.mac:
+                raise Rejected(f"NIC {nic.id} already has MAC {nic.mac}")
+            return [VmNicAllocated(vm_id=vm.id, nic_id=nic.id, mac=command.mac)]
+        case RemoveNic():
+            nic = next((n for n in vm.nics if n.network_id == command.network_id), None)
+            if nic is None:
+                raise NotFound(f"VM {vm.name!r} has no NIC on network {command.network_id}")
+            return [VmNicRemoved(vm_id=vm.id, nic_id=nic.id)]
     raise Rejected(f"{type(command).__name__} is not a VM command")
 
 

@@ -55,6 +55,7 @@ from .keys import (
 )
 from .lowlevel import ProblemAppRunner
 from .metrics import GatewayMetrics
+from .network_routes import setup_networks
 from .openapi import OPENAPI, build_openapi
 from .problems import error_middleware
 from .routes import routes
@@ -156,6 +157,7 @@ def init_app(config: GatewayConfig) -> web.Application:
     app[METRICS] = metrics
     app.add_routes(routes)
     app.add_routes(auth_routes)  # sessions and users (gateway/auth_routes.py)
+    setup_networks(app)  # networks, attach/detach (gateway/network_routes.py)
     setup_billing(app)  # prices, usage, invoices, balance, coupons (gateway/billing_routes.py)
     app[OPENAPI] = build_openapi(app)  # refuses a route without documentation, now rather than later
 

@@ -36,6 +36,7 @@ from ucloud.domain.errors import InvalidValue, NotFound, Rejected
 from ucloud.domain.invoice import InvoiceIssued, InvoiceLine
 from ucloud.domain.limits import CEILING
 from ucloud.domain.money import AMOUNT_MAX_LENGTH, AMOUNT_PATTERN, AMOUNT_RULE, Money, format_micros
+from ucloud.domain.names import NAME_MAX_LENGTH, NAME_PATTERN
 from ucloud.domain.order import Order
 from ucloud.domain.pricing import (
     PRICE_MAX_LENGTH,
@@ -46,6 +47,7 @@ from ucloud.domain.pricing import (
     Resource,
 )
 from ucloud.domain.times import TIME_MAX_LENGTH, TIME_PATTERN, TIME_RULE, parse_time
+from ucloud.domain.vm import RestartPolicy
 from ucloud.projections.billing import BillingView, periods_from_environment
 from ucloud.projections.runner import ProjectionRunner
 
@@ -53,13 +55,19 @@ from .billing_payments import CardMethod, PayBody, PaymentMethod, PayOut, method
 from .inputs import check_patterns, check_value
 from .keys import CONFIG, STORE, actor_of
 from .routes import (
-    BODY_LIMIT,
+    CREATE_VM_BODY_LIMIT,
     POSITION_HEADER,
+    SSH_KEYS_CEILING,
+    USER_DATA_CEILING,
     Accepted,
     ApiDoc,
-    CreateVmBody,
+    Name,
     Param,
     UserName,
+    VmCores,
+    VmDisk,
+    VmRam,
+    _meta,
     answer,
     reach_position,
 )
@@ -132,8 +140,21 @@ class RedeemBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     code: CouponCode
 
 
-class OrderBody(CreateVmBody, forbid_unknown_fields=True, kw_only=True):
-    """What a VM would be created with (POST /v1/vms), to be quoted first."""
+class OrderBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What a VM would be created with (POST /v1/vms, the same limits; networks are not
+    ordered), to be quoted first."""
+
+    name: Name
+    cores: VmCores
+    ram: VmRam
+    disk: VmDisk
+    image: Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN, examples=["debian-12"])]
+    ssh_keys: Annotated[list[Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN)]],
+                        _meta(max_length=SSH_KEYS_CEILING, limit="vm_ssh_keys")] = []
+    restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    owner: UserName | None = None
+    user_data: Annotated[str, _meta(max_length=USER_DATA_CEILING, limit="vm_user_data", free_text=True,
+                                    examples=["#!/bin/sh\necho hello > /tmp/hello\n"])] = ""
 
 
 class PriceOut(msgspec.Struct, kw_only=True):
@@ -513,12 +534,13 @@ def _order_id(request: web.Request) -> UUID:
     "Quote a VM (order)", "quoteOrder", "billing", status=201, response=OrderOut, body=OrderBody,
     description="What the VM would cost per hour and per month at the prices in force; confirm it to have it "
                 "provisioned. Without prices, create VMs directly (POST /v1/vms). Sizes beyond this installation's "
-                "limits: 422, as for a create.", errors=(400, 404, 409, 422, 503), max_body=BODY_LIMIT))
+                "limits: 422, as for a create.", errors=(400, 404, 409, 422, 503), max_body=CREATE_VM_BODY_LIMIT))
 async def quote_order(request: web.Request) -> web.Response:
     body = await _body(request, OrderBody)
     outcome = await request.app[BILLING].quote_order(
         actor_of(request), name=body.name, cores=body.cores, ram=body.ram, disk=body.disk, image=body.image,
-        ssh_keys=body.ssh_keys, restart_policy=body.restart_policy.value, owner=body.owner)
+        ssh_keys=body.ssh_keys, restart_policy=body.restart_policy.value, owner=body.owner, user_data=body.user_data,
+        limits=request.app[CONFIG].limits)
     return answer(_order_out(outcome.result, outcome.position), 201, outcome.position,
                   {"Location": f"/v1/orders/{outcome.result.id}"})
 
@@ -626,7 +648,7 @@ def setup_billing(app: web.Application) -> None:
     app[BILLING_VIEW] = view
     app[BILLING_RUNNER] = ProjectionRunner(store, codec, [view], name="billing",
                                            snapshot_interval=app[CONFIG].snapshot_interval)
-    app[BILLING] = BillingCommands(store, codec, limits=app[CONFIG].limits)
+    app[BILLING] = BillingCommands(store, codec)
     app[PAYMENT_METHODS] = methods_from_environment()
     app.add_routes(billing_routes)
 

@@ -34,7 +34,7 @@ OPENAPI = web.AppKey("openapi_document", dict)
 
 def _apply_limits(node: Any, limits: Limits) -> Any:
     """The schemas with each ``x-ucloud-limit`` marker replaced by this installation's
-    bound: ``maximum`` of an integer, ``maxItems`` of an array."""
+    bound: ``maximum`` of an integer, ``maxItems`` of an array, ``maxLength`` of a string."""
     if isinstance(node, list):
         return [_apply_limits(item, limits) for item in node]
     if not isinstance(node, dict):
@@ -42,7 +42,7 @@ def _apply_limits(node: Any, limits: Limits) -> Any:
     out = {key: _apply_limits(value, limits) for key, value in node.items() if key != LIMIT_KEY}
     if LIMIT_KEY in node:
         bound = getattr(limits, node[LIMIT_KEY])
-        key = "maxItems" if node.get("type") == "array" else "maximum"
+        key = {"array": "maxItems", "string": "maxLength"}.get(node.get("type", ""), "maximum")
         out[key] = min(bound, node.get(key, bound))
     return out
 

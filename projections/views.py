@@ -13,6 +13,7 @@ from uuid import UUID
 import msgspec
 
 from ucloud.domain import host as host_domain
+from ucloud.domain import network as network_domain
 from ucloud.domain import sshkey as sshkey_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.events import Event, tag_of
@@ -148,6 +149,37 @@ class SshKeysView(Projection):
         }
 
 
+class NetworksView(Projection):
+    """Networks by id and by owner (deleted ones are dropped)."""
+
+    name = "networks"
+    handles = frozenset(tag_of(t) for t in network_domain.NETWORK_EVENT_TYPES)
+
+    def __init__(self) -> None:
+        self.by_id: dict[UUID, network_domain.Network] = {}
+
+    def apply(self, record: EventRecord, event: Event) -> None:
+        network_id = cast(network_domain.NetworkEvent, event).network_id
+        state = network_domain.evolve(self.by_id.get(network_id), event)
+        if state is None or state.status is network_domain.NetworkStatus.DELETED:
+            self.by_id.pop(network_id, None)
+        else:
+            self.by_id[network_id] = state
+
+    def get(self, owner: str, name: str) -> network_domain.Network | None:
+        return self.by_id.get(network_domain.network_id_for(owner, name))
+
+    def owned_by(self, owner: str | None) -> list[network_domain.Network]:
+        rows = [n for n in self.by_id.values() if owner is None or n.owner == owner]
+        return sorted(rows, key=lambda n: (n.owner, n.name))
+
+    def dump(self) -> Any:
+        return [msgspec.to_builtins(n) for n in self.by_id.values()]
+
+    def load(self, data: Any) -> None:
+        self.by_id = {n.id: n for n in (msgspec.convert(raw, network_domain.Network) for raw in data)}
+
+
 class ReadModels:
     """The gateway's set of views, fed by one runner."""
 
@@ -155,6 +187,7 @@ class ReadModels:
         self.vms = VmsView()
         self.hosts = HostsView()
         self.sshkeys = SshKeysView()
+        self.networks = NetworksView()
 
     def all(self) -> list[Projection]:
-        return [self.vms, self.hosts, self.sshkeys]
+        return [self.vms, self.hosts, self.sshkeys, self.networks]

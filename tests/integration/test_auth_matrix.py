@@ -33,6 +33,7 @@ from ucloud.auth.otp import unenrol
 from ucloud.auth.realms import AuthenticationFailed
 from ucloud.auth.sessions import SessionAuthenticator
 from ucloud.commands.billing import BillingCommands
+from ucloud.commands.networks import NetworkCommands
 from ucloud.commands.unit_of_work import SYSTEM, Actor
 from ucloud.domain.invoice import INVOICES_STREAM, InvoiceIssued, reference_for
 from ucloud.gateway.billing_routes import BILLING
@@ -263,6 +264,58 @@ def _order_route(suffix: str, read: bool) -> Prepare:
     return prepare
 
 
+# Networks: the owner's (an admin names any owner with ?owner=); a VM is attached only to
+# its owner's networks. The IPAM allocator does not run here: its decision is appended
+# as it appends it.
+_VNIS = iter(range(1000, 2**24))
+
+
+async def _network(stack: Stack, owner: str) -> str:
+    commands = NetworkCommands(stack.commands.repository)
+    name = f"n-{uuid.uuid4().hex[:6]}"
+    created = await commands.create_network(Actor(owner), name, "auto")
+    vni = next(_VNIS)
+    await commands.allocate_network(SYSTEM, created.result, vni, f"fd00:0:{vni >> 16:x}:{vni & 0xffff:x}::/64")
+    return name
+
+
+def _owner_query(owner: str) -> dict[str, str]:
+    return {} if owner == "alice" else {"owner": owner}
+
+
+async def _net_create(stack: Stack, owner: str) -> Call:
+    body: dict[str, Any] = {"name": f"n-{uuid.uuid4().hex[:6]}", "ipam": "manual", **_owner_query(owner)}
+    return Call("/v1/networks", json=body)
+
+
+async def _net_list(stack: Stack, owner: str) -> Call:
+    await _network(stack, owner)
+    return Call("/v1/networks", query={**await _head(stack), **_owner_query(owner)},
+                check=lambda body: _of_owner({"invoices": body["networks"]}, owner))
+
+
+async def _net_show(stack: Stack, owner: str) -> Call:
+    name = await _network(stack, owner)
+    return Call(f"/v1/networks/{name}", query={**await _head(stack), **_owner_query(owner)},
+                check=lambda body: _of_owner(body, owner))
+
+
+async def _net_delete(stack: Stack, owner: str) -> Call:
+    return Call(f"/v1/networks/{await _network(stack, owner)}", query=_owner_query(owner))
+
+
+async def _attach(stack: Stack, owner: str) -> Call:
+    vm_id = await stack.running_vm(owner)
+    return Call(f"/v1/vms/{vm_id}/networks", json={"network": await _network(stack, owner)})
+
+
+async def _detach(stack: Stack, owner: str) -> Call:
+    vm_id = await stack.running_vm(owner)
+    name = await _network(stack, owner)
+    await NetworkCommands(stack.commands.repository).attach_network(Actor(owner), vm_id, name)
+    return Call(f"/v1/vms/{vm_id}/networks/{name}")
+
+
 OPEN = Spec(_fixed(""), 200, 200, 200, auth=False)  # path filled in from the route
 NOT_FOR_USERS = dict(own=404, other=404)
 
@@ -311,6 +364,12 @@ MATRIX: dict[tuple[str, str], Spec] = {
     ("POST", "/v1/orders"): Spec(_order_quote, 201, 404, 201),
     ("GET", "/v1/orders/{id}"): Spec(_order_route("", True), 200, 404, 200),
     ("POST", "/v1/orders/{id}/confirm"): Spec(_order_route("/confirm", False), 200, 404, 200),
+    ("POST", "/v1/networks"): Spec(_net_create, 202, 404, 202),
+    ("GET", "/v1/networks"): Spec(_net_list, 200, 404, 200),
+    ("GET", "/v1/networks/{name}"): Spec(_net_show, 200, 404, 200),
+    ("DELETE", "/v1/networks/{name}"): Spec(_net_delete, 200, 404, 200),
+    ("POST", "/v1/vms/{id}/networks"): Spec(_attach, 202, 404, 202),
+    ("DELETE", "/v1/vms/{id}/networks/{network}"): Spec(_detach, 202, 404, 202),
 }
 
 
@@ -327,6 +386,7 @@ def spec_of(method: str, path: str) -> Spec:
 def filled(path: str) -> str:
     """Any values for the path parameters (the refusals come before a handler looks)."""
     return (path.replace("{id}", str(uuid.uuid4())).replace("{name}", "someone").replace("{owner}", "someone")
+            .replace("{network}", "someone")
             .replace("{number}", "1"))
 
 

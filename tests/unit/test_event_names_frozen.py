@@ -52,6 +52,18 @@ FROZEN: dict[str, tuple[int, tuple[str, ...]]] = {
     "billing.period_closed": (1, ('period_start', 'period_end')),
     "invoice.issued": (1, ('number', 'owner', 'period_start', 'period_end', 'currency', 'lines', 'total',
                            'reference')),
+    "vm.nic_added": (1, ('vm_id', 'nic_id', 'network_id')),
+    "vm.nic_allocated": (1, ('vm_id', 'nic_id', 'mac')),
+    "vm.nic_removed": (1, ('vm_id', 'nic_id')),
+    "network.requested": (1, ('network_id', 'owner', 'name', 'ipam')),
+    "network.allocated": (1, ('network_id', 'vni', 'group', 'prefix')),
+    "network.allocation_failed": (1, ('network_id', 'reason')),
+    "network.port_added": (1, ('network_id', 'vm_id', 'nic_id')),
+    "network.port_removed": (1, ('network_id', 'vm_id', 'nic_id')),
+    "network.deleted": (1, ('network_id',)),
+    "ipam.pool_configured": (1, ('pool',)),
+    "ipam.claimed": (1, ('resource', 'holder')),
+    "ipam.released": (1, ('resource', 'holder')),
 }
 
 

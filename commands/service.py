@@ -18,9 +18,9 @@ from ucloud.domain import vm as vm_domain
 from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import InvalidValue, NotFound, OutOfBounds, Rejected
 from ucloud.domain.events import Command, EventCodec
-from ucloud.domain.limits import DEFAULT_LIMITS, Limits, MiB, check_at_most
+from ucloud.domain.limits import DEFAULT_LIMITS, Limits, check_at_most, vm_request
 from ucloud.domain.names import check_hostname, check_name, check_user_name
-from ucloud.domain.units import format_size, parse_cores, parse_size
+from ucloud.domain.units import parse_cores, parse_size
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import Tracking
 
@@ -76,15 +76,7 @@ class CommandService:
             check_name(key_name, f"ssh_keys[{index}]")
         keys = tuple(dict.fromkeys(ssh_keys))
         vm_domain.check_user_data(user_data, limits.vm_user_data)
-        cores_count = check_at_most(parse_cores(cores), limits.vm_cores, "cores", "a VM's cores")
-        ram_bytes = check_at_most(parse_size(ram, "ram"), limits.vm_ram, "ram", "a VM's RAM")
-        disk_bytes = check_at_most(parse_size(disk, "disk"), limits.vm_disk, "disk", "a VM's disk")
-        if ram_bytes < limits.vm_min_ram:
-            raise OutOfBounds("ram", f"must be at least {format_size(limits.vm_min_ram)}")
-        if ram_bytes % MiB:
-            raise OutOfBounds("ram", "must be a whole number of MiB")
-        if disk_bytes < limits.vm_min_disk:
-            raise OutOfBounds("disk", f"must be at least {format_size(limits.vm_min_disk)}")
+        cores_count, ram_bytes, disk_bytes = vm_request(limits, cores, ram, disk)
         command = vm_domain.CreateVm(
             vm_id=uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{owner}\0{idempotency_key}") if idempotency_key else uuid.uuid4(),
             owner=owner, name=name, cores=cores_count, ram=ram_bytes, disk=disk_bytes, image=image,

@@ -99,7 +99,7 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
         if params:
             operation["parameters"] = params
         if doc.body is not None:
-            operation["requestBody"] = {"required": True,
+            operation["requestBody"] = {"required": doc.body_required,
                                         "content": {"application/json": {"schema": schema_of[id(doc.body)]}}}
         if not doc.auth:
             operation["security"] = []

@@ -39,6 +39,7 @@ from ucloud.domain.names import (
 from ucloud.domain.network import eui64_address, link_local_address
 from ucloud.domain.sshkey import PUBLIC_KEY_MAX_LENGTH, PUBLIC_KEY_PATTERN, SshKey
 from ucloud.domain.units import CORES_PATTERN, SIZE_MAX_LENGTH, SIZE_PATTERN
+from ucloud.projections.runner import ProjectionRunner
 from ucloud.projections.views import NetworksView, VmRow
 
 from .inputs import check_value, schema_of
@@ -132,6 +133,7 @@ class ApiDoc:
     description: str = "OK"
     also: tuple[int, ...] = ()  # other success statuses with the same body
     body: type | None = None
+    body_required: bool = True  # False: an empty body means every field's default
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = ()
     auth: bool = True
@@ -372,11 +374,13 @@ def _parse_position(raw: str, where: str) -> int:
     return int(check_value(where, POSITION_PARAMS[0].schema, raw))
 
 
-async def reach_position(request: web.Request) -> int:
-    """Wait (bounded) until the read models include the position the client asked for.
+async def reach_position(request: web.Request, runner: ProjectionRunner | None = None,
+                         what: str = "the read models") -> int:
+    """Wait (bounded) until the read models (``runner``: another view's runner) include the
+    position the client asked for.
 
     Returns the position the read models have reached, which the answer reflects."""
-    runner = request.app[RUNNER]
+    runner = runner if runner is not None else request.app[RUNNER]
     wanted = 0
     if "position" in request.query:
         wanted = _parse_position(request.query["position"], "position")
@@ -390,7 +394,7 @@ async def reach_position(request: web.Request) -> int:
         timeout = request.app[CONFIG].read_timeout
         if not await runner.wait_for(wanted, timeout):
             raise PositionNotReached(
-                f"the read models did not reach position {wanted} within {timeout:g}s "
+                f"{what} did not reach position {wanted} within {timeout:g}s "
                 f"(they are at {runner.position}); retry")
     return runner.position
 

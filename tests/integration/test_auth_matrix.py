@@ -323,7 +323,8 @@ MATRIX: dict[tuple[str, str], Spec] = {
     ("GET", "/healthz"): OPEN,
     ("GET", "/metrics"): OPEN,
     ("GET", "/v1/openapi.json"): OPEN,
-    ("POST", "/v1/sessions"): Spec(_fixed("/v1/sessions"), 201, 201, 201, with_session=400),
+    # A session is not a credential for opening another: 401, as for any credential not accepted here.
+    ("POST", "/v1/sessions"): Spec(_fixed("/v1/sessions"), 201, 201, 201, with_session=401),
     ("POST", "/v1/vms"): Spec(_vm_create, 202, 404, 202),
     ("GET", "/v1/vms"): Spec(_vm_list, 200, 404, 200),
     ("GET", "/v1/vms/{id}"): Spec(_vm("", True), 200, 404, 200),

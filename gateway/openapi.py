@@ -101,6 +101,11 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
         if doc.body is not None:
             operation["requestBody"] = {"required": doc.body_required,
                                         "content": {"application/json": {"schema": schema_of[id(doc.body)]}}}
+        if doc.upload is not None:
+            operation["requestBody"] = {"required": True, "content": {
+                doc.upload: {"schema": {"type": "string", "format": "binary",
+                                        "description": "The file's bytes, streamed; at most the gateway's "
+                                                       "max_file_size and within the user's quota (413)."}}}}
         if not doc.auth:
             operation["security"] = []
         if method == "HEAD":  # aiohttp answers HEAD for every GET: the same, without a body

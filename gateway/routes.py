@@ -142,6 +142,9 @@ class ApiDoc:
     # The largest body this operation takes (413 beyond, before it is read or parsed);
     # None: the gateway's max_body_size. Well above the largest valid body of its type.
     max_body: int | None = None
+    # A raw body streamed by the handler itself (an upload), of this media type; the input
+    # middleware leaves it unread.
+    upload: str | None = None
 
 
 POSITION_PARAMS = (

@@ -16,9 +16,8 @@ from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import InvalidValue, NotFound
 from ucloud.domain.events import Event, EventCodec
 from ucloud.domain.invoice import INVOICES_STREAM, PERIODS_STREAM, InvoiceIssued, PeriodClosed
-from ucloud.domain.limits import DEFAULT_LIMITS, Limits
+from ucloud.domain.limits import DEFAULT_LIMITS, Limits, vm_request
 from ucloud.domain.money import Money, parse_money
-from ucloud.domain.units import parse_cores, parse_size
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import NewEvent, StreamAppend, Tracking
 
@@ -162,6 +161,7 @@ class BillingCommands:
             raise NotFound("only the admin realm may order for another user")
         owner = owner or actor.name
         vm_domain.check_user_data(user_data, limits.vm_user_data)
+        cores_count, ram_bytes, disk_bytes = vm_request(limits, cores, ram, disk, ssh_keys)
         order_id = uuid.uuid4()
         now = _now()
 
@@ -171,7 +171,7 @@ class BillingCommands:
             await session.load(ORDER, order_id)
             quoted = order_domain.quote(
                 schedule, pricing.epoch_seconds(now), order_id=order_id, owner=owner, name=name,
-                cores=parse_cores(cores), ram=parse_size(ram, "ram"), disk=parse_size(disk, "disk"), image=image,
+                cores=cores_count, ram=ram_bytes, disk=disk_bytes, image=image,
                 ssh_keys=tuple(ssh_keys), restart_policy=restart_policy, user_data=user_data)
             session.record(ORDER, order_id, [quoted])
             order = order_domain.evolve(None, quoted)

@@ -39,10 +39,21 @@ from ucloud.domain.names import (
 from ucloud.domain.network import eui64_address, link_local_address
 from ucloud.domain.sshkey import PUBLIC_KEY_MAX_LENGTH, PUBLIC_KEY_PATTERN, SshKey
 from ucloud.domain.units import CORES_PATTERN, SIZE_MAX_LENGTH, SIZE_PATTERN
+from ucloud.projections.runner import ProjectionRunner
 from ucloud.projections.views import NetworksView, VmRow
 
 from .inputs import check_value, schema_of
-from .keys import COMMANDS, CONFIG, FOLLOWER, METRICS, READ_MODELS, RUNNER, STORE, actor_of
+from .keys import (
+    COMMANDS,
+    CONFIG,
+    FOLLOWER,
+    METRICS,
+    READ_MODELS,
+    RUNNER,
+    STORE,
+    VM_CREATE_GUARD,
+    actor_of,
+)
 from .problems import NotReady, PositionNotReached
 
 POSITION_HEADER = "X-Ucloud-Position"
@@ -132,6 +143,7 @@ class ApiDoc:
     description: str = "OK"
     also: tuple[int, ...] = ()  # other success statuses with the same body
     body: type | None = None
+    body_required: bool = True  # False: an empty body means every field's default
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = ()
     auth: bool = True
@@ -140,6 +152,9 @@ class ApiDoc:
     # The largest body this operation takes (413 beyond, before it is read or parsed);
     # None: the gateway's max_body_size. Well above the largest valid body of its type.
     max_body: int | None = None
+    # A raw body streamed by the handler itself (an upload), of this media type; the input
+    # middleware leaves it unread.
+    upload: str | None = None
 
 
 POSITION_PARAMS = (
@@ -372,11 +387,13 @@ def _parse_position(raw: str, where: str) -> int:
     return int(check_value(where, POSITION_PARAMS[0].schema, raw))
 
 
-async def reach_position(request: web.Request) -> int:
-    """Wait (bounded) until the read models include the position the client asked for.
+async def reach_position(request: web.Request, runner: ProjectionRunner | None = None,
+                         what: str = "the read models") -> int:
+    """Wait (bounded) until the read models (``runner``: another view's runner) include the
+    position the client asked for.
 
     Returns the position the read models have reached, which the answer reflects."""
-    runner = request.app[RUNNER]
+    runner = runner if runner is not None else request.app[RUNNER]
     wanted = 0
     if "position" in request.query:
         wanted = _parse_position(request.query["position"], "position")
@@ -390,7 +407,7 @@ async def reach_position(request: web.Request) -> int:
         timeout = request.app[CONFIG].read_timeout
         if not await runner.wait_for(wanted, timeout):
             raise PositionNotReached(
-                f"the read models did not reach position {wanted} within {timeout:g}s "
+                f"{what} did not reach position {wanted} within {timeout:g}s "
                 f"(they are at {runner.position}); retry")
     return runner.position
 
@@ -463,14 +480,19 @@ KEY_NAME = Param.of("name", "path", "The SSH key's name.", Name)
     "Create a VM", "createVm", "vms", status=202, response=Accepted, also=(200,), body=CreateVmBody,
     max_body=CREATE_VM_BODY_LIMIT,
     description="Recorded; the VM is requested and the scheduler takes it from here. "
-                "200 when an Idempotency-Key repeats an earlier identical request (same id).",
+                "200 when an Idempotency-Key repeats an earlier identical request (same id). "
+                "402 when prices are in force and the owner's account is prepaid: such VMs are ordered "
+                "(POST /v1/orders), which checks the balance first.",
     params=(Param.of(IDEMPOTENCY_HEADER, "header",
                      "Retry-safe creation: the same key and body give the same VM; the same key with a "
                      "different body is rejected (422).", IdempotencyKey),),
-    errors=(400, 404, 409, 422, 503)))
+    errors=(400, 402, 404, 409, 422, 503)))
 async def create_vm(request: web.Request) -> web.Response:
     body = await decode_body(request, CreateVmBody)
     key = request.headers.get(IDEMPOTENCY_HEADER)  # checked by the input middleware
+    guard = request.app.get(VM_CREATE_GUARD)
+    if guard is not None:
+        await guard(request, actor_of(request), body.owner or actor_of(request).name)
     outcome = await request.app[COMMANDS].create_vm(
         actor_of(request), name=body.name, cores=body.cores, ram=body.ram, disk=body.disk, image=body.image,
         ssh_keys=body.ssh_keys, restart_policy=body.restart_policy.value, owner=body.owner,

@@ -211,6 +211,10 @@ def build_argv(
             "-device",
             "virtio-blk-pci,drive=disk0,bootindex=1",
         ]
+    smbios = [f"{key}={_opt(value)}" for key, value in (("product", spec.smbios_product),
+                                                          ("serial", spec.smbios_serial)) if value is not None]
+    if smbios:
+        argv += ["-smbios", ",".join(["type=1", *smbios])]
     # One PCIe root port per possible NIC, so that any NIC can be hot-plugged and
     # hot-unplugged later (q35 plugs nothing into the root complex at run time).
     for slot in range(NIC_SLOTS):

@@ -28,10 +28,6 @@ from hypothesis import strategies as st
 from tests.support.auth_stack import ADMIN, Stack, auth_stack
 
 PROBLEM = "application/problem+json"
-# Bodies of the authentication routes, which another branch moves into their own package
-# and hardens (issue 13's auth part): their declared limits are not yet in their types.
-# Checked by the strict xfail below, so the day they pass this list must shrink.
-AUTH_LANE_PENDING = {("POST", "/v1/users")}
 # What a free-text field (x-ucloud-free-text, e.g. user_data) rightly accepts; its length
 # bound, NUL and invalid UTF-8 are still refused.
 FREE_TEXT_ACCEPTS = {"overflowing", "control character", "newline-terminated", "unicode digits"}
@@ -205,24 +201,10 @@ async def test_every_field_of_every_operation_refuses_hostile_values_with_a_prob
     finally:
         stop.set()
         await prober
-    pending = [f for f in failures if any(f" {method} {path} " in f" {f} " for method, path in AUTH_LANE_PENDING)]
-    assert not [f for f in failures if f not in pending], "\n".join(failures)
+    assert not failures, "\n".join(failures)
     # The health probe kept being answered throughout (a stall of the event loop would
     # hold every probe): a liveness bound, far above a normal answer's milliseconds.
     assert len(latencies) >= 5 and max(latencies) < 2.0, (len(latencies), max(latencies))
-
-
-@pytest.mark.xfail(strict=True, reason="the auth routes' bodies get their declared limits on the auth branch")
-async def test_the_auth_routes_bodies_refuse_hostile_values_too(stack: Stack) -> None:
-    _, document, _ = await stack.call("GET", "/v1/openapi.json")
-    admin = await stack.session("root", ADMIN)
-    pending = [c for c in cases(document, stack.url) if (c.method, c.path) in AUTH_LANE_PENDING]
-    assert pending
-    async with aiohttp.ClientSession() as http:
-        for case in pending:
-            got, content_type, body = await send(http, case, admin)
-            assert 400 <= got < 500 and content_type == PROBLEM, (case, got, body)
-            assert str(body.get("field") or "").startswith(case.field), (case, body)
 
 
 async def test_the_worst_bodies_at_the_size_limits_are_refused_while_others_are_answered(stack: Stack) -> None:

@@ -13,7 +13,9 @@ A port's chain drops, each rule with a counter:
 - IPv6 from a source other than the NIC's link-local and /64 addresses (and ``::``, which
   duplicate address detection and MLD use);
 - neighbour advertisements for a target that is not one of those addresses;
-and accepts the rest. The last rule's comment carries a digest of the port's spec: a
+and accepts the rest. On a router host an ``inet ucloud`` table drops packets routed from
+one network's bridge to another's: networks reach the world beyond, not each other.
+The last rule's comment carries a digest of the port's spec: a
 chain that already says the same digest is left alone (no counter reset, no flap).
 Every change is one ``nft -f`` transaction.
 """
@@ -38,6 +40,14 @@ add chain {FAMILY} {TABLE} forward {{ type filter hook forward priority 0; polic
 add rule {FAMILY} {TABLE} forward iifname vmap @ports
 add chain {FAMILY} {TABLE} input {{ type filter hook input priority 0; policy accept; }}
 add rule {FAMILY} {TABLE} input iifname vmap @ports
+"""
+
+
+# On a router host: networks are routed to the world beyond, never to each other (each is
+# its owner's layer 2). A routed packet from one ucloud bridge to another is dropped.
+ROUTER_BASE = """add table inet ucloud
+add chain inet ucloud forward { type filter hook forward priority 0; policy accept; }
+add rule inet ucloud forward iifname "ucbr*" oifname "ucbr*" counter drop comment "between-networks"
 """
 
 
@@ -126,6 +136,15 @@ class Firewall:
                 if comment.startswith(DIGEST_PREFIX):
                     chains[item["rule"]["chain"][len("port-"):]] = comment
         return {"table": True, "mapped": mapped, "chains": chains}
+
+    async def ensure_router(self) -> bool:
+        """The router host's rule against routing between networks; True if loaded now."""
+        try:
+            await nft(None, "list", "table", "inet", TABLE)
+            return False
+        except NetworkError:
+            await nft(ROUTER_BASE)
+            return True
 
     async def ensure_port(self, spec: PortSpec) -> bool:
         """Load the port's chain unless it is there with the same digest; True if changed."""

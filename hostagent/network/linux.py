@@ -209,6 +209,8 @@ class LinuxNetworkDriver(NetworkDriver):
 
     async def ensure_network(self, spec: NetworkSpec) -> None:
         async with self._lock:
+            if spec.router:
+                await self.firewall.ensure_router()  # before forwarding: never routes between networks
             if spec.router and spec.ipam == "auto":
                 _sysctl("all/forwarding", "1")  # radvd advertises only with forwarding on
             await asyncio.to_thread(self._ensure_network, spec)

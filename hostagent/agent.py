@@ -122,6 +122,7 @@ class HostAgent:
         self.rdnss = rdnss
         self.nic_grace = nic_grace
         self._waiting_for_macs: dict[UUID, float] = {}
+        self._caught_up_at = 0  # the log's head when run() started
         self._ports: dict[str, PortSpec] = {}  # the ports this pass wants, by tap
         self.resync_interval = resync_interval
         self.stop_timeout = stop_timeout
@@ -140,6 +141,9 @@ class HostAgent:
 
     async def run(self) -> None:
         await self.register()
+        # Nothing is torn down before the views have caught up with the log as it was at
+        # the start: a restarted agent's empty views must not read as "no network needed".
+        self._caught_up_at = await self.commands.store.head()
         follow = asyncio.create_task(self._follow())
         try:
             while True:
@@ -177,7 +181,7 @@ class HostAgent:
                 log.info("vm %s: report not accepted: %s", vm.id, error)
             except Exception:
                 log.exception("vm %s: reconcile failed", vm.id)
-        if self.network is not None:
+        if self.network is not None and self.runner.position >= self._caught_up_at:
             try:
                 await self._remove_stale_networks(vms)
             except Exception:

@@ -252,3 +252,22 @@ def test_guests_on_two_hosts_reach_each_other_over_vxlan_and_hot_plug_joins_a_th
     assert {h: snapshot(h) for h in ("ha", "hb")} == before
     assert {p.name: p.read_text() for p in radvd} == pids
     assert pings(lab, a, address["b"])
+
+    # Spoofing from a real guest: c answers from the router (its network's prefix::1), but
+    # not from an address of the /64 that is not its own, nor with a MAC not its own.
+    other = lab.json("network", "show", "other")
+    gateway = net.router_address(other["prefix"])
+    c = vm_show(lab, c["id"])
+    assert pings(lab, c, gateway)
+    forged = net.eui64_address(other["prefix"], "02:00:00:00:ee:ee")
+    lab.console(c, f"ip -6 addr add {forged}/64 dev eth0 nodad")
+    answer = lab.console(c, f"ping -6 -c 2 -W 3 -I {forged} {gateway} >/dev/null && echo PING-OK || echo PING-FAILED")
+    assert "\nPING-FAILED" in answer.replace("\r", ""), answer
+    lab.console(c, "ip link set eth0 down; ip link set eth0 address 02:00:00:00:ee:ee; ip link set eth0 up")
+    assert not pings(lab, c, gateway)
+    host_c = next(h for h in lab.hosts if str(host_id_for(h)) == c["host_id"])
+    chain = f"port-uct{c['nics'][0]['id'].replace('-', '')[:12]}"
+    counted = sh(lab.hosts[host_c], "nft", "list", "chain", "bridge", "ucloud", chain)
+    for rule in ("ip6-source-spoof", "mac-spoof"):
+        line = next(line for line in counted.splitlines() if f'"{rule}"' in line)
+        assert int(re.search(r"packets (\d+)", line).group(1)) > 0, counted  # type: ignore[union-attr]

@@ -509,12 +509,14 @@ def _add_subcommands() -> None:
 
     # `ucloud up` lives in cli/up.py; it joins this CLI when it can be imported.
     try:
-        from ucloud.cli.up import up
+        from ucloud.cli.up import gateway_command, processes_command, up
     except ModuleNotFoundError as missing:
         if missing.name != "ucloud.cli.up":  # up.py exists but needs something missing: say so when used
             main.add_command(_unavailable("up", str(missing)))
     else:
         main.add_command(up)
+        main.add_command(gateway_command)  # `ucloud gateway`: the API as its own daemon
+        main.add_command(processes_command)  # `ucloud processes`: every process manager, leader-elected
 
 
 _add_subcommands()

@@ -149,9 +149,21 @@ class VmDeleted(Event, tag="vm.deleted", frozen=True):
     host_id: UUID | None = None
 
 
+class VmHostLost(Event, tag="vm.host_lost", frozen=True):
+    """The VM's host was declared dead (or evacuated): its claim is released in the same
+    append and the VM leaves the host. It waits for a new host if it should run and its
+    restart policy is ``always``; it is stopped (with the reason) otherwise; a VM being
+    deleted is deleted (its disk stays on the lost host)."""
+
+    vm_id: UUID
+    host_id: UUID
+    reason: str
+
+
 VmEvent = (
     VmRequested | VmScheduled | VmUnschedulable | VmStartRequested | VmStarted | VmStopRequested
     | VmStopped | VmRebootRequested | VmRebooted | VmCrashed | VmFailed | VmDeleteRequested | VmDeleted
+    | VmHostLost
 )
 VM_EVENT_TYPES: tuple[type[Event], ...] = VmEvent.__args__
 
@@ -232,13 +244,19 @@ class ReportDeleted(Command, tag="vm.report_deleted", frozen=True):
     host_id: UUID
 
 
+class EvictVm(Command, tag="vm.evict", frozen=True):
+    vm_id: UUID
+    host_id: UUID
+    reason: str
+
+
 # What a user may ask of an existing VM, and what a host agent may report about one.
 VmLifecycleCommand = StartVm | StopVm | RebootVm | DeleteVm
 VmReport = ReportStarted | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
 
 VmCommand = (
     CreateVm | StartVm | StopVm | RebootVm | DeleteVm | PlaceVm | MarkUnschedulable | ReportStarted
-    | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
+    | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted | EvictVm
 )
 
 
@@ -266,6 +284,9 @@ class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     accelerator: str = ""
     reboot_requests: int = 0  # a host agent reboots while reboots < reboot_requests
     reboots: int = 0
+    # Placements so far: a host agent starts a guest for one epoch and kills a survivor of
+    # an older one (a host that comes back after its VMs were moved) instead of keeping it.
+    epoch: int = 0
 
 
 def evolve(vm: Vm | None, event: Event) -> Vm | None:
@@ -282,11 +303,13 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
     match event:
         case VmScheduled():
             status = Status.SCHEDULED if vm.desired is Desired.RUNNING else Status.STOPPED
-            return msgspec.structs.replace(vm, host_id=event.host_id, status=status, reason="")
+            return msgspec.structs.replace(vm, host_id=event.host_id, status=status, reason="", epoch=vm.epoch + 1)
         case VmUnschedulable():
             return msgspec.structs.replace(vm, status=Status.UNSCHEDULABLE, reason=event.reason)
         case VmStartRequested():
-            return msgspec.structs.replace(vm, desired=Desired.RUNNING, status=Status.STARTING, reason="")
+            # A VM without a host (its host was lost while it was stopped) waits for one.
+            status = Status.STARTING if vm.host_id is not None else Status.REQUESTED
+            return msgspec.structs.replace(vm, desired=Desired.RUNNING, status=status, reason="")
         case VmStarted():
             return msgspec.structs.replace(
                 vm, status=Status.RUNNING, host_id=event.host_id, accelerator=event.accelerator, reason=""
@@ -310,6 +333,13 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
             return msgspec.structs.replace(vm, desired=Desired.DELETED, status=Status.DELETING)
         case VmDeleted():
             return msgspec.structs.replace(vm, status=Status.DELETED, desired=Desired.DELETED)
+        case VmHostLost():
+            if vm.desired is Desired.DELETED:
+                return msgspec.structs.replace(vm, status=Status.DELETED, host_id=None, reason=event.reason)
+            if vm.desired is Desired.RUNNING and vm.restart_policy is RestartPolicy.ALWAYS:
+                return msgspec.structs.replace(vm, status=Status.REQUESTED, host_id=None, reason=event.reason)
+            return msgspec.structs.replace(vm, status=Status.STOPPED, desired=Desired.STOPPED, host_id=None,
+                                           reason=event.reason)
     return vm
 
 
@@ -339,7 +369,8 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
     vm = _require(vm, command.vm_id)  # type: ignore[attr-defined]
     match command:
         case StartVm():
-            if vm.status in (Status.RUNNING, Status.STARTING, Status.SCHEDULED) and vm.desired is Desired.RUNNING:
+            if vm.status in (Status.RUNNING, Status.STARTING, Status.SCHEDULED, Status.REQUESTED,
+                             Status.UNSCHEDULABLE) and vm.desired is Desired.RUNNING:
                 return []  # already on its way: starting twice is not an error
             if vm.status in (Status.STOPPED, Status.CRASHED, Status.FAILED):
                 return [VmStartRequested(vm_id=vm.id)]
@@ -358,7 +389,7 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
             if vm.status is Status.DELETING:
                 return []
             if vm.host_id is None:
-                # Never placed: nothing runs anywhere, so it is gone at once.
+                # Not placed (never, or its host was lost): nothing runs anywhere, so it is gone at once.
                 return [VmDeleteRequested(vm_id=vm.id), VmDeleted(vm_id=vm.id)]
             return [VmDeleteRequested(vm_id=vm.id)]
         case PlaceVm():
@@ -397,6 +428,10 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
             if vm.status is not Status.DELETING:
                 raise Rejected(f"VM {vm.id} is {vm.status}, not being deleted")
             return [VmDeleted(vm_id=vm.id, host_id=command.host_id)]
+        case EvictVm():
+            if vm.host_id != command.host_id:
+                return []  # moved already (a retry, or a second detector)
+            return [VmHostLost(vm_id=vm.id, host_id=command.host_id, reason=command.reason)]
     raise Rejected(f"{type(command).__name__} is not a VM command")
 
 

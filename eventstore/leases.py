@@ -355,6 +355,11 @@ async def _keep(leases: Leases, held: HeldLease) -> None:
         except (EventStoreError, OSError, TimeoutError) as error:
             log.info("lease %s: renewal failed (%s)", held.grant.name, error)
             continue
+        except Exception:
+            # Never let the keeper die quietly: the holder would believe in a dead lease
+            # until its deadline, and nobody would say why.
+            log.exception("lease %s: renewal failed", held.grant.name)
+            continue
         if not renewed:
             log.warning("lease %s: the store no longer knows it; it is lost", held.grant.name)
             held.lost.set()

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,13 +115,16 @@ class HostAgent:
         resync_interval: float = 2.0,
         stop_timeout: float = 30.0,
         leases: Leases | None = None,
-        lease_ttl: float = 2.0,
+        lease_ttl: float = 3.0,
         lease_margin: float = 0.5,
         feed: Any = None,
         snapshot_interval: float = 30.0,
+        prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """``leases``: the heartbeat; None runs without one (and never fences). ``feed``:
-        called with each new fence deadline (the watchdog client)."""
+        called with each new fence deadline (the watchdog client). ``prepare``: slow
+        start-up work (building the tiny image) done once the lease is held, so that a
+        restarted agent resumes its lease before it runs out."""
         self.commands = commands
         self.driver = driver
         self.images = images
@@ -137,6 +141,7 @@ class HostAgent:
         self.lease_ttl = lease_ttl
         self.lease_margin = lease_margin
         self.feed = feed
+        self.prepare = prepare
         self.held: HeldLease | None = None
         self.session = 0
         self.read = 0  # events read from the log (slice and VM streams), for tests and benchmarks
@@ -169,26 +174,46 @@ class HostAgent:
         return self.leases is None or (self.held is not None and self.held.valid)
 
     async def run(self) -> None:
-        await self.register()
-        await self.catch_up()
-        follow = asyncio.create_task(self._follow())
-        try:
-            if self.leases is None:
+        if self.leases is None:  # no heartbeat: tests of the agent alone; it never fences
+            if self.prepare is not None:
+                await self.prepare()
+            await self.register()
+            await self.catch_up()
+            follow = asyncio.create_task(self._follow())
+            try:
                 await self._reconcile_forever(None)
-            while self.leases is not None:
-                grant = await self._take_lease()
+            finally:
+                await self._stop_following(follow)
+            return
+        # The lease first: a restarted agent resumes its session before it runs out, and
+        # keeps its guests (the rest of the start may take a while on a long log).
+        grant = await self._take_lease()
+        following: asyncio.Task[None] | None = None
+        try:
+            while True:
                 async with hold(self.leases, grant, margin=self.lease_margin, on_renewed=self.feed) as held:
                     self.held = held
+                    if following is None:
+                        if self.prepare is not None:
+                            await self.prepare()
+                        await self.register()
+                        await self.catch_up()
+                        following = asyncio.create_task(self._follow())
                     await self._up(grant)
                     await self._reconcile_forever(held)
                 self.held = None
                 await self.fence("the heartbeat lease was lost")
+                grant = await self._take_lease()
         finally:
-            follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follow
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.runner.save_snapshot())
+            if following is not None:
+                await self._stop_following(following)
+
+    async def _stop_following(self, follow: asyncio.Task[None]) -> None:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.runner.save_snapshot())
 
     async def _reconcile_forever(self, held: HeldLease | None) -> None:
         while held is None or held.valid:
@@ -207,11 +232,12 @@ class HostAgent:
         """Resume the lease of our last life if it still lives (a restarted agent keeps its
         session and its guests), else wait for the name to be free and take a new one."""
         assert self.leases is not None
-        with contextlib.suppress(OSError, ValueError, msgspec.DecodeError):
+        with contextlib.suppress(OSError, ValueError, msgspec.DecodeError, EventStoreError):
             saved = msgspec.json.decode(self.lease_file.read_bytes(), type=Grant)
             if saved.name == self.slice_name and await self.leases.renew(saved):
-                log.info("resumed heartbeat session %d", saved.token)
+                log.info("resumed the heartbeat lease: session %d", saved.token)
                 return saved
+            log.info("the heartbeat lease of session %d is gone", saved.token)
         while True:
             try:
                 grant = await self.leases.acquire(self.slice_name, self.hostname, self.lease_ttl)
@@ -220,6 +246,7 @@ class HostAgent:
                 grant = None
             if grant is not None:
                 self.lease_file.write_bytes(msgspec.json.encode(grant))
+                log.info("took the heartbeat lease: session %d (TTL %gs)", grant.token, grant.ttl)
                 return grant
             await asyncio.sleep(self.lease_ttl / 4)
 
@@ -234,7 +261,11 @@ class HostAgent:
             except EventStoreError as error:
                 log.info("cannot record host.up now: %s", error)
                 await asyncio.sleep(0.2)
-        await self.runner.wait_for(outcome.position, timeout=30)
+        # Everything up to now, not only up to our own event: a VM placed here just before
+        # must be in the view before a reconcile pass looks at the guests.
+        head = await self.commands.store.head()
+        await self.runner.wait_for(max(outcome.position, head), timeout=30)
+        log.info("host %s is up in session %d", self.hostname, grant.token)
 
     async def fence(self, why: str) -> None:
         """Kill every guest now (no guest cooperation: the clock is against us)."""
@@ -282,11 +313,12 @@ class HostAgent:
         """One pass: compare what the log wants with what runs, and act on each VM."""
         if not self.live:
             return
-        placed = {vm.id for vm in self.vms.on_host(self.host_id)}
         for vm_id in await self.driver.list_running():
-            if vm_id not in placed:
+            known = self.vms.get(vm_id)
+            if known is not None and known.host_id != self.host_id:
                 # A survivor of a placement the log took away (this host was declared dead,
-                # or evacuated): the VM runs, or will, elsewhere.
+                # or evacuated): the VM runs, or will, elsewhere. (A guest the view does not
+                # know at all is left alone: only the log's word moves a VM.)
                 await self.driver.kill(vm_id)
                 log.warning("killed VM %s: it is no longer placed on this host", vm_id)
         for vm in self.vms.on_host(self.host_id):

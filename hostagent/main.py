@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import socket
@@ -22,17 +23,20 @@ from .watchdog import WatchdogFeed
 
 
 async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool,
-                    lease_ttl: float = 2.0, lease_margin: float = 0.5) -> None:
+                    lease_ttl: float = 3.0, lease_margin: float = 0.5) -> None:
     store = open_store(store_url)
     leases = leases_for(store)
     try:
         images = ImageCatalogue(state_dir / "images")
-        if tiny:
-            await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
+
+        async def prepare() -> None:
+            if tiny:
+                await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
+
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname,
                           leases=leases, lease_ttl=lease_ttl, lease_margin=lease_margin,
-                          feed=WatchdogFeed(state_dir))
+                          feed=WatchdogFeed(state_dir), prepare=prepare)
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -52,7 +56,7 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--hostname", default=socket.gethostname(), show_default=True)
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
 @click.option("--no-tiny", is_flag=True, help="Do not build and publish the built-in image 'tiny'.")
-@click.option("--lease-ttl", type=click.FloatRange(min=1, max=60), default=2.0, show_default=True,
+@click.option("--lease-ttl", type=click.FloatRange(min=1, max=60), default=3.0, show_default=True,
               help="Seconds of the heartbeat lease: the host is declared dead about this long after it stops.")
 @click.option("--lease-margin", type=click.FloatRange(min=0.1), default=0.5, show_default=True,
               help="The agent fences its guests this long before its lease could expire.")
@@ -62,6 +66,7 @@ def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bo
     """Run the host agent: register this host and make its VMs match the log."""
     if lease_margin >= lease_ttl:
         raise click.UsageError(f"--lease-margin ({lease_margin}) must be below --lease-ttl ({lease_ttl})")
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack (a hung agent)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

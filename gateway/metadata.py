@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from uuid import UUID
@@ -146,6 +147,26 @@ class Neighbours:
         self._socket.close()
 
 
+_NAMES: dict[int, tuple[float, str]] = {}
+
+
+def interface_name(index: int) -> str:
+    """The interface's name, remembered for a second (a bridge deleted and made again may
+    get another index; a name is never trusted longer than that)."""
+    now = time.monotonic()
+    known = _NAMES.get(index)
+    if known is not None and now - known[0] < 1.0:
+        return known[1]
+    try:
+        name = socket.if_indextoname(index)
+    except OSError:
+        name = f"#{index}"
+    if len(_NAMES) > 4096:
+        _NAMES.clear()
+    _NAMES[index] = (now, name)
+    return name
+
+
 def identify(view: MetadataView, peer: Any, neighbours: Neighbours | None) -> Identity:
     """The NIC a connection comes from, from its peer address (host, port, flow, scope)."""
     if not isinstance(peer, tuple) or len(peer) < 4:
@@ -157,10 +178,7 @@ def identify(view: MetadataView, peer: Any, neighbours: Neighbours | None) -> Id
     interface = ""
     ingress: UUID | None = None
     if scope:
-        try:
-            interface = socket.if_indextoname(scope)
-        except OSError:
-            interface = f"#{scope}"
+        interface = interface_name(scope)
         vni = net.vni_of_bridge(interface)
         ingress = view.network_of_vni(vni) if vni is not None else None
     mac = net.mac_of_eui64(host)

@@ -538,6 +538,10 @@ def _add_subcommands() -> None:
     from ucloud.cli.billing import register as add_billing  # price, usage, bill, balance, pay, ...
 
     add_billing(main)
+    from ucloud.cli.images import register as add_images  # file, image, vm resize
+
+    add_images(main)
+
     from ucloud.cli.network import register as add_networks  # network, vm attach-network
 
     add_networks(main, vm)

@@ -60,7 +60,7 @@ from ucloud.gateway.app import GatewayConfig, start
 from ucloud.gateway.metadata import MetadataConfig, RunningMetadata
 from ucloud.gateway.metadata import serve as serve_metadata
 from ucloud.gateway.metadata import start as start_metadata
-from ucloud.hostagent.agent import HostAgent
+from ucloud.hostagent.agent import HostAgent, nocloud_serial
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
 from ucloud.processes.billing import BillingProcess
@@ -191,10 +191,13 @@ async def run_up(
     ready: asyncio.Event | None = None,
     auth: AuthOptions | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    files_root: Path | None = None,
     ipv6_pool: str | None = None,
     metadata_port: int | None = 80,
+    metadata_url: str | None = None,
 ) -> None:
     auth = auth or AuthOptions()
+    files_root = files_root or state_dir / "files"
     private_state_dir(state_dir)
     authenticator: SessionAuthenticator | None = None
     first: FirstAdmin | None = None
@@ -214,7 +217,8 @@ async def run_up(
     commands = CommandService(store, limits=limits)
     try:
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
-                                            authenticator=authenticator or "header", limits=limits))
+                                            authenticator=authenticator or "header", limits=limits,
+                                            files_root=files_root))
     except BaseException:
         await store.close()
         if authenticator is not None:
@@ -234,7 +238,8 @@ async def run_up(
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)
         await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
-        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname)
+        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname,
+                          metadata_url=metadata_url)
         components["host agent"] = agent.run
     tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in components.items()]
     config_path = write_cli_config(gateway.url, header_user=authenticator is None)
@@ -311,18 +316,23 @@ async def run_up(
               help="DEVELOPMENT ONLY: trust X-Ucloud-User/X-Ucloud-Realm as sent, no tokens.")
 @click.option("--limits", "limits_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               envvar="UCLOUD_LIMITS", help="A JSON object of size and count limits to change (docs/api.md).")
+@click.option("--files-root", type=click.Path(path_type=Path), envvar="UCLOUD_FILES_ROOT",
+              help="Users' files, one directory per user (default: <state-dir>/files).")
 @click.option("--ipv6-pool", envvar="UCLOUD_IPV6_POOL", metavar="PREFIX",
               help="The IPv6 prefix (/64 or shorter) networks get their /64 from. Default: a unique local "
                    "/48 generated at the first start and kept in the log.")
 @click.option("--metadata-port", type=click.IntRange(0, 65535), default=80, show_default=True,
               help="The metadata server's port (on [::] and fe80::a9fe:a9fe on every network bridge).")
 @click.option("--no-metadata", is_flag=True, help="Do not run a metadata server in this process.")
+@click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
+              help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
+                   "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
        ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
-       insecure_header_auth: bool, limits_file: Path | None, ipv6_pool: str | None, metadata_port: int,
-       no_metadata: bool, verbose: bool) -> None:
+       insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, ipv6_pool: str | None,
+       metadata_port: int, no_metadata: bool, metadata_url: str | None, verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -335,6 +345,11 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
         limits = load_limits(limits_file.read_bytes()) if limits_file else DEFAULT_LIMITS
     except ValueError as error:
         raise click.UsageError(f"--limits {limits_file}: {error}") from None
+    if metadata_url is not None:
+        try:
+            nocloud_serial(metadata_url)
+        except ValueError as error:
+            raise click.UsageError(f"--metadata-url: {error}") from None
     if ipv6_pool is not None:
         try:
             check_pool(ipv6_pool, "--ipv6-pool")
@@ -342,8 +357,9 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
             raise click.UsageError(str(error)) from None
     try:
         asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent,
-                           auth=auth, limits=limits, ipv6_pool=ipv6_pool,
-                           metadata_port=None if no_metadata else metadata_port))
+                           auth=auth, limits=limits, files_root=files_root.absolute() if files_root else None,
+                           ipv6_pool=ipv6_pool, metadata_port=None if no_metadata else metadata_port,
+                           metadata_url=metadata_url))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError) as error:

@@ -63,6 +63,10 @@ class VmRequested(Event, tag="vm.requested", frozen=True):
     image: str
     ssh_keys: tuple[str, ...] = ()
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    # The catalogued image the disk is a clone of, and its store; None/"" for an image the
+    # hosts provide themselves (``tiny``).
+    image_id: UUID | None = None
+    image_store: str = ""
     # What the guest's cloud-init or ucloud-init runs (served by the metadata server). It
     # is in the log like every other field: never a place for secrets.
     user_data: str = ""
@@ -152,6 +156,23 @@ class VmDeleted(Event, tag="vm.deleted", frozen=True):
     host_id: UUID | None = None
 
 
+class VmResized(Event, tag="vm.resized", frozen=True):
+    """The owner changed the VM's size: cores and RAM while it is stopped, the disk grown at
+    any time (appended with host.claim_changed when the VM is placed)."""
+
+    vm_id: UUID
+    cores: int
+    ram: int
+    disk: int
+
+
+class VmDiskResized(Event, tag="vm.disk_resized", frozen=True):
+    """The host agent grew the VM's disk to ``disk`` bytes (online through QMP if it runs)."""
+
+    vm_id: UUID
+    host_id: UUID
+    disk: int
+    online: bool = False
 class VmNicAdded(Event, tag="vm.nic_added", frozen=True):
     """A NIC on a network was added to the VM (appended with network.port_added); its MAC
     comes from the IPAM allocator. On a running VM the host agent hot-plugs it."""
@@ -179,7 +200,7 @@ class VmNicRemoved(Event, tag="vm.nic_removed", frozen=True):
 VmEvent = (
     VmRequested | VmScheduled | VmUnschedulable | VmStartRequested | VmStarted | VmStopRequested
     | VmStopped | VmRebootRequested | VmRebooted | VmCrashed | VmFailed | VmDeleteRequested | VmDeleted
-    | VmNicAdded | VmNicAllocated | VmNicRemoved
+    | VmNicAdded | VmNicAllocated | VmNicRemoved | VmResized | VmDiskResized
 )
 VM_EVENT_TYPES: tuple[type[Event], ...] = VmEvent.__args__
 
@@ -197,6 +218,8 @@ class CreateVm(Command, tag="vm.create", frozen=True):
     image: str
     ssh_keys: tuple[str, ...] = ()
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    image_id: UUID | None = None
+    image_store: str = ""
     user_data: str = ""
 
 
@@ -214,6 +237,15 @@ class RebootVm(Command, tag="vm.reboot", frozen=True):
 
 class DeleteVm(Command, tag="vm.delete", frozen=True):
     vm_id: UUID
+
+
+class ResizeVm(Command, tag="vm.resize", frozen=True):
+    """The new size; a field equal to the current one is no change."""
+
+    vm_id: UUID
+    cores: int
+    ram: int
+    disk: int
 
 
 # Placement and observations come from the scheduler and the host agent.
@@ -261,6 +293,11 @@ class ReportDeleted(Command, tag="vm.report_deleted", frozen=True):
     host_id: UUID
 
 
+class ReportDiskResized(Command, tag="vm.report_disk_resized", frozen=True):
+    vm_id: UUID
+    host_id: UUID
+    disk: int
+    online: bool = False
 class AddNic(Command, tag="vm.add_nic", frozen=True):
     vm_id: UUID
     nic_id: UUID
@@ -283,12 +320,13 @@ MAX_NICS = 16
 
 # What a user may ask of an existing VM, and what a host agent may report about one.
 VmLifecycleCommand = StartVm | StopVm | RebootVm | DeleteVm
-VmReport = ReportStarted | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
+VmReport = (ReportStarted | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
+            | ReportDiskResized)
 
 VmCommand = (
     CreateVm | StartVm | StopVm | RebootVm | DeleteVm | PlaceVm | MarkUnschedulable | ReportStarted
     | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted | AddNic | AllocateNic
-    | RemoveNic
+    | RemoveNic | ResizeVm | ReportDiskResized
 )
 
 
@@ -324,6 +362,9 @@ class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     accelerator: str = ""
     reboot_requests: int = 0  # a host agent reboots while reboots < reboot_requests
     reboots: int = 0
+    image_id: UUID | None = None
+    image_store: str = ""
+    disk_on_host: int = 0  # the disk size the host agent last reported (vm.disk_resized)
     user_data: str = ""
     nics: tuple[Nic, ...] = ()  # in the order they were added: the guest's NIC order
 
@@ -339,6 +380,7 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
                 id=event.vm_id, owner=event.owner, name=event.name, cores=event.cores, ram=event.ram,
                 disk=event.disk, image=event.image, ssh_keys=event.ssh_keys,
                 restart_policy=event.restart_policy, status=Status.REQUESTED, desired=Desired.RUNNING,
+                image_id=event.image_id, image_store=event.image_store,
                 user_data=event.user_data,
             )
     if vm is None:
@@ -374,6 +416,10 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
             return msgspec.structs.replace(vm, desired=Desired.DELETED, status=Status.DELETING)
         case VmDeleted():
             return msgspec.structs.replace(vm, status=Status.DELETED, desired=Desired.DELETED)
+        case VmResized():
+            return msgspec.structs.replace(vm, cores=event.cores, ram=event.ram, disk=event.disk)
+        case VmDiskResized():
+            return msgspec.structs.replace(vm, disk_on_host=event.disk)
         case VmNicAdded():
             return msgspec.structs.replace(vm, nics=(*vm.nics, Nic(id=event.nic_id, network_id=event.network_id)))
         case VmNicAllocated():
@@ -419,7 +465,8 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
         return [VmRequested(
             vm_id=command.vm_id, owner=command.owner, name=command.name, cores=command.cores,
             ram=command.ram, disk=command.disk, image=command.image, ssh_keys=command.ssh_keys,
-            restart_policy=command.restart_policy, user_data=command.user_data,
+            restart_policy=command.restart_policy, image_id=command.image_id, image_store=command.image_store,
+            user_data=command.user_data,
         )]
     vm = _require(vm, command.vm_id)  # type: ignore[attr-defined]
     match command:
@@ -477,6 +524,13 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
         case ReportFailed():
             _from_host(vm, command.host_id, "a failure")
             return [VmFailed(vm_id=vm.id, host_id=command.host_id, reason=command.reason)]
+        case ResizeVm():
+            return _resize(vm, command)
+        case ReportDiskResized():
+            _from_host(vm, command.host_id, "a disk resize")
+            if command.disk == vm.disk_on_host:
+                return []
+            return [VmDiskResized(vm_id=vm.id, host_id=command.host_id, disk=command.disk, online=command.online)]
         case ReportDeleted():
             _from_host(vm, command.host_id, "a deletion")
             if vm.status is not Status.DELETING:
@@ -505,6 +559,23 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
                 raise NotFound(f"VM {vm.name!r} has no NIC on network {command.network_id}")
             return [VmNicRemoved(vm_id=vm.id, nic_id=nic.id)]
     raise Rejected(f"{type(command).__name__} is not a VM command")
+
+
+# Where cores and RAM may change: no guest runs or is about to (a stopped VM keeps its claim).
+_RESIZABLE = (Status.STOPPED, Status.REQUESTED, Status.UNSCHEDULABLE)
+
+
+def _resize(vm: Vm, command: ResizeVm) -> list[Event]:
+    if vm.status is Status.DELETING:
+        raise Rejected(f"VM {vm.id} is being deleted")
+    if command.disk < vm.disk:
+        raise Rejected(f"disk: a disk only grows: {command.disk} bytes is less than its {vm.disk}", "disk")
+    if (command.cores, command.ram) != (vm.cores, vm.ram) and vm.status not in _RESIZABLE:
+        raise Rejected(f"cores and ram change only while the VM is stopped; it is {vm.status} (stop it first)",
+                       "cores" if command.cores != vm.cores else "ram")
+    if (command.cores, command.ram, command.disk) == (vm.cores, vm.ram, vm.disk):
+        return []
+    return [VmResized(vm_id=vm.id, cores=command.cores, ram=command.ram, disk=command.disk)]
 
 
 def stream_name(vm_id: UUID) -> str:

@@ -53,7 +53,8 @@ from ucloud.projections.runner import ProjectionRunner
 
 from .billing_payments import CardMethod, PayBody, PaymentMethod, PayOut, methods_from_environment
 from .inputs import check_patterns, check_value
-from .keys import CONFIG, STORE, actor_of
+from .keys import CONFIG, STORE, VM_CREATE_GUARD, actor_of
+from .problems import PaymentRequired, PositionNotReached
 from .routes import (
     BODY_LIMIT,
     CREATE_VM_BODY_LIMIT,
@@ -641,6 +642,23 @@ async def _follow(runner: ProjectionRunner) -> None:
         await asyncio.sleep(delay)
 
 
+async def prepaid_orders_first(request: web.Request, actor: Actor, owner: str) -> None:
+    """POST /v1/vms for a prepaid account while prices are in force: 402, order it instead
+    (an order checks the balance before anything runs). Postpaid accounts and admins
+    create directly: their usage is invoiced afterwards."""
+    if actor.is_admin:
+        return
+    view, runner = request.app[BILLING_VIEW], request.app[BILLING_RUNNER]
+    # Prices and the account's kind as of this request, not as of the view's last poll.
+    head = await request.app[STORE].head()
+    if not await runner.wait_for(head, request.app[CONFIG].read_timeout):
+        raise PositionNotReached(f"the billing view did not reach position {head} in time")
+    now = int(time.time())
+    if any(p.effective_from <= now for p in view.meter.schedule.all()) and view.balance(owner, now).kind == "prepaid":
+        raise PaymentRequired(f"{owner}'s account is prepaid and VMs are priced: order the VM (POST /v1/orders, "
+                              "or `ucloud vm create`, which does), so that the balance is checked first")
+
+
 def setup_billing(app: web.Application) -> None:
     """Add the billing routes and the billing read model to a gateway application."""
     store = app[STORE]
@@ -651,6 +669,7 @@ def setup_billing(app: web.Application) -> None:
                                            snapshot_interval=app[CONFIG].snapshot_interval)
     app[BILLING] = BillingCommands(store, codec)
     app[PAYMENT_METHODS] = methods_from_environment()
+    app[VM_CREATE_GUARD] = prepaid_orders_first
     app.add_routes(billing_routes)
 
     async def follow(app: web.Application) -> AsyncIterator[None]:

@@ -8,7 +8,7 @@ OpenStack and cloud-init use; it also answers at any routable address the host h
 
 Who asks is read from the connection, never from anything the guest says:
 - the network is the bridge the request came in on (the link-local peer's scope, the
-  interface index, names the bridge, ``ucbr<VNI>``), or for a routable source the
+  interface index, names the bridge, ``ucbr<VNI in hex>``), or for a routable source the
   network whose /64 holds it;
 - the MAC is the one the source's EUI-64 interface identifier was made from;
 - (network, MAC) is a NIC, and the NIC a VM.

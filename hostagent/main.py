@@ -19,14 +19,16 @@ from .images import ImageCatalogue
 from .qemu import QemuDriver
 
 
-async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool) -> None:
+async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool,
+                    metadata_url: str | None = None) -> None:
     store = open_store(store_url)
     try:
         images = ImageCatalogue(state_dir / "images")
         if tiny:
             await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
-        agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname)
+        agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname,
+                          metadata_url=metadata_url)
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -45,12 +47,16 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--hostname", default=socket.gethostname(), show_default=True)
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
 @click.option("--no-tiny", is_flag=True, help="Do not build and publish the built-in image 'tiny'.")
+@click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
+              help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
+                   "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
 @click.option("-v", "--verbose", is_flag=True)
-def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, verbose: bool) -> None:
+def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, metadata_url: str | None,
+         verbose: bool) -> None:
     """Run the host agent: register this host and make its VMs match the log."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny))
-    except InvalidStoreUrl as error:
+        asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, metadata_url))
+    except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 # exact version, and places at those versions without reading the streams again.
 _WATCHED = frozenset(tag_of(t) for t in (*vm_domain.VM_EVENT_TYPES, *host_domain.HOST_EVENT_TYPES))
 # Events that may make room for VMs that found none.
-_ROOM_MADE = (host_domain.HostRegistered, host_domain.HostCapacityChanged, host_domain.CapacityReleased)
+_ROOM_MADE = (host_domain.HostRegistered, host_domain.HostCapacityChanged, host_domain.CapacityReleased,
+              host_domain.HostStoresDeclared, host_domain.ClaimChanged)
 _ACTIONS = frozenset({"vm.requested", "vm.deleted"})
 _WAITING = (vm_domain.Status.REQUESTED, vm_domain.Status.UNSCHEDULABLE)
 
@@ -244,7 +245,7 @@ class Scheduler:
                 self._undo(plan)
                 return None
             decision = place(self.hosts.by_id.values(), Needs(vm.cores, vm.ram, vm.disk),
-                             overcommit=self.overcommit, strategy=self.strategy)
+                             overcommit=self.overcommit, strategy=self.strategy, store=vm.image_store)
             if isinstance(decision, NoRoom):
                 if vm.status is vm_domain.Status.REQUESTED:
                     plan.known[vm_domain.stream_name(vm_id)] = Loaded(vm, self.vm_versions.get(vm_id, 0), 0)
@@ -309,7 +310,8 @@ class Scheduler:
         vm_stream = vm_domain.stream_name(vm_id)
         known_vm = Loaded(vm, self.vm_versions.get(vm_id, 0), 0)
         for _ in range(self.max_attempts):
-            decision = place(self.hosts.by_id.values(), needs, overcommit=self.overcommit, strategy=self.strategy)
+            decision = place(self.hosts.by_id.values(), needs, overcommit=self.overcommit, strategy=self.strategy,
+                             store=vm.image_store)
             if isinstance(decision, NoRoom):
                 if vm.status is vm_domain.Status.REQUESTED:
                     await self.commands.mark_unschedulable(self.actor, vm_id, decision.reason, tracking=tracking,

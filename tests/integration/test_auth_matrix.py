@@ -51,6 +51,7 @@ class Call:
     json: Any = None
     query: dict[str, str] = field(default_factory=dict)
     check: Callable[[Any], None] | None = None  # on the success body
+    data: bytes | None = None  # a raw body (an upload)
 
 
 Prepare = Callable[[Stack, str], Awaitable[Call]]  # the second argument: whose resource ("alice" or "bob")
@@ -82,7 +83,7 @@ def _fixed(path: str, **kwargs: Any) -> Prepare:
 
 def _owned_by(owner: str) -> Callable[[Any], None]:
     def check(body: Any) -> None:
-        rows = body.get("vms", body.get("ssh_keys"))
+        rows = body.get("vms", body.get("ssh_keys", body.get("files")))
         assert rows and {row["owner"] for row in rows} == {owner}, body
 
     return check
@@ -130,6 +131,54 @@ async def _key_add(stack: Stack, owner: str) -> Call:
 async def _key_delete(stack: Stack, owner: str) -> Call:
     name = await stack.ssh_key(owner)
     return Call(f"/v1/ssh-keys/{name}", query={} if owner == "alice" else {"owner": owner})
+
+
+async def _file_upload(stack: Stack, owner: str) -> Call:
+    # Always into the caller's own directory: there is no uploading into another's.
+    return Call(f"/v1/files/u-{uuid.uuid4().hex[:6]}.qcow2", data=b"qcow2?")
+
+
+async def _file_list(stack: Stack, owner: str) -> Call:
+    await stack.file(owner)
+    query = await _head(stack)
+    if owner != "alice":
+        query["owner"] = owner
+    return Call("/v1/files", query=query, check=_owned_by(owner))
+
+
+async def _file_delete(stack: Stack, owner: str) -> Call:
+    name = await stack.file(owner)
+    return Call(f"/v1/files/{name}", query={} if owner == "alice" else {"owner": owner})
+
+
+async def _image_create(stack: Stack, owner: str) -> Call:
+    body = {"name": f"i-{uuid.uuid4().hex[:6]}", "file": await stack.file(owner)}
+    if owner != "alice":
+        body["owner"] = owner
+    return Call("/v1/images", json=body)
+
+
+async def _image_list(stack: Stack, owner: str) -> Call:
+    await stack.image(owner)
+    query = await _head(stack)
+    if owner != "alice":
+        query["owner"] = owner
+    return Call("/v1/images", query=query)
+
+
+def _image(read: bool) -> Prepare:
+    async def prepare(stack: Stack, owner: str) -> Call:
+        name = await stack.image(owner)
+        query = await _head(stack) if read else {}
+        if owner != "alice":
+            query["owner"] = owner
+        return Call(f"/v1/images/{name}", query=query)
+
+    return prepare
+
+
+async def _vm_resize(stack: Stack, owner: str) -> Call:
+    return Call(f"/v1/vms/{await stack.running_vm(owner)}/resize", json={"disk": "2GiB"})
 
 
 async def _host_add(stack: Stack, owner: str) -> Call:
@@ -336,6 +385,14 @@ MATRIX: dict[tuple[str, str], Spec] = {
     ("GET", "/v1/ssh-keys"): Spec(_key_list, 200, 404, 200),
     ("POST", "/v1/ssh-keys"): Spec(_key_add, 201, 404, 201),
     ("DELETE", "/v1/ssh-keys/{name}"): Spec(_key_delete, 200, 404, 200),
+    ("POST", "/v1/vms/{id}/resize"): Spec(_vm_resize, 202, 404, 202),
+    ("PUT", "/v1/files/{name}"): Spec(_file_upload, 201, 201, 201),  # always one's own directory
+    ("GET", "/v1/files"): Spec(_file_list, 200, 404, 200),
+    ("DELETE", "/v1/files/{name}"): Spec(_file_delete, 200, 404, 200),
+    ("POST", "/v1/images"): Spec(_image_create, 202, 404, 202),
+    ("GET", "/v1/images"): Spec(_image_list, 200, 404, 200),
+    ("GET", "/v1/images/{name}"): Spec(_image(True), 200, 404, 200),
+    ("DELETE", "/v1/images/{name}"): Spec(_image(False), 202, 404, 202),
     ("GET", "/v1/hosts"): Spec(_fixed("/v1/hosts"), **NOT_FOR_USERS, admin=200),
     ("POST", "/v1/hosts"): Spec(_host_add, **NOT_FOR_USERS, admin=201),
     ("GET", "/v1/users"): Spec(_fixed("/v1/users", check=_every_user), **NOT_FOR_USERS, admin=200,
@@ -467,7 +524,8 @@ async def test_own_other_and_admin_get_the_right_answer_on_every_endpoint(stack:
                 if mode == "session" and spec.with_session is not None:
                     expected = spec.with_session
                 headers = sessions[actor] if mode == "session" else stack.totp(*actor)
-                status, body, _ = await stack.call(method, url, headers if spec.auth else {}, call.json, call.query)
+                status, body, _ = await stack.call(method, url, headers if spec.auth else {}, call.json, call.query,
+                                                   call.data)
                 where = f"{case} ({mode}): {method} {url} -> {status} {body}"
                 assert status == expected, where
                 if status < 300 and call.check is not None and method != "HEAD":

@@ -216,10 +216,15 @@ class Client:
         return {"Authorization": f"Bearer {token}"} if token else await self._totp_headers()
 
     async def _send(self, method: str, path: str, body: Any, query: dict[str, str],
-                    headers: dict[str, str]) -> tuple[int, Any]:
+                    headers: dict[str, str], payload: Any = None) -> tuple[int, Any]:
         url = self.settings.api + path
+        # An upload (payload) may take longer than any other request: no total limit, but a
+        # gateway that stops answering for REQUEST_TIMEOUT still ends it.
+        timeout = (aiohttp.ClientTimeout(total=None, sock_read=REQUEST_TIMEOUT) if payload is not None
+                   else self.session.timeout)
         try:
-            async with self.session.request(method, url, json=body, params=query, headers=headers) as response:
+            async with self.session.request(method, url, json=body, params=query, headers=headers, data=payload,
+                                            timeout=timeout) as response:
                 status = response.status
                 text = await response.text()
                 content_type = response.content_type
@@ -253,17 +258,21 @@ class Client:
         raise ApiError(status, (detail or f"the API answered {status}") + hint, field)
 
     async def request(self, method: str, path: str, body: Any = None, *, query: dict[str, str] | None = None,
-                      headers: dict[str, str] | None = None, read: bool = False) -> tuple[int, Any]:
+                      headers: dict[str, str] | None = None, read: bool = False,
+                      upload: Callable[[], Any] | None = None) -> tuple[int, Any]:
+        """``upload``: makes the raw body to send (called again if the request is repeated)."""
         query = dict(query or {})
         if read and self.position:
             query["position"] = str(self.position)
         auth = await self._auth_headers()
-        status, data = await self._send(method, path, body, query, {**auth, **(headers or {})})
+        status, data = await self._send(method, path, body, query, {**auth, **(headers or {})},
+                                        upload() if upload else None)
         if status == 401 and "Authorization" in auth and not self.opened_session:
             # The session ended early (user re-enabled, key rotated, gateway moved): one new one.
             self.sessions.drop(self.settings.api, self.settings.user, self.settings.realm)
             auth = await self._auth_headers()
-            status, data = await self._send(method, path, body, query, {**auth, **(headers or {})})
+            status, data = await self._send(method, path, body, query, {**auth, **(headers or {})},
+                                            upload() if upload else None)
         if status >= 400:
             field = data.get("field") if isinstance(data, dict) else None
             if status in (400, 422) and field == "position" and "position" in query and read:

@@ -41,7 +41,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import click
 from rich import box
@@ -113,6 +113,11 @@ def show_vm(vm: dict[str, Any]) -> None:
     for key, value in rows:
         grid.add_row(key, value)
     console().print(grid)
+    if vm.get("nics"):
+        nics = table("NETWORK", "MAC", "LINK-LOCAL", "ADDRESS")
+        for nic in vm["nics"]:
+            nics.add_row(nic["network"], nic["mac"] or "(allocating)", nic["link_local"] or "-", nic["address"] or "-")
+        console().print(nics)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of tables.")
@@ -229,6 +234,23 @@ def default_vm_name(image: str) -> str:
     return f"{stem}-{secrets.token_hex(2)}"
 
 
+USER_DATA_READ_LIMIT = 1024 * 1024  # the gateway states the real limit; this only bounds the read
+
+
+def read_user_data(source: BinaryIO) -> str:
+    """A user-data file as text: UTF-8, read up to a bound so a wrong file name (a disk
+    image) fails at once rather than after reading gigabytes."""
+    raw = source.read(USER_DATA_READ_LIMIT + 1)
+    if len(raw) > USER_DATA_READ_LIMIT:
+        raise click.BadParameter(f"larger than {USER_DATA_READ_LIMIT} bytes; user data is a short text",
+                                 param_hint="--user-data")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise click.BadParameter(f"not UTF-8 text ({error.reason} at byte {error.start}); compressed or "
+                                 "binary user data is not supported", param_hint="--user-data") from None
+
+
 @vm.command("create")
 @click.argument("name", required=False)
 @click.option("--name", "name_option", metavar="NAME", help="The VM's name (or give it as the argument; "
@@ -240,20 +262,30 @@ def default_vm_name(image: str) -> str:
 @click.option("--ssh-key", "ssh_keys", multiple=True, metavar="NAME", help="An SSH key (by name) to install; repeat.")
 @click.option("--restart-policy", type=click.Choice(["always", "never"]), default="always", show_default=True,
               help="Restart the VM after a crash?")
+@click.option("--network", "networks", multiple=True, metavar="NAME",
+              help="A NIC on this network of yours; repeat (the order is the guest's NIC order).")
 @click.option("--idempotency-key", metavar="KEY", help="Retry-safe: the same key and options give the same VM.")
+@click.option("--user-data", "user_data_file", type=click.File("rb"), metavar="FILE",
+              help="User data for cloud-init/ucloud-init (UTF-8 text, at most 16 KiB characters by default). "
+                   "It is stored in the log: never put secrets in it.")
 @click.option("--yes", is_flag=True, help="When prices are set: order at the quoted price without asking.")
 @wait_options
 @json_option
 @pass_context
 def vm_create(ctx: Context, name: str | None, name_option: str | None, image: str, cores: str, ram: str, disk: str,
-              ssh_keys: tuple[str, ...], restart_policy: str, idempotency_key: str | None, yes: bool, wait: bool,
-              timeout: float, as_json: bool) -> None:
+              ssh_keys: tuple[str, ...], restart_policy: str, networks: tuple[str, ...], idempotency_key: str | None,
+              user_data_file: BinaryIO | None, yes: bool, wait: bool, timeout: float, as_json: bool) -> None:
     """Create a VM called NAME (--wait: until it runs)."""
     if name and name_option and name != name_option:
         raise click.UsageError(f"two names given: {name!r} and --name {name_option!r}")
+    user_data = read_user_data(user_data_file) if user_data_file else ""
     name = name or name_option or default_vm_name(image)
     body = {"name": name, "image": image, "cores": int(cores) if cores.isascii() and cores.isdigit() else cores, "ram": ram,
             "disk": disk, "ssh_keys": list(ssh_keys), "restart_policy": restart_policy}
+    if networks:
+        body["networks"] = list(networks)
+    if user_data:
+        body["user_data"] = user_data
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
 
     async def work(client: Client) -> None:
@@ -506,17 +538,26 @@ def _add_subcommands() -> None:
     from ucloud.cli.billing import register as add_billing  # price, usage, bill, balance, pay, ...
 
     add_billing(main)
+    from ucloud.cli.images import register as add_images  # file, image, vm resize
+
+    add_images(main)
+
+    from ucloud.cli.network import register as add_networks  # network, vm attach-network
+
+    add_networks(main, vm)
 
     # `ucloud up` lives in cli/up.py; it joins this CLI when it can be imported.
     try:
-        from ucloud.cli.up import gateway_command, processes_command, up
+        from ucloud.cli.up import gateway_command, metadata, processes_command, up
     except ModuleNotFoundError as missing:
         if missing.name != "ucloud.cli.up":  # up.py exists but needs something missing: say so when used
             main.add_command(_unavailable("up", str(missing)))
+            main.add_command(_unavailable("metadata", str(missing)))
     else:
         main.add_command(up)
         main.add_command(gateway_command)  # `ucloud gateway`: the API as its own daemon
         main.add_command(processes_command)  # `ucloud processes`: every process manager, leader-elected
+        main.add_command(metadata)  # `ucloud metadata`: the metadata server as its own process
 
 
 _add_subcommands()

@@ -52,11 +52,16 @@ from ucloud.auth.secrets import SecretStoreError
 from ucloud.auth.sessions import DEFAULT_TTL, SessionAuthenticator
 from ucloud.cli.credentials import Credentials, CredentialsError, Identity, Seed
 from ucloud.commands.service import CommandService
+from ucloud.domain.errors import InvalidValue
 from ucloud.domain.limits import DEFAULT_LIMITS, Limits, load_limits
+from ucloud.domain.network import check_pool
 from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 from ucloud.gateway.app import GatewayConfig, start
-from ucloud.hostagent.agent import HostAgent
+from ucloud.gateway.metadata import MetadataConfig, RunningMetadata
+from ucloud.gateway.metadata import serve as serve_metadata
+from ucloud.gateway.metadata import start as start_metadata
+from ucloud.hostagent.agent import HostAgent, nocloud_serial
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
 from ucloud.processes import daemon as processes
@@ -185,8 +190,13 @@ async def run_up(
     ready: asyncio.Event | None = None,
     auth: AuthOptions | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    files_root: Path | None = None,
+    ipv6_pool: str | None = None,
+    metadata_port: int | None = 80,
+    metadata_url: str | None = None,
 ) -> None:
     auth = auth or AuthOptions()
+    files_root = files_root or state_dir / "files"
     private_state_dir(state_dir)
     authenticator: SessionAuthenticator | None = None
     first: FirstAdmin | None = None
@@ -206,23 +216,31 @@ async def run_up(
     commands = CommandService(store, limits=limits)
     try:
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
-                                            authenticator=authenticator or "header", limits=limits))
+                                            authenticator=authenticator or "header", limits=limits,
+                                            files_root=files_root))
     except BaseException:
         await store.close()
         if authenticator is not None:
             await authenticator.close()
         raise
     leases = leases_for(store)
-    # Every process manager (scheduler, failure detector, billing), each under its leader
-    # lease: the same set `ucloud processes` runs, so an up can share a log with others.
-    components: dict[str, Callable[[], Awaitable[None]]] = dict(
-        processes.build(commands, leases, processes.ProcessSettings(instance=f"up-{hostname}")).components)
+    metadata: RunningMetadata | None = None
+    if metadata_port is not None:
+        try:
+            metadata = await start_metadata(MetadataConfig(store=store, port=metadata_port))
+        except OSError as error:  # not root (port 80), or the port is taken: the rest still runs
+            click.echo(f"ucloud: WARNING: no metadata server: {error}", err=True)
+    # Every process manager (scheduler, failure detector, billing, IPAM), each under its
+    # leader lease: the same set `ucloud processes` runs, so an up can share a log with others.
+    components: dict[str, Callable[[], Awaitable[None]]] = dict(processes.build(
+        commands, leases, processes.ProcessSettings(instance=f"up-{hostname}", ipv6_pool=ipv6_pool)).components)
     if with_agent:
         images = ImageCatalogue(state_dir / "images")
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)
         await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
-        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname, leases=leases)
+        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname,
+                          metadata_url=metadata_url, leases=leases)
         components["host agent"] = agent.run
     tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in components.items()]
     config_path = write_cli_config(gateway.url, header_user=authenticator is None)
@@ -258,6 +276,8 @@ async def run_up(
                 await task
         await gateway.stop()
         await leases.close()
+        if metadata is not None:
+            await metadata.stop()
         await store.close()
         if authenticator is not None:
             await authenticator.close()
@@ -298,11 +318,23 @@ async def run_up(
               help="DEVELOPMENT ONLY: trust X-Ucloud-User/X-Ucloud-Realm as sent, no tokens.")
 @click.option("--limits", "limits_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               envvar="UCLOUD_LIMITS", help="A JSON object of size and count limits to change (docs/api.md).")
+@click.option("--files-root", type=click.Path(path_type=Path), envvar="UCLOUD_FILES_ROOT",
+              help="Users' files, one directory per user (default: <state-dir>/files).")
+@click.option("--ipv6-pool", envvar="UCLOUD_IPV6_POOL", metavar="PREFIX",
+              help="The IPv6 prefix (/64 or shorter) networks get their /64 from. Default: a unique local "
+                   "/48 generated at the first start and kept in the log.")
+@click.option("--metadata-port", type=click.IntRange(0, 65535), default=80, show_default=True,
+              help="The metadata server's port (on [::] and fe80::a9fe:a9fe on every network bridge).")
+@click.option("--no-metadata", is_flag=True, help="Do not run a metadata server in this process.")
+@click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
+              help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
+                   "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
        ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
-       insecure_header_auth: bool, limits_file: Path | None, verbose: bool) -> None:
+       insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, ipv6_pool: str | None,
+       metadata_port: int, no_metadata: bool, metadata_url: str | None, verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -315,15 +347,57 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
         limits = load_limits(limits_file.read_bytes()) if limits_file else DEFAULT_LIMITS
     except ValueError as error:
         raise click.UsageError(f"--limits {limits_file}: {error}") from None
+    if metadata_url is not None:
+        try:
+            nocloud_serial(metadata_url)
+        except ValueError as error:
+            raise click.UsageError(f"--metadata-url: {error}") from None
+    if ipv6_pool is not None:
+        try:
+            check_pool(ipv6_pool, "--ipv6-pool")
+        except InvalidValue as error:
+            raise click.UsageError(str(error)) from None
     try:
         asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent,
-                           auth=auth, limits=limits))
+                           auth=auth, limits=limits, files_root=files_root.absolute() if files_root else None,
+                           ipv6_pool=ipv6_pool, metadata_port=None if no_metadata else metadata_port,
+                           metadata_url=metadata_url))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(str(error)) from None
+
+
+@click.command("metadata")
+@click.option("--store", "store_url", envvar="UCLOUD_STORE", default=f"sqlite://{DEFAULT_STATE_DIR}/events.sqlite",
+              show_default=True, help="The log: sqlite:///path or etcd://host:port[,host:port][/prefix].")
+@click.option("--listen", multiple=True, default=("::",), show_default=True, metavar="ADDRESS",
+              help="Addresses to listen on (repeat). [::] takes fe80::a9fe:a9fe on every bridge too.")
+@click.option("--port", default=80, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--no-link-local", is_flag=True,
+              help="Do not put fe80::a9fe:a9fe on this host's network bridges (something else does).")
+@click.option("--no-neighbour-check", is_flag=True,
+              help="Do not check a link-local source against the kernel's neighbour entry.")
+@click.option("-v", "--verbose", is_flag=True)
+def metadata(store_url: str, listen: tuple[str, ...], port: int, no_link_local: bool, no_neighbour_check: bool,
+             verbose: bool) -> None:
+    """Run a metadata server: guests learn their SSH keys, hostname, user data and network
+    configuration (ucloud, OpenStack and NoCloud formats; docs/metadata.md). Run one on
+    every host; any number of instances may share a host and a port."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = MetadataConfig(store_url=store_url, listen=listen, port=port, link_local=not no_link_local,
+                            check_neighbour=not no_neighbour_check)
+    try:
+        asyncio.run(serve_metadata(config))
+    except InvalidStoreUrl as error:
+        raise click.UsageError(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        pass
 
 
 # -- the daemons, each in a process of its own (docs/operations.md, "Production layout") --
@@ -365,15 +439,23 @@ async def run_processes(store_url: str, settings: processes.ProcessSettings) -> 
               help="Seconds of a leader lease: a standby takes over about this long after the leader stops.")
 @click.option("--declare-after", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="Seconds a host's heartbeat lease must stay gone before it is declared dead.")
+@click.option("--ipv6-pool", envvar="UCLOUD_IPV6_POOL", metavar="PREFIX",
+              help="The IPv6 pool networks' /64s come from (as for `ucloud up`).")
 @click.option("-v", "--verbose", is_flag=True)
-def processes_command(store_url: str, instance: str, lease_ttl: float, declare_after: float, verbose: bool) -> None:
-    """Run every process manager (scheduler, failure detector, billing), leader-elected:
+def processes_command(store_url: str, instance: str, lease_ttl: float, declare_after: float,
+                      ipv6_pool: str | None, verbose: bool) -> None:
+    """Run every process manager (scheduler, failure detector, billing, IPAM), leader-elected:
     start as many as you like; one leads each, the others take over."""
+    if ipv6_pool is not None:
+        try:
+            check_pool(ipv6_pool, "--ipv6-pool")
+        except InvalidValue as error:
+            raise click.UsageError(str(error)) from None
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         asyncio.run(run_processes(store_url, processes.ProcessSettings(
-            instance=instance, lease_ttl=lease_ttl, declare_after=declare_after)))
+            instance=instance, lease_ttl=lease_ttl, declare_after=declare_after, ipv6_pool=ipv6_pool)))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
 

@@ -11,12 +11,13 @@ from uuid import UUID
 from ucloud.domain import account as account_domain
 from ucloud.domain import order as order_domain
 from ucloud.domain import pricing
+from ucloud.domain import vm as vm_domain
 from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import InvalidValue, NotFound
 from ucloud.domain.events import Event, EventCodec
 from ucloud.domain.invoice import INVOICES_STREAM, PERIODS_STREAM, InvoiceIssued, PeriodClosed
+from ucloud.domain.limits import DEFAULT_LIMITS, Limits, vm_request
 from ucloud.domain.money import Money, parse_money
-from ucloud.domain.units import parse_cores, parse_size
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import NewEvent, StreamAppend, Tracking
 
@@ -152,12 +153,15 @@ class BillingCommands:
 
     async def quote_order(self, actor: Actor, *, name: str, cores: int | str, ram: int | str, disk: int | str,
                           image: str, ssh_keys: Sequence[str] = (), restart_policy: str = "always",
-                          owner: str | None = None) -> Outcome[order_domain.Order]:
+                          owner: str | None = None, user_data: str = "",
+                          limits: Limits = DEFAULT_LIMITS) -> Outcome[order_domain.Order]:
         """Record a quote for a VM at the prices in force now (the VM's name, image and keys
         are checked when it is provisioned: a bad one cancels the order with the reason)."""
         if owner is not None and owner != actor.name and not actor.is_admin:
             raise NotFound("only the admin realm may order for another user")
         owner = owner or actor.name
+        vm_domain.check_user_data(user_data, limits.vm_user_data)
+        cores_count, ram_bytes, disk_bytes = vm_request(limits, cores, ram, disk, ssh_keys)
         order_id = uuid.uuid4()
         now = _now()
 
@@ -167,8 +171,8 @@ class BillingCommands:
             await session.load(ORDER, order_id)
             quoted = order_domain.quote(
                 schedule, pricing.epoch_seconds(now), order_id=order_id, owner=owner, name=name,
-                cores=parse_cores(cores), ram=parse_size(ram, "ram"), disk=parse_size(disk, "disk"), image=image,
-                ssh_keys=tuple(ssh_keys), restart_policy=restart_policy)
+                cores=cores_count, ram=ram_bytes, disk=disk_bytes, image=image,
+                ssh_keys=tuple(ssh_keys), restart_policy=restart_policy, user_data=user_data)
             session.record(ORDER, order_id, [quoted])
             order = order_domain.evolve(None, quoted)
             assert order is not None

@@ -11,28 +11,44 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
+import msgspec
+
+from ucloud.domain import file as file_domain
 from ucloud.domain import host as host_domain
+from ucloud.domain import image as image_domain
 from ucloud.domain import operators as operators_domain
 from ucloud.domain import sshkey as sshkey_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import InvalidValue, NotFound, OutOfBounds, Rejected
-from ucloud.domain.events import Command, EventCodec
-from ucloud.domain.limits import DEFAULT_LIMITS, Limits, MiB, check_at_most
+from ucloud.domain.events import Command, Event, EventCodec
+from ucloud.domain.limits import DEFAULT_LIMITS, Limits, MiB, check_at_most, vm_request
 from ucloud.domain.names import check_hostname, check_name, check_user_name
 from ucloud.domain.units import format_size, parse_cores, parse_size
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import Tracking
 
-from .aggregates import ADMIN, HOST, SSHKEY, VM
+from .aggregates import ADMIN, FILE, HOST, IMAGE, SSHKEY, VM
+from .networks import add_nic, check_network_names
 from .unit_of_work import Actor, Loaded, Outcome, Repository, Session
 
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c003")
+# Images the hosts provide themselves, outside the catalogue: ``tiny`` is built by every
+# host agent; ``debian-12`` is placed on hosts by the operator (docs/operations.md). Any
+# other image name must be a ready image of the catalogue (the owner's, or a public one).
+HOST_IMAGES = frozenset({"tiny", "debian-12"})
+DEFAULT_STORE = "local"
 
 
 class CommandService:
     def __init__(self, store: EventStore, codec: EventCodec | None = None,
-                 overcommit: host_domain.Overcommit | None = None, limits: Limits | None = None) -> None:
+                 overcommit: host_domain.Overcommit | None = None, limits: Limits | None = None, *,
+                 host_images: frozenset[str] = HOST_IMAGES,
+                 image_stores: tuple[str, ...] = (DEFAULT_STORE,)) -> None:
+        """``host_images``: names the hosts provide (see HOST_IMAGES); ``image_stores``:
+        the stores images may be imported into, the first the default."""
+        self.host_images = host_images
+        self.image_stores = image_stores
         self.store = store
         self.limits = limits or DEFAULT_LIMITS
         self.codec = codec or build_codec()
@@ -54,8 +70,12 @@ class CommandService:
         restart_policy: str = "always",
         owner: str | None = None,
         idempotency_key: str | None = None,
+        user_data: str = "",
+        networks: Sequence[str] = (),
     ) -> Outcome[UUID]:
+        """``networks``: names of the owner's networks, one NIC on each, in this order."""
         owner = self._owner(actor, owner)
+        network_names = check_network_names(networks)
         limits = self.limits
         check_name(name, "name")
         check_name(image, "image")
@@ -70,34 +90,47 @@ class CommandService:
         for index, key_name in enumerate(ssh_keys):
             check_name(key_name, f"ssh_keys[{index}]")
         keys = tuple(dict.fromkeys(ssh_keys))
-        cores_count = check_at_most(parse_cores(cores), limits.vm_cores, "cores", "a VM's cores")
-        ram_bytes = check_at_most(parse_size(ram, "ram"), limits.vm_ram, "ram", "a VM's RAM")
-        disk_bytes = check_at_most(parse_size(disk, "disk"), limits.vm_disk, "disk", "a VM's disk")
-        if ram_bytes < limits.vm_min_ram:
-            raise OutOfBounds("ram", f"must be at least {format_size(limits.vm_min_ram)}")
-        if ram_bytes % MiB:
-            raise OutOfBounds("ram", "must be a whole number of MiB")
-        if disk_bytes < limits.vm_min_disk:
-            raise OutOfBounds("disk", f"must be at least {format_size(limits.vm_min_disk)}")
-        command = vm_domain.CreateVm(
-            vm_id=uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{owner}\0{idempotency_key}") if idempotency_key else uuid.uuid4(),
-            owner=owner, name=name, cores=cores_count, ram=ram_bytes, disk=disk_bytes, image=image,
-            ssh_keys=keys, restart_policy=policy,
-        )
+        vm_domain.check_user_data(user_data, limits.vm_user_data)
+        cores_count, ram_bytes, disk_bytes = vm_request(limits, cores, ram, disk)
+        vm_id = uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{owner}\0{idempotency_key}") if idempotency_key else uuid.uuid4()
 
         async def work(session: Session) -> UUID:
+            command = vm_domain.CreateVm(
+                vm_id=vm_id, owner=owner, name=name, cores=cores_count, ram=ram_bytes, disk=disk_bytes, image=image,
+                ssh_keys=keys, restart_policy=policy, user_data=user_data,
+            )
+            catalogued = None
+            if image not in self.host_images:
+                catalogued = await self._visible_image(session, owner, image)
+                if catalogued is None:
+                    raise Rejected(f"image: no image named {image!r} (see 'ucloud image list')", "image")
+                if catalogued.status is image_domain.ImageStatus.READY and disk_bytes < catalogued.virtual_size:
+                    raise OutOfBounds("disk", f"{format_size(disk_bytes)} is smaller than the image {image!r} "
+                                              f"({format_size(catalogued.virtual_size)})")
+                session.record(IMAGE, catalogued.id, image_domain.decide(
+                    catalogued, image_domain.UseImage(image_id=catalogued.id, vm_id=vm_id, vm_name=name)))
+                command = msgspec.structs.replace(command, image_id=catalogued.id, image_store=catalogued.store)
             for key_name in command.ssh_keys:
                 key = await session.load(SSHKEY, sshkey_domain.key_id_for(owner, key_name))
                 if key is None or key.deleted:
                     raise Rejected(f"ssh_keys: no SSH key named {key_name!r}", "ssh_keys")
             existing = await session.load(VM, command.vm_id)
             if existing is not None and idempotency_key:
-                same = (existing.name, existing.cores, existing.ram, existing.disk, existing.image) == (
-                    command.name, command.cores, command.ram, command.disk, command.image)
+                same = (existing.name, existing.cores, existing.ram, existing.disk, existing.image,
+                        existing.user_data) == (
+                    command.name, command.cores, command.ram, command.disk, command.image, command.user_data)
                 if not same:
                     raise Rejected("this Idempotency-Key was already used for a different request")
                 return command.vm_id  # a retry of the same request: answer as before
-            session.record(VM, command.vm_id, vm_domain.decide(existing, command))
+            events = vm_domain.decide(existing, command)
+            session.record(VM, command.vm_id, events)
+            vm = existing
+            for event in events:
+                vm = vm_domain.evolve(vm, event)
+            for network_name in network_names:
+                assert vm is not None
+                await add_nic(session, vm, network_name)
+                vm = vm_domain.evolve(vm, session.recorded[vm_domain.stream_name(vm.id)][-1])
             return command.vm_id
 
         return await self.repository.transact(work, actor)
@@ -110,7 +143,43 @@ class CommandService:
             vm = await session.load(VM, vm_id)
             if vm is not None and not actor.is_admin and vm.owner != actor.name:
                 vm = None  # another tenant's VM does not exist for you
-            session.record(VM, vm_id, vm_domain.decide(vm, command))
+            events = vm_domain.decide(vm, command)
+            session.record(VM, vm_id, events)
+            await self._release_image(session, vm, events)
+
+        return await self.repository.transact(work, actor)
+
+    async def resize_vm(self, actor: Actor, vm_id: UUID, *, cores: int | str | None = None,
+                        ram: int | str | None = None, disk: int | str | None = None) -> Outcome[None]:
+        """Change a VM's size (None: keep). The disk only grows, at any time; cores and RAM
+        only while it is stopped. A placed VM's claim on its host changes in the same append,
+        refused when the host has no room for the new size."""
+        limits = self.limits
+        new_cores = check_at_most(parse_cores(cores), limits.vm_cores, "cores", "a VM's cores") if cores is not None else None
+        new_ram = check_at_most(parse_size(ram, "ram"), limits.vm_ram, "ram", "a VM's RAM") if ram is not None else None
+        new_disk = check_at_most(parse_size(disk, "disk"), limits.vm_disk, "disk", "a VM's disk") if disk is not None else None
+        if new_ram is not None and (new_ram < limits.vm_min_ram or new_ram % MiB):
+            raise OutOfBounds("ram", f"must be a whole number of MiB and at least {format_size(limits.vm_min_ram)}")
+        if new_cores is None and new_ram is None and new_disk is None:
+            raise Rejected("give at least one of cores, ram, disk to change")
+
+        async def work(session: Session) -> None:
+            vm = await session.load(VM, vm_id)
+            if vm is not None and not actor.is_admin and vm.owner != actor.name:
+                vm = None
+            if vm is None:
+                raise NotFound(f"VM {vm_id} does not exist")
+            command = vm_domain.ResizeVm(vm_id=vm_id, cores=vm.cores if new_cores is None else new_cores,
+                                         ram=vm.ram if new_ram is None else new_ram,
+                                         disk=vm.disk if new_disk is None else new_disk)
+            events = vm_domain.decide(vm, command)
+            session.record(VM, vm_id, events)
+            if events and vm.host_id is not None:
+                host = await session.load(HOST, vm.host_id)
+                if host is not None and vm_id in host.claims:
+                    session.record(HOST, vm.host_id, host_domain.decide(host, host_domain.ChangeClaim(
+                        host_id=vm.host_id, vm_id=vm_id, cores=command.cores, ram=command.ram, disk=command.disk),
+                        self.overcommit))
 
         return await self.repository.transact(work, actor)
 
@@ -157,7 +226,8 @@ class CommandService:
     # -- hosts ----------------------------------------------------------------------
 
     async def register_host(self, actor: Actor, hostname: str, cores: int | str, ram: int | str,
-                            disk: int | str, hypervisor: str = "qemu") -> Outcome[UUID]:
+                            disk: int | str, hypervisor: str = "qemu",
+                            stores: tuple[str, ...] | None = None) -> Outcome[UUID]:
         if not actor.is_admin:
             raise NotFound("hosts are managed in the admin realm")
         limits = self.limits
@@ -168,7 +238,7 @@ class CommandService:
             cores=check_at_most(parse_cores(cores, "cores"), limits.host_cores, "cores", "a host's cores"),
             ram=check_at_most(parse_size(ram, "ram"), limits.host_ram, "ram", "a host's RAM"),
             disk=check_at_most(parse_size(disk, "disk"), limits.host_disk, "disk", "a host's disk"),
-            hypervisor=hypervisor)
+            hypervisor=hypervisor, stores=tuple(check_name(s, "stores") for s in stores) if stores is not None else None)
         host_id = host_domain.host_id_for(hostname)
 
         async def work(session: Session) -> UUID:
@@ -253,6 +323,7 @@ class CommandService:
             host = await session.load(HOST, host_id)
             if vm is None or vm.status not in (vm_domain.Status.REQUESTED, vm_domain.Status.UNSCHEDULABLE):
                 return  # already placed, or deleted meanwhile: nothing to do
+            _check_reaches(vm, host)
             claim = host_domain.ClaimCapacity(host_id=host_id, vm_id=vm_id, cores=vm.cores, ram=vm.ram, disk=vm.disk)
             session.record(HOST, host_id, host_domain.decide(host, claim, self.overcommit))
             session.record(VM, vm_id, vm_domain.decide(vm, vm_domain.PlaceVm(vm_id=vm_id, host_id=host_id)))
@@ -279,6 +350,11 @@ class CommandService:
         async def work(session: Session) -> None:
             hosts: dict[UUID, host_domain.Host | None] = {}
 
+            async def host_of(host_id: UUID) -> host_domain.Host | None:
+                if host_id in hosts:
+                    return hosts[host_id]
+                return await session.load(HOST, host_id)
+
             async def record_host(host_id: UUID, command: Command) -> None:
                 host: host_domain.Host | None
                 if host_id in hosts:
@@ -298,6 +374,7 @@ class CommandService:
                 vm = await session.load(VM, vm_id)
                 if vm is None or vm.status not in (vm_domain.Status.REQUESTED, vm_domain.Status.UNSCHEDULABLE):
                     raise Rejected(f"VM {vm_id} is not waiting for a host")
+                _check_reaches(vm, await host_of(host_id))
                 await record_host(host_id, host_domain.ClaimCapacity(
                     host_id=host_id, vm_id=vm_id, cores=vm.cores, ram=vm.ram, disk=vm.disk))
                 session.record(VM, vm_id, vm_domain.decide(vm, vm_domain.PlaceVm(vm_id=vm_id, host_id=host_id)))
@@ -337,9 +414,115 @@ class CommandService:
 
         async def work(session: Session) -> None:
             vm = await session.load(VM, vm_id)
-            session.record(VM, vm_id, vm_domain.decide(vm, command))
+            events = vm_domain.decide(vm, command)
+            session.record(VM, vm_id, events)
+            await self._release_image(session, vm, events)
 
         return await self.repository.transact(work, actor)
+
+    # -- files and images ---------------------------------------------------------------
+
+    async def record_file(self, actor: Actor, name: str, size: int, sha256: str,
+                          owner: str | None = None) -> Outcome[UUID]:
+        """A file is in the owner's directory with this size and digest (scanner, upload)."""
+        owner = self._owner(actor, owner)
+        file_domain.check_file_name(name)
+        file_id = file_domain.file_id_for(owner, name)
+        command = file_domain.RecordFile(owner=owner, name=name, size=size, sha256=sha256)
+
+        async def work(session: Session) -> UUID:
+            current = await session.load(FILE, file_id)
+            session.record(FILE, file_id, file_domain.decide(current, command))
+            return file_id
+
+        return await self.repository.transact(work, actor)
+
+    async def remove_file(self, actor: Actor, name: str, owner: str | None = None,
+                          missing_ok: bool = False) -> Outcome[None]:
+        owner = self._owner(actor, owner)
+        file_domain.check_file_name(name)
+        file_id = file_domain.file_id_for(owner, name)
+        command = file_domain.RemoveFile(owner=owner, name=name, missing_ok=missing_ok)
+
+        async def work(session: Session) -> None:
+            current = await session.load(FILE, file_id)
+            session.record(FILE, file_id, file_domain.decide(current, command))
+
+        return await self.repository.transact(work, actor)
+
+    async def create_image(self, actor: Actor, name: str, file: str, *, public: bool = False,
+                           store: str | None = None, owner: str | None = None) -> Outcome[UUID]:
+        """Ask for an image made from one of the owner's files; the image scanner imports it."""
+        owner = self._owner(actor, owner)
+        check_name(name, "name")
+        file_domain.check_file_name(file, "file")
+        store = self.image_stores[0] if store is None else store
+        check_name(store, "store")
+        if store not in self.image_stores:
+            raise Rejected(f"store: no image store named {store!r}; this installation has "
+                           f"{', '.join(self.image_stores)}", "store")
+        if public and not actor.is_admin:
+            raise Rejected("public: only the admin realm may make public images", "public")
+        image_id = image_domain.image_id_for("" if public else owner, name)
+        file_id = file_domain.file_id_for(owner, file)
+
+        async def work(session: Session) -> UUID:
+            source = await session.load(FILE, file_id)
+            if source is None or source.removed:
+                raise Rejected(f"file: no file named {file!r} (see 'ucloud file list')", "file")
+            current = await session.load(IMAGE, image_id)
+            session.record(IMAGE, image_id, image_domain.decide(current, image_domain.CreateImage(
+                owner=owner, name=name, public=public, store=store, file_id=file_id, file_name=file,
+                file_size=source.size, file_sha256=source.sha256)))
+            return image_id
+
+        return await self.repository.transact(work, actor)
+
+    async def delete_image(self, actor: Actor, name: str, *, public: bool = False,
+                           owner: str | None = None) -> Outcome[UUID]:
+        """Delete an image no VM depends on (refused naming the VMs otherwise)."""
+        owner = self._owner(actor, owner)
+        check_name(name, "name")
+        if public and not actor.is_admin:
+            raise NotFound(f"no image named {name!r}")
+        image_id = image_domain.image_id_for("" if public else owner, name)
+
+        async def work(session: Session) -> UUID:
+            current = await session.load(IMAGE, image_id)
+            if current is None or current.status is image_domain.ImageStatus.DELETED:
+                raise NotFound(f"no image named {name!r}")
+            session.record(IMAGE, image_id, image_domain.decide(current, image_domain.DeleteImage(image_id=image_id)))
+            return image_id
+
+        return await self.repository.transact(work, actor)
+
+    async def report_image(self, actor: Actor, command: image_domain.ReportImportProgress
+                           | image_domain.ReportImported | image_domain.ReportImportFailed,
+                           tracking: Tracking | None = None) -> Outcome[None]:
+        """The image scanner reports an import's progress and outcome."""
+
+        async def work(session: Session) -> None:
+            current = await session.load(IMAGE, command.image_id)
+            session.record(IMAGE, command.image_id, image_domain.decide(current, command))
+
+        return await self.repository.transact(work, actor, tracking=tracking)
+
+    async def _visible_image(self, session: Session, owner: str, name: str) -> image_domain.Image | None:
+        """The owner's image of that name, else the public one; None if neither exists."""
+        for key in (owner, ""):
+            image = await session.load(IMAGE, image_domain.image_id_for(key, name))
+            if image is not None and image.status is not image_domain.ImageStatus.DELETED:
+                return image
+        return None
+
+    async def _release_image(self, session: Session, vm: vm_domain.Vm | None, events: list[Event]) -> None:
+        """A deleted VM no longer holds its image (in the same append as vm.deleted)."""
+        if vm is None or vm.image_id is None or not any(isinstance(e, vm_domain.VmDeleted) for e in events):
+            return
+        image = await session.load(IMAGE, vm.image_id)
+        if image is not None and image.status is not image_domain.ImageStatus.DELETED:
+            session.record(IMAGE, vm.image_id, image_domain.decide(
+                image, image_domain.ReleaseImage(image_id=vm.image_id, vm_id=vm.id)))
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -352,3 +535,10 @@ class CommandService:
         if not actor.is_admin:
             raise NotFound("only the admin realm may act for another user")
         return owner
+
+
+def _check_reaches(vm: vm_domain.Vm, host: host_domain.Host | None) -> None:
+    """A VM whose disk is a clone of a catalogued image goes only to a host that reaches
+    the image's store."""
+    if host is not None and vm.image_store and vm.image_store not in host.stores:
+        raise Rejected(f"host {host.hostname} does not reach image store {vm.image_store!r}")

@@ -36,7 +36,7 @@ class AggregateType(Generic[S]):
     kind: str
     state_type: type[S]
     evolve: Callable[[S | None, Event], S | None]
-    stream_of: Callable[[UUID], str]
+    stream_of: Callable[[Any], str]  # an id (a UUID; a claimed value's name for IPAM claims)
     snapshot_schema: int = 1
     # The read slices a state belongs to (domain/*.slices); an event is indexed under
     # those of the state before it and after it.
@@ -83,13 +83,13 @@ class Session:
     recorded: dict[str, list[Event]] = field(default_factory=dict)
     types: dict[str, AggregateType[Any]] = field(default_factory=dict)
 
-    async def load(self, aggregate: AggregateType[S], aggregate_id: UUID) -> S | None:
+    async def load(self, aggregate: AggregateType[S], aggregate_id: UUID | str) -> S | None:
         stream = aggregate.stream_of(aggregate_id)
         if stream not in self.loaded:
             self.loaded[stream] = await self.repository.load(aggregate, stream)
         return self.loaded[stream].state
 
-    def record(self, aggregate: AggregateType[S], aggregate_id: UUID, events: list[Event]) -> None:
+    def record(self, aggregate: AggregateType[S], aggregate_id: UUID | str, events: list[Event]) -> None:
         stream = aggregate.stream_of(aggregate_id)
         if stream not in self.loaded:
             raise RuntimeError(f"record() on {stream} without load(): its version is unknown")

@@ -23,13 +23,17 @@ from uuid import UUID
 
 import msgspec
 
-from .errors import InvalidValue, NotFound, Rejected
+from .errors import InvalidValue, NotFound, OutOfBounds, Rejected
 from .events import Command, Event
 from .money import Money, require_same
 
 ACCOUNT_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c015")
 COUPON_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c016")
-_COUPON_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{5,63}$")
+# The OpenAPI pattern too (ECMA-262 and Python alike); checked with fullmatch.
+COUPON_CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{5,63}$"
+COUPON_CODE_MAX_LENGTH = 64
+COUPON_CODE_RULE = "6-64 letters, digits, '-' or '_', starting with a letter or digit"
+_COUPON_CODE = re.compile(COUPON_CODE_PATTERN[1:-1], re.ASCII)
 
 
 class Kind(enum.StrEnum):
@@ -237,16 +241,16 @@ def decide_configure(command: ConfigureAccount) -> list[Event]:
 def decide_credit(command: Credit, currency: str | None) -> list[Event]:
     """``currency``: the installation's (from its prices); None before any price exists."""
     if command.amount.micros <= 0:
-        raise InvalidValue("amount", "must be more than zero")
+        raise OutOfBounds("amount", "must be more than zero")
     if currency is not None:
-        require_same(currency, command.amount.currency)
+        require_same(currency, command.amount.currency, "amount")
     return [AccountCredited(owner=command.owner, micros=command.amount.micros, currency=command.amount.currency,
                             source=command.source, reference=command.reference)]
 
 
 def check_coupon_code(code: str) -> str:
-    if not _COUPON_CODE.match(code or ""):
-        raise InvalidValue("code", "a coupon code is 6-64 letters, digits, '-' or '_'")
+    if not isinstance(code, str) or len(code) > COUPON_CODE_MAX_LENGTH or not _COUPON_CODE.fullmatch(code):
+        raise InvalidValue("code", f"a coupon code is {COUPON_CODE_RULE}")
     return code
 
 
@@ -256,13 +260,13 @@ def decide_create_coupon(coupon: Coupon | None, command: CreateCoupon, now: date
     if coupon is not None:
         raise Rejected("a coupon with this code exists already")
     if command.amount.micros <= 0:
-        raise InvalidValue("amount", "must be more than zero")
+        raise OutOfBounds("amount", "must be more than zero")
     if currency is not None:
-        require_same(currency, command.amount.currency)
+        require_same(currency, command.amount.currency, "amount")
     if command.expires.tzinfo is None:
         raise InvalidValue("expires", "give a time zone (e.g. 2027-01-01T00:00:00Z)")
     if command.expires <= now:
-        raise InvalidValue("expires", "must be in the future")
+        raise OutOfBounds("expires", "must be in the future")
     return [CouponCreated(coupon_id=coupon_id_for(command.code), micros=command.amount.micros,
                           currency=command.amount.currency, expires=command.expires)]
 

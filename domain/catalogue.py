@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from .account import ACCOUNT_EVENT_TYPES
 from .events import Event, EventCodec
+from .file import FILE_EVENT_TYPES
 from .host import HOST_EVENT_TYPES
+from .image import IMAGE_EVENT_TYPES
 from .invoice import INVOICE_EVENT_TYPES
+from .network import IPAM_EVENT_TYPES, NETWORK_EVENT_TYPES
 from .operators import OPERATOR_EVENT_TYPES
 from .order import ORDER_EVENT_TYPES
 from .pricing import PRICING_EVENT_TYPES
@@ -14,7 +17,9 @@ from .vm import VM_EVENT_TYPES
 
 ALL_EVENT_TYPES: tuple[type[Event], ...] = (*VM_EVENT_TYPES, *HOST_EVENT_TYPES, *SSHKEY_EVENT_TYPES,
                                             *OPERATOR_EVENT_TYPES, *PRICING_EVENT_TYPES, *ACCOUNT_EVENT_TYPES,
-                                            *INVOICE_EVENT_TYPES, *ORDER_EVENT_TYPES)
+                                            *INVOICE_EVENT_TYPES, *ORDER_EVENT_TYPES,
+                                            *NETWORK_EVENT_TYPES, *IPAM_EVENT_TYPES, *FILE_EVENT_TYPES,
+                                            *IMAGE_EVENT_TYPES)
 
 
 def build_codec() -> EventCodec:
@@ -74,6 +79,8 @@ def _type_name(info: object) -> str:
             return "string"
         case msgspec.inspect.IntType():
             return "integer"
+        case msgspec.inspect.BoolType():
+            return "boolean"
         case msgspec.inspect.EnumType():
             return "one of " + ", ".join(f"`{m.value}`" for m in info.cls)
         case msgspec.inspect.UnionType():

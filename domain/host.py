@@ -110,9 +110,27 @@ class HostRemoved(Event, tag="host.removed", frozen=True):
     host_id: UUID
 
 
+class HostStoresDeclared(Event, tag="host.stores_declared", frozen=True):
+    """The image stores this host reaches (a VM whose image is in a store goes only to
+    hosts that reach it)."""
+
+    host_id: UUID
+    stores: tuple[str, ...]
+
+
+class ClaimChanged(Event, tag="host.claim_changed", frozen=True):
+    """A resized VM's claim, replaced atomically with vm.resized."""
+
+    host_id: UUID
+    vm_id: UUID
+    cores: int
+    ram: int
+    disk: int
+
+
 HostEvent = (
-    HostRegistered | HostCapacityChanged | CapacityClaimed | CapacityReleased | HostUp | HostDeclaredDead
-    | HostMaintenanceChanged | HostEvacuationRequested | HostRemoved
+    HostRegistered | HostCapacityChanged | CapacityClaimed | CapacityReleased | HostStoresDeclared | ClaimChanged
+    | HostUp | HostDeclaredDead | HostMaintenanceChanged | HostEvacuationRequested | HostRemoved
 )
 HOST_EVENT_TYPES: tuple[type[Event], ...] = HostEvent.__args__
 
@@ -123,6 +141,7 @@ class RegisterHost(Command, tag="host.register", frozen=True):
     ram: int
     disk: int
     hypervisor: str = "qemu"
+    stores: tuple[str, ...] | None = None  # None: leave the declared stores as they are
 
 
 class ClaimCapacity(Command, tag="host.claim", frozen=True):
@@ -162,6 +181,12 @@ class Evacuate(Command, tag="host.evacuate", frozen=True):
 
 class RemoveHost(Command, tag="host.remove", frozen=True):
     host_id: UUID
+class ChangeClaim(Command, tag="host.change_claim", frozen=True):
+    host_id: UUID
+    vm_id: UUID
+    cores: int
+    ram: int
+    disk: int
 
 
 class Claim(msgspec.Struct, frozen=True, gc=False):
@@ -192,6 +217,7 @@ class Host(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     def schedulable(self) -> bool:
         """Only a host whose agent is up, and not in maintenance, gets placements."""
         return self.status is HostStatus.UP and not self.maintenance
+    stores: tuple[str, ...] = ()
 
     @functools.cached_property
     def used_cores(self) -> int:
@@ -236,6 +262,12 @@ def evolve(host: Host | None, event: Event) -> Host | None:
             return msgspec.structs.replace(host, maintenance=event.maintenance)
         case HostRemoved():
             return msgspec.structs.replace(host, status=HostStatus.REMOVED, claims={})
+        case ClaimChanged():
+            claims = dict(host.claims)
+            claims[event.vm_id] = Claim(event.cores, event.ram, event.disk)
+            return msgspec.structs.replace(host, claims=claims)
+        case HostStoresDeclared():
+            return msgspec.structs.replace(host, stores=event.stores)
     return host
 
 
@@ -267,12 +299,16 @@ def decide(host: Host | None, command: Command, overcommit: Overcommit | None = 
             if not command.hostname or len(command.hostname) > 253:
                 raise InvalidValue("hostname", "must be 1 to 253 characters")
             host_id = host_id_for(command.hostname)
+            stores: list[Event] = []
+            if command.stores is not None and command.stores != (host.stores if host else ()):
+                stores = [HostStoresDeclared(host_id=host_id, stores=command.stores)]
             if host is None or host.status is HostStatus.REMOVED:
                 return [HostRegistered(host_id=host_id, hostname=command.hostname, cores=command.cores,
-                                       ram=command.ram, disk=command.disk, hypervisor=command.hypervisor)]
+                                       ram=command.ram, disk=command.disk, hypervisor=command.hypervisor), *stores]
             if (host.cores, host.ram, host.disk) == (command.cores, command.ram, command.disk):
-                return []  # registering again with the same capacity changes nothing
-            return [HostCapacityChanged(host_id=host_id, cores=command.cores, ram=command.ram, disk=command.disk)]
+                return stores  # registering again with the same capacity changes nothing more
+            return [HostCapacityChanged(host_id=host_id, cores=command.cores, ram=command.ram, disk=command.disk),
+                    *stores]
         case ClaimCapacity():
             if host is None:
                 raise NotFound(f"host {command.host_id} does not exist")
@@ -285,6 +321,20 @@ def decide(host: Host | None, command: Command, overcommit: Overcommit | None = 
                 raise Rejected(f"host {host.hostname} has no room: {reason}")
             return [CapacityClaimed(host_id=host.id, vm_id=command.vm_id, cores=command.cores,
                                     ram=command.ram, disk=command.disk)]
+        case ChangeClaim():
+            if host is None:
+                raise NotFound(f"host {command.host_id} does not exist")
+            old = host.claims.get(command.vm_id)
+            if old is None:
+                raise Rejected(f"VM {command.vm_id} holds no claim on host {host.hostname}")
+            if (old.cores, old.ram, old.disk) == (command.cores, command.ram, command.disk):
+                return []
+            without = msgspec.structs.replace(host, claims={k: v for k, v in host.claims.items() if k != command.vm_id})
+            reason = fits(without, command.cores, command.ram, command.disk, overcommit or Overcommit())
+            if reason is not None:
+                raise Rejected(f"host {host.hostname} has no room for the new size: {reason}")
+            return [ClaimChanged(host_id=host.id, vm_id=command.vm_id, cores=command.cores, ram=command.ram,
+                                 disk=command.disk)]
         case ReleaseCapacity():
             if host is None:
                 raise NotFound(f"host {command.host_id} does not exist")

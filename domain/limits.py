@@ -8,11 +8,13 @@ VM or a host declaring 2^80 bytes is refused with a problem naming the field.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated
 
 import msgspec
 
 from .errors import OutOfBounds
+from .units import format_size, parse_cores, parse_size
 
 KiB, MiB, GiB, TiB, PiB = (1024**n for n in range(1, 6))
 # What no configuration may exceed: sizes stay within a signed 64-bit integer, which
@@ -31,6 +33,7 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     vm_min_ram: _Positive = 16 * MiB
     vm_min_disk: _Positive = 1 * MiB
     vm_ssh_keys: _Positive = 32  # names in one VM's ssh_keys
+    vm_user_data: _Positive = 16 * KiB  # characters of a VM's user data (it is in the log)
     host_cores: _Positive = 16384
     host_ram: _Positive = 256 * TiB
     host_disk: _Positive = 16 * PiB
@@ -58,3 +61,22 @@ def check_at_most(value: int, limit: int, field: str, what: str) -> int:
     if value > limit:
         raise OutOfBounds(field, f"{value} is more than this installation allows for {what} ({limit})")
     return value
+
+
+def vm_request(limits: Limits, cores: int | str, ram: int | str, disk: int | str,
+               ssh_keys: Sequence[str] = ()) -> tuple[int, int, int]:
+    """A VM's cores, RAM and disk as the user wrote them -> (cores, bytes, bytes), within
+    ``limits``; OutOfBounds naming the field otherwise (also for too many key names).
+    One rule for creating a VM and for quoting one (an order)."""
+    if len(ssh_keys) > limits.vm_ssh_keys:
+        raise OutOfBounds("ssh_keys", f"{len(ssh_keys)} names; at most {limits.vm_ssh_keys} are allowed")
+    cores_count = check_at_most(parse_cores(cores), limits.vm_cores, "cores", "a VM's cores")
+    ram_bytes = check_at_most(parse_size(ram, "ram"), limits.vm_ram, "ram", "a VM's RAM")
+    disk_bytes = check_at_most(parse_size(disk, "disk"), limits.vm_disk, "disk", "a VM's disk")
+    if ram_bytes < limits.vm_min_ram:
+        raise OutOfBounds("ram", f"must be at least {format_size(limits.vm_min_ram)}")
+    if ram_bytes % MiB:
+        raise OutOfBounds("ram", "must be a whole number of MiB")
+    if disk_bytes < limits.vm_min_disk:
+        raise OutOfBounds("disk", f"must be at least {format_size(limits.vm_min_disk)}")
+    return cores_count, ram_bytes, disk_bytes

@@ -12,19 +12,30 @@ import re
 
 import msgspec
 
-from .errors import InvalidValue
+from .errors import InvalidValue, OutOfBounds
 
 MICROS = 1_000_000
 MAX_DECIMALS = 6
 
 # Minor-unit exponents that are not 2 (ISO 4217); only used to show amounts.
 _EXPONENTS = {"JPY": 0, "KRW": 0, "ISK": 0, "CLP": 0, "VND": 0, "BHD": 3, "KWD": 3, "OMR": 3, "JOD": 3, "TND": 3}
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
-_AMOUNT = re.compile(r"^\s*(?:([A-Za-z]{3})\s*)?(-?)(\d+)(?:\.(\d+))?\s*(?:([A-Za-z]{3}))?\s*$")
+MAX_WHOLE_DIGITS = 12  # under 10**12 of a currency: micros stay far within a signed 64-bit integer
+_CURRENCY = re.compile(r"[A-Z]{3}", re.ASCII)
+# What the API declares an amount to be (the OpenAPI pattern, ECMA-262 and Python alike):
+# the currency exactly once, before or after, at most one space; never negative.
+AMOUNT_BODY = (r"(?:[A-Za-z]{3} ?[0-9]{1,12}(?:\.[0-9]{1,6})?"
+                r"|[0-9]{1,12}(?:\.[0-9]{1,6})? ?[A-Za-z]{3})")
+AMOUNT_PATTERN = f"^{AMOUNT_BODY}$"
+AMOUNT_MAX_LENGTH = 24
+AMOUNT_RULE = "an amount with its currency once, never negative, at most 6 decimals: '0.50 CHF' or 'CHF 0.50'"
+# A wider grammar, read only to say precisely what is wrong; on a capped length, fullmatch.
+_AMOUNT = re.compile(r" *(?:([A-Za-z]{3}) *)?(-?)([0-9]+)(?:\.([0-9]+))? *([A-Za-z]{3})? *", re.ASCII)
+_READ_AT_MOST = 64
 
 
-class CurrencyMismatch(InvalidValue):
-    """Two amounts (or an amount and the installation's prices) are in different currencies."""
+class CurrencyMismatch(OutOfBounds):
+    """Two amounts (or an amount and the installation's prices) are in different currencies:
+    each well-formed, not acceptable together (422 naming the field)."""
 
 
 class Money(msgspec.Struct, frozen=True, gc=False):
@@ -49,15 +60,16 @@ def require_same(expected: str, got: str, field: str = "currency") -> None:
 
 
 def check_currency(code: str, field: str = "currency") -> str:
-    if not _CURRENCY.match(code):
+    if not _CURRENCY.fullmatch(code):
         raise InvalidValue(field, f"{code!r} is not an ISO 4217 currency code (three capital letters, e.g. CHF)")
     return code
 
 
 def parse_money(text: str, field: str = "amount", *, allow_zero: bool = True) -> Money:
     """'1.50 CHF', 'CHF 1.50', '0.000005CHF' -> Money. Exactly one currency code, at most six
-    decimals, never negative. Raises InvalidValue naming ``field``."""
-    match = _AMOUNT.match(text) if isinstance(text, str) else None
+    decimals, never negative. Raises InvalidValue naming ``field`` (OutOfBounds for a zero
+    amount where none is allowed). Linear: the length is capped before a fullmatch."""
+    match = _AMOUNT.fullmatch(text) if isinstance(text, str) and len(text) <= _READ_AT_MOST else None
     if not match:
         raise InvalidValue(field, f"{text!r} is not an amount; write e.g. '0.50 CHF'")
     before, sign, whole, fraction, after = match.groups()
@@ -68,10 +80,12 @@ def parse_money(text: str, field: str = "amount", *, allow_zero: bool = True) ->
     fraction = fraction or ""
     if len(fraction) > MAX_DECIMALS:
         raise InvalidValue(field, f"{text!r}: at most {MAX_DECIMALS} decimals (micro-units)")
+    if len(whole) > MAX_WHOLE_DIGITS:
+        raise InvalidValue(field, f"{text!r}: at most {MAX_WHOLE_DIGITS} digits before the decimal point")
     currency = check_currency((before or after or "").upper(), field)
     micros = int(whole) * MICROS + int(fraction.ljust(MAX_DECIMALS, "0") or "0")
     if not allow_zero and micros == 0:
-        raise InvalidValue(field, f"{text!r}: must be more than zero")
+        raise OutOfBounds(field, f"{text!r}: must be more than zero")
     return Money(micros, currency)
 
 

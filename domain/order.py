@@ -53,6 +53,7 @@ class OrderQuoted(Event, tag="order.quoted", frozen=True):
     currency: str = ""
     per_hour: int = 0  # micros
     lines: tuple[QuoteLine, ...] = ()
+    user_data: str = ""
 
 
 class OrderConfirmed(Event, tag="order.confirmed", frozen=True):
@@ -103,7 +104,7 @@ class ConfirmOrder(Command, tag="order.confirm", frozen=True):
 
 
 def quote(schedule: Schedule, now: int, *, order_id: UUID, owner: str, name: str, cores: int, ram: int, disk: int,
-          image: str, ssh_keys: tuple[str, ...], restart_policy: str) -> OrderQuoted:
+          image: str, ssh_keys: tuple[str, ...], restart_policy: str, user_data: str = "") -> OrderQuoted:
     """What the VM costs per hour at the prices in force at ``now`` (running, with its disk)."""
     lines = []
     for resource, quantity in ((Resource.CORE, cores), (Resource.RAM, ram), (Resource.DISK, disk)):
@@ -115,7 +116,7 @@ def quote(schedule: Schedule, now: int, *, order_id: UUID, owner: str, name: str
                                per_hour=div_round(quantity * 3600 * price.micros, price.per_seconds * QUANTUM[resource])))
     return OrderQuoted(order_id=order_id, owner=owner, name=name, cores=cores, ram=ram, disk=disk, image=image,
                        ssh_keys=ssh_keys, restart_policy=restart_policy, currency=schedule.currency or "",
-                       per_hour=sum(line.per_hour for line in lines), lines=tuple(lines))
+                       per_hour=sum(line.per_hour for line in lines), lines=tuple(lines), user_data=user_data)
 
 
 def evolve(order: Order | None, event: Event) -> Order | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import enum
-import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -25,9 +24,9 @@ from uuid import UUID
 
 import msgspec
 
-from .errors import InvalidValue
+from .errors import InvalidValue, OutOfBounds
 from .events import Command, Event
-from .money import check_currency, parse_money, require_same
+from .money import AMOUNT_BODY, AMOUNT_MAX_LENGTH, check_currency, parse_money, require_same
 
 PRICEBOOK_ID = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c012")
 GIB = 1 << 30
@@ -76,16 +75,24 @@ def parse_per(text: str, field: str = "amount") -> str:
     return unit
 
 
-_PRICE = re.compile(r"^(.*)/\s*([A-Za-z]+)\s*$")
+# What the API declares a price to be (the OpenAPI pattern): an amount, "/", a time unit
+# (one optional space either side of the slash).
+_UNITS = sorted({*PER_SECONDS, *_PER_ALIASES}, key=lambda unit: (-len(unit), unit))
+PRICE_PATTERN = f"^{AMOUNT_BODY} ?/ ?(?:{'|'.join(_UNITS)})$"
+PRICE_MAX_LENGTH = AMOUNT_MAX_LENGTH + 10
+PRICE_RULE = ("AMOUNT/UNIT: an amount with its currency once, never negative, then a time unit (second, minute, hour, day, "
+              "month), e.g. '0.01 CHF/hour'")
+_READ_AT_MOST = 80
 
 
 def parse_price(text: str, field: str = "amount") -> tuple[int, str, str]:
-    """'0.01 CHF/hour' -> (micros, currency, per). Raises InvalidValue naming ``field``."""
-    match = _PRICE.match(text or "")
-    if not match:
-        raise InvalidValue(field, f"{text!r} is not a price; write AMOUNT/UNIT, e.g. '0.01 CHF/hour'")
-    money = parse_money(match.group(1), field)
-    return money.micros, money.currency, parse_per(match.group(2), field)
+    """'0.01 CHF/hour' -> (micros, currency, per). Raises InvalidValue naming ``field``.
+    Split at the last '/', no regular expression over the whole text: linear."""
+    if not isinstance(text, str) or len(text) > _READ_AT_MOST or "/" not in text:
+        raise InvalidValue(field, f"{text!r:.80} is not a price; write AMOUNT/UNIT, e.g. '0.01 CHF/hour'")
+    amount, _, unit = text.rpartition("/")
+    money = parse_money(amount.rstrip(" "), field)
+    return money.micros, money.currency, parse_per(unit, field)
 
 
 def epoch_seconds(when: datetime) -> int:
@@ -153,12 +160,12 @@ def decide(book: Pricebook | None, command: SetPrice, now: datetime) -> list[Eve
     micros, currency, per = parse_price(command.amount)
     check_currency(currency)
     if book is not None:
-        require_same(book.currency, currency)
+        require_same(book.currency, currency, "amount")
     effective = command.effective_from or now
     if effective.tzinfo is None:
         raise InvalidValue("effective_from", "give a time zone (e.g. 2026-01-01T00:00:00Z)")
     if epoch_seconds(effective) < epoch_seconds(now):
-        raise InvalidValue("effective_from", "must not be in the past: billed usage is never re-priced")
+        raise OutOfBounds("effective_from", "must not be in the past: billed usage is never re-priced")
     return [PriceSet(resource=resource, micros=micros, currency=currency, per=per,
                      per_seconds=PER_SECONDS[per], effective_from=effective.astimezone(UTC))]
 

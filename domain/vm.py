@@ -19,7 +19,7 @@ from uuid import UUID
 
 import msgspec
 
-from .errors import NotFound, Rejected
+from .errors import InvalidValue, NotFound, OutOfBounds, Rejected
 from .events import Command, Event
 
 
@@ -63,6 +63,13 @@ class VmRequested(Event, tag="vm.requested", frozen=True):
     image: str
     ssh_keys: tuple[str, ...] = ()
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    # The catalogued image the disk is a clone of, and its store; None/"" for an image the
+    # hosts provide themselves (``tiny``).
+    image_id: UUID | None = None
+    image_store: str = ""
+    # What the guest's cloud-init or ucloud-init runs (served by the metadata server). It
+    # is in the log like every other field: never a place for secrets.
+    user_data: str = ""
 
 
 class VmScheduled(Event, tag="vm.scheduled", frozen=True):
@@ -158,12 +165,51 @@ class VmHostLost(Event, tag="vm.host_lost", frozen=True):
     vm_id: UUID
     host_id: UUID
     reason: str
+class VmResized(Event, tag="vm.resized", frozen=True):
+    """The owner changed the VM's size: cores and RAM while it is stopped, the disk grown at
+    any time (appended with host.claim_changed when the VM is placed)."""
+
+    vm_id: UUID
+    cores: int
+    ram: int
+    disk: int
+
+
+class VmDiskResized(Event, tag="vm.disk_resized", frozen=True):
+    """The host agent grew the VM's disk to ``disk`` bytes (online through QMP if it runs)."""
+
+    vm_id: UUID
+    host_id: UUID
+    disk: int
+    online: bool = False
+class VmNicAdded(Event, tag="vm.nic_added", frozen=True):
+    """A NIC on a network was added to the VM (appended with network.port_added); its MAC
+    comes from the IPAM allocator. On a running VM the host agent hot-plugs it."""
+
+    vm_id: UUID
+    nic_id: UUID
+    network_id: UUID
+
+
+class VmNicAllocated(Event, tag="vm.nic_allocated", frozen=True):
+    """The IPAM allocator gave the NIC its MAC (claimed in the MAC's own stream)."""
+
+    vm_id: UUID
+    nic_id: UUID
+    mac: str
+
+
+class VmNicRemoved(Event, tag="vm.nic_removed", frozen=True):
+    """The NIC was detached (appended with network.port_removed); the host agent unplugs it."""
+
+    vm_id: UUID
+    nic_id: UUID
 
 
 VmEvent = (
     VmRequested | VmScheduled | VmUnschedulable | VmStartRequested | VmStarted | VmStopRequested
     | VmStopped | VmRebootRequested | VmRebooted | VmCrashed | VmFailed | VmDeleteRequested | VmDeleted
-    | VmHostLost
+    | VmHostLost | VmNicAdded | VmNicAllocated | VmNicRemoved | VmResized | VmDiskResized
 )
 VM_EVENT_TYPES: tuple[type[Event], ...] = VmEvent.__args__
 
@@ -181,6 +227,9 @@ class CreateVm(Command, tag="vm.create", frozen=True):
     image: str
     ssh_keys: tuple[str, ...] = ()
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    image_id: UUID | None = None
+    image_store: str = ""
+    user_data: str = ""
 
 
 class StartVm(Command, tag="vm.start", frozen=True):
@@ -197,6 +246,15 @@ class RebootVm(Command, tag="vm.reboot", frozen=True):
 
 class DeleteVm(Command, tag="vm.delete", frozen=True):
     vm_id: UUID
+
+
+class ResizeVm(Command, tag="vm.resize", frozen=True):
+    """The new size; a field equal to the current one is no change."""
+
+    vm_id: UUID
+    cores: int
+    ram: int
+    disk: int
 
 
 # Placement and observations come from the scheduler and the host agent.
@@ -250,17 +308,52 @@ class EvictVm(Command, tag="vm.evict", frozen=True):
     reason: str
 
 
+class ReportDiskResized(Command, tag="vm.report_disk_resized", frozen=True):
+    vm_id: UUID
+    host_id: UUID
+    disk: int
+    online: bool = False
+class AddNic(Command, tag="vm.add_nic", frozen=True):
+    vm_id: UUID
+    nic_id: UUID
+    network_id: UUID
+
+
+class AllocateNic(Command, tag="vm.allocate_nic", frozen=True):
+    vm_id: UUID
+    nic_id: UUID
+    mac: str
+
+
+class RemoveNic(Command, tag="vm.remove_nic", frozen=True):
+    vm_id: UUID
+    network_id: UUID
+
+
+MAX_NICS = 16
+
+
 # What a user may ask of an existing VM, and what a host agent may report about one.
 VmLifecycleCommand = StartVm | StopVm | RebootVm | DeleteVm
-VmReport = ReportStarted | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
+VmReport = (ReportStarted | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted
+            | ReportDiskResized)
 
 VmCommand = (
     CreateVm | StartVm | StopVm | RebootVm | DeleteVm | PlaceVm | MarkUnschedulable | ReportStarted
-    | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted | EvictVm
+    | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted | AddNic | AllocateNic
+    | RemoveNic | ResizeVm | ReportDiskResized | EvictVm
 )
 
 
 # -- state ----------------------------------------------------------------------
+
+
+class Nic(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A VM's network card: its network and, once the IPAM allocator gave it, its MAC."""
+
+    id: UUID
+    network_id: UUID
+    mac: str = ""
 
 
 class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -287,6 +380,14 @@ class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     # Placements so far: a host agent starts a guest for one epoch and kills a survivor of
     # an older one (a host that comes back after its VMs were moved) instead of keeping it.
     epoch: int = 0
+    image_id: UUID | None = None
+    image_store: str = ""
+    disk_on_host: int = 0  # the disk size the host agent last reported (vm.disk_resized)
+    user_data: str = ""
+    nics: tuple[Nic, ...] = ()  # in the order they were added: the guest's NIC order
+
+    def nic(self, nic_id: UUID) -> Nic | None:
+        return next((n for n in self.nics if n.id == nic_id), None)
 
 
 def evolve(vm: Vm | None, event: Event) -> Vm | None:
@@ -297,6 +398,8 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
                 id=event.vm_id, owner=event.owner, name=event.name, cores=event.cores, ram=event.ram,
                 disk=event.disk, image=event.image, ssh_keys=event.ssh_keys,
                 restart_policy=event.restart_policy, status=Status.REQUESTED, desired=Desired.RUNNING,
+                image_id=event.image_id, image_store=event.image_store,
+                user_data=event.user_data,
             )
     if vm is None:
         return None
@@ -340,7 +443,32 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
                 return msgspec.structs.replace(vm, status=Status.REQUESTED, host_id=None, reason=event.reason)
             return msgspec.structs.replace(vm, status=Status.STOPPED, desired=Desired.STOPPED, host_id=None,
                                            reason=event.reason)
+        case VmResized():
+            return msgspec.structs.replace(vm, cores=event.cores, ram=event.ram, disk=event.disk)
+        case VmDiskResized():
+            return msgspec.structs.replace(vm, disk_on_host=event.disk)
+        case VmNicAdded():
+            return msgspec.structs.replace(vm, nics=(*vm.nics, Nic(id=event.nic_id, network_id=event.network_id)))
+        case VmNicAllocated():
+            return msgspec.structs.replace(vm, nics=tuple(
+                msgspec.structs.replace(n, mac=event.mac) if n.id == event.nic_id else n for n in vm.nics))
+        case VmNicRemoved():
+            return msgspec.structs.replace(vm, nics=tuple(n for n in vm.nics if n.id != event.nic_id))
     return vm
+
+
+def check_user_data(text: str, limit: int) -> str:
+    """User data as stored: text of at most ``limit`` characters that encodes as UTF-8
+    (a lone surrogate from a JSON escape does not) and holds no NUL."""
+    if len(text) > limit:
+        raise OutOfBounds("user_data", f"{len(text)} characters; at most {limit} are allowed")
+    if "\x00" in text:
+        raise InvalidValue("user_data", "contains a NUL character; user data is text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidValue("user_data", "is not valid Unicode text (a lone surrogate)") from None
+    return text
 
 
 def _require(vm: Vm | None, vm_id: UUID) -> Vm:
@@ -364,7 +492,8 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
         return [VmRequested(
             vm_id=command.vm_id, owner=command.owner, name=command.name, cores=command.cores,
             ram=command.ram, disk=command.disk, image=command.image, ssh_keys=command.ssh_keys,
-            restart_policy=command.restart_policy,
+            restart_policy=command.restart_policy, image_id=command.image_id, image_store=command.image_store,
+            user_data=command.user_data,
         )]
     vm = _require(vm, command.vm_id)  # type: ignore[attr-defined]
     match command:
@@ -423,6 +552,13 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
         case ReportFailed():
             _from_host(vm, command.host_id, "a failure")
             return [VmFailed(vm_id=vm.id, host_id=command.host_id, reason=command.reason)]
+        case ResizeVm():
+            return _resize(vm, command)
+        case ReportDiskResized():
+            _from_host(vm, command.host_id, "a disk resize")
+            if command.disk == vm.disk_on_host:
+                return []
+            return [VmDiskResized(vm_id=vm.id, host_id=command.host_id, disk=command.disk, online=command.online)]
         case ReportDeleted():
             _from_host(vm, command.host_id, "a deletion")
             if vm.status is not Status.DELETING:
@@ -432,7 +568,46 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
             if vm.host_id != command.host_id:
                 return []  # moved already (a retry, or a second detector)
             return [VmHostLost(vm_id=vm.id, host_id=command.host_id, reason=command.reason)]
+        case AddNic():
+            if vm.status is Status.DELETING:
+                raise Rejected(f"VM {vm.id} is being deleted")
+            if vm.nic(command.nic_id) is not None:
+                return []
+            if any(n.network_id == command.network_id for n in vm.nics):
+                raise Rejected(f"VM {vm.name!r} is already on network {command.network_id}", "networks")
+            if len(vm.nics) >= MAX_NICS:
+                raise Rejected(f"VM {vm.name!r} has {len(vm.nics)} NICs; at most {MAX_NICS} are allowed", "networks")
+            return [VmNicAdded(vm_id=vm.id, nic_id=command.nic_id, network_id=command.network_id)]
+        case AllocateNic():
+            nic = vm.nic(command.nic_id)
+            if nic is None or nic.mac == command.mac:
+                return []  # removed meanwhile, or already given
+            if nic.mac:
+                raise Rejected(f"NIC {nic.id} already has MAC {nic.mac}")
+            return [VmNicAllocated(vm_id=vm.id, nic_id=nic.id, mac=command.mac)]
+        case RemoveNic():
+            nic = next((n for n in vm.nics if n.network_id == command.network_id), None)
+            if nic is None:
+                raise NotFound(f"VM {vm.name!r} has no NIC on network {command.network_id}")
+            return [VmNicRemoved(vm_id=vm.id, nic_id=nic.id)]
     raise Rejected(f"{type(command).__name__} is not a VM command")
+
+
+# Where cores and RAM may change: no guest runs or is about to (a stopped VM keeps its claim).
+_RESIZABLE = (Status.STOPPED, Status.REQUESTED, Status.UNSCHEDULABLE)
+
+
+def _resize(vm: Vm, command: ResizeVm) -> list[Event]:
+    if vm.status is Status.DELETING:
+        raise Rejected(f"VM {vm.id} is being deleted")
+    if command.disk < vm.disk:
+        raise Rejected(f"disk: a disk only grows: {command.disk} bytes is less than its {vm.disk}", "disk")
+    if (command.cores, command.ram) != (vm.cores, vm.ram) and vm.status not in _RESIZABLE:
+        raise Rejected(f"cores and ram change only while the VM is stopped; it is {vm.status} (stop it first)",
+                       "cores" if command.cores != vm.cores else "ram")
+    if (command.cores, command.ram, command.disk) == (vm.cores, vm.ram, vm.disk):
+        return []
+    return [VmResized(vm_id=vm.id, cores=command.cores, ram=command.ram, disk=command.disk)]
 
 
 def stream_name(vm_id: UUID) -> str:

@@ -40,6 +40,7 @@ from .identity import (
     HeaderAuthenticator,
     resolve_authenticator,
 )
+from .image_routes import image_routes
 from .inputs import input_middleware
 from .keys import (
     ACTOR,
@@ -55,6 +56,7 @@ from .keys import (
 )
 from .lowlevel import ProblemAppRunner
 from .metrics import GatewayMetrics
+from .network_routes import setup_networks
 from .openapi import OPENAPI, build_openapi
 from .problems import error_middleware
 from .routes import routes
@@ -144,7 +146,7 @@ def init_app(config: GatewayConfig) -> web.Application:
     )
     app[CONFIG] = config
     app[STORE] = store
-    app[COMMANDS] = CommandService(store, codec, limits=config.limits)
+    app[COMMANDS] = CommandService(store, codec, limits=config.limits, image_stores=config.image_stores)
     app[READ_MODELS] = read_models
     app[RUNNER] = ProjectionRunner(store, codec, read_models.all(), name=config.projection_name,
                                    snapshot_interval=config.snapshot_interval)
@@ -156,7 +158,9 @@ def init_app(config: GatewayConfig) -> web.Application:
     app[METRICS] = metrics
     app.add_routes(routes)
     app.add_routes(auth_routes)  # sessions and users (gateway/auth_routes.py)
+    setup_networks(app)  # networks, attach/detach (gateway/network_routes.py)
     setup_billing(app)  # prices, usage, invoices, balance, coupons (gateway/billing_routes.py)
+    app.add_routes(image_routes)  # files, images, VM resize (gateway/image_routes.py)
     app[OPENAPI] = build_openapi(app)  # refuses a route without documentation, now rather than later
 
     if owns_store:

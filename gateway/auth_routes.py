@@ -20,7 +20,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -40,10 +40,13 @@ from ucloud.auth.secrets import otp_key
 from ucloud.auth.sessions import AUTHORIZATION, SessionAuthenticator
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain.errors import InvalidValue, NotFound, Rejected
+from ucloud.domain.names import NAME_MAX_LENGTH, NAME_PATTERN, NAME_RULE
 from ucloud.eventstore.errors import ConflictError
 
+from .identity import AuthenticationFailed
+from .inputs import check_patterns
 from .keys import AUTHENTICATOR, actor_of
-from .routes import ApiDoc, Handler, Param, answer
+from .routes import BODY_LIMIT, ApiDoc, Handler, Param, answer
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +89,40 @@ class UserList(msgspec.Struct, kw_only=True):
     users: list[UserOut]
 
 
+def _text(max_length: int, pattern: str, rule: str, example: str) -> msgspec.Meta:
+    """A text field's declared limits: a length, a pattern (checked with fullmatch by
+    inputs.check_patterns), the rule in words (the problem's detail) and an example."""
+    return msgspec.Meta(max_length=max_length, description=rule, examples=[example],
+                        extra_json_schema={"pattern": pattern})
+
+
+# The built-in directory's rule for a new user's name (it stores it in lower case).
+NewUserName = Annotated[str, _text(128, r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$",
+                                   "a user name: 1-128 letters, digits and ._@+-, starting with a letter or digit",
+                                   "alice")]
+# A realm is written as a name; one this gateway does not know is refused with 422.
+Realm = Annotated[str, _text(NAME_MAX_LENGTH, NAME_PATTERN, f"a realm name: {NAME_RULE}", "ucloud")]
+# Latin letters (with accents), digits, spaces and a little punctuation: no control
+# characters, no other scripts' digits.
+_LETTER = r"A-Za-z0-9\u00C0-\u024F"
+DisplayName = Annotated[str, _text(
+    128, f"^[{_LETTER}][{_LETTER} '.,()@_+-]{{0,127}}$",
+    "a display name: 1-128 Latin letters, digits, spaces and '.,()@_+-, starting with a letter or digit",
+    "Alice Example")]
+Email = Annotated[str, _text(
+    254, r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}$",
+    "an e-mail address (ASCII): local part, '@', a domain name", "alice@example.org")]
+
+
 class AddUserBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: str
-    realms: list[str] | None = None  # default: the user realm
-    display_name: str | None = None
-    email: str | None = None
+    name: NewUserName
+    realms: Annotated[list[Realm], msgspec.Meta(min_length=1, max_length=8)] | None = None  # default: user realm
+    display_name: DisplayName | None = None
+    email: Email | None = None
 
 
 class EnrolBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    realm: str | None = None  # default: the user realm
+    realm: Realm | None = None  # default: the user realm
     replace: bool = False  # issue a new seed even if one exists (the old one stops working)
 
 
@@ -122,7 +150,9 @@ async def _body(request: web.Request, body_type: type[Any], empty_ok: bool = Fal
         if empty_ok:
             return body_type()
         raise InvalidValue("body", "the request needs a JSON object body")
-    return _DECODERS[body_type].decode(raw)
+    body = _DECODERS[body_type].decode(raw)
+    check_patterns(body)
+    return body
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -172,10 +202,12 @@ async def _user_out(auth: SessionAuthenticator, user: User) -> UserOut:
                    realms=sorted(user.realms) if user.realms is not None else None, enrolled=enrolled)
 
 
-def _realm(auth: SessionAuthenticator, realm: str | None) -> str:
+def _realm(auth: SessionAuthenticator, realm: str | None, field: str = "realm") -> str:
+    """A realm of this gateway; a well-formed name of another is 422 naming ``field``."""
     realm = realm or auth.realms.user
     if realm not in auth.realms.known:
-        raise InvalidValue("realm", f"unknown realm {realm!r}; use {auth.realms.user!r} or {auth.realms.admin!r}")
+        raise Rejected(f"{field}: unknown realm {realm!r}; use {auth.realms.user!r} or {auth.realms.admin!r}",
+                       field)
     return realm
 
 
@@ -204,12 +236,13 @@ def _directory_call(work: Callable[[], User]) -> Any:
     "Open a session", "openSession", "sessions", status=201, response=SessionOut, errors=(400, 429, 501, 503),
     description="Authenticate with X-Ucloud-User, X-Ucloud-Realm and X-Ucloud-Token (a TOTP, accepted "
                 "once); the answer's token is then sent as 'Authorization: Bearer <token>' until it "
-                "expires. A session cannot open another session."))
+                "expires. A session cannot open another session (401)."))
 async def open_session(request: web.Request) -> web.Response:
     auth = _auth(request)
     if AUTHORIZATION in request.headers:
-        raise InvalidValue(AUTHORIZATION, "a session cannot open another session; prove yourself with "
-                                          "X-Ucloud-Token (a TOTP)")
+        # A session is not a credential for this operation: 401, as for any other that is not.
+        raise AuthenticationFailed(f"{AUTHORIZATION}: a session cannot open another session; prove yourself "
+                                   "with X-Ucloud-Token (a TOTP)")
     issued = await auth.sessions.issue(actor_of(request))
     out = SessionOut(token=issued.token.reveal(), name=issued.name, realm=issued.realm,
                      expires_at=datetime.fromtimestamp(issued.expires_at, UTC),
@@ -240,14 +273,15 @@ async def get_user(request: web.Request) -> web.Response:
 
 @api("POST", "/v1/users", ApiDoc(
     "Add a user (admin, built-in directory)", "addUser", "users", status=201, response=UserOut,
-    body=AddUserBody, errors=(400, 404, 409, 501, 503),
+    body=AddUserBody, max_body=BODY_LIMIT, errors=(400, 404, 409, 501, 503),
     description="Adds a user to the built-in directory (realms default to the user realm); enrol them "
                 "with POST /v1/users/{name}/otp. With LDAP: 501. Outside the admin realm: 404."))
 async def add_user(request: web.Request) -> web.Response:
     actor, auth = _admin(request)
     directory = _builtin(auth)
     body: AddUserBody = await _body(request, AddUserBody)
-    realms = [_realm(auth, r) for r in body.realms] if body.realms is not None else [auth.realms.user]
+    realms = ([_realm(auth, r, f"realms[{i}]") for i, r in enumerate(body.realms)] if body.realms is not None
+              else [auth.realms.user])
     user = await _directory_call(lambda: directory.add_user(body.name, body.display_name, body.email,
                                                               realms=realms))
     log.info("%s added user %r (realms %s)", actor, user.name, ", ".join(sorted(realms)))
@@ -296,7 +330,8 @@ api("POST", "/v1/users/{name}/enable", ApiDoc(
 
 
 @api("POST", "/v1/users/{name}/otp", ApiDoc(
-    "Enrol a user for OTP (admin)", "enrolUser", "users", status=201, response=EnrolmentOut, body=EnrolBody,
+    "Enrol a user for OTP (admin)", "enrolUser", "users", status=201, response=EnrolmentOut, body=EnrolBody, max_body=BODY_LIMIT,
+    body_required=False,
     errors=(400, 404, 409, 422, 501, 503),
     description="Creates a fresh TOTP seed for an existing, enabled directory user in a realm (default: "
                 "the user realm) and answers it with its otpauth:// provisioning URI, once. 409 if the user "
@@ -333,7 +368,8 @@ async def enrol_user(request: web.Request) -> web.Response:
 
 @api("DELETE", "/v1/users/{name}/otp", ApiDoc(
     "Remove a user's OTP seed (admin)", "unenrolUser", "users", response=Unenrolled,
-    params=(Param("realm", "query", "The realm (default: the user realm)."),), errors=(400, 404, 409, 501, 503),
+    params=(Param.of("realm", "query", "The realm (default: the user realm).", Realm),),
+    errors=(400, 404, 409, 422, 501, 503),
     description="The user can no longer open sessions or send tokens in that realm (open sessions "
                 "last until they expire, unless the user is disabled). 409 for the admin seed of the "
                 "last enabled admin. Outside the admin realm: 404."))

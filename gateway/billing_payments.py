@@ -22,23 +22,40 @@ import hmac
 import os
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import aiohttp
 import msgspec
 
 from ucloud.commands.billing import BillingCommands
 from ucloud.commands.unit_of_work import Actor
-from ucloud.domain.errors import InvalidValue, NotFound, Rejected
-from ucloud.domain.money import Money, format_micros, parse_money
+from ucloud.domain.account import COUPON_CODE_MAX_LENGTH, COUPON_CODE_PATTERN, COUPON_CODE_RULE
+from ucloud.domain.errors import InvalidValue, NotFound, OutOfBounds, Rejected
+from ucloud.domain.limits import CEILING
+from ucloud.domain.money import (
+    AMOUNT_MAX_LENGTH,
+    AMOUNT_PATTERN,
+    AMOUNT_RULE,
+    Money,
+    format_micros,
+    parse_money,
+)
 from ucloud.projections.billing import BillingView
+
+_AMOUNT = msgspec.Meta(max_length=AMOUNT_MAX_LENGTH, description=AMOUNT_RULE, examples=["20 CHF"],
+                       extra_json_schema={"pattern": AMOUNT_PATTERN})
+_CODE = msgspec.Meta(max_length=COUPON_CODE_MAX_LENGTH, description=COUPON_CODE_RULE, examples=["WELCOME-2027"],
+                     extra_json_schema={"pattern": COUPON_CODE_PATTERN})
 
 
 class PayBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    method: str
-    amount: str | None = None  # card: how much ("20 CHF"); bank-transfer: defaults to the invoice's total
-    code: str | None = None  # coupon
-    invoice: int | None = None  # bank-transfer: which invoice
+    """Which fields a method needs is its own rule: a method given without them, or one not
+    configured here, is refused with 422 naming the field."""
+
+    method: Literal["coupon", "bank-transfer", "card"]
+    amount: Annotated[str, _AMOUNT] | None = None  # card: how much; bank-transfer: default the invoice's total
+    code: Annotated[str, _CODE] | None = None  # coupon
+    invoice: Annotated[int, msgspec.Meta(ge=1, le=CEILING)] | None = None  # bank-transfer: which invoice
 
 
 class PayOut(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -67,7 +84,7 @@ class CouponMethod(PaymentMethod):
 
     async def pay(self, actor: Actor, body: PayBody, view: BillingView, commands: BillingCommands) -> PayOut:
         if not body.code:
-            raise InvalidValue("code", "a coupon payment needs the coupon's code")
+            raise Rejected("code: a coupon payment needs the coupon's code", "code")
         outcome = await commands.redeem_coupon(actor, body.code)
         return PayOut(method=self.name, status="credited", position=outcome.position,
                       credited_micros=outcome.result.micros, amount=str(outcome.result))
@@ -83,13 +100,13 @@ class BankTransferMethod(PaymentMethod):
 
     async def pay(self, actor: Actor, body: PayBody, view: BillingView, commands: BillingCommands) -> PayOut:
         if body.invoice is None:
-            raise InvalidValue("invoice", "say which invoice the transfer pays")
+            raise Rejected("invoice: say which invoice the transfer pays", "invoice")
         invoice = view.invoices.get(body.invoice)
         if invoice is None or invoice.owner != actor.name:
             raise NotFound(f"invoice {body.invoice} does not exist")  # nor can you pay another user's
         amount = parse_money(body.amount, "amount") if body.amount else Money(invoice.total, invoice.currency)
         if amount.currency != invoice.currency:
-            raise InvalidValue("currency", f"the invoice is in {invoice.currency}")
+            raise OutOfBounds("amount", f"the invoice is in {invoice.currency}, not {amount.currency}")
         shown = format_micros(amount.micros, amount.currency)
         return PayOut(method=self.name, status="pending", amount=shown, reference=invoice.reference,
                       instructions=f"transfer {shown} to {self.account} quoting {invoice.reference}; "
@@ -111,11 +128,11 @@ class CardMethod(PaymentMethod):
 
     async def pay(self, actor: Actor, body: PayBody, view: BillingView, commands: BillingCommands) -> PayOut:
         if not body.amount:
-            raise InvalidValue("amount", "a card payment needs an amount, e.g. '20 CHF'")
+            raise Rejected("amount: a card payment needs an amount, e.g. '20 CHF'", "amount")
         amount = parse_money(body.amount, "amount", allow_zero=False)
         if view.currency and amount.currency != view.currency:
-            raise InvalidValue("currency", f"{amount.currency} does not match this installation's currency "
-                                           f"{view.currency}")
+            raise OutOfBounds("amount", f"{amount.currency} does not match this installation's currency "
+                                        f"{view.currency}")
         request = {"amount_micros": amount.micros, "currency": amount.currency, "webhook_url": self.webhook_url,
                    "metadata": {"owner": actor.name}}
         timeout = aiohttp.ClientTimeout(total=30)

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 import msgspec
@@ -24,20 +24,55 @@ from aiohttp import web
 
 from ucloud.commands.billing import BillingCommands
 from ucloud.commands.unit_of_work import SYSTEM, Actor
-from ucloud.domain.account import Source
+from ucloud.domain.account import (
+    COUPON_CODE_MAX_LENGTH,
+    COUPON_CODE_PATTERN,
+    COUPON_CODE_RULE,
+    Kind,
+    Source,
+)
 from ucloud.domain.catalogue import build_codec
-from ucloud.domain.errors import InvalidValue, NotFound
+from ucloud.domain.errors import InvalidValue, NotFound, Rejected
 from ucloud.domain.invoice import InvoiceIssued, InvoiceLine
-from ucloud.domain.money import Money, format_micros
+from ucloud.domain.limits import CEILING
+from ucloud.domain.money import AMOUNT_MAX_LENGTH, AMOUNT_PATTERN, AMOUNT_RULE, Money, format_micros
+from ucloud.domain.names import NAME_MAX_LENGTH, NAME_PATTERN
 from ucloud.domain.order import Order
-from ucloud.domain.pricing import QUANTUM_NAME, Price
+from ucloud.domain.pricing import (
+    PRICE_MAX_LENGTH,
+    PRICE_PATTERN,
+    PRICE_RULE,
+    QUANTUM_NAME,
+    Price,
+    Resource,
+)
+from ucloud.domain.times import TIME_MAX_LENGTH, TIME_PATTERN, TIME_RULE, parse_time
+from ucloud.domain.vm import RestartPolicy
 from ucloud.projections.billing import BillingView, periods_from_environment
 from ucloud.projections.runner import ProjectionRunner
 
 from .billing_payments import CardMethod, PayBody, PaymentMethod, PayOut, methods_from_environment
-from .keys import CONFIG, STORE, actor_of
-from .problems import PositionNotReached
-from .routes import POSITION_HEADER, POSITION_PARAMS, Accepted, ApiDoc, Param, answer
+from .inputs import check_patterns, check_value
+from .keys import CONFIG, STORE, VM_CREATE_GUARD, actor_of
+from .problems import PaymentRequired, PositionNotReached
+from .routes import (
+    BODY_LIMIT,
+    CREATE_VM_BODY_LIMIT,
+    POSITION_HEADER,
+    SSH_KEYS_CEILING,
+    USER_DATA_CEILING,
+    Accepted,
+    ApiDoc,
+    Name,
+    Param,
+    UserName,
+    VmCores,
+    VmDisk,
+    VmRam,
+    _meta,
+    answer,
+    reach_position,
+)
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -62,41 +97,66 @@ def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
 # -- bodies and answers ------------------------------------------------------------------------
 
 
+def _text(max_length: int, pattern: str, rule: str, example: str, **extra: Any) -> msgspec.Meta:
+    """A text field's declared limits: a length, a pattern (checked with fullmatch by
+    inputs.check_patterns), the rule in words (the problem's detail) and an example."""
+    return msgspec.Meta(max_length=max_length, description=rule, examples=[example],
+                        extra_json_schema={"pattern": pattern, **extra})
+
+
+Amount = Annotated[str, _text(AMOUNT_MAX_LENGTH, AMOUNT_PATTERN, AMOUNT_RULE, "20 CHF")]
+PriceText = Annotated[str, _text(PRICE_MAX_LENGTH, PRICE_PATTERN, PRICE_RULE, "0.01 CHF/hour")]
+CouponCode = Annotated[str, _text(COUPON_CODE_MAX_LENGTH, COUPON_CODE_PATTERN, COUPON_CODE_RULE, "WELCOME-2027")]
+# A time as text with its pattern (msgspec's datetime would answer 400 for "2027-13-01T..."
+# although it has the declared form): parse_time answers 422 for such.
+TimeText = Annotated[str, _text(TIME_MAX_LENGTH, TIME_PATTERN, TIME_RULE, "2099-01-01T00:00:00Z",
+                                format="date-time")]
+Reference = Annotated[str, _text(200, r"^[ -~]{0,200}$", "at most 200 printable ASCII characters",
+                                 "UC-2027-000042")]
+InvoiceNumber = Annotated[int, msgspec.Meta(ge=1, le=CEILING)]
+
+
 class SetPriceBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    resource: str
-    amount: str  # "0.01 CHF/hour"
-    effective_from: datetime | None = None
+    resource: Resource
+    amount: PriceText
+    effective_from: TimeText | None = None  # default: now
 
 
 class ConfigureAccountBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    kind: str  # prepaid or postpaid
+    kind: Kind
 
 
 class CreditBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    amount: str  # "20 CHF"
-    source: str = "grant"  # grant or bank-transfer
-    reference: str = ""
+    amount: Amount
+    source: Literal["grant", "bank-transfer"] = "grant"
+    reference: Reference = ""
 
 
 class CouponBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    code: str
-    amount: str
-    expires: datetime
+    code: CouponCode
+    amount: Amount
+    expires: TimeText
 
 
 class RedeemBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    code: str
+    code: CouponCode
 
 
 class OrderBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: str
-    cores: int | str
-    ram: int | str
-    disk: int | str
-    image: str
-    ssh_keys: list[str] = []
-    restart_policy: str = "always"
-    owner: str | None = None
+    """What a VM would be created with (POST /v1/vms, the same limits; networks are not
+    ordered), to be quoted first."""
+
+    name: Name
+    cores: VmCores
+    ram: VmRam
+    disk: VmDisk
+    image: Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN, examples=["debian-12"])]
+    ssh_keys: Annotated[list[Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN)]],
+                        _meta(max_length=SSH_KEYS_CEILING, limit="vm_ssh_keys")] = []
+    restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    owner: UserName | None = None
+    user_data: Annotated[str, _meta(max_length=USER_DATA_CEILING, limit="vm_user_data", free_text=True,
+                                    examples=["#!/bin/sh\necho hello > /tmp/hello\n"])] = ""
 
 
 class PriceOut(msgspec.Struct, kw_only=True):
@@ -178,9 +238,10 @@ class Redeemed(msgspec.Struct, kw_only=True):
     credited: str
 
 
+# strict=False: a JSON number with no fraction (2408.0) is an integer, as the schema says.
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
-    t: msgspec.json.Decoder(t) for t in (SetPriceBody, ConfigureAccountBody, CreditBody, CouponBody, RedeemBody,
-                                         PayBody, OrderBody)}
+    t: msgspec.json.Decoder(t, strict=False) for t in (SetPriceBody, ConfigureAccountBody, CreditBody, CouponBody,
+                                                       RedeemBody, PayBody, OrderBody)}
 T = TypeVar("T")
 
 
@@ -189,31 +250,14 @@ async def _body(request: web.Request, body_type: type[T]) -> T:
     if not raw.strip():
         raise InvalidValue("body", "the request needs a JSON object body")
     result: T = _DECODERS[body_type].decode(raw)
+    check_patterns(result)
     return result
 
 
 async def _reach(request: web.Request) -> int:
-    """Wait until the billing view includes ?position= / X-Ucloud-Position (read your writes)."""
-    runner = request.app[BILLING_RUNNER]
-    wanted = 0
-    for raw, where in ((request.query.get("position"), "?position="), (request.headers.get(POSITION_HEADER), POSITION_HEADER)):
-        if raw is None:
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            raise InvalidValue("position", f"{where} {raw!r} is not a log position (a whole number)") from None
-        if value < 0:
-            raise InvalidValue("position", f"{where} must not be negative, got {value}")
-        wanted = max(wanted, value)
-    if runner.position < wanted:
-        head = await request.app[STORE].head()
-        if wanted > head:
-            raise InvalidValue("position", f"{wanted} is beyond the end of the log ({head})")
-        timeout = request.app[CONFIG].read_timeout
-        if not await runner.wait_for(wanted, timeout):
-            raise PositionNotReached(f"the billing view did not reach position {wanted} within {timeout:g}s")
-    return runner.position
+    """Wait until the billing view includes ?position= / X-Ucloud-Position (read your writes):
+    the same rule as every query (routes.reach_position), over the billing view's runner."""
+    return await reach_position(request, request.app[BILLING_RUNNER], "the billing view")
 
 
 def _whose(actor: Actor, owner: str | None) -> str:
@@ -257,14 +301,17 @@ def _invoice_out(view: BillingView, invoice: InvoiceIssued) -> InvoiceOut:
                       total_micros=invoice.total, total=format_micros(invoice.total, invoice.currency))
 
 
-OWNER = Param("owner", "query", "Admins: this user's (default: your own). Others may name only themselves.")
+OWNER = Param.of("owner", "query", "Admins: this user's (default: your own). Others may name only themselves.",
+                 UserName)
+INVOICE_NUMBER = Param.of("number", "path", "The invoice's number.", InvoiceNumber)
+ORDER_ID = Param.of("id", "path", "The order's id.", UUID)
 
 # -- prices ------------------------------------------------------------------------------------
 
 
 @api("GET", "/v1/prices", ApiDoc("List prices", "listPrices", "billing", response=PriceList,
                                  description="Every price version, oldest first, and which is in force now.",
-                                 params=POSITION_PARAMS, errors=(400, 503), reads=True))
+                                 errors=(400, 503), reads=True))
 async def list_prices(request: web.Request) -> web.Response:
     position = await _reach(request)
     view = request.app[BILLING_VIEW]
@@ -282,14 +329,15 @@ async def list_prices(request: web.Request) -> web.Response:
 
 
 @api("POST", "/v1/prices", ApiDoc(
-    "Set a price (admin)", "setPrice", "billing", status=201, response=Accepted, body=SetPriceBody,
+    "Set a price (admin)", "setPrice", "billing", status=201, response=Accepted, body=SetPriceBody, max_body=BODY_LIMIT,
     description="A new price version for a resource (core, ram, disk, network, image-storage): amount as "
                 "'0.01 CHF/hour' (second, minute, hour, day, month = 30 days), from effective_from (default now; "
                 "never in the past). The first price fixes the currency. Outside the admin realm: 404.",
-    errors=(400, 404, 409, 503)))
+    errors=(400, 404, 409, 422, 503)))
 async def set_price(request: web.Request) -> web.Response:
     body = await _body(request, SetPriceBody)
-    outcome = await request.app[BILLING].set_price(actor_of(request), body.resource, body.amount, body.effective_from)
+    effective_from = parse_time(body.effective_from, "effective_from") if body.effective_from is not None else None
+    outcome = await request.app[BILLING].set_price(actor_of(request), body.resource.value, body.amount, effective_from)
     return answer(Accepted(position=outcome.position, status=f"version {outcome.result}"), 201, outcome.position)
 
 
@@ -297,7 +345,7 @@ async def set_price(request: web.Request) -> web.Response:
 
 
 @api("GET", "/v1/usage", ApiDoc(
-    "Usage this period so far", "getUsage", "billing", response=UsageOut, params=(OWNER, *POSITION_PARAMS),
+    "Usage this period so far", "getUsage", "billing", response=UsageOut, params=(OWNER,),
     description="Line items per VM, resource and price version for the current billing period, counted up "
                 "to now (a run shorter than 60 s counts 60 s).", errors=(400, 404, 503), reads=True))
 async def get_usage(request: web.Request) -> web.Response:
@@ -316,7 +364,7 @@ async def get_usage(request: web.Request) -> web.Response:
 
 
 @api("GET", "/v1/invoices", ApiDoc(
-    "List invoices", "listInvoices", "billing", response=InvoiceList, params=(OWNER, *POSITION_PARAMS),
+    "List invoices", "listInvoices", "billing", response=InvoiceList, params=(OWNER,),
     description="Your invoices, oldest first (admins: ?owner='s).", errors=(400, 404, 503), reads=True))
 async def list_invoices(request: web.Request) -> web.Response:
     position = await _reach(request)
@@ -328,13 +376,11 @@ async def list_invoices(request: web.Request) -> web.Response:
 
 @api("GET", "/v1/invoices/{number}", ApiDoc(
     "Show an invoice", "getInvoice", "billing", response=InvoiceOut,
-    params=(Param("format", "query", "json (default) or html"), *POSITION_PARAMS),
+    params=(INVOICE_NUMBER, Param.of("format", "query", "json (default) or html", Literal["json", "html"])),
     description="One invoice with its lines; ?format=html (or Accept: text/html) renders it as a page.",
     errors=(400, 404, 503), reads=True))
 async def get_invoice(request: web.Request) -> web.Response:
-    raw = request.match_info["number"]
-    if not raw.isdigit():
-        raise InvalidValue("number", f"{raw!r} is not an invoice number")
+    raw = request.match_info["number"]  # checked by the input middleware: ASCII digits, 1 .. 2**63-1
     position = await _reach(request)
     view = request.app[BILLING_VIEW]
     invoice = view.invoices.get(int(raw))
@@ -342,9 +388,7 @@ async def get_invoice(request: web.Request) -> web.Response:
     if invoice is None or (invoice.owner != actor.name and not actor.is_admin):
         raise NotFound(f"invoice {raw} does not exist")  # another user's invoice does not exist for you
     out = _invoice_out(view, invoice)
-    wants = request.query.get("format", "")
-    if wants not in ("", "json", "html"):
-        raise InvalidValue("format", f"{wants!r}: json or html")
+    wants = request.query.get("format", "")  # checked by the input middleware: json or html
     if wants == "html" or (not wants and "text/html" in request.headers.get("Accept", "")):
         return web.Response(text=render_html(out), content_type="text/html", headers={POSITION_HEADER: str(position)})
     return answer(out, position=position)
@@ -371,7 +415,7 @@ Payment reference: <strong>{e(invoice.reference)}</strong><br>Status: {"paid" if
 
 
 @api("GET", "/v1/balance", ApiDoc(
-    "Account balance", "getBalance", "billing", response=BalanceOut, params=(OWNER, *POSITION_PARAMS),
+    "Account balance", "getBalance", "billing", response=BalanceOut, params=(OWNER,),
     description="Money in (credit, coupons, payments) minus invoices minus usage not yet invoiced, up to now.",
     errors=(400, 404, 503), reads=True))
 async def get_balance(request: web.Request) -> web.Response:
@@ -390,40 +434,40 @@ async def get_balance(request: web.Request) -> web.Response:
 
 @api("PUT", "/v1/accounts/{owner}", ApiDoc(
     "Make an account prepaid or postpaid (admin)", "configureAccount", "billing", response=Accepted,
-    body=ConfigureAccountBody, description="Accounts are postpaid until configured. Outside the admin realm: 404.",
+    body=ConfigureAccountBody, max_body=BODY_LIMIT, description="Accounts are postpaid until configured. Outside the admin realm: 404.",
     errors=(400, 404, 409, 503)))
 async def configure_account(request: web.Request) -> web.Response:
     body = await _body(request, ConfigureAccountBody)
-    outcome = await request.app[BILLING].configure_account(actor_of(request), request.match_info["owner"], body.kind)
+    outcome = await request.app[BILLING].configure_account(actor_of(request), request.match_info["owner"],
+                                                           body.kind.value)
     return answer(Accepted(position=outcome.position), position=outcome.position)
 
 
 @api("POST", "/v1/accounts/{owner}/credits", ApiDoc(
-    "Credit an account (admin)", "creditAccount", "billing", status=201, response=Accepted, body=CreditBody,
+    "Credit an account (admin)", "creditAccount", "billing", status=201, response=Accepted, body=CreditBody, max_body=BODY_LIMIT,
     description="source grant: account credit an admin grants; source bank-transfer: a transfer received "
                 "(reference: what the payer quoted, e.g. the invoice's). Outside the admin realm: 404.",
-    errors=(400, 404, 409, 503)))
+    errors=(400, 404, 409, 422, 503)))
 async def credit_account(request: web.Request) -> web.Response:
     body = await _body(request, CreditBody)
-    if body.source not in (Source.GRANT.value, Source.BANK_TRANSFER.value):
-        raise InvalidValue("source", f"{body.source!r}: grant or bank-transfer")
     outcome = await request.app[BILLING].credit(actor_of(request), request.match_info["owner"], body.amount,
                                                 Source(body.source), body.reference)
     return answer(Accepted(position=outcome.position), 201, outcome.position)
 
 
 @api("POST", "/v1/coupons", ApiDoc(
-    "Create a coupon (admin)", "createCoupon", "billing", status=201, response=Accepted, body=CouponBody,
+    "Create a coupon (admin)", "createCoupon", "billing", status=201, response=Accepted, body=CouponBody, max_body=BODY_LIMIT,
     description="A code worth an amount, redeemable once until it expires. Outside the admin realm: 404.",
     errors=(400, 404, 409, 422, 503)))
 async def create_coupon(request: web.Request) -> web.Response:
     body = await _body(request, CouponBody)
-    outcome = await request.app[BILLING].create_coupon(actor_of(request), body.code, body.amount, body.expires)
+    outcome = await request.app[BILLING].create_coupon(actor_of(request), body.code, body.amount,
+                                                       parse_time(body.expires, "expires"))
     return answer(Accepted(position=outcome.position), 201, outcome.position)
 
 
 @api("POST", "/v1/coupons/redeem", ApiDoc(
-    "Redeem a coupon", "redeemCoupon", "billing", response=Redeemed, body=RedeemBody,
+    "Redeem a coupon", "redeemCoupon", "billing", response=Redeemed, body=RedeemBody, max_body=BODY_LIMIT,
     description="Credits the coupon's amount to your account, once: a coupon redeemed or expired is refused "
                 "(422), an unknown one is 404.", errors=(400, 404, 409, 422, 503)))
 async def redeem_coupon(request: web.Request) -> web.Response:
@@ -484,28 +528,28 @@ def _order_out(order: Order, position: int) -> OrderOut:
 
 
 def _order_id(request: web.Request) -> UUID:
-    raw = request.match_info["id"]
-    try:
-        return UUID(raw)
-    except ValueError:
-        raise InvalidValue("id", f"{raw!r} is not an order id (a UUID)") from None
+    # The input middleware checked the text form (ORDER_ID: format uuid) first.
+    return UUID(check_value("id", ORDER_ID.schema, request.match_info["id"]))
 
 
 @api("POST", "/v1/orders", ApiDoc(
     "Quote a VM (order)", "quoteOrder", "billing", status=201, response=OrderOut, body=OrderBody,
     description="What the VM would cost per hour and per month at the prices in force; confirm it to have it "
-                "provisioned. Without prices, create VMs directly (POST /v1/vms).", errors=(400, 404, 409, 503)))
+                "provisioned. Without prices, create VMs directly (POST /v1/vms). Sizes beyond this installation's "
+                "limits: 422, as for a create.", errors=(400, 404, 409, 422, 503), max_body=CREATE_VM_BODY_LIMIT))
 async def quote_order(request: web.Request) -> web.Response:
     body = await _body(request, OrderBody)
     outcome = await request.app[BILLING].quote_order(
         actor_of(request), name=body.name, cores=body.cores, ram=body.ram, disk=body.disk, image=body.image,
-        ssh_keys=body.ssh_keys, restart_policy=body.restart_policy, owner=body.owner)
+        ssh_keys=body.ssh_keys, restart_policy=body.restart_policy.value, owner=body.owner, user_data=body.user_data,
+        limits=request.app[CONFIG].limits)
     return answer(_order_out(outcome.result, outcome.position), 201, outcome.position,
                   {"Location": f"/v1/orders/{outcome.result.id}"})
 
 
 @api("POST", "/v1/orders/{id}/confirm", ApiDoc(
-    "Confirm an order", "confirmOrder", "billing", response=OrderOut, errors=(400, 404, 409, 422, 503),
+    "Confirm an order", "confirmOrder", "billing", response=OrderOut, params=(ORDER_ID,),
+    errors=(400, 404, 409, 422, 503),
     description="confirmed: the ordering process creates the VM (status provisioned, vm_id) or cancels the "
                 "order with the reason. A prepaid account needs a balance covering the first "
                 "UCLOUD_PREPAID_ORDER_HOURS (24) hours, or the order is rejected (insufficient funds)."))
@@ -523,7 +567,7 @@ async def confirm_order(request: web.Request) -> web.Response:
 
 
 @api("GET", "/v1/orders/{id}", ApiDoc(
-    "Show an order", "getOrder", "billing", response=OrderOut, params=POSITION_PARAMS, errors=(400, 404, 503),
+    "Show an order", "getOrder", "billing", response=OrderOut, params=(ORDER_ID,), errors=(400, 404, 503),
     reads=True))
 async def get_order(request: web.Request) -> web.Response:
     order_id = _order_id(request)
@@ -539,7 +583,7 @@ async def get_order(request: web.Request) -> web.Response:
 
 
 @api("POST", "/v1/payments", ApiDoc(
-    "Pay", "pay", "billing", response=PayOut, also=(202,), body=PayBody,
+    "Pay", "pay", "billing", response=PayOut, also=(202,), body=PayBody, max_body=BODY_LIMIT,
     description="method coupon {code}: credited at once (200). method bank-transfer {invoice}: how to pay "
                 "that invoice (202; an admin records the receipt). method card {amount}: a payment intent at "
                 "the card provider and where to confirm it (202); the provider's signed webhook credits the "
@@ -548,8 +592,9 @@ async def pay(request: web.Request) -> web.Response:
     body = await _body(request, PayBody)
     methods = request.app[PAYMENT_METHODS]
     method = methods.get(body.method)
-    if method is None:
-        raise InvalidValue("method", f"{body.method!r}: one of {', '.join(sorted(methods))}")
+    if method is None:  # a method of the API that this installation has not configured
+        raise Rejected(f"method: {body.method!r} is not available here; use one of {', '.join(sorted(methods))}",
+                       "method")
     await _reach(request)
     out = await method.pay(actor_of(request), body, request.app[BILLING_VIEW], request.app[BILLING])
     return answer(out, 200 if out.status == "credited" else 202, out.position or None)
@@ -597,6 +642,23 @@ async def _follow(runner: ProjectionRunner) -> None:
         await asyncio.sleep(delay)
 
 
+async def prepaid_orders_first(request: web.Request, actor: Actor, owner: str) -> None:
+    """POST /v1/vms for a prepaid account while prices are in force: 402, order it instead
+    (an order checks the balance before anything runs). Postpaid accounts and admins
+    create directly: their usage is invoiced afterwards."""
+    if actor.is_admin:
+        return
+    view, runner = request.app[BILLING_VIEW], request.app[BILLING_RUNNER]
+    # Prices and the account's kind as of this request, not as of the view's last poll.
+    head = await request.app[STORE].head()
+    if not await runner.wait_for(head, request.app[CONFIG].read_timeout):
+        raise PositionNotReached(f"the billing view did not reach position {head} in time")
+    now = int(time.time())
+    if any(p.effective_from <= now for p in view.meter.schedule.all()) and view.balance(owner, now).kind == "prepaid":
+        raise PaymentRequired(f"{owner}'s account is prepaid and VMs are priced: order the VM (POST /v1/orders, "
+                              "or `ucloud vm create`, which does), so that the balance is checked first")
+
+
 def setup_billing(app: web.Application) -> None:
     """Add the billing routes and the billing read model to a gateway application."""
     store = app[STORE]
@@ -607,6 +669,7 @@ def setup_billing(app: web.Application) -> None:
                                            snapshot_interval=app[CONFIG].snapshot_interval)
     app[BILLING] = BillingCommands(store, codec)
     app[PAYMENT_METHODS] = methods_from_environment()
+    app[VM_CREATE_GUARD] = prepaid_orders_first
     app.add_routes(billing_routes)
 
     async def follow(app: web.Application) -> AsyncIterator[None]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
-from ucloud.domain.limits import DEFAULT_LIMITS, Limits
+from ucloud.domain.limits import DEFAULT_LIMITS, GiB, Limits
 from ucloud.eventstore.interface import EventStore
 
 from .identity import Authenticator
@@ -37,6 +38,13 @@ class GatewayConfig:
     # The longest request line (method, path and query) and header line aiohttp reads;
     # longer ones are answered 400 problem+json by gateway/lowlevel.py.
     max_line_size: int = 8190
+    # Users' files (<files_root>/<user>/<name>): uploads land here, the file scanner and
+    # the image scanner read here. None: uploads answer 501.
+    files_root: Path | None = None
+    max_file_size: int = 64 * GiB  # one upload
+    file_quota: int = 256 * GiB  # all of one user's files together
+    # The image stores images may be imported into (the first is the default).
+    image_stores: tuple[str, ...] = ("local",)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -45,5 +53,9 @@ class GatewayConfig:
             raise ValueError("listen needs at least one address")
         if self.read_timeout <= 0:
             raise ValueError(f"read_timeout must be positive, got {self.read_timeout}")
+        if self.max_file_size <= 0 or self.file_quota <= 0:
+            raise ValueError("max_file_size and file_quota must be positive")
+        if not self.image_stores:
+            raise ValueError("image_stores needs at least one store")
         if self.snapshot_interval <= 0:
             raise ValueError(f"snapshot_interval must be positive, got {self.snapshot_interval}")

@@ -66,6 +66,8 @@ def check_value(field: str, schema: dict[str, Any], raw: str) -> Any:
     if schema.get("format") == "uuid" and not (len(raw) == 36 and _UUID.fullmatch(raw)):
         raise InvalidValue(field, f"{shorten(raw)!r} is not a UUID (like 6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c002)")
     if "pattern" in schema and not _pattern(schema["pattern"]).fullmatch(raw):
+        if "description" in schema:  # the rule in words, as the document states it
+            raise InvalidValue(field, f"{shorten(raw)!r} is not {schema['description']}")
         raise InvalidValue(field, f"{shorten(raw)!r} does not match {schema['pattern']}")
     return raw
 
@@ -79,6 +81,43 @@ def schema_of(value_type: Any) -> dict[str, Any]:
 
 
 # -- the body ---------------------------------------------------------------------------------------
+
+
+_RULES: dict[type, tuple[tuple[str, dict[str, Any], bool], ...]] = {}
+
+
+def body_rules(body_type: type) -> tuple[tuple[str, dict[str, Any], bool], ...]:
+    """(field, string schema, is a list of them) for every field of a body Struct whose
+    text has a declared pattern: what ``check_patterns`` holds a decoded body to. msgspec
+    checks lengths, ranges and enums while it decodes, but its own pattern check is a
+    ``search`` (so "x\\n" passes a "$"): patterns are checked here, with fullmatch."""
+    if body_type in _RULES:
+        return _RULES[body_type]
+    schema = msgspec.json.schema(body_type)
+    if "$ref" in schema:
+        schema = schema["$defs"][schema["$ref"].rsplit("/", 1)[1]]
+    rules = []
+    for name, field in schema.get("properties", {}).items():
+        for branch in field.get("anyOf", [field]):
+            if branch.get("type") == "string" and "pattern" in branch:
+                rules.append((name, branch, False))
+            elif branch.get("type") == "array" and "pattern" in branch.get("items", {}):
+                rules.append((name, branch["items"], True))
+    _RULES[body_type] = tuple(rules)
+    return _RULES[body_type]
+
+
+def check_patterns(body: Any) -> None:
+    """Every patterned text of a decoded body Struct fullmatches its pattern (InvalidValue
+    naming the field, or ``field[i]`` in a list, otherwise)."""
+    for name, schema, is_list in body_rules(type(body)):
+        value = getattr(body, name)
+        if is_list and isinstance(value, list | tuple):
+            for index, item in enumerate(value):
+                if isinstance(item, str):
+                    check_value(f"{name}[{index}]", schema, item)
+        elif isinstance(value, str):
+            check_value(name, schema, value)
 
 _MARK = "\ufdd0"  # a Unicode noncharacter: where a byte was not UTF-8
 

@@ -22,7 +22,8 @@ from .routes import LIMIT_KEY, ApiDoc, declared_params
 
 _TITLES = {400: "Invalid request: the problem's detail and field say what is wrong",
            413: "The body is larger than the gateway accepts", 415: "The body is not sent as application/json",
-           401: "Not authenticated", 404: "Not found (or not yours)", 405: "Method not allowed",
+           401: "Not authenticated", 402: "Priced and the account prepaid: order it (POST /v1/orders)",
+           404: "Not found (or not yours)", 405: "Method not allowed",
            409: "Conflict with a concurrent writer; retry",
            422: "Rejected: not allowed in the resource's current state, or a value (named by the problem's "
                 "field) beyond this installation's limits once its units are read",
@@ -34,7 +35,7 @@ OPENAPI = web.AppKey("openapi_document", dict)
 
 def _apply_limits(node: Any, limits: Limits) -> Any:
     """The schemas with each ``x-ucloud-limit`` marker replaced by this installation's
-    bound: ``maximum`` of an integer, ``maxItems`` of an array."""
+    bound: ``maximum`` of an integer, ``maxItems`` of an array, ``maxLength`` of a string."""
     if isinstance(node, list):
         return [_apply_limits(item, limits) for item in node]
     if not isinstance(node, dict):
@@ -42,7 +43,7 @@ def _apply_limits(node: Any, limits: Limits) -> Any:
     out = {key: _apply_limits(value, limits) for key, value in node.items() if key != LIMIT_KEY}
     if LIMIT_KEY in node:
         bound = getattr(limits, node[LIMIT_KEY])
-        key = "maxItems" if node.get("type") == "array" else "maximum"
+        key = {"array": "maxItems", "string": "maxLength"}.get(node.get("type", ""), "maximum")
         out[key] = min(bound, node.get(key, bound))
     return out
 
@@ -99,8 +100,13 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
         if params:
             operation["parameters"] = params
         if doc.body is not None:
-            operation["requestBody"] = {"required": True,
+            operation["requestBody"] = {"required": doc.body_required,
                                         "content": {"application/json": {"schema": schema_of[id(doc.body)]}}}
+        if doc.upload is not None:
+            operation["requestBody"] = {"required": True, "content": {
+                doc.upload: {"schema": {"type": "string", "format": "binary",
+                                        "description": "The file's bytes, streamed; at most the gateway's "
+                                                       "max_file_size and within the user's quota (413)."}}}}
         if not doc.auth:
             operation["security"] = []
         if method == "HEAD":  # aiohttp answers HEAD for every GET: the same, without a body

@@ -37,12 +37,24 @@ from ucloud.domain.names import (
     USER_NAME_MAX_LENGTH,
     USER_NAME_PATTERN,
 )
+from ucloud.domain.network import eui64_address, link_local_address
 from ucloud.domain.sshkey import PUBLIC_KEY_MAX_LENGTH, PUBLIC_KEY_PATTERN, SshKey
 from ucloud.domain.units import CORES_PATTERN, SIZE_MAX_LENGTH, SIZE_PATTERN
-from ucloud.projections.views import VmRow
+from ucloud.projections.runner import ProjectionRunner
+from ucloud.projections.views import NetworksView, VmRow
 
 from .inputs import check_value, schema_of
-from .keys import COMMANDS, CONFIG, FOLLOWER, METRICS, READ_MODELS, RUNNER, STORE, actor_of
+from .keys import (
+    COMMANDS,
+    CONFIG,
+    FOLLOWER,
+    METRICS,
+    READ_MODELS,
+    RUNNER,
+    STORE,
+    VM_CREATE_GUARD,
+    actor_of,
+)
 from .problems import NotReady, PositionNotReached
 
 POSITION_HEADER = "X-Ucloud-Position"
@@ -62,10 +74,14 @@ def _meta(**constraints: Any) -> msgspec.Meta:
         extra["pattern"] = constraints.pop("pattern")
     if "limit" in constraints:
         extra[LIMIT_KEY] = constraints.pop("limit")
+    if constraints.pop("free_text", False):
+        extra[FREE_TEXT_KEY] = True
     return msgspec.Meta(**constraints, extra_json_schema=extra or None)
 
 
 LIMIT_KEY = "x-ucloud-limit"  # replaced by "maximum"/"maxItems" in the served document
+# A free-text field (user data): any Unicode character but NUL, bounded only in length.
+FREE_TEXT_KEY = "x-ucloud-free-text"
 
 # Every field's limits, in its type: lengths and ranges are checked by msgspec while it
 # decodes; patterns by the domain with fullmatch; both are in the OpenAPI document.
@@ -128,6 +144,7 @@ class ApiDoc:
     description: str = "OK"
     also: tuple[int, ...] = ()  # other success statuses with the same body
     body: type | None = None
+    body_required: bool = True  # False: an empty body means every field's default
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = ()
     auth: bool = True
@@ -136,6 +153,9 @@ class ApiDoc:
     # The largest body this operation takes (413 beyond, before it is read or parsed);
     # None: the gateway's max_body_size. Well above the largest valid body of its type.
     max_body: int | None = None
+    # A raw body streamed by the handler itself (an upload), of this media type; the input
+    # middleware leaves it unread.
+    upload: str | None = None
 
 
 POSITION_PARAMS = (
@@ -185,6 +205,11 @@ SSH_KEYS_CEILING = 1024
 # items would cost the JSON decoder ~100 ms to build before any length check; capped
 # here, refused before it is read.
 BODY_LIMIT = 128 * 1024
+# user_data: capped here at a ceiling no installation exceeds (characters); the
+# installation's GatewayConfig.limits.vm_user_data is the document's maxLength. Written
+# entirely in \u escapes it is six bytes a character, so a create's body may be larger.
+USER_DATA_CEILING = 64 * 1024
+CREATE_VM_BODY_LIMIT = BODY_LIMIT + 6 * USER_DATA_CEILING
 
 
 class CreateVmBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -197,6 +222,14 @@ class CreateVmBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                         _meta(max_length=SSH_KEYS_CEILING, limit="vm_ssh_keys")] = []
     restart_policy: vm_domain.RestartPolicy = vm_domain.RestartPolicy.ALWAYS
     owner: UserName | None = None  # admins may create for another user
+    # The owner's networks, one NIC on each, in this order (the guest's NIC order).
+    networks: Annotated[list[Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN)]],
+                        msgspec.Meta(max_length=vm_domain.MAX_NICS,
+                                     extra_json_schema={"uniqueItems": True})] = []
+    # Served to the guest by the metadata server (cloud-init, ucloud-init). Stored in the
+    # log: never put secrets here.
+    user_data: Annotated[str, _meta(max_length=USER_DATA_CEILING, limit="vm_user_data", free_text=True,
+                                    examples=["#!/bin/sh\necho hello > /tmp/hello\n"])] = ""
 
 
 class AddSshKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -221,6 +254,18 @@ class Accepted(msgspec.Struct, omit_defaults=True, kw_only=True):
     status: str | None = None
 
 
+class NicOut(msgspec.Struct, kw_only=True):
+    """A VM's network card: its network, MAC (empty until the IPAM allocator gave it), the
+    link-local address and, on a network with a /64, its EUI-64 address there."""
+
+    id: UUID
+    network: str
+    network_id: UUID
+    mac: str
+    link_local: str | None
+    address: str | None
+
+
 class VmOut(msgspec.Struct, kw_only=True):
     id: UUID
     name: str
@@ -240,6 +285,7 @@ class VmOut(msgspec.Struct, kw_only=True):
     created_at: datetime
     updated_at: datetime
     position: int
+    nics: list[NicOut] = []
 
 
 class VmStatusOut(msgspec.Struct, kw_only=True):
@@ -345,11 +391,13 @@ def _parse_position(raw: str, where: str) -> int:
     return int(check_value(where, POSITION_PARAMS[0].schema, raw))
 
 
-async def reach_position(request: web.Request) -> int:
-    """Wait (bounded) until the read models include the position the client asked for.
+async def reach_position(request: web.Request, runner: ProjectionRunner | None = None,
+                         what: str = "the read models") -> int:
+    """Wait (bounded) until the read models (``runner``: another view's runner) include the
+    position the client asked for.
 
     Returns the position the read models have reached, which the answer reflects."""
-    runner = request.app[RUNNER]
+    runner = runner if runner is not None else request.app[RUNNER]
     wanted = 0
     if "position" in request.query:
         wanted = _parse_position(request.query["position"], "position")
@@ -363,7 +411,7 @@ async def reach_position(request: web.Request) -> int:
         timeout = request.app[CONFIG].read_timeout
         if not await runner.wait_for(wanted, timeout):
             raise PositionNotReached(
-                f"the read models did not reach position {wanted} within {timeout:g}s "
+                f"{what} did not reach position {wanted} within {timeout:g}s "
                 f"(they are at {runner.position}); retry")
     return runner.position
 
@@ -383,9 +431,18 @@ def _visible_owner(actor: Actor, owner: str | None) -> str | None:
     return actor.name
 
 
-def _vm_out(row: VmRow) -> VmOut:
+def _nic_out(nic: vm_domain.Nic, networks: NetworksView) -> NicOut:
+    network = networks.by_id.get(nic.network_id)
+    prefix = network.prefix if network is not None else ""
+    return NicOut(id=nic.id, network=network.name if network is not None else "", network_id=nic.network_id,
+                  mac=nic.mac, link_local=link_local_address(nic.mac) if nic.mac else None,
+                  address=eui64_address(prefix, nic.mac) if nic.mac and prefix else None)
+
+
+def _vm_out(row: VmRow, networks: NetworksView) -> VmOut:
     vm = row.vm
     return VmOut(
+        nics=[_nic_out(n, networks) for n in vm.nics],
         id=vm.id, name=vm.name, owner=vm.owner, cores=vm.cores, ram=vm.ram, disk=vm.disk, image=vm.image,
         ssh_keys=list(vm.ssh_keys), restart_policy=vm.restart_policy.value, status=vm.status.value,
         desired=vm.desired.value, host_id=vm.host_id, reason=vm.reason, accelerator=vm.accelerator,
@@ -426,20 +483,25 @@ KEY_NAME = Param.of("name", "path", "The SSH key's name.", Name)
 
 @api("POST", "/v1/vms", ApiDoc(
     "Create a VM", "createVm", "vms", status=202, response=Accepted, also=(200,), body=CreateVmBody,
-    max_body=BODY_LIMIT,
+    max_body=CREATE_VM_BODY_LIMIT,
     description="Recorded; the VM is requested and the scheduler takes it from here. "
-                "200 when an Idempotency-Key repeats an earlier identical request (same id).",
+                "200 when an Idempotency-Key repeats an earlier identical request (same id). "
+                "402 when prices are in force and the owner's account is prepaid: such VMs are ordered "
+                "(POST /v1/orders), which checks the balance first.",
     params=(Param.of(IDEMPOTENCY_HEADER, "header",
                      "Retry-safe creation: the same key and body give the same VM; the same key with a "
                      "different body is rejected (422).", IdempotencyKey),),
-    errors=(400, 404, 409, 422, 503)))
+    errors=(400, 402, 404, 409, 422, 503)))
 async def create_vm(request: web.Request) -> web.Response:
     body = await decode_body(request, CreateVmBody)
     key = request.headers.get(IDEMPOTENCY_HEADER)  # checked by the input middleware
+    guard = request.app.get(VM_CREATE_GUARD)
+    if guard is not None:
+        await guard(request, actor_of(request), body.owner or actor_of(request).name)
     outcome = await request.app[COMMANDS].create_vm(
         actor_of(request), name=body.name, cores=body.cores, ram=body.ram, disk=body.disk, image=body.image,
         ssh_keys=body.ssh_keys, restart_policy=body.restart_policy.value, owner=body.owner,
-        idempotency_key=key)
+        idempotency_key=key, networks=body.networks, user_data=body.user_data)
     vm_id = outcome.result
     headers = {"Location": f"/v1/vms/{vm_id}"}
     if outcome.events:
@@ -467,7 +529,8 @@ async def list_vms(request: web.Request) -> web.Response:
     owner = _visible_owner(actor_of(request), request.query.get("owner"))
     include_deleted = _bool_query(request, "include_deleted")
     rows = request.app[READ_MODELS].vms.owned_by(owner)
-    vms = [_vm_out(r) for r in rows if include_deleted or r.vm.status is not vm_domain.Status.DELETED]
+    networks = request.app[READ_MODELS].networks
+    vms = [_vm_out(r, networks) for r in rows if include_deleted or r.vm.status is not vm_domain.Status.DELETED]
     return answer(VmList(vms=vms, position=position), position=position)
 
 
@@ -476,7 +539,7 @@ async def list_vms(request: web.Request) -> web.Response:
 async def get_vm(request: web.Request) -> web.Response:
     vm_id = _vm_id(request)
     position = await reach_position(request)
-    return answer(_vm_out(_own_vm(request, vm_id)), position=position)
+    return answer(_vm_out(_own_vm(request, vm_id), request.app[READ_MODELS].networks), position=position)
 
 
 @api("GET", "/v1/vms/{id}/status", ApiDoc(

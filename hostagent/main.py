@@ -23,7 +23,7 @@ from .watchdog import WatchdogFeed
 
 
 async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool,
-                    lease_ttl: float = 3.0, lease_margin: float = 0.5) -> None:
+                    metadata_url: str | None = None, lease_ttl: float = 3.0, lease_margin: float = 0.5) -> None:
     store = open_store(store_url)
     leases = leases_for(store)
     try:
@@ -35,8 +35,8 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname,
-                          leases=leases, lease_ttl=lease_ttl, lease_margin=lease_margin,
-                          feed=WatchdogFeed(state_dir), prepare=prepare)
+                          metadata_url=metadata_url, leases=leases, lease_ttl=lease_ttl,
+                          lease_margin=lease_margin, feed=WatchdogFeed(state_dir), prepare=prepare)
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,13 +56,16 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--hostname", default=socket.gethostname(), show_default=True)
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
 @click.option("--no-tiny", is_flag=True, help="Do not build and publish the built-in image 'tiny'.")
+@click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
+              help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
+                   "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
 @click.option("--lease-ttl", type=click.FloatRange(min=1, max=60), default=3.0, show_default=True,
               help="Seconds of the heartbeat lease: the host is declared dead about this long after it stops.")
 @click.option("--lease-margin", type=click.FloatRange(min=0.1), default=0.5, show_default=True,
               help="The agent fences its guests this long before its lease could expire.")
 @click.option("-v", "--verbose", is_flag=True)
-def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, lease_ttl: float,
-         lease_margin: float, verbose: bool) -> None:
+def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, metadata_url: str | None,
+         lease_ttl: float, lease_margin: float, verbose: bool) -> None:
     """Run the host agent: register this host and make its VMs match the log."""
     if lease_margin >= lease_ttl:
         raise click.UsageError(f"--lease-margin ({lease_margin}) must be below --lease-ttl ({lease_ttl})")
@@ -70,6 +73,7 @@ def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bo
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, lease_ttl, lease_margin))
-    except InvalidStoreUrl as error:
+        asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, metadata_url,
+                              lease_ttl, lease_margin))
+    except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None

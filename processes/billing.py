@@ -220,7 +220,8 @@ class BillingProcess:
         try:
             created = await self.vms.create_vm(
                 Actor(order.owner), name=spec.name, cores=spec.cores, ram=spec.ram, disk=spec.disk, image=spec.image,
-                ssh_keys=spec.ssh_keys, restart_policy=spec.restart_policy, idempotency_key=f"order-{order.id}")
+                ssh_keys=spec.ssh_keys, restart_policy=spec.restart_policy, idempotency_key=f"order-{order.id}",
+                user_data=spec.user_data)
         except DomainError as refused:
             await self.commands.order_outcome(self.actor, order.id, None, f"provisioning failed: {refused}")
             return

@@ -1,5 +1,8 @@
 """`ucloud processes`: every process manager, each under its own leader lease.
 
+Scheduler and failure detector on the framework; billing and the IPAM allocator (loops of
+their own still) under the same kind of leader lease.
+
 Any number of instances may run (on any machines, against one log): for each process
 manager one instance leads and the others stand by to take over when its lease expires
 (processes/framework.py). `ucloud up` runs the same set in its own process.
@@ -19,6 +22,7 @@ from ucloud.eventstore.leases import Leases
 from .billing import BillingProcess
 from .detector import FailureDetector
 from .framework import ProcessRunner, lead_while_holding
+from .ipam import IpamAllocator
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,7 @@ class ProcessSettings:
     lease_ttl: float = 3.0  # of the process managers' leader leases
     declare_after: float = 0.5  # the detector's grace after a host lease is gone
     snapshot_interval: float = 30.0
+    ipv6_pool: str | None = None  # the IPAM allocator's pool (None: the log's, or a new ULA /48)
 
 
 @dataclass
@@ -53,9 +58,14 @@ def build(commands: CommandService, leases: Leases | None, settings: ProcessSett
                                snapshot_interval=settings.snapshot_interval)
         made.runners.append(runner)
         made.components[manager.name] = runner.run
+    # Those with loops of their own, until they move onto ProcessRunner: each still runs
+    # only where it holds its leader lease.
     billing = BillingProcess(store)
     made.components["billing"] = lambda: lead_while_holding(leases, "billing", settings.instance,
                                                             settings.lease_ttl, billing.run)
+    ipam = IpamAllocator(store, commands.codec, pool=settings.ipv6_pool)  # VNIs, /64s, MACs
+    made.components["ipam"] = lambda: lead_while_holding(leases, "ipam", settings.instance,
+                                                         settings.lease_ttl, ipam.run)
     return made
 
 

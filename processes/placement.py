@@ -45,7 +45,10 @@ def place(
     overcommit: Overcommit = DEFAULT_OVERCOMMIT,
     strategy: Strategy = Strategy.SPREAD,
     exclude: frozenset[UUID] = frozenset(),
+    store: str = "",
 ) -> Placed | NoRoom:
+    """The best host for ``needs``; with ``store`` (the VM's image store) only among the
+    hosts that reach it."""
     # The weight is the most-booked resource's share of its (overcommitted) capacity after
     # placing. One pass, with the filter (the same comparisons as domain.host.fits) and the
     # weight written inline: this loop runs once per host per VM, and with 1,000
@@ -57,8 +60,12 @@ def place(
     best: Host | None = None
     best_weight = 0.0
     refused: list[Host] = []
+    unreached = 0
     for host in hosts:
         if exclude and host.id in exclude:
+            continue
+        if store and store not in host.stores:
+            unreached += 1
             continue
         cores_cap = host.cores * cpu
         cores_after = host.used_cores + cores_needed
@@ -82,6 +89,8 @@ def place(
             best, best_weight = host, weight
     if best is not None:
         return Placed(best.id)
+    if not refused and unreached:
+        return NoRoom(f"no host reaches image store {store!r}")
     if not refused:
         return NoRoom("no hosts are registered" if not exclude else "no other host is available")
     return NoRoom(no_room_reason(refused, needs, overcommit))

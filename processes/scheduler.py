@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 _WATCHED = frozenset(tag_of(t) for t in (*vm_domain.VM_EVENT_TYPES, *host_domain.HOST_EVENT_TYPES))
 # Events that may make room for VMs that found none.
 _ROOM_MADE = (host_domain.HostRegistered, host_domain.HostCapacityChanged, host_domain.CapacityReleased,
-              host_domain.HostUp, host_domain.HostMaintenanceChanged)
+              host_domain.HostStoresDeclared, host_domain.ClaimChanged, host_domain.HostUp,
+              host_domain.HostMaintenanceChanged)
 _ACTIONS = frozenset({"vm.requested", "vm.deleted", "vm.host_lost", "vm.start_requested",
                       "host.declared_dead", "host.evacuation_requested"})
 # VMs are moved off a lost host in appends of at most this many (each VM: two streams).
@@ -239,7 +240,7 @@ class Scheduler(ProcessManager):
                 self._undo(plan)
                 return None
             decision = place(self._candidates(), Needs(vm.cores, vm.ram, vm.disk),
-                             overcommit=self.overcommit, strategy=self.strategy)
+                             overcommit=self.overcommit, strategy=self.strategy, store=vm.image_store)
             if isinstance(decision, NoRoom):
                 decision = self._explain(decision)
                 if vm.status is vm_domain.Status.REQUESTED:
@@ -344,7 +345,8 @@ class Scheduler(ProcessManager):
         vm_stream = vm_domain.stream_name(vm_id)
         known_vm = Loaded(vm, self.vm_versions.get(vm_id, 0), 0)
         for _ in range(self.max_attempts):
-            decision = place(self._candidates(), needs, overcommit=self.overcommit, strategy=self.strategy)
+            decision = place(self._candidates(), needs, overcommit=self.overcommit, strategy=self.strategy,
+                             store=vm.image_store)
             if isinstance(decision, NoRoom):
                 decision = self._explain(decision)
                 if vm.status is vm_domain.Status.REQUESTED:

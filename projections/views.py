@@ -12,7 +12,10 @@ from uuid import UUID
 
 import msgspec
 
+from ucloud.domain import file as file_domain
 from ucloud.domain import host as host_domain
+from ucloud.domain import image as image_domain
+from ucloud.domain import network as network_domain
 from ucloud.domain import sshkey as sshkey_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.events import Event, tag_of
@@ -148,6 +151,117 @@ class SshKeysView(Projection):
         }
 
 
+class FilesView(Projection):
+    """Each user's files (not the removed ones)."""
+
+    name = "files"
+    handles = frozenset(tag_of(t) for t in file_domain.FILE_EVENT_TYPES)
+
+    def __init__(self) -> None:
+        self.by_id: dict[UUID, file_domain.File] = {}
+        self.updated: dict[UUID, datetime] = {}
+
+    def apply(self, record: EventRecord, event: Event) -> None:
+        file_id = cast(file_domain.FileEvent, event).file_id
+        state = file_domain.evolve(self.by_id.get(file_id), event)
+        if state is None or state.removed:
+            self.by_id.pop(file_id, None)
+            self.updated.pop(file_id, None)
+        else:
+            self.by_id[file_id] = state
+            self.updated[file_id] = record.time
+
+    def of(self, owner: str | None) -> list[file_domain.File]:
+        return sorted((f for f in self.by_id.values() if owner is None or f.owner == owner),
+                      key=lambda f: (f.owner, f.name))
+
+    def get(self, owner: str, name: str) -> file_domain.File | None:
+        return self.by_id.get(file_domain.file_id_for(owner, name))
+
+    def dump(self) -> Any:
+        return [[msgspec.to_builtins(f), self.updated[f.id].isoformat()] for f in self.by_id.values()]
+
+    def load(self, data: Any) -> None:
+        self.__init__()  # type: ignore[misc]
+        for raw, updated in data:
+            state = msgspec.convert(raw, file_domain.File)
+            self.by_id[state.id] = state
+            self.updated[state.id] = datetime.fromisoformat(updated)
+
+
+class ImagesView(Projection):
+    """The image catalogue: every image not deleted, with its import status."""
+
+    name = "images"
+    handles = frozenset(tag_of(t) for t in image_domain.IMAGE_EVENT_TYPES)
+
+    def __init__(self) -> None:
+        self.by_id: dict[UUID, image_domain.Image] = {}
+        self.created: dict[UUID, datetime] = {}
+
+    def apply(self, record: EventRecord, event: Event) -> None:
+        image_id = cast(image_domain.ImageEvent, event).image_id
+        state = image_domain.evolve(self.by_id.get(image_id), event)
+        if state is None or state.status is image_domain.ImageStatus.DELETED:
+            self.by_id.pop(image_id, None)
+            self.created.pop(image_id, None)
+            return
+        self.by_id[image_id] = state
+        self.created.setdefault(image_id, record.time)
+
+    def visible_to(self, owner: str | None) -> list[image_domain.Image]:
+        """The owner's images and the public ones (None: all), public first, by name."""
+        return sorted((i for i in self.by_id.values() if owner is None or i.public or i.owner == owner),
+                      key=lambda i: (not i.public, i.owner, i.name))
+
+    def find(self, owner: str, name: str) -> image_domain.Image | None:
+        """The image ``name`` as ``owner`` sees it: their own first, else the public one."""
+        for key in (owner, ""):
+            image = self.by_id.get(image_domain.image_id_for(key, name))
+            if image is not None:
+                return image
+        return None
+
+    def dump(self) -> Any:
+        return [[msgspec.to_builtins(i), self.created[i.id].isoformat()] for i in self.by_id.values()]
+
+    def load(self, data: Any) -> None:
+        self.__init__()  # type: ignore[misc]
+        for raw, created in data:
+            state = msgspec.convert(raw, image_domain.Image)
+            self.by_id[state.id] = state
+            self.created[state.id] = datetime.fromisoformat(created)
+class NetworksView(Projection):
+    """Networks by id and by owner (deleted ones are dropped)."""
+
+    name = "networks"
+    handles = frozenset(tag_of(t) for t in network_domain.NETWORK_EVENT_TYPES)
+
+    def __init__(self) -> None:
+        self.by_id: dict[UUID, network_domain.Network] = {}
+
+    def apply(self, record: EventRecord, event: Event) -> None:
+        network_id = cast(network_domain.NetworkEvent, event).network_id
+        state = network_domain.evolve(self.by_id.get(network_id), event)
+        if state is None or state.status is network_domain.NetworkStatus.DELETED:
+            self.by_id.pop(network_id, None)
+        else:
+            self.by_id[network_id] = state
+
+    def get(self, owner: str, name: str) -> network_domain.Network | None:
+        return self.by_id.get(network_domain.network_id_for(owner, name))
+
+    def owned_by(self, owner: str | None) -> list[network_domain.Network]:
+        rows = [n for n in self.by_id.values() if owner is None or n.owner == owner]
+        return sorted(rows, key=lambda n: (n.owner, n.name))
+
+    def dump(self) -> Any:
+        return [msgspec.to_builtins(n) for n in self.by_id.values()]
+
+    def load(self, data: Any) -> None:
+        self.by_id = {n.id: n for n in (msgspec.convert(raw, network_domain.Network) for raw in data)}
+
+
 class ReadModels:
     """The gateway's set of views, fed by one runner."""
 
@@ -155,6 +269,9 @@ class ReadModels:
         self.vms = VmsView()
         self.hosts = HostsView()
         self.sshkeys = SshKeysView()
+        self.networks = NetworksView()
+        self.files = FilesView()
+        self.images = ImagesView()
 
     def all(self) -> list[Projection]:
-        return [self.vms, self.hosts, self.sshkeys]
+        return [self.vms, self.hosts, self.sshkeys, self.networks, self.files, self.images]

@@ -104,19 +104,25 @@ async def test_prices_are_set_by_admins_listed_by_everyone_and_bad_ones_name_the
     assert listing["current"] == {"core": 1, "ram": 2}
     assert listing["prices"][0]["display"] == "0.01 CHF per core per hour"
 
+    # Malformed (400: outside the declared schema) or well-formed but not acceptable here
+    # (422: another currency, a time in the past or that names no real moment).
     cases = [
-        ({"resource": "core", "amount": "-1 CHF/hour"}, "amount", "negative"),
-        ({"resource": "core", "amount": "1 CHF"}, "amount", "AMOUNT/UNIT"),
-        ({"resource": "gpu", "amount": "1 CHF/hour"}, "resource", "not a priced resource"),
-        ({"resource": "disk", "amount": "1 EUR/month"}, "currency", "does not match"),
-        ({"resource": "disk", "amount": "1 CHF/month", "effective_from": "2001-01-01T00:00:00Z"},
+        ({"resource": "core", "amount": "-1 CHF/hour"}, 400, "amount", "negative"),
+        ({"resource": "core", "amount": "1 CHF"}, 400, "amount", "AMOUNT/UNIT"),
+        ({"resource": "gpu", "amount": "1 CHF/hour"}, 400, "resource", "enum"),
+        ({"resource": "disk", "amount": "1 CHF/month", "effective_from": "2027-01-01T00:00:00"}, 400,
+         "effective_from", "time zone"),
+        ({"resource": "disk", "amount": "1 EUR/month"}, 422, "amount", "does not match"),
+        ({"resource": "disk", "amount": "1 CHF/month", "effective_from": "2001-01-01T00:00:00Z"}, 422,
          "effective_from", "past"),
-        ({"resource": "disk", "amount": "1 CHF/month", "colour": "red"}, None, "colour"),
+        ({"resource": "disk", "amount": "1 CHF/month", "effective_from": "2027-02-30T00:00:00Z"}, 422,
+         "effective_from", "not a real moment"),
+        ({"resource": "disk", "amount": "1 CHF/month", "colour": "red"}, 400, None, "colour"),
     ]
-    for body, field, detail in cases:
+    for body, expected, field, detail in cases:
         status, problem, response = await gw.admin.call("POST", "/v1/prices", body)
         assert response.content_type == PROBLEM
-        assert_problem(status, problem, 400, field, detail)
+        assert_problem(status, problem, expected, field, detail)
     status, problem, _ = await gw.as_("alice").call("POST", "/v1/prices", {"resource": "core", "amount": "0 CHF/h"})
     assert_problem(status, problem, 404)
     after = await gw.admin.ok("GET", "/v1/prices")
@@ -231,10 +237,10 @@ async def test_coupons_credit_once_and_refuse_reuse_expiry_and_bad_input(gw: Gat
     assert_problem(status, problem, 404)
     status, problem, _ = await gw.admin.call("POST", "/v1/coupons", {"code": "EUROS-123", "amount": "5 EUR",
                                                                      "expires": expires})
-    assert_problem(status, problem, 400, "currency")
+    assert_problem(status, problem, 422, "amount")  # well-formed, not this installation's currency
     status, problem, _ = await gw.admin.call("POST", "/v1/coupons", {"code": "OLD-CODE", "amount": "5 CHF",
                                                                      "expires": "2001-01-01T00:00:00Z"})
-    assert_problem(status, problem, 400, "expires")
+    assert_problem(status, problem, 422, "expires")
     status, problem, _ = await gw.admin.call("POST", "/v1/coupons", {"code": "x", "amount": "5 CHF",
                                                                      "expires": expires})
     assert_problem(status, problem, 400, "code")
@@ -250,10 +256,12 @@ async def test_credit_and_account_kind_are_admin_only_and_checked(gw: Gateway) -
     await gw.admin.ok("POST", "/v1/prices", {"resource": "core", "amount": "1 CHF/hour"}, status=201)
     status, problem, _ = await gw.as_("alice").call("POST", "/v1/accounts/alice/credits", {"amount": "100 CHF"})
     assert_problem(status, problem, 404)
-    for body, field in (({"amount": "0 CHF"}, "amount"), ({"amount": "-5 CHF"}, "amount"),
-                        ({"amount": "5 EUR"}, "currency"), ({"amount": "5 CHF", "source": "gift"}, "source")):
+    for body, expected, field in (({"amount": "0 CHF"}, 422, "amount"), ({"amount": "-5 CHF"}, 400, "amount"),
+                                  ({"amount": "5 EUR"}, 422, "amount"),
+                                  ({"amount": "5 CHF", "source": "gift"}, 400, "source"),
+                                  ({"amount": "5 CHF", "reference": "UC\n1"}, 400, "reference")):
         status, problem, _ = await gw.admin.call("POST", "/v1/accounts/alice/credits", body)
-        assert_problem(status, problem, 400, field)
+        assert_problem(status, problem, expected, field)
     status, problem, _ = await gw.admin.call("PUT", "/v1/accounts/alice", {"kind": "free"})
     assert_problem(status, problem, 400, "kind")
     done = await gw.admin.ok("PUT", "/v1/accounts/alice", {"kind": "prepaid"})
@@ -263,3 +271,21 @@ async def test_credit_and_account_kind_are_admin_only_and_checked(gw: Gateway) -
     assert (balance["kind"], balance["credited_micros"]) == ("prepaid", 20_000_000)
     status, problem, _ = await gw.as_("bob").call("GET", "/v1/balance?owner=alice")
     assert_problem(status, problem, 404)
+
+
+async def test_a_prepaid_account_orders_priced_vms_instead_of_creating_them_directly(gw: Gateway) -> None:
+    vm = {"name": "direct", "cores": 1, "ram": "256MiB", "disk": "1GiB", "image": "tiny"}
+    await gw.as_("alice").ok("POST", "/v1/vms", vm, status=202)  # no prices: free, no order step
+    await gw.admin.ok("PUT", "/v1/accounts/alice", {"kind": "prepaid"})
+    await gw.as_("alice").ok("POST", "/v1/vms", {**vm, "name": "direct2"}, status=202)  # still no prices
+    await gw.admin.ok("POST", "/v1/prices", {"resource": "core", "amount": "1 CHF/hour"}, status=201)
+    status, problem, response = await gw.as_("alice").call("POST", "/v1/vms", {**vm, "name": "direct3"})
+    assert_problem(status, problem, 402, detail="order the VM (POST /v1/orders")
+    assert response.content_type == PROBLEM
+    quoted = await gw.as_("alice").ok("POST", "/v1/orders", {**vm, "name": "ordered"}, status=201)
+    assert quoted["status"] == "quoted"
+    # Postpaid accounts are invoiced afterwards; admins act as operators: both create directly.
+    await gw.as_("bob").ok("POST", "/v1/vms", {**vm, "name": "bobs"}, status=202)
+    done = await gw.admin.ok("POST", "/v1/vms", {**vm, "name": "for-alice", "owner": "alice"}, status=202)
+    names = {row["name"] for row in (await gw.admin.ok("GET", f"/v1/vms?owner=alice&position={done['position']}"))["vms"]}
+    assert names == {"direct", "direct2", "for-alice"}  # the refused one was not half-written

@@ -108,9 +108,9 @@ class Stack:
         return {"Authorization": f"Bearer {body['token']}"}
 
     async def call(self, method: str, path: str, headers: Mapping[str, str] | None = None, json: Any = None,
-                   query: Mapping[str, str] | None = None) -> Answer:
+                   query: Mapping[str, str] | None = None, data: bytes | None = None) -> Answer:
         async with self.http.request(method, self.url + path, headers=dict(headers or {}), json=json,
-                                     params=dict(query or {})) as response:
+                                     params=dict(query or {}), data=data) as response:
             if method == "HEAD":
                 body: Any = None
             elif response.content_type.endswith("json"):
@@ -132,6 +132,17 @@ class Stack:
         await self.commands.add_ssh_key(Actor(owner), name, PUBLIC_KEY)
         return name
 
+    async def file(self, owner: str) -> str:
+        """A file recorded for ``owner`` (as the file scanner would record one)."""
+        name = f"f-{uuid.uuid4().hex[:6]}.qcow2"
+        await self.commands.record_file(Actor(owner), name, 3, "a" * 64)
+        return name
+
+    async def image(self, owner: str) -> str:
+        name = f"i-{uuid.uuid4().hex[:6]}"
+        await self.commands.create_image(Actor(owner), name, await self.file(owner))
+        return name
+
 
 @asynccontextmanager
 async def auth_stack(tmp_path: Path, kind: Directory, slapd: Slapd | None = None, *,
@@ -151,7 +162,8 @@ async def auth_stack(tmp_path: Path, kind: Directory, slapd: Slapd | None = None
                                 SessionSigner(secrets, ttl=session_ttl, clock=clock), limiter, Realms(),
                                 secrets=secrets)
     store = SqliteEventStore(tmp_path / "events.sqlite")
-    gateway = await start(GatewayConfig(store=store, listen=("127.0.0.1",), port=0, authenticator=auth))
+    gateway = await start(GatewayConfig(store=store, listen=("127.0.0.1",), port=0, authenticator=auth,
+                                        files_root=tmp_path / "files"))
     try:
         async with aiohttp.ClientSession() as http:
             yield Stack(gateway.url, gateway, store, auth, secrets, clock, http, kind, seeds)

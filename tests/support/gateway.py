@@ -90,14 +90,15 @@ class ServedGateway:
 
 
 @contextmanager
-def served_gateway(store_factory: Any = MemoryEventStore) -> Iterator[ServedGateway]:
+def served_gateway(store_factory: Any = MemoryEventStore, **config: Any) -> Iterator[ServedGateway]:
+    """``config``: further GatewayConfig fields (files_root, ...)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-gateway", daemon=True)
     thread.start()
 
     async def open_gateway() -> tuple[RunningGateway, EventStore]:
         store = store_factory()
-        gateway = await start(GatewayConfig(store=store, listen=("127.0.0.1",), port=0))
+        gateway = await start(GatewayConfig(store=store, listen=("127.0.0.1",), port=0, **config))
         return gateway, store
 
     gateway, store = asyncio.run_coroutine_threadsafe(open_gateway(), loop).result(30)

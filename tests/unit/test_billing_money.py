@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ucloud.domain import pricing
-from ucloud.domain.errors import InvalidValue
+from ucloud.domain.errors import InvalidValue, OutOfBounds
 from ucloud.domain.money import CurrencyMismatch, Money, div_round, format_micros, parse_money
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -81,11 +81,13 @@ def test_bad_prices_name_the_field(resource: str, amount: str, field: str, why: 
 
 
 def test_a_second_currency_is_refused_and_past_prices_too() -> None:
+    """Both are well-formed values that this installation does not accept: OutOfBounds
+    (422) naming the field, not malformed input (400)."""
     book = pricing.evolve(None, pricing.decide(None, pricing.SetPrice(resource="core", amount="1 CHF/h"), NOW)[0])
     with pytest.raises(CurrencyMismatch) as caught:
         pricing.decide(book, pricing.SetPrice(resource="ram", amount="1 EUR/h"), NOW)
-    assert caught.value.field == "currency"
-    with pytest.raises(InvalidValue) as past:
+    assert caught.value.field == "amount" and isinstance(caught.value, OutOfBounds)
+    with pytest.raises(OutOfBounds) as past:
         pricing.decide(book, pricing.SetPrice(resource="ram", amount="1 CHF/h",
                                               effective_from=NOW - timedelta(seconds=5)), NOW)
     assert past.value.field == "effective_from"

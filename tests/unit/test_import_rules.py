@@ -75,7 +75,7 @@ def test_the_cli_imports_nothing_of_the_gateway() -> None:
 
 def test_up_imports_only_the_gateways_entry_point() -> None:
     modules = {module for _, module in imports_of(ROOT / "cli" / "up.py", "cli")}
-    assert {m for m in modules if m.startswith("ucloud.gateway")} == {"ucloud.gateway.app"}
+    assert {m for m in modules if m.startswith("ucloud.gateway")} == {"ucloud.gateway.app", "ucloud.gateway.metadata"}
 
 
 @pytest.mark.parametrize("package, allowed", [

@@ -600,10 +600,19 @@ async def pay(request: web.Request) -> web.Response:
     return answer(out, 200 if out.status == "credited" else 202, out.position or None)
 
 
+# The test provider's scheme (billing_payments.CardMethod): t=<unix time>,v1=<HMAC-SHA256 hex>.
+SIGNATURE = Param.of(CardMethod.signature_header, "header",
+                     "t=<unix time>,v1=<hex HMAC-SHA256 of '<t>.<body>' with the shared secret>",
+                     Annotated[str, msgspec.Meta(max_length=100,
+                                                 extra_json_schema={"pattern": r"^t=[0-9]{1,20},v1=[0-9a-f]{64}$"})],
+                     required=True)
+
+
 @api("POST", "/v1/payments/card/webhook", ApiDoc(
-    "Card provider webhook", "cardWebhook", "billing", response=PayOut, auth=False,
+    "Card provider webhook", "cardWebhook", "billing", response=PayOut, auth=False, params=(SIGNATURE,),
     description="Called by the card provider. Its HMAC-SHA256 signature is checked (400 naming the header "
-                "if wrong or stale); a succeeded intent credits its owner once.", errors=(400, 404, 409, 503)))
+                "if missing, malformed, wrong or stale); a succeeded intent credits its owner once. 404 where "
+                "card payments are not configured.", errors=(400, 404, 409, 503)))
 async def card_webhook(request: web.Request) -> web.Response:
     card = request.app[PAYMENT_METHODS].get(CardMethod.name)
     if not isinstance(card, CardMethod):

@@ -195,6 +195,8 @@ async def input_middleware(request: web.Request, handler: Handler) -> web.Stream
             values = request.headers.getall(param.name, [])
         if param.where != "path" and len(values) > 1:
             raise InvalidValue(param.name, f"given {len(values)} times; give it once")
+        if param.required and not values:
+            raise InvalidValue(param.name, f"missing: this request needs the {param.where} parameter {param.name}")
         for value in values:
             check_value(param.name, param.schema, value)
     if request.body_exists and doc.body is not None:

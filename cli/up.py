@@ -373,8 +373,9 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
 @click.command("metadata")
 @click.option("--store", "store_url", envvar="UCLOUD_STORE", default=f"sqlite://{DEFAULT_STATE_DIR}/events.sqlite",
               show_default=True, help="The log: sqlite:///path or etcd://host:port[,host:port][/prefix].")
-@click.option("--listen", multiple=True, default=("::",), show_default=True, metavar="ADDRESS",
-              help="Addresses to listen on (repeat). [::] takes fe80::a9fe:a9fe on every bridge too.")
+@click.option("--listen", multiple=True, metavar="ADDRESS",
+              help="Also listen on this address (repeat; '::' is every address). Without it: fe80::a9fe:a9fe and "
+                   "the routable addresses of every network bridge of this host.")
 @click.option("--port", default=80, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--no-link-local", is_flag=True,
               help="Do not put fe80::a9fe:a9fe on this host's network bridges (something else does).")

@@ -128,10 +128,11 @@ class Param:
     where: str  # "path", "query" or "header"
     description: str
     schema: dict[str, Any] = dataclasses.field(default_factory=lambda: {"type": "string"})
+    required: bool = False  # a path parameter always is; a query or header one when this says so
 
     @classmethod
-    def of(cls, name: str, where: str, description: str, value_type: Any) -> Param:
-        return cls(name, where, description, schema_of(value_type))
+    def of(cls, name: str, where: str, description: str, value_type: Any, required: bool = False) -> Param:
+        return cls(name, where, description, schema_of(value_type), required)
 
 
 @dataclasses.dataclass(frozen=True)

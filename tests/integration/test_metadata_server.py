@@ -323,3 +323,67 @@ async def test_a_tcg_guest_on_the_bridge_gets_its_keys_and_hostname_through_uclo
                 await driver.kill(vm_id)
             kill_leftovers(run_root)
             run("ip", "link", "del", tap, check=False)
+
+
+# -- stock cloud-init judges the formats ------------------------------------------------------
+
+CLOUD_INIT_SCRIPT = r"""
+import json, sys
+from cloudinit import url_helper, util
+from cloudinit.net import network_state
+from cloudinit.sources import DataSourceNoCloud
+from cloudinit.sources.helpers import openstack
+from cloudinit import version
+
+base, serial, mac = sys.argv[1], sys.argv[2], sys.argv[3]
+out = {"version": version.version_string()}
+fill = {}
+out["serial_found"] = DataSourceNoCloud.load_cmdline_data(fill, serial)
+out["seedfrom"] = fill.get("seedfrom")
+md, ud, vd = util.read_seeded(fill["seedfrom"], timeout=5, retries=1)
+out["nocloud"] = {"meta": md, "user": ud.decode() if ud is not None else None,
+                  "vendor": vd.decode() if vd is not None else None}
+config = util.load_yaml(util.decode_binary(url_helper.read_file_or_url(fill["seedfrom"] + "network-config").contents))
+state = network_state.parse_net_config_data(config, skip_broken=False)
+out["v2"] = [{"mac": i.get("mac_address"), "name": i.get("name"), "subnets": i.get("subnets"),
+              "accept_ra": i.get("accept-ra")}
+             for i in state.iter_interfaces()]
+reader = openstack.MetadataReader(base, timeout=5, retries=1)
+found = reader.read_v2()
+out["openstack"] = {"meta": found["metadata"], "user": found["userdata"].decode() if found.get("userdata") else None,
+                    "vendor": found.get("vendordata")}
+out["openstack_net"] = openstack.convert_net_json(found["networkdata"], known_macs={mac: "eth0"})
+print(json.dumps(out, default=str))
+"""
+
+
+async def test_cloud_init_22_4s_own_readers_and_parsers_accept_what_is_served(
+        world: World, server: subprocess.Popen[bytes]) -> None:
+    from ucloud.hostagent.agent import nocloud_serial
+
+    system_python = "/usr/bin/python3"
+    assert Path("/usr/lib/python3/dist-packages/cloudinit").is_dir(), \
+        "Debian's cloud-init must be installed (./bootstrap installs it)"
+    a1 = world.lab.guest(net.bridge_name(VNI), MAC_A1, f"{net.eui64_address(PREFIX, MAC_A1)}/64")
+    assert (await until_answered(a1))[0] == 200
+    serial = nocloud_serial(f"http://[{ROUTER}]")
+    done = await asyncio.to_thread(in_ns, a1, system_python, "-c", CLOUD_INIT_SCRIPT, f"http://[{ROUTER}]",
+                                   serial, MAC_A1, timeout=120)
+    seen = json.loads(done.stdout)
+    assert seen["version"].startswith("22.4")
+    assert seen["serial_found"] and seen["seedfrom"] == f"http://[{ROUTER}]/nocloud/"
+    assert seen["nocloud"]["meta"] == {"instance-id": f"iid-{world.vms['a1']}", "local-hostname": "a1",
+                                       "public-keys": [PUBLIC_KEY]}
+    assert seen["nocloud"]["user"] == SCRIPT and seen["nocloud"]["vendor"] == ""
+    [nic] = seen["v2"]
+    assert (nic["mac"], nic["name"]) == (MAC_A1, "eth0")
+    assert nic["accept_ra"] is True and nic["subnets"] == [], nic  # SLAAC: router advertisements, no DHCP
+    meta = seen["openstack"]["meta"]
+    assert (meta["uuid"], meta["hostname"], meta["name"]) == (str(world.vms["a1"]), "a1", "a1")
+    assert meta["public_keys"] == {"laptop": PUBLIC_KEY}
+    assert seen["openstack"]["user"] == SCRIPT and seen["openstack"]["vendor"] == {}
+    config = seen["openstack_net"]
+    assert config["version"] == 1
+    [physical] = [c for c in config["config"] if c["type"] == "physical"]
+    assert (physical["mac_address"], physical["name"]) == (MAC_A1, "eth0")
+    assert [s["type"] for s in physical["subnets"]] == ["ipv6_slaac"]

@@ -51,7 +51,8 @@ def build(commands: CommandService, leases: Leases | None, settings: ProcessSett
     scheduler = Scheduler(commands, instance=settings.instance)
     detector = FailureDetector(commands, leases, instance=settings.instance,
                                declare_after=settings.declare_after) if leases is not None else None
-    for manager in (scheduler, detector):
+    ipam = IpamAllocator(store, commands.codec, pool=settings.ipv6_pool)  # VNIs, /64s, MACs
+    for manager in (scheduler, detector, ipam):
         if manager is None:
             continue
         runner = ProcessRunner(manager, store, leases, instance=settings.instance, lease_ttl=settings.lease_ttl,
@@ -63,9 +64,6 @@ def build(commands: CommandService, leases: Leases | None, settings: ProcessSett
     billing = BillingProcess(store)
     made.components["billing"] = lambda: lead_while_holding(leases, "billing", settings.instance,
                                                             settings.lease_ttl, billing.run)
-    ipam = IpamAllocator(store, commands.codec, pool=settings.ipv6_pool)  # VNIs, /64s, MACs
-    made.components["ipam"] = lambda: lead_while_holding(leases, "ipam", settings.instance,
-                                                         settings.lease_ttl, ipam.run)
     return made
 
 

@@ -63,7 +63,9 @@ from ucloud.gateway.metadata import start as start_metadata
 from ucloud.hostagent.agent import HostAgent
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
+from ucloud.imagestore.stores import parse_stores
 from ucloud.processes.billing import BillingProcess
+from ucloud.processes.images import ImageScanner
 from ucloud.processes.ipam import IpamAllocator
 from ucloud.processes.scheduler import Scheduler
 
@@ -194,9 +196,11 @@ async def run_up(
     files_root: Path | None = None,
     ipv6_pool: str | None = None,
     metadata_port: int | None = 80,
+    image_stores: tuple[str, ...] = (),
 ) -> None:
     auth = auth or AuthOptions()
     files_root = files_root or state_dir / "files"
+    stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
     private_state_dir(state_dir)
     authenticator: SessionAuthenticator | None = None
     first: FirstAdmin | None = None
@@ -217,7 +221,7 @@ async def run_up(
     try:
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
                                             authenticator=authenticator or "header", limits=limits,
-                                            files_root=files_root))
+                                            files_root=files_root, image_stores=tuple(stores)))
     except BaseException:
         await store.close()
         if authenticator is not None:
@@ -232,12 +236,14 @@ async def run_up(
     components: dict[str, Callable[[], Awaitable[None]]] = {"scheduler": Scheduler(commands, instance="up").run}
     components["billing"] = BillingProcess(store).run  # closes billing periods, issues invoices
     components["ipam"] = IpamAllocator(store, commands.codec, pool=ipv6_pool).run  # VNIs, /64s, MACs
+    # Imports requested images from users' files into the stores.
+    components["image scanner"] = ImageScanner(commands, stores, files_root, max_virtual_size=limits.vm_disk).run
     if with_agent:
         images = ImageCatalogue(state_dir / "images")
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)
         await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
-        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname)
+        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname, stores=stores)
         components["host agent"] = agent.run
     tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in components.items()]
     config_path = write_cli_config(gateway.url, header_user=authenticator is None)
@@ -322,12 +328,14 @@ async def run_up(
 @click.option("--metadata-port", type=click.IntRange(0, 65535), default=80, show_default=True,
               help="The metadata server's port (on [::] and fe80::a9fe:a9fe on every network bridge).")
 @click.option("--no-metadata", is_flag=True, help="Do not run a metadata server in this process.")
+@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
+              help="An image store (repeat; the first is the default). Default: local=fs:<state-dir>/image-store.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
        ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
        insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, ipv6_pool: str | None,
-       metadata_port: int, no_metadata: bool, verbose: bool) -> None:
+       metadata_port: int, no_metadata: bool, image_stores: tuple[str, ...], verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -346,9 +354,14 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
         except InvalidValue as error:
             raise click.UsageError(str(error)) from None
     try:
+        parse_stores(image_stores)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    try:
         asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent,
                            auth=auth, limits=limits, files_root=files_root.absolute() if files_root else None,
-                           ipv6_pool=ipv6_pool, metadata_port=None if no_metadata else metadata_port))
+                           ipv6_pool=ipv6_pool, metadata_port=None if no_metadata else metadata_port,
+                           image_stores=image_stores))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError) as error:

@@ -13,20 +13,24 @@ import click
 
 from ucloud.commands.service import CommandService
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
+from ucloud.imagestore.stores import parse_stores
 
 from .agent import HostAgent
 from .images import ImageCatalogue
 from .qemu import QemuDriver
 
 
-async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool) -> None:
+async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool,
+                    image_stores: tuple[str, ...] = ()) -> None:
+    stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
     store = open_store(store_url)
     try:
         images = ImageCatalogue(state_dir / "images")
         if tiny:
             await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
-        agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname)
+        agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname,
+                          stores=stores)
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -45,12 +49,18 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--hostname", default=socket.gethostname(), show_default=True)
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
 @click.option("--no-tiny", is_flag=True, help="Do not build and publish the built-in image 'tiny'.")
+@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
+              help="An image store this host reaches (repeat). Default: local=fs:<state-dir>/image-store.")
 @click.option("-v", "--verbose", is_flag=True)
-def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, verbose: bool) -> None:
+def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, image_stores: tuple[str, ...],
+         verbose: bool) -> None:
     """Run the host agent: register this host and make its VMs match the log."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny))
+        parse_stores(image_stores)
+        asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, image_stores))
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None

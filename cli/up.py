@@ -60,7 +60,7 @@ from ucloud.gateway.app import GatewayConfig, start
 from ucloud.gateway.metadata import MetadataConfig, RunningMetadata
 from ucloud.gateway.metadata import serve as serve_metadata
 from ucloud.gateway.metadata import start as start_metadata
-from ucloud.hostagent.agent import HostAgent
+from ucloud.hostagent.agent import HostAgent, nocloud_serial
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
 from ucloud.imagestore.stores import parse_stores
@@ -197,6 +197,7 @@ async def run_up(
     ipv6_pool: str | None = None,
     metadata_port: int | None = 80,
     image_stores: tuple[str, ...] = (),
+    metadata_url: str | None = None,
 ) -> None:
     auth = auth or AuthOptions()
     files_root = files_root or state_dir / "files"
@@ -243,7 +244,8 @@ async def run_up(
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)
         await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
-        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname, stores=stores)
+        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname, stores=stores,
+                          metadata_url=metadata_url)
         components["host agent"] = agent.run
     tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in components.items()]
     config_path = write_cli_config(gateway.url, header_user=authenticator is None)
@@ -330,12 +332,16 @@ async def run_up(
 @click.option("--no-metadata", is_flag=True, help="Do not run a metadata server in this process.")
 @click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
               help="An image store (repeat; the first is the default). Default: local=fs:<state-dir>/image-store.")
+@click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
+              help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
+                   "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
        ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
        insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, ipv6_pool: str | None,
-       metadata_port: int, no_metadata: bool, image_stores: tuple[str, ...], verbose: bool) -> None:
+       metadata_port: int, no_metadata: bool, image_stores: tuple[str, ...], metadata_url: str | None,
+       verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -348,6 +354,11 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
         limits = load_limits(limits_file.read_bytes()) if limits_file else DEFAULT_LIMITS
     except ValueError as error:
         raise click.UsageError(f"--limits {limits_file}: {error}") from None
+    if metadata_url is not None:
+        try:
+            nocloud_serial(metadata_url)
+        except ValueError as error:
+            raise click.UsageError(f"--metadata-url: {error}") from None
     if ipv6_pool is not None:
         try:
             check_pool(ipv6_pool, "--ipv6-pool")
@@ -361,7 +372,7 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
         asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent,
                            auth=auth, limits=limits, files_root=files_root.absolute() if files_root else None,
                            ipv6_pool=ipv6_pool, metadata_port=None if no_metadata else metadata_port,
-                           image_stores=image_stores))
+                           image_stores=image_stores, metadata_url=metadata_url))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError) as error:
@@ -373,8 +384,9 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
 @click.command("metadata")
 @click.option("--store", "store_url", envvar="UCLOUD_STORE", default=f"sqlite://{DEFAULT_STATE_DIR}/events.sqlite",
               show_default=True, help="The log: sqlite:///path or etcd://host:port[,host:port][/prefix].")
-@click.option("--listen", multiple=True, default=("::",), show_default=True, metavar="ADDRESS",
-              help="Addresses to listen on (repeat). [::] takes fe80::a9fe:a9fe on every bridge too.")
+@click.option("--listen", multiple=True, metavar="ADDRESS",
+              help="Also listen on this address (repeat; '::' is every address). Without it: fe80::a9fe:a9fe and "
+                   "the routable addresses of every network bridge of this host.")
 @click.option("--port", default=80, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--no-link-local", is_flag=True,
               help="Do not put fe80::a9fe:a9fe on this host's network bridges (something else does).")

@@ -7,7 +7,14 @@ quantity-seconds per (owner, period, VM, resource, price version):
 - cores and RAM while the VM runs: from ``vm.started`` to ``vm.stopped``, ``vm.crashed``,
   ``vm.failed`` or ``vm.deleted``; each start is billed at least 60 s (a run shorter than
   that counts as [start, start + 60));
-- disk for as long as the VM exists: from ``vm.requested`` to ``vm.deleted``.
+- disk for as long as the VM exists: from ``vm.requested`` to ``vm.deleted``;
+- a network for as long as it is usable: from ``network.allocated`` to ``network.deleted``
+  (one network per network; a network whose allocation failed costs nothing);
+- image storage for as long as the image is in its store: from ``image.imported`` to
+  ``image.deleted``, its stored size in bytes (a failed import costs nothing).
+
+Invoice lines name what they meter by ``vm_id``/``vm_name``: the VM's, or the network's or
+image's id and name for those resources.
 
 An interval is split where a price changes (one line per price version) and where a
 billing period ends. Quantity-seconds are exact integers and addition is associative,
@@ -27,6 +34,8 @@ from uuid import UUID
 
 import msgspec
 
+from . import image as image_domain
+from . import network as network_domain
 from . import vm as vm_domain
 from .errors import InvalidValue
 from .events import Event
@@ -36,6 +45,13 @@ from .pricing import QUANTUM, Price, PriceSet, Resource, Schedule, epoch_seconds
 
 MINIMUM_RUN = 60  # seconds billed at least per start (as AWS and GCP do)
 _CORE, _RAM, _DISK = Resource.CORE.value, Resource.RAM.value, Resource.DISK.value
+_NETWORK, _IMAGE = Resource.NETWORK.value, Resource.IMAGE_STORAGE.value
+# Every event type the meter folds (besides prices and period closings).
+METERED_EVENTS: tuple[type[Event], ...] = (
+    vm_domain.VmRequested, vm_domain.VmStarted, vm_domain.VmStopped, vm_domain.VmCrashed, vm_domain.VmFailed,
+    vm_domain.VmDeleted, network_domain.NetworkRequested, network_domain.NetworkAllocated,
+    network_domain.NetworkAllocationFailed, network_domain.NetworkDeleted, image_domain.ImageRequested,
+    image_domain.ImageImported, image_domain.ImageImportFailed, image_domain.ImageDeleted)
 _SIZES = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PERIOD = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 
@@ -85,6 +101,17 @@ class VmMeter(msgspec.Struct, kw_only=True, gc=False):
     run_until_at_least: int = 0  # the run's start + MINIMUM_RUN
 
 
+class Holding(msgspec.Struct, kw_only=True, gc=False):
+    """A network or an image that costs while it exists. Mutable: charged up to ``since``."""
+
+    id: UUID
+    owner: str
+    name: str
+    resource: str
+    quantity: int  # networks: 1; images: stored bytes
+    since: int
+
+
 # (vm as an int, resource, price version) -> quantity-seconds. VMs are keyed by ``UUID.int``
 # inside the fold: a UUID's __hash__ and __eq__ are Python code, an int's are not (the
 # rebuild benchmark spends a third of its time hashing UUIDs otherwise).
@@ -107,6 +134,9 @@ class Meter:
         self.usage: dict[tuple[str, int], Lines] = {}  # (owner, period start) -> lines
         self.periods_of: dict[str, set[int]] = {}  # owner -> period starts with usage
         self.vms_of: dict[str, set[int]] = {}  # owner -> VMs that exist
+        self.announced: dict[int, tuple[UUID, str, str]] = {}  # network/image requested: (id, owner, name)
+        self.holdings: dict[int, Holding] = {}  # networks and images that cost now
+        self.holdings_of: dict[str, set[int]] = {}
         self.closed_until = 0
         self.closed: list[tuple[int, int]] = []
         self._period = (0, 0)
@@ -146,6 +176,25 @@ class Meter:
                     if meter.run_from >= 0:
                         self._end_run(key, meter, t)
                     self._charge(meter.owner, key, _DISK, meter.disk, meter.disk_from, t)
+            case network_domain.NetworkRequested():
+                self.announced[event.network_id.int] = (event.network_id, event.owner, event.name)
+            case network_domain.NetworkAllocated():
+                self._hold(event.network_id.int, _NETWORK, 1, t)
+            case image_domain.ImageRequested():
+                self.announced[event.image_id.int] = (event.image_id, event.owner, event.name)
+            case image_domain.ImageImported():
+                self._hold(event.image_id.int, _IMAGE, event.stored_size, t)
+            case network_domain.NetworkAllocationFailed() | image_domain.ImageImportFailed():
+                key = (event.network_id if isinstance(event, network_domain.NetworkAllocationFailed)
+                       else event.image_id).int
+                self.announced.pop(key, None)
+            case network_domain.NetworkDeleted() | image_domain.ImageDeleted():
+                key = (event.network_id if isinstance(event, network_domain.NetworkDeleted) else event.image_id).int
+                self.announced.pop(key, None)
+                held = self.holdings.pop(key, None)
+                if held is not None:
+                    self.holdings_of.get(held.owner, set()).discard(key)
+                    self._charge(held.owner, key, held.resource, held.quantity, held.since, t)
             case PriceSet():
                 self.schedule.add(Price(
                     version=self.schedule.count + 1, resource=event.resource, micros=event.micros,
@@ -153,6 +202,15 @@ class Meter:
                     effective_from=epoch_seconds(event.effective_from)))
             case PeriodClosed():
                 self.close(epoch_seconds(event.period_start), epoch_seconds(event.period_end))
+
+    def _hold(self, key: int, resource: str, quantity: int, t: int) -> None:
+        known = self.announced.pop(key, None)
+        if known is None or key in self.holdings:
+            return
+        uuid, owner, name = known
+        self.holdings[key] = Holding(id=uuid, owner=owner, name=name, resource=resource, quantity=quantity, since=t)
+        self.holdings_of.setdefault(owner, set()).add(key)
+        self.names[key] = (uuid, name)
 
     def _end_run(self, vm_id: int, meter: VmMeter, t: int) -> None:
         end = t if t > meter.run_until_at_least else meter.run_until_at_least
@@ -195,6 +253,10 @@ class Meter:
             if meter.disk_from < end:
                 self._charge(meter.owner, vm_id, _DISK, meter.disk, meter.disk_from, end)
                 meter.disk_from = end
+        for key, held in self.holdings.items():
+            if held.since < end:
+                self._charge(held.owner, key, held.resource, held.quantity, held.since, end)
+                held.since = end
         self.closed_until = end
         self.closed.append((start, end))
 
@@ -218,6 +280,9 @@ class Meter:
                 self._charge(owner, vm_id, _CORE, meter.cores, meter.run_from, end, extra)
                 self._charge(owner, vm_id, _RAM, meter.ram, meter.run_from, end, extra)
             self._charge(owner, vm_id, _DISK, meter.disk, meter.disk_from, max(now, meter.disk_from), extra)
+        for held_key in self.holdings_of.get(owner, ()):
+            held = self.holdings[held_key]
+            self._charge(owner, held_key, held.resource, held.quantity, held.since, max(now, held.since), extra)
         for (_, start), lines in extra.items():
             merged = result.setdefault(start, {})
             for key, value in lines.items():
@@ -250,7 +315,8 @@ class Meter:
         return MeterSnapshot(
             periods=self.periods.seconds, prices=self.schedule.all(), vms=list(self.vms.values()),
             names={uuid: name for uuid, name in self.names.values()}, closed=list(self.closed),
-            closed_until=self.closed_until,
+            closed_until=self.closed_until, holdings=list(self.holdings.values()),
+            announced=list(self.announced.values()),
             usage=[(owner, start, [(self.names[v][0], r, ver, q) for (v, r, ver), q in lines.items()])
                    for (owner, start), lines in self.usage.items()])
 
@@ -266,6 +332,10 @@ class Meter:
                        for owner, start, lines in snapshot.usage}
         for owner, start in meter.usage:
             meter.periods_of.setdefault(owner, set()).add(start)
+        meter.holdings = {held.id.int: held for held in snapshot.holdings}
+        for key, held in meter.holdings.items():
+            meter.holdings_of.setdefault(held.owner, set()).add(key)
+        meter.announced = {uuid.int: (uuid, owner, name) for uuid, owner, name in snapshot.announced}
         meter.closed = list(snapshot.closed)
         meter.closed_until = snapshot.closed_until
         return meter
@@ -281,6 +351,8 @@ class MeterSnapshot(msgspec.Struct, kw_only=True):
     usage: list[tuple[str, int, list[tuple[UUID, str, int, int]]]]
     closed: list[tuple[int, int]]
     closed_until: int
+    holdings: list[Holding] = []  # networks and images that cost now (older snapshots had none)
+    announced: list[tuple[UUID, str, str]] = []
 
 
 def totals(meter: Meter) -> dict[tuple[str, int, UUID, str, int], int]:

@@ -457,19 +457,20 @@ def evolve_pool(pool: Pool | None, event: Event) -> Pool | None:
 
 # -- names on a host -----------------------------------------------------------------------
 
-BRIDGE_PREFIX = "ucbr"  # + the VNI: at most 12 characters, under Linux's 15
+BRIDGE_PREFIX = "ucbr"  # + the VNI in hex: at most 10 characters, under Linux's 15
 
 
 def bridge_name(vni: int) -> str:
-    """The bridge a network has on every host it reaches: ``ucbr42`` for VNI 42. The
-    metadata server knows a request's network from the bridge it came in on."""
-    return f"{BRIDGE_PREFIX}{vni}"
+    """The bridge a network has on every host it reaches: ``ucbr2a`` for VNI 42 (as the
+    host agent's network driver names it). The metadata server knows a request's network
+    from the bridge it came in on."""
+    return f"{BRIDGE_PREFIX}{vni:x}"
 
 
 def vni_of_bridge(name: str) -> int | None:
     """The VNI of a bridge named by ``bridge_name``, or None for any other interface."""
     digits = name.removeprefix(BRIDGE_PREFIX)
-    if digits == name or not digits.isascii() or not digits.isdigit() or digits != str(int(digits)):
+    if digits == name or not 1 <= len(digits) <= 6 or digits.strip("0123456789abcdef"):
         return None
-    vni = int(digits)
-    return vni if VNI_MIN <= vni <= VNI_MAX else None
+    vni = int(digits, 16)
+    return vni if VNI_MIN <= vni <= VNI_MAX and bridge_name(vni) == name else None

@@ -46,7 +46,7 @@ from ucloud.eventstore.errors import ConflictError
 from .identity import AuthenticationFailed
 from .inputs import check_patterns
 from .keys import AUTHENTICATOR, actor_of
-from .routes import ApiDoc, Handler, Param, answer
+from .routes import BODY_LIMIT, ApiDoc, Handler, Param, answer
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ async def get_user(request: web.Request) -> web.Response:
 
 @api("POST", "/v1/users", ApiDoc(
     "Add a user (admin, built-in directory)", "addUser", "users", status=201, response=UserOut,
-    body=AddUserBody, errors=(400, 404, 409, 501, 503),
+    body=AddUserBody, max_body=BODY_LIMIT, errors=(400, 404, 409, 501, 503),
     description="Adds a user to the built-in directory (realms default to the user realm); enrol them "
                 "with POST /v1/users/{name}/otp. With LDAP: 501. Outside the admin realm: 404."))
 async def add_user(request: web.Request) -> web.Response:
@@ -330,7 +330,7 @@ api("POST", "/v1/users/{name}/enable", ApiDoc(
 
 
 @api("POST", "/v1/users/{name}/otp", ApiDoc(
-    "Enrol a user for OTP (admin)", "enrolUser", "users", status=201, response=EnrolmentOut, body=EnrolBody,
+    "Enrol a user for OTP (admin)", "enrolUser", "users", status=201, response=EnrolmentOut, body=EnrolBody, max_body=BODY_LIMIT,
     body_required=False,
     errors=(400, 404, 409, 422, 501, 503),
     description="Creates a fresh TOTP seed for an existing, enabled directory user in a realm (default: "

@@ -53,8 +53,10 @@ from ucloud.projections.runner import ProjectionRunner
 
 from .billing_payments import CardMethod, PayBody, PaymentMethod, PayOut, methods_from_environment
 from .inputs import check_patterns, check_value
-from .keys import CONFIG, STORE, actor_of
+from .keys import CONFIG, STORE, VM_CREATE_GUARD, actor_of
+from .problems import PaymentRequired, PositionNotReached
 from .routes import (
+    BODY_LIMIT,
     CREATE_VM_BODY_LIMIT,
     POSITION_HEADER,
     SSH_KEYS_CEILING,
@@ -327,7 +329,7 @@ async def list_prices(request: web.Request) -> web.Response:
 
 
 @api("POST", "/v1/prices", ApiDoc(
-    "Set a price (admin)", "setPrice", "billing", status=201, response=Accepted, body=SetPriceBody,
+    "Set a price (admin)", "setPrice", "billing", status=201, response=Accepted, body=SetPriceBody, max_body=BODY_LIMIT,
     description="A new price version for a resource (core, ram, disk, network, image-storage): amount as "
                 "'0.01 CHF/hour' (second, minute, hour, day, month = 30 days), from effective_from (default now; "
                 "never in the past). The first price fixes the currency. Outside the admin realm: 404.",
@@ -432,7 +434,7 @@ async def get_balance(request: web.Request) -> web.Response:
 
 @api("PUT", "/v1/accounts/{owner}", ApiDoc(
     "Make an account prepaid or postpaid (admin)", "configureAccount", "billing", response=Accepted,
-    body=ConfigureAccountBody, description="Accounts are postpaid until configured. Outside the admin realm: 404.",
+    body=ConfigureAccountBody, max_body=BODY_LIMIT, description="Accounts are postpaid until configured. Outside the admin realm: 404.",
     errors=(400, 404, 409, 503)))
 async def configure_account(request: web.Request) -> web.Response:
     body = await _body(request, ConfigureAccountBody)
@@ -442,7 +444,7 @@ async def configure_account(request: web.Request) -> web.Response:
 
 
 @api("POST", "/v1/accounts/{owner}/credits", ApiDoc(
-    "Credit an account (admin)", "creditAccount", "billing", status=201, response=Accepted, body=CreditBody,
+    "Credit an account (admin)", "creditAccount", "billing", status=201, response=Accepted, body=CreditBody, max_body=BODY_LIMIT,
     description="source grant: account credit an admin grants; source bank-transfer: a transfer received "
                 "(reference: what the payer quoted, e.g. the invoice's). Outside the admin realm: 404.",
     errors=(400, 404, 409, 422, 503)))
@@ -454,7 +456,7 @@ async def credit_account(request: web.Request) -> web.Response:
 
 
 @api("POST", "/v1/coupons", ApiDoc(
-    "Create a coupon (admin)", "createCoupon", "billing", status=201, response=Accepted, body=CouponBody,
+    "Create a coupon (admin)", "createCoupon", "billing", status=201, response=Accepted, body=CouponBody, max_body=BODY_LIMIT,
     description="A code worth an amount, redeemable once until it expires. Outside the admin realm: 404.",
     errors=(400, 404, 409, 422, 503)))
 async def create_coupon(request: web.Request) -> web.Response:
@@ -465,7 +467,7 @@ async def create_coupon(request: web.Request) -> web.Response:
 
 
 @api("POST", "/v1/coupons/redeem", ApiDoc(
-    "Redeem a coupon", "redeemCoupon", "billing", response=Redeemed, body=RedeemBody,
+    "Redeem a coupon", "redeemCoupon", "billing", response=Redeemed, body=RedeemBody, max_body=BODY_LIMIT,
     description="Credits the coupon's amount to your account, once: a coupon redeemed or expired is refused "
                 "(422), an unknown one is 404.", errors=(400, 404, 409, 422, 503)))
 async def redeem_coupon(request: web.Request) -> web.Response:
@@ -581,7 +583,7 @@ async def get_order(request: web.Request) -> web.Response:
 
 
 @api("POST", "/v1/payments", ApiDoc(
-    "Pay", "pay", "billing", response=PayOut, also=(202,), body=PayBody,
+    "Pay", "pay", "billing", response=PayOut, also=(202,), body=PayBody, max_body=BODY_LIMIT,
     description="method coupon {code}: credited at once (200). method bank-transfer {invoice}: how to pay "
                 "that invoice (202; an admin records the receipt). method card {amount}: a payment intent at "
                 "the card provider and where to confirm it (202); the provider's signed webhook credits the "
@@ -640,6 +642,23 @@ async def _follow(runner: ProjectionRunner) -> None:
         await asyncio.sleep(delay)
 
 
+async def prepaid_orders_first(request: web.Request, actor: Actor, owner: str) -> None:
+    """POST /v1/vms for a prepaid account while prices are in force: 402, order it instead
+    (an order checks the balance before anything runs). Postpaid accounts and admins
+    create directly: their usage is invoiced afterwards."""
+    if actor.is_admin:
+        return
+    view, runner = request.app[BILLING_VIEW], request.app[BILLING_RUNNER]
+    # Prices and the account's kind as of this request, not as of the view's last poll.
+    head = await request.app[STORE].head()
+    if not await runner.wait_for(head, request.app[CONFIG].read_timeout):
+        raise PositionNotReached(f"the billing view did not reach position {head} in time")
+    now = int(time.time())
+    if any(p.effective_from <= now for p in view.meter.schedule.all()) and view.balance(owner, now).kind == "prepaid":
+        raise PaymentRequired(f"{owner}'s account is prepaid and VMs are priced: order the VM (POST /v1/orders, "
+                              "or `ucloud vm create`, which does), so that the balance is checked first")
+
+
 def setup_billing(app: web.Application) -> None:
     """Add the billing routes and the billing read model to a gateway application."""
     store = app[STORE]
@@ -650,6 +669,7 @@ def setup_billing(app: web.Application) -> None:
                                            snapshot_interval=app[CONFIG].snapshot_interval)
     app[BILLING] = BillingCommands(store, codec)
     app[PAYMENT_METHODS] = methods_from_environment()
+    app[VM_CREATE_GUARD] = prepaid_orders_first
     app.add_routes(billing_routes)
 
     async def follow(app: web.Application) -> AsyncIterator[None]:

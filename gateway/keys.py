@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -27,6 +28,9 @@ RUNNER = web.AppKey("runner", ProjectionRunner)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 FOLLOWER: web.AppKey[ReadModelFollower] = web.AppKey("follower")
+# Asked before a VM is created directly (POST /v1/vms) with the actor and the VM's owner;
+# billing sets it to send prepaid accounts through an order when prices are in force.
+VM_CREATE_GUARD: web.AppKey[Callable[[web.Request, Actor, str], Awaitable[None]]] = web.AppKey("vm_create_guard")
 
 # Set by the authentication middleware on every request to an authenticated route.
 # (aiohttp >= 3.13 has typed request keys; older ones take a plain string.)

@@ -2,13 +2,14 @@
 
 It answers from the metadata projection (projections/metadata.py), which it keeps
 following the log, so any number of instances serve the same answers. On each host it
-listens on ``[::]:80`` with SO_REUSEPORT (several instances may share the port) and puts
-``fe80::a9fe:a9fe`` on every ucloud network bridge of the host, the link-local address
-OpenStack and cloud-init use; it also answers at any routable address the host has.
+puts ``fe80::a9fe:a9fe`` (the link-local address OpenStack and cloud-init use) on every
+bridge of a network it knows and listens there and on the bridge's routable addresses
+(the router address ``<prefix>::1``), port 80, with SO_REUSEPORT (several instances may
+share the port); ``--listen`` adds other addresses.
 
 Who asks is read from the connection, never from anything the guest says:
 - the network is the bridge the request came in on (the link-local peer's scope, the
-  interface index, names the bridge, ``ucbr<VNI>``), or for a routable source the
+  interface index, names the bridge, ``ucbr<VNI in hex>``), or for a routable source the
   network whose /64 holds it;
 - the MAC is the one the source's EUI-64 interface identifier was made from;
 - (network, MAC) is a NIC, and the NIC a VM.
@@ -27,6 +28,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from uuid import UUID
@@ -54,10 +56,14 @@ PROBLEM_JSON = "application/problem+json"
 class MetadataConfig:
     store_url: str = "sqlite:///var/lib/ucloud/events.sqlite"
     store: EventStore | None = None  # an open store the caller owns; else store_url is opened
-    listen: tuple[str, ...] = ("::",)
+    # Routable addresses to listen on besides the bridges ("::" takes every address).
+    listen: tuple[str, ...] = ()
     port: int = 80
     reuse_port: bool = True  # any number of instances on one host share the port
-    # Put fe80::a9fe:a9fe on every ucloud bridge of this host (and keep it there).
+    # Listen on fe80::a9fe:a9fe and the routable addresses of every bridge of a network in
+    # the projection, followed every bridge_scan_interval seconds.
+    bridges: bool = True
+    # Put fe80::a9fe:a9fe on those bridges (and keep it there) when it is missing.
     link_local: bool = True
     bridge_scan_interval: float = 2.0
     # Check a link-local source against the kernel's neighbour entry (see the module doc).
@@ -68,8 +74,8 @@ class MetadataConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
-        if not self.listen:
-            raise ValueError("listen needs at least one address")
+        if not self.listen and not self.bridges:
+            raise ValueError("nothing to listen on: no address and no bridges")
 
 
 class Unknown(Exception):
@@ -146,6 +152,26 @@ class Neighbours:
         self._socket.close()
 
 
+_NAMES: dict[int, tuple[float, str]] = {}
+
+
+def interface_name(index: int) -> str:
+    """The interface's name, remembered for a second (a bridge deleted and made again may
+    get another index; a name is never trusted longer than that)."""
+    now = time.monotonic()
+    known = _NAMES.get(index)
+    if known is not None and now - known[0] < 1.0:
+        return known[1]
+    try:
+        name = socket.if_indextoname(index)
+    except OSError:
+        name = f"#{index}"
+    if len(_NAMES) > 4096:
+        _NAMES.clear()
+    _NAMES[index] = (now, name)
+    return name
+
+
 def identify(view: MetadataView, peer: Any, neighbours: Neighbours | None) -> Identity:
     """The NIC a connection comes from, from its peer address (host, port, flow, scope)."""
     if not isinstance(peer, tuple) or len(peer) < 4:
@@ -157,10 +183,7 @@ def identify(view: MetadataView, peer: Any, neighbours: Neighbours | None) -> Id
     interface = ""
     ingress: UUID | None = None
     if scope:
-        try:
-            interface = socket.if_indextoname(scope)
-        except OSError:
-            interface = f"#{scope}"
+        interface = interface_name(scope)
         vni = net.vni_of_bridge(interface)
         ingress = view.network_of_vni(vni) if vni is not None else None
     mac = net.mac_of_eui64(host)
@@ -298,8 +321,6 @@ def init_app(config: MetadataConfig) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(_follow(runner, app[READY]), name="metadata-projection")]
-        if config.link_local:
-            tasks.append(asyncio.create_task(_keep_link_local(config.bridge_scan_interval), name="metadata-addresses"))
         yield
         for task in tasks:
             task.cancel()
@@ -332,37 +353,97 @@ async def _follow(runner: ProjectionRunner, ready: asyncio.Event) -> None:
         delay = min(delay * 2, 5.0)
 
 
-def ensure_link_local_addresses() -> list[str]:
-    """Put fe80::a9fe:a9fe/64 on every ucloud bridge that lacks it; the bridges changed."""
+class Bridge(msgspec.Struct, frozen=True):
+    name: str
+    index: int
+    addresses: tuple[str, ...]  # fe80::a9fe:a9fe and the bridge's routable addresses, usable now
+
+
+def scan_bridges(vnis: set[int], add_address: bool) -> list[Bridge]:
+    """This host's bridges of the networks in ``vnis``, with the addresses to listen on;
+    with ``add_address``, fe80::a9fe:a9fe/64 is put on each that lacks it first (nodad:
+    the same address is on every bridge of every host by design)."""
     from pyroute2 import IPRoute
 
-    changed = []
+    found = []
     with IPRoute() as ipr:
-        have = {(a["index"], a.get("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET6)}
-        for link in ipr.get_links():
-            name = link.get("IFLA_IFNAME")
-            if not isinstance(name, str) or net.vni_of_bridge(name) is None:
-                continue
-            if (link["index"], METADATA_ADDRESS) in have:
-                continue
-            # nodad: the same address is on every bridge of every host by design.
-            ipr.addr("add", index=link["index"], address=METADATA_ADDRESS, prefixlen=64,
-                     flags=0x02)  # IFA_F_NODAD
-            changed.append(name)
-    return changed
+        links = [(link["index"], link.get("IFLA_IFNAME")) for link in ipr.get_links()]
+        ours = [(index, name) for index, name in links
+                if isinstance(name, str) and net.vni_of_bridge(name) in vnis]
+        addresses: dict[int, list[tuple[str, int]]] = {}
+        for entry in ipr.get_addr(family=socket.AF_INET6):
+            addresses.setdefault(entry["index"], []).append((entry.get("IFA_ADDRESS"), entry.get("flags", 0)))
+        for index, name in ours:
+            have = addresses.get(index, [])
+            if add_address and METADATA_ADDRESS not in {a for a, _ in have}:
+                ipr.addr("add", index=index, address=METADATA_ADDRESS, prefixlen=64, flags=0x02)  # IFA_F_NODAD
+                have = [*have, (METADATA_ADDRESS, 0)]
+                log.info("metadata address %s added on %s", METADATA_ADDRESS, name)
+            usable = tuple(sorted(
+                a for a, flags in have
+                if isinstance(a, str) and not flags & 0x40  # IFA_F_TENTATIVE: not bindable yet
+                and (a == METADATA_ADDRESS or not ipaddress.IPv6Address(a).is_link_local)))
+            found.append(Bridge(name=name, index=index, addresses=usable))
+    return found
 
 
-async def _keep_link_local(interval: float) -> None:
-    while True:
-        try:
-            changed = await asyncio.to_thread(ensure_link_local_addresses)
-            if changed:
-                log.info("metadata address %s added on %s", METADATA_ADDRESS, ", ".join(changed))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # not root, or netlink trouble: say so, keep serving
-            log.warning("cannot put %s on the network bridges: %s", METADATA_ADDRESS, error)
-        await asyncio.sleep(interval)
+def _listening_socket(address: str, port: int, scope: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port, 0, scope))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class BridgeSites:
+    """Listening sockets on the bridges of the networks the projection knows, kept in step
+    with them: a new bridge (or a new routable address on one) gets a socket, a bridge
+    that went away loses it. Binding to the bridge's addresses rather than [::] keeps two
+    installations on one machine (each with its own networks) from answering each
+    other's guests."""
+
+    def __init__(self, runner: web.AppRunner, view: MetadataView, config: MetadataConfig) -> None:
+        self.runner = runner
+        self.view = view
+        self.config = config
+        self.sites: dict[tuple[str, str], web.SockSite] = {}  # (bridge, address) -> site
+
+    async def sync(self) -> None:
+        bridges = await asyncio.to_thread(scan_bridges, set(self.view.by_vni), self.config.link_local)
+        wanted = {(b.name, a): b.index for b in bridges for a in b.addresses}
+        for key in [k for k in self.sites if k not in wanted]:
+            await self.sites.pop(key).stop()
+        for (name, address), index in wanted.items():
+            if (name, address) in self.sites:
+                continue
+            scope = index if ipaddress.IPv6Address(address).is_link_local else 0
+            try:
+                sock = _listening_socket(address, self.config.port, scope, self.config.reuse_port)
+            except OSError as error:
+                log.warning("cannot listen on [%s%%%s]:%d: %s", address, name, self.config.port, error.strerror)
+                continue
+            site = web.SockSite(self.runner, sock)
+            await site.start()
+            self.sites[(name, address)] = site
+            log.info("metadata listening on [%s%%%s]:%d", address, name, self.config.port)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # not root, or netlink trouble: say so, keep serving
+                log.warning("cannot follow the network bridges: %s", error)
+            await asyncio.sleep(self.config.bridge_scan_interval)
 
 
 @dataclasses.dataclass
@@ -370,13 +451,20 @@ class RunningMetadata:
     app: web.Application
     runner: web.AppRunner
     addresses: list[tuple[str, int]]
+    bridges: BridgeSites | None = None
+    task: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
         await self.runner.cleanup()
 
 
 async def start(config: MetadataConfig) -> RunningMetadata:
-    """Serve on ``config.listen`` and return once the projection has read the log."""
+    """Serve on ``config.listen`` (if any) and on every bridge of a network the projection
+    knows; return once the projection has read the log and the bridges are listened on."""
     app = init_app(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -393,11 +481,18 @@ async def start(config: MetadataConfig) -> RunningMetadata:
             port = runner.addresses[known][1] if len(runner.addresses) > known else port
             addresses.append((host, port))
         await asyncio.wait_for(app[READY].wait(), timeout=60)
+        bridges = task = None
+        if config.bridges:
+            bridges = BridgeSites(runner, app[VIEW], config)
+            with contextlib.suppress(Exception):
+                await bridges.sync()  # logged inside; run() keeps trying
+            task = asyncio.create_task(bridges.run(), name="metadata-bridges")
     except BaseException:
         await runner.cleanup()
         raise
-    log.info("ucloud metadata listening on %s", ", ".join(f"[{h}]:{p}" for h, p in addresses))
-    return RunningMetadata(app, runner, addresses)
+    log.info("ucloud metadata listening on %s", ", ".join(
+        [f"[{h}]:{p}" for h, p in addresses] + (["every network bridge"] if config.bridges else [])))
+    return RunningMetadata(app, runner, addresses, bridges, task)
 
 
 async def serve(config: MetadataConfig) -> None:

@@ -22,7 +22,8 @@ from .routes import LIMIT_KEY, ApiDoc, declared_params
 
 _TITLES = {400: "Invalid request: the problem's detail and field say what is wrong",
            413: "The body is larger than the gateway accepts", 415: "The body is not sent as application/json",
-           401: "Not authenticated", 404: "Not found (or not yours)", 405: "Method not allowed",
+           401: "Not authenticated", 402: "Priced and the account prepaid: order it (POST /v1/orders)",
+           404: "Not found (or not yours)", 405: "Method not allowed",
            409: "Conflict with a concurrent writer; retry",
            422: "Rejected: not allowed in the resource's current state, or a value (named by the problem's "
                 "field) beyond this installation's limits once its units are read",

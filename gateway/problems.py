@@ -46,6 +46,10 @@ class NotReady(Exception):
     """The gateway cannot answer well right now (its read models are not following the log)."""
 
 
+class PaymentRequired(Exception):
+    """What was asked is priced and must go through an order first (402)."""
+
+
 class UnsupportedMediaType(Exception):
     """A request carries a body that does not say it is JSON (415 naming Content-Type)."""
 
@@ -60,6 +64,7 @@ _MAPPING: list[tuple[type[BaseException], int, str, str]] = [
     (msgspec.ValidationError, 400, "invalid", "Invalid request"),
     (msgspec.DecodeError, 400, "invalid", "Invalid request"),
     (InvalidAppend, 400, "invalid", "Invalid request"),
+    (PaymentRequired, 402, "payment-required", "Payment required"),
     (NotFound, 404, "not-found", "Not found"),
     (ConflictError, 409, "conflict", "Conflict"),
     (Rejected, 422, "rejected", "Rejected"),

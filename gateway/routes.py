@@ -43,7 +43,17 @@ from ucloud.projections.runner import ProjectionRunner
 from ucloud.projections.views import NetworksView, VmRow
 
 from .inputs import check_value, schema_of
-from .keys import COMMANDS, CONFIG, FOLLOWER, METRICS, READ_MODELS, RUNNER, STORE, actor_of
+from .keys import (
+    COMMANDS,
+    CONFIG,
+    FOLLOWER,
+    METRICS,
+    READ_MODELS,
+    RUNNER,
+    STORE,
+    VM_CREATE_GUARD,
+    actor_of,
+)
 from .problems import NotReady, PositionNotReached
 
 POSITION_HEADER = "X-Ucloud-Position"
@@ -470,14 +480,19 @@ KEY_NAME = Param.of("name", "path", "The SSH key's name.", Name)
     "Create a VM", "createVm", "vms", status=202, response=Accepted, also=(200,), body=CreateVmBody,
     max_body=CREATE_VM_BODY_LIMIT,
     description="Recorded; the VM is requested and the scheduler takes it from here. "
-                "200 when an Idempotency-Key repeats an earlier identical request (same id).",
+                "200 when an Idempotency-Key repeats an earlier identical request (same id). "
+                "402 when prices are in force and the owner's account is prepaid: such VMs are ordered "
+                "(POST /v1/orders), which checks the balance first.",
     params=(Param.of(IDEMPOTENCY_HEADER, "header",
                      "Retry-safe creation: the same key and body give the same VM; the same key with a "
                      "different body is rejected (422).", IdempotencyKey),),
-    errors=(400, 404, 409, 422, 503)))
+    errors=(400, 402, 404, 409, 422, 503)))
 async def create_vm(request: web.Request) -> web.Response:
     body = await decode_body(request, CreateVmBody)
     key = request.headers.get(IDEMPOTENCY_HEADER)  # checked by the input middleware
+    guard = request.app.get(VM_CREATE_GUARD)
+    if guard is not None:
+        await guard(request, actor_of(request), body.owner or actor_of(request).name)
     outcome = await request.app[COMMANDS].create_vm(
         actor_of(request), name=body.name, cores=body.cores, ram=body.ram, disk=body.disk, image=body.image,
         ssh_keys=body.ssh_keys, restart_policy=body.restart_policy.value, owner=body.owner,

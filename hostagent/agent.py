@@ -60,6 +60,22 @@ def measure_capacity(path: Path) -> Capacity:
     return Capacity(cores=os.cpu_count() or 1, ram=ram, disk=shutil.disk_usage(path).total)
 
 
+# cloud-init (>= 24.2) tries its OpenStack datasource, at fe80::a9fe:a9fe, only for this DMI product.
+OPENSTACK_PRODUCT = "OpenStack Nova"
+
+
+def nocloud_serial(metadata_url: str) -> str:
+    """The SMBIOS serial that points cloud-init's NoCloud datasource at the metadata server
+    (``ds=nocloud-net;s=http://[ADDR]/nocloud/``): Debian 12's cloud-init 22.4 reads its
+    seed over IPv6 only this way. The URL is the server's routable address; ValueError
+    when it is not an http:// URL of printable ASCII without spaces, commas or ';'."""
+    if not metadata_url.startswith("http://") or any(c in metadata_url for c in " ;,") or not (
+            metadata_url.isascii() and metadata_url.isprintable()) or len(metadata_url) > 200:
+        raise ValueError(f"metadata URL {metadata_url!r} must be http://HOST[:PORT][/PATH] in printable ASCII "
+                         "without spaces, commas or ';' (at most 200 characters)")
+    return f"ds=nocloud-net;s={metadata_url.rstrip('/')}/nocloud/"
+
+
 class HostAgent:
     def __init__(
         self,
@@ -73,6 +89,7 @@ class HostAgent:
         resync_interval: float = 2.0,
         stop_timeout: float = 30.0,
         stores: dict[str, ImageStore] | None = None,
+        metadata_url: str | None = None,
     ) -> None:
         """``stores``: the image stores this host reaches (declared at registration; a VM
         whose image is in one of them is cloned from it)."""
@@ -90,6 +107,7 @@ class HostAgent:
         self.runner = ProjectionRunner(commands.store, commands.codec, [self.vms], name=f"hostagent-{self.host_id}")
         self.resync_interval = resync_interval
         self.stop_timeout = stop_timeout
+        self.smbios_serial = nocloud_serial(metadata_url) if metadata_url else None
         self._wake = asyncio.Event()
         self._reported_reboots: dict[UUID, int] = {}
 
@@ -242,6 +260,7 @@ class HostAgent:
                 kernel=str(boot.kernel) if boot and boot.kernel else None,
                 initrd=str(boot.initrd) if boot and boot.initrd else None,
                 append=boot.append if boot and boot.kernel else None,
+                smbios_product=OPENSTACK_PRODUCT, smbios_serial=self.smbios_serial,
             ))
         except Exception as error:  # any start failure is reported, with its reason
             log.exception("vm %s: start failed", vm.id)

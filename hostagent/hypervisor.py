@@ -26,6 +26,7 @@ import msgspec
 MIB = 1024 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _TAP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+_SMBIOS = re.compile(r"[\x20-\x7e]{1,255}", re.ASCII)
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -83,6 +84,10 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     initrd: str | None = None
     append: str | None = None
     interfaces: tuple[NetworkInterface, ...] = ()
+    # SMBIOS type 1 (system) strings the guest reads from DMI: cloud-init takes its NoCloud
+    # seed URL from the serial and tries OpenStack only when the product is "OpenStack Nova".
+    smbios_product: str | None = None
+    smbios_serial: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -99,6 +104,9 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.disk_format not in ("qcow2", "raw"):
             raise InvalidSpec(f"VM {self.name}: disk_format must be qcow2 or raw")
+        for what, value in (("smbios_product", self.smbios_product), ("smbios_serial", self.smbios_serial)):
+            if value is not None and not _SMBIOS.fullmatch(value):
+                raise InvalidSpec(f"VM {self.name}: {what} must be 1-255 printable ASCII characters")
         if self.kernel is None and (self.initrd is not None or self.append is not None):
             raise InvalidSpec(f"VM {self.name}: initrd/append need a kernel (direct kernel boot)")
         if self.kernel is None and self.disk_path is None:

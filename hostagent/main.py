@@ -21,7 +21,7 @@ from .qemu import QemuDriver
 
 
 async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool,
-                    image_stores: tuple[str, ...] = ()) -> None:
+                    metadata_url: str | None = None, image_stores: tuple[str, ...] = ()) -> None:
     stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
     store = open_store(store_url)
     try:
@@ -30,7 +30,7 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
             await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname,
-                          stores=stores)
+                          metadata_url=metadata_url, stores=stores)
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -51,16 +51,18 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--no-tiny", is_flag=True, help="Do not build and publish the built-in image 'tiny'.")
 @click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
               help="An image store this host reaches (repeat). Default: local=fs:<state-dir>/image-store.")
+@click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
+              help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
+                   "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
 @click.option("-v", "--verbose", is_flag=True)
 def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, image_stores: tuple[str, ...],
-         verbose: bool) -> None:
+         metadata_url: str | None, verbose: bool) -> None:
     """Run the host agent: register this host and make its VMs match the log."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         parse_stores(image_stores)
-        asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, image_stores))
-    except ValueError as error:
-        raise click.UsageError(str(error)) from None
-    except InvalidStoreUrl as error:
+        asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, metadata_url,
+                              image_stores))
+    except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None

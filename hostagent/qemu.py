@@ -207,6 +207,10 @@ def build_argv(
             "-device",
             "virtio-blk-pci,drive=disk0,bootindex=1",
         ]
+    smbios = [f"{key}={_opt(value)}" for key, value in (("product", spec.smbios_product),
+                                                          ("serial", spec.smbios_serial)) if value is not None]
+    if smbios:
+        argv += ["-smbios", ",".join(["type=1", *smbios])]
     for index, nic in enumerate(spec.interfaces):
         argv += [
             "-netdev",

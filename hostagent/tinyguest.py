@@ -5,7 +5,8 @@ The guest is a stock Debian kernel (``linux-image-<ver>-amd64``, fetched with
 busybox initramfs whose ``/init`` loads the virtio modules, prints
 ``UCLOUD-GUEST-READY uptime=<secs>`` on the serial console, brings ``eth0`` up
 and hands over to busybox ``init`` (which also runs ``acpid`` so that an ACPI
-power-button press from the host powers the guest off cleanly). A blank qcow2
+power-button press from the host powers the guest off cleanly, and runs
+``ucloud-init`` once: SSH keys, hostname and user data from the metadata server). A blank qcow2
 file stands in for the image's disk so that a VM has something to clone.
 
 Run ``python -m ucloud.hostagent.tinyguest [--cache DIR]`` (default
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import lzma
 import os
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Bump when the initramfs layout or /init changes so cached builds are redone.
-RECIPE_VERSION = 5
+RECIPE_VERSION = 6
 
 MARKER = "UCLOUD-GUEST-READY"
 """Printed by the guest's /init on the serial console once it is up."""
@@ -95,7 +97,12 @@ fi
 exec /sbin/init
 """
 
+# ucloud-init (the repository's ucloud-init/ folder) sets the guest up from the metadata
+# server; it runs once, after /init, with the console as its output.
+UCLOUD_INIT = Path(__file__).resolve().parents[1] / "ucloud-init" / "ucloud-init"
+
 INITTAB = """ttyS0::respawn:-/bin/sh
+::once:/usr/sbin/ucloud-init
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/echo "ucloud tiny guest: shutting down"
 """
@@ -199,9 +206,11 @@ def _install_module(source: Path, target: Path) -> None:
 
 def _build_initramfs(root: Path, modules_root: Path, output: Path) -> list[str]:
     """Lay out the initramfs under root and pack it to output; returns the modules included."""
-    for sub in ("bin", "sbin", "etc/acpi/PWRF", "lib/modules", "proc", "sys", "dev", "tmp"):
+    for sub in ("bin", "sbin", "usr/sbin", "etc/acpi/PWRF", "lib/modules", "proc", "sys", "dev", "tmp", "root"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    shutil.copy2(_ucloud_init(), root / "usr" / "sbin" / "ucloud-init")
+    (root / "usr" / "sbin" / "ucloud-init").chmod(0o755)
     included: list[str] = []
     for name in VIRTIO_MODULES:
         source = _find_module(modules_root, name)
@@ -272,10 +281,18 @@ def _guest_from(cache_dir: Path, manifest: dict[str, str]) -> TinyGuest | None:
     return None
 
 
+def _ucloud_init() -> Path:
+    if not UCLOUD_INIT.is_file():
+        raise TinyGuestError(f"{UCLOUD_INIT} is missing: the tiny guest ships ucloud-init from the source tree")
+    return UCLOUD_INIT
+
+
 def wanted_version() -> tuple[str, str, str]:
-    """(version string, kernel package, kernel package version) for this host's apt state."""
+    """(version string, kernel package, kernel package version) for this host's apt state;
+    a change of ucloud-init's script rebuilds the initramfs too."""
     package, package_version = kernel_package()
-    version = f"{package}={package_version};{busybox_version()};recipe={RECIPE_VERSION}"
+    script = hashlib.sha256(_ucloud_init().read_bytes()).hexdigest()[:12]
+    version = f"{package}={package_version};{busybox_version()};recipe={RECIPE_VERSION};ucloud-init={script}"
     return version, package, package_version
 
 

@@ -16,17 +16,15 @@ import msgspec
 
 from ucloud.domain import account as account_domain
 from ucloud.domain import order as order_domain
-from ucloud.domain import vm as vm_domain
 from ucloud.domain.events import Event, tag_of
 from ucloud.domain.invoice import InvoiceIssued, InvoiceLine, PeriodClosed
-from ucloud.domain.metering import Meter, MeterSnapshot, PeriodPolicy
+from ucloud.domain.metering import METERED_EVENTS, Meter, MeterSnapshot, PeriodPolicy
 from ucloud.domain.pricing import PriceSet
 from ucloud.eventstore.records import EventRecord
 
 from .runner import Projection
 
-_METERED = (vm_domain.VmRequested, vm_domain.VmStarted, vm_domain.VmStopped, vm_domain.VmCrashed,
-            vm_domain.VmFailed, vm_domain.VmDeleted)
+_METERED = METERED_EVENTS
 _FOLDED: tuple[type[Event], ...] = (
     *_METERED, PriceSet, PeriodClosed, InvoiceIssued, account_domain.AccountConfigured,
     account_domain.AccountCredited, account_domain.AccountDepleted, account_domain.AccountSuspended,

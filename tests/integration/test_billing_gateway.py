@@ -271,3 +271,21 @@ async def test_credit_and_account_kind_are_admin_only_and_checked(gw: Gateway) -
     assert (balance["kind"], balance["credited_micros"]) == ("prepaid", 20_000_000)
     status, problem, _ = await gw.as_("bob").call("GET", "/v1/balance?owner=alice")
     assert_problem(status, problem, 404)
+
+
+async def test_a_prepaid_account_orders_priced_vms_instead_of_creating_them_directly(gw: Gateway) -> None:
+    vm = {"name": "direct", "cores": 1, "ram": "256MiB", "disk": "1GiB", "image": "tiny"}
+    await gw.as_("alice").ok("POST", "/v1/vms", vm, status=202)  # no prices: free, no order step
+    await gw.admin.ok("PUT", "/v1/accounts/alice", {"kind": "prepaid"})
+    await gw.as_("alice").ok("POST", "/v1/vms", {**vm, "name": "direct2"}, status=202)  # still no prices
+    await gw.admin.ok("POST", "/v1/prices", {"resource": "core", "amount": "1 CHF/hour"}, status=201)
+    status, problem, response = await gw.as_("alice").call("POST", "/v1/vms", {**vm, "name": "direct3"})
+    assert_problem(status, problem, 402, detail="order the VM (POST /v1/orders")
+    assert response.content_type == PROBLEM
+    quoted = await gw.as_("alice").ok("POST", "/v1/orders", {**vm, "name": "ordered"}, status=201)
+    assert quoted["status"] == "quoted"
+    # Postpaid accounts are invoiced afterwards; admins act as operators: both create directly.
+    await gw.as_("bob").ok("POST", "/v1/vms", {**vm, "name": "bobs"}, status=202)
+    done = await gw.admin.ok("POST", "/v1/vms", {**vm, "name": "for-alice", "owner": "alice"}, status=202)
+    names = {row["name"] for row in (await gw.admin.ok("GET", f"/v1/vms?owner=alice&position={done['position']}"))["vms"]}
+    assert names == {"direct", "direct2", "for-alice"}  # the refused one was not half-written

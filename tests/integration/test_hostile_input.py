@@ -208,9 +208,9 @@ async def test_every_field_of_every_operation_refuses_hostile_values_with_a_prob
 
 
 async def test_the_worst_bodies_at_the_size_limits_are_refused_while_others_are_answered(stack: Stack) -> None:
-    """At the gateway's 1 MiB limit the create and key operations refuse by declared length
-    (413, unread); at their own 128 KiB limit the body is read, parsed and refused (400)."""
-    from tests.bench.bench_hostile_input import OPERATION_LIMIT, hostile_bodies
+    """At the gateway's 1 MiB limit the create, key and price operations refuse by declared
+    length (413, unread); at their own 128 KiB limit the body is read, parsed and refused (400)."""
+    from tests.bench.bench_hostile_input import OPERATION_LIMIT, hostile_bodies, target
 
     admin = await stack.session("root", ADMIN)
     vm = {"name": "web1", "cores": 1, "ram": "1GiB", "disk": "1GiB", "image": "debian-12"}
@@ -221,7 +221,7 @@ async def test_the_worst_bodies_at_the_size_limits_are_refused_while_others_are_
             for size, expect in ((1024 * 1024, 413), (OPERATION_LIMIT, 400)):
                 for what, body in hostile_bodies(size).items():
                     assert size - 64 <= len(body) <= size
-                    url = stack.url + ("/v1/ssh-keys" if b"public_key" in body else "/v1/vms")
+                    url = stack.url + target(body)
                     async with http.post(url, data=body, headers={**admin, "Content-Type": "application/json"}) as response:
                         answer = await response.json(content_type=None)
                         assert response.status == expect and response.content_type == PROBLEM, (what, size, answer)

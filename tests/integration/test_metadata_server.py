@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
+import msgspec
 import pytest
 
 from tests.support.gateway import OTHER_KEY, PUBLIC_KEY
-from tests.support.nslab import Lab, http_get, in_ns, lab, needs_netns
+from tests.support.nslab import Lab, http_get, in_ns, lab, needs_netns, run
 from ucloud.commands.networks import NetworkCommands
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import SYSTEM, Actor, Repository
@@ -232,3 +233,157 @@ async def test_another_owners_guest_gets_only_its_owners_keys_and_a_key_added_la
         await asyncio.sleep(0.2)
         keys = (await get(a2, LL, "/ssh-keys"))[2]
     assert keys == f"{PUBLIC_KEY}\n{LATER_KEY}\n"
+
+
+def busybox_path(into: Path) -> str:
+    """A PATH of busybox applets only: ucloud-init must need nothing else."""
+    into.mkdir()
+    for applet in ("sh", "wget", "timeout", "ip", "sed", "grep", "cat", "head", "mkdir", "chmod", "mv", "printf",
+                   "hostname", "sleep", "touch", "echo"):
+        (into / applet).symlink_to("/bin/busybox")
+    return str(into)
+
+
+async def test_ucloud_init_with_busybox_alone_writes_the_keys_sets_the_hostname_and_runs_the_user_data_once(
+        world: World, server: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    a1 = world.lab.guest(net.bridge_name(VNI), MAC_A1)
+    assert (await until_answered(a1))[0] == 200
+    root = tmp_path / "guest-root"
+    root.mkdir()
+    script = Path(__file__).resolve().parents[2] / "ucloud-init" / "ucloud-init"
+    env = ["env", "-i", f"PATH={busybox_path(tmp_path / 'bin')}", f"UCLOUD_INIT_ROOT={root}", "UCLOUD_INIT_WAIT=20"]
+
+    def run_init() -> str:
+        done = in_ns(a1, "unshare", "--uts", *env, "sh", str(script), timeout=120)
+        return done.stdout
+
+    console = await asyncio.to_thread(run_init)
+    assert "ucloud-init: metadata server: http://[fe80::a9fe:a9fe%eth0]" in console, console
+    assert f"ucloud-init: key: {PUBLIC_KEY}" in console
+    assert "ucloud-init: hostname: a1" in console and "ucloud-init: running user data" in console
+    assert (root / "root/.ssh/authorized_keys").read_text() == PUBLIC_KEY + "\n"
+    assert oct((root / "root/.ssh/authorized_keys").stat().st_mode & 0o777) == "0o600"
+    assert (root / "etc/hostname").read_text() == "a1\n"
+    assert (Path("/tmp/a1").read_text() if Path("/tmp/a1").exists() else "") == "a1 was here\n"
+    Path("/tmp/a1").unlink()
+
+    console = await asyncio.to_thread(run_init)  # a second boot: the user data does not run again
+    assert "running user data" not in console and "ucloud-init: done" in console
+    assert not Path("/tmp/a1").exists()
+
+
+# -- a real guest ---------------------------------------------------------------------------
+
+GUEST_CACHE = Path("/var/cache/ucloud/tinyguest-metadata")  # its own: a recipe change here rebuilds nothing shared
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+async def test_a_tcg_guest_on_the_bridge_gets_its_keys_and_hostname_through_ucloud_init(
+        world: World, server: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    from tests.support.qemu import (
+        console_send,
+        kill_leftovers,
+        short_run_root,
+        tiny_spec,
+        wait_for_pattern,
+    )
+    from ucloud.hostagent.agent import OPENSTACK_PRODUCT, nocloud_serial
+    from ucloud.hostagent.hypervisor import NetworkInterface
+    from ucloud.hostagent.qemu import QemuDriver
+    from ucloud.hostagent.tinyguest import ensure_tiny_guest
+
+    guest = await asyncio.to_thread(ensure_tiny_guest, GUEST_CACHE)
+    tap = f"{world.lab.tag[-6:]}t1"
+    run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+    spec = msgspec.structs.replace(
+        tiny_spec(guest, name="a1", vm_id=world.vms["a1"], interfaces=(NetworkInterface(tap=tap, mac=MAC_A1),)),
+        smbios_product=OPENSTACK_PRODUCT, smbios_serial=nocloud_serial(f"http://[{ROUTER}]"))
+    with short_run_root() as run_root:
+        driver = QemuDriver(run_root, accel="tcg")
+        try:
+            await driver.start(spec)
+            # QEMU holds the tap open; the tap moves into the host namespace, onto the bridge.
+            run("ip", "link", "set", tap, "netns", world.lab.host)
+            in_ns(world.lab.host, "ip", "link", "set", tap, "master", net.bridge_name(VNI))
+            in_ns(world.lab.host, "ip", "link", "set", tap, "up")
+            console = driver.serial_log_path(spec.vm_id)
+            await wait_for_pattern(console, r"ucloud-init: done", timeout=240)
+            text = console.read_text(errors="replace")
+            assert f"ucloud-init: key: {PUBLIC_KEY}" in text, text[-2000:]
+            assert "ucloud-init: hostname: a1" in text and "ucloud-init: running user data" in text
+            console_send(driver.console_path(spec.vm_id),
+                         "echo KEYS=$(cat /root/.ssh/authorized_keys | wc -l) HN=$(hostname) "
+                         "SERIAL=$(cat /sys/class/dmi/id/product_serial) A1=$(cat /tmp/a1)")
+            shown = await wait_for_pattern(console, r"KEYS=(\d+) HN=(\S+) SERIAL=(\S+) A1=(.*)", timeout=60)
+            assert shown.group(1, 2, 3) == ("1", "a1", spec.smbios_serial)
+            assert shown.group(4).strip() == "a1 was here"
+        finally:
+            for vm_id in await driver.list_running():
+                await driver.kill(vm_id)
+            kill_leftovers(run_root)
+            run("ip", "link", "del", tap, check=False)
+
+
+# -- stock cloud-init judges the formats ------------------------------------------------------
+
+CLOUD_INIT_SCRIPT = r"""
+import json, sys
+from cloudinit import url_helper, util
+from cloudinit.net import network_state
+from cloudinit.sources import DataSourceNoCloud
+from cloudinit.sources.helpers import openstack
+from cloudinit import version
+
+base, serial, mac = sys.argv[1], sys.argv[2], sys.argv[3]
+out = {"version": version.version_string()}
+fill = {}
+out["serial_found"] = DataSourceNoCloud.load_cmdline_data(fill, serial)
+out["seedfrom"] = fill.get("seedfrom")
+md, ud, vd = util.read_seeded(fill["seedfrom"], timeout=5, retries=1)
+out["nocloud"] = {"meta": md, "user": ud.decode() if ud is not None else None,
+                  "vendor": vd.decode() if vd is not None else None}
+config = util.load_yaml(util.decode_binary(url_helper.read_file_or_url(fill["seedfrom"] + "network-config").contents))
+state = network_state.parse_net_config_data(config, skip_broken=False)
+out["v2"] = [{"mac": i.get("mac_address"), "name": i.get("name"), "subnets": i.get("subnets"),
+              "accept_ra": i.get("accept-ra")}
+             for i in state.iter_interfaces()]
+reader = openstack.MetadataReader(base, timeout=5, retries=1)
+found = reader.read_v2()
+out["openstack"] = {"meta": found["metadata"], "user": found["userdata"].decode() if found.get("userdata") else None,
+                    "vendor": found.get("vendordata")}
+out["openstack_net"] = openstack.convert_net_json(found["networkdata"], known_macs={mac: "eth0"})
+print(json.dumps(out, default=str))
+"""
+
+
+async def test_cloud_init_22_4s_own_readers_and_parsers_accept_what_is_served(
+        world: World, server: subprocess.Popen[bytes]) -> None:
+    from ucloud.hostagent.agent import nocloud_serial
+
+    system_python = "/usr/bin/python3"
+    assert Path("/usr/lib/python3/dist-packages/cloudinit").is_dir(), \
+        "Debian's cloud-init must be installed (./bootstrap installs it)"
+    a1 = world.lab.guest(net.bridge_name(VNI), MAC_A1, f"{net.eui64_address(PREFIX, MAC_A1)}/64")
+    assert (await until_answered(a1))[0] == 200
+    serial = nocloud_serial(f"http://[{ROUTER}]")
+    done = await asyncio.to_thread(in_ns, a1, system_python, "-c", CLOUD_INIT_SCRIPT, f"http://[{ROUTER}]",
+                                   serial, MAC_A1, timeout=120)
+    seen = json.loads(done.stdout)
+    assert seen["version"].startswith("22.4")
+    assert seen["serial_found"] and seen["seedfrom"] == f"http://[{ROUTER}]/nocloud/"
+    assert seen["nocloud"]["meta"] == {"instance-id": f"iid-{world.vms['a1']}", "local-hostname": "a1",
+                                       "public-keys": [PUBLIC_KEY]}
+    assert seen["nocloud"]["user"] == SCRIPT and seen["nocloud"]["vendor"] == ""
+    [nic] = seen["v2"]
+    assert (nic["mac"], nic["name"]) == (MAC_A1, "eth0")
+    assert nic["accept_ra"] is True and nic["subnets"] == [], nic  # SLAAC: router advertisements, no DHCP
+    meta = seen["openstack"]["meta"]
+    assert (meta["uuid"], meta["hostname"], meta["name"]) == (str(world.vms["a1"]), "a1", "a1")
+    assert meta["public_keys"] == {"laptop": PUBLIC_KEY}
+    assert seen["openstack"]["user"] == SCRIPT and seen["openstack"]["vendor"] == {}
+    config = seen["openstack_net"]
+    assert config["version"] == 1
+    [physical] = [c for c in config["config"] if c["type"] == "physical"]
+    assert (physical["mac_address"], physical["name"]) == (MAC_A1, "eth0")
+    assert [s["type"] for s in physical["subnets"]] == ["ipv6_slaac"]

@@ -15,6 +15,8 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ucloud.domain import image as image_domain
+from ucloud.domain import network as network_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.catalogue import build_codec
 from ucloud.domain.events import Event
@@ -271,3 +273,58 @@ def test_folding_in_another_process_gives_identical_usage(tmp_path: Path) -> Non
                             f"print(fold_file({str(path)!r}))"], capture_output=True, text=True, timeout=120,
                            cwd=Path(__file__).resolve().parents[2], check=True).stdout.strip()
     assert there == here and len(json.loads(here)) > 1000
+
+
+def _network_and_image_log() -> list[tuple[int, Event]]:
+    net, failed, image, refused = (uuid.UUID(int=n) for n in (21, 22, 23, 24))
+    return [
+        (T0, price(Resource.NETWORK, 100, T0, "hour", 3600)),  # 100 micros per network-hour
+        (T0, price(Resource.IMAGE_STORAGE, 3600, T0, "hour", 3600)),  # 3600 micros per GiB-hour
+        (T0, network_domain.NetworkRequested(network_id=net, owner="alice", name="lan", ipam=network_domain.Ipam.AUTO)),
+        (T0 + 2, network_domain.NetworkAllocated(network_id=net, vni=100, group="ff05::100", prefix="fd00:1::/64")),
+        (T0, network_domain.NetworkRequested(network_id=failed, owner="alice", name="lost",
+                                             ipam=network_domain.Ipam.AUTO)),
+        (T0 + 1, network_domain.NetworkAllocationFailed(network_id=failed, reason="the pool is exhausted")),
+        (T0, image_domain.ImageRequested(image_id=image, owner="bob", name="deb", public=False, store="fs",
+                                         file_id=uuid.UUID(int=9), file_name="deb.qcow2", file_size=GIB,
+                                         file_sha256="0" * 64)),
+        (T0 + 100, image_domain.ImageImported(image_id=image, virtual_size=8 * GIB, stored_size=2 * GIB,
+                                              location="fs:deb")),
+        (T0, image_domain.ImageRequested(image_id=refused, owner="bob", name="bad", public=False, store="fs",
+                                         file_id=uuid.UUID(int=10), file_name="bad.qcow2", file_size=GIB,
+                                         file_sha256="1" * 64)),
+        (T0 + 3, image_domain.ImageImportFailed(image_id=refused, reason="a backing file")),
+        (T0 + 3602, network_domain.NetworkDeleted(network_id=net)),
+        (T0 + 1900, image_domain.ImageDeleted(image_id=image)),
+    ]
+
+
+def test_networks_cost_while_usable_and_images_while_stored_and_failures_cost_nothing() -> None:
+    log = sorted(_network_and_image_log(), key=lambda item: item[0])
+    meter = fold(log)
+    period = meter.periods.bounds(T0)[0]
+    [network] = meter.lines("alice", period)
+    assert (network.vm_name, network.resource, network.quantity_seconds) == ("lan", "network", 3600)
+    assert network.amount == 100  # one network-hour
+    [image] = meter.lines("bob", period)
+    assert (image.vm_name, image.resource, image.quantity_seconds) == ("deb", "image-storage", 2 * GIB * 1800)
+    assert image.amount == 3600  # half an hour of 2 GiB at 3600 micros per GiB-hour
+
+
+def test_networks_and_images_so_far_across_a_period_end_and_a_snapshot() -> None:
+    log = sorted(_network_and_image_log(), key=lambda item: item[0])
+    halves = PeriodPolicy(seconds=1800)
+    cut = next(i for i, (t, _) in enumerate(log) if t > T0 + 100)
+    half = fold(log[:cut], halves)
+    [so_far] = half.lines("alice", T0, now=T0 + 602)  # usable since T0 + 2
+    assert so_far.quantity_seconds == 600
+    half.close(T0, T0 + 1800)  # a period closes while both still exist: cut there
+    restored = Meter.load(msgspec.msgpack.decode(msgspec.msgpack.encode(half.dump()), type=MeterSnapshot))
+    for t, event in log[cut:]:
+        restored.apply(event, t)
+        half.apply(event, t)
+    assert totals(restored) == totals(half)  # the snapshot lost nothing of what networks and images hold
+    network = {start: q for (owner, start, _, r, _), q in totals(restored).items() if r == "network"}
+    assert network == {T0: 1798, T0 + 1800: 1800, T0 + 3600: 2}
+    image = {start: q for (owner, start, _, r, _), q in totals(restored).items() if r == "image-storage"}
+    assert image == {T0: 2 * GIB * 1700, T0 + 1800: 2 * GIB * 100}

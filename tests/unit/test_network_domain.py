@@ -119,3 +119,13 @@ def test_vm_nics_keep_their_order_and_a_network_once() -> None:
     vm = vm_domain.evolve(vm, removed)
     assert vm is not None and [(n.network_id, n.mac) for n in vm.nics] == [(networks[1], "02:00:00:00:00:01"),
                                                                             (networks[2], "")]
+
+
+def test_a_bridge_name_gives_back_its_vni_and_nothing_else_does() -> None:
+    from ucloud.domain.network import bridge_name, vni_of_bridge
+
+    for vni in (1, 42, 4242, 2**24 - 1):
+        assert vni_of_bridge(bridge_name(vni)) == vni
+    assert bridge_name(42) == "ucbr2a"
+    for other in ("eth0", "ucbr", "ucbr0", "ucbr02a", "ucbr2A", "ucbr1000000", "ucbrzz", "xucbr2a", "ucbr-1"):
+        assert vni_of_bridge(other) is None, other

@@ -222,3 +222,21 @@ def test_the_pid_file_lock_tells_a_live_holder_from_a_stale_file(tmp_path: Path)
     finally:
         holder.communicate("")
     assert _lock_holder(pidfile) is None  # the holder died: the lock is gone
+
+
+def test_smbios_strings_reach_the_command_line_with_commas_escaped() -> None:
+    from ucloud.hostagent.agent import OPENSTACK_PRODUCT, nocloud_serial
+
+    serial = nocloud_serial("http://[fd12:3456:789a:1::1]/")
+    assert serial == "ds=nocloud-net;s=http://[fd12:3456:789a:1::1]/nocloud/"
+    vm = msgspec.structs.replace(spec(), smbios_product=OPENSTACK_PRODUCT, smbios_serial=serial)
+    assert values_of(build_argv(vm, RUN, "tcg"), "-smbios") == [
+        f"type=1,product=OpenStack Nova,serial={serial}"]
+    odd = msgspec.structs.replace(spec(), smbios_serial="a,b")
+    assert values_of(build_argv(odd, RUN, "tcg"), "-smbios") == ["type=1,serial=a,,b"]
+    assert values_of(build_argv(spec(), RUN, "tcg"), "-smbios") == []
+    with pytest.raises(InvalidSpec, match="smbios_serial"):
+        spec(smbios_serial="two\nlines")
+    for bad in ("ftp://x/", "http://[::1]/a;b", "http://x/a b"):
+        with pytest.raises(ValueError, match="metadata URL"):
+            nocloud_serial(bad)

@@ -51,7 +51,14 @@ from ucloud.domain.vm import RestartPolicy
 from ucloud.projections.billing import BillingView, periods_from_environment
 from ucloud.projections.runner import ProjectionRunner
 
-from .billing_payments import CardMethod, PayBody, PaymentMethod, PayOut, methods_from_environment
+from .billing_payments import (
+    CardEvent,
+    CardMethod,
+    PayBody,
+    PaymentMethod,
+    PayOut,
+    methods_from_environment,
+)
 from .inputs import check_patterns, check_value
 from .keys import CONFIG, STORE, VM_CREATE_GUARD, actor_of
 from .problems import PaymentRequired, PositionNotReached
@@ -241,7 +248,7 @@ class Redeemed(msgspec.Struct, kw_only=True):
 # strict=False: a JSON number with no fraction (2408.0) is an integer, as the schema says.
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
     t: msgspec.json.Decoder(t, strict=False) for t in (SetPriceBody, ConfigureAccountBody, CreditBody, CouponBody,
-                                                       RedeemBody, PayBody, OrderBody)}
+                                                       RedeemBody, PayBody, OrderBody, CardEvent)}
 T = TypeVar("T")
 
 
@@ -600,23 +607,30 @@ async def pay(request: web.Request) -> web.Response:
     return answer(out, 200 if out.status == "credited" else 202, out.position or None)
 
 
+# The test provider's scheme (billing_payments.CardMethod): t=<unix time>,v1=<HMAC-SHA256 hex>.
+SIGNATURE = Param.of(CardMethod.signature_header, "header",
+                     "t=<unix time>,v1=<hex HMAC-SHA256 of '<t>.<body>' with the shared secret>",
+                     Annotated[str, msgspec.Meta(max_length=100, examples=[f"t=1790000000,v1={'0' * 64}"],
+                                                 extra_json_schema={"pattern": r"^t=[0-9]{1,20},v1=[0-9a-f]{64}$"})],
+                     required=True)
+
+
 @api("POST", "/v1/payments/card/webhook", ApiDoc(
-    "Card provider webhook", "cardWebhook", "billing", response=PayOut, auth=False,
+    "Card provider webhook", "cardWebhook", "billing", response=PayOut, auth=False, params=(SIGNATURE,),
+    body=CardEvent, max_body=BODY_LIMIT,
     description="Called by the card provider. Its HMAC-SHA256 signature is checked (400 naming the header "
-                "if wrong or stale); a succeeded intent credits its owner once.", errors=(400, 404, 409, 503)))
+                "if missing, malformed, wrong or stale); a succeeded intent credits its owner once. 404 where "
+                "card payments are not configured.", errors=(400, 404, 409, 503)))
 async def card_webhook(request: web.Request) -> web.Response:
+    event = await _body(request, CardEvent)  # its declared form first, as every body (400 naming the field)
     card = request.app[PAYMENT_METHODS].get(CardMethod.name)
     if not isinstance(card, CardMethod):
         raise NotFound("card payments are not configured here")
-    event = card.verify(request.headers, await request.read())
-    intent = event.get("intent") or {}
-    if event.get("type") != "payment_intent.succeeded" or intent.get("status") != "succeeded":
+    card.verify(request.headers, await request.read())
+    intent = event.intent
+    if event.type != "payment_intent.succeeded" or intent is None or intent.status != "succeeded":
         return answer(PayOut(method=card.name, status="ignored"))
-    try:
-        amount = Money(int(intent["amount_micros"]), str(intent["currency"]))
-        owner, intent_id = str(intent["metadata"]["owner"]), str(intent["id"])
-    except (KeyError, TypeError, ValueError):
-        raise InvalidValue("body", "the webhook's intent lacks amount, currency, owner or id") from None
+    amount, owner, intent_id = Money(intent.amount_micros, intent.currency), intent.metadata.owner, intent.id
     outcome = await request.app[BILLING].settle_card_payment(SYSTEM, card.provider, intent_id, owner, amount)
     return answer(PayOut(method=card.name, status="credited" if outcome.result else "already credited",
                          position=outcome.position, credited_micros=amount.micros if outcome.result else 0,

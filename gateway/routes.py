@@ -24,6 +24,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from ucloud.commands.unit_of_work import Actor
+from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.errors import InvalidValue, NotFound, OutOfBounds, Rejected
 from ucloud.domain.host import Host, HostRegistered
@@ -334,6 +335,9 @@ class HostOut(msgspec.Struct, kw_only=True):
     used_ram: int
     used_disk: int
     vms: int
+    status: str  # unknown, up, maintenance, dead, removed (docs/operations.md, "Host states")
+    session: int  # the agent's heartbeat session (its lease id); 0: never up
+    reason: str  # why it was declared dead
 
 
 class HostAccepted(msgspec.Struct, kw_only=True):
@@ -466,7 +470,8 @@ def _key_out(key: SshKey) -> SshKeyOut:
 def _host_out(host: Host, vms: int) -> HostOut:
     return HostOut(id=host.id, hostname=host.hostname, cores=host.cores, ram=host.ram, disk=host.disk,
                    hypervisor=host.hypervisor, used_cores=host.used_cores, used_ram=host.used_ram,
-                   used_disk=host.used_disk, vms=vms)
+                   used_disk=host.used_disk, vms=vms, status=host_domain.display_status(host),
+                   session=host.session, reason=host.reason)
 
 
 OWNER_PARAM = Param.of("owner", "query", "Admins: only this user's resources (default: everyone's). "

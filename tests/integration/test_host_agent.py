@@ -25,6 +25,7 @@ from tests.support.qemu import (
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import vm as vm_domain
+from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.sqlite import SqliteEventStore
 from ucloud.hostagent.agent import Capacity, HostAgent
 from ucloud.hostagent.images import ImageCatalogue
@@ -78,7 +79,7 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
         driver = QemuDriver(root / "run", accel="tcg")
         agent = HostAgent(commands, driver, images, state_dir=root, hostname="agent-test",
                           capacity=Capacity(cores=4, ram=8 * GiB, disk=50 * GiB), resync_interval=0.5,
-                          stop_timeout=10)
+                          stop_timeout=10, leases=leases_for(store))
         tasks = [asyncio.create_task(agent.run()), asyncio.create_task(Scheduler(commands).run())]
         try:
             yield Host(commands, agent, driver, store)

@@ -28,7 +28,7 @@ from pathlib import Path
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain.errors import DomainError
-from ucloud.domain.file import FILE_NAME_MAX_LENGTH, check_file_name
+from ucloud.domain.file import FILE_NAME_MAX_LENGTH, check_file_name, signature_of
 from ucloud.domain.names import check_user_name
 from ucloud.projections.runner import ProjectionRunner
 from ucloud.projections.views import FilesView
@@ -73,8 +73,14 @@ def list_files(root: Path) -> dict[Key, Signature]:
     return found
 
 
-def hash_file(path: Path) -> tuple[int, str] | None:
-    """(size, sha256) of a regular file opened without following a link; None if it is gone."""
+def fd_signature(fd: int) -> str:
+    st = os.fstat(fd)
+    return signature_of(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def hash_file(path: Path) -> tuple[int, str, str] | None:
+    """(size, sha256, signature) of a regular file opened without following a link; None if
+    it is gone, or changed while it was read (the next scan takes it again)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
@@ -82,12 +88,15 @@ def hash_file(path: Path) -> tuple[int, str] | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
+        before = fd_signature(fd)
         digest = hashlib.sha256()
         size = 0
         while chunk := os.read(fd, 4 * 1024 * 1024):
             digest.update(chunk)
             size += len(chunk)
-        return size, digest.hexdigest()
+        if fd_signature(fd) != before:
+            return None
+        return size, digest.hexdigest(), before
     finally:
         os.close(fd)
 
@@ -125,9 +134,10 @@ class FileScanner:
             if hashed is None:
                 continue  # gone meanwhile: the next scan sees it gone
             self.hashes += 1
-            size, sha256 = hashed
+            size, sha256, recorded_signature = hashed
             self.hashed_at[(owner, name)] = signature
-            await self.commands.record_file(self.actor, name, size, sha256, owner=owner)
+            await self.commands.record_file(self.actor, name, size, sha256, owner=owner,
+                                            signature=recorded_signature)
         for file in self.view.of(None):
             if (file.owner, file.name) not in on_disk:
                 self.hashed_at.pop((file.owner, file.name), None)

@@ -15,17 +15,20 @@ from ucloud.commands.service import CommandService
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 
 from .agent import HostAgent
+from .debianimage import DebianImageError
 from .images import ImageCatalogue
 from .qemu import QemuDriver
 
 
 async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool,
-                    metadata_url: str | None = None) -> None:
+                    metadata_url: str | None = None, debian12: bool = False) -> None:
     store = open_store(store_url)
     try:
         images = ImageCatalogue(state_dir / "images")
         if tiny:
             await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
+        if debian12:
+            await asyncio.to_thread(images.install_debian12, state_dir / "cache" / "debian-12")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname,
                           metadata_url=metadata_url)
@@ -50,13 +53,19 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
               help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
                    "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
+@click.option("--debian-12", "debian12", is_flag=True,
+              help="Build (once, ~500 MB of Debian packages) and publish the stock image 'debian-12' "
+                   "(cloud-init, openssh).")
 @click.option("-v", "--verbose", is_flag=True)
 def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, metadata_url: str | None,
-         verbose: bool) -> None:
+         debian12: bool, verbose: bool) -> None:
     """Run the host agent: register this host and make its VMs match the log."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, metadata_url))
+        asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, metadata_url,
+                              debian12))
     except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None
+    except DebianImageError as error:
+        raise click.ClickException(f"cannot build the image debian-12: {error}") from None

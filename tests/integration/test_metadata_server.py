@@ -417,6 +417,7 @@ def owner_key(directory: Path) -> tuple[Path, str]:
 
 @pytest.mark.qemu
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # building the image (once, ~6 min here) and a TCG boot of a full Debian
 async def test_a_stock_debian_12_guest_gets_its_hostname_and_key_over_ipv6_and_takes_an_ssh_login(
         world: World, server: subprocess.Popen[bytes], tmp_path: Path) -> None:
     from tests.support.qemu import kill_leftovers, short_run_root, wait_for_pattern

@@ -506,9 +506,9 @@ def host_list(ctx: Context, as_json: bool) -> None:
         if as_json:
             emit_json(hosts)
             return
-        listing = table("HOSTNAME", "ID", "CORES", "RAM", "DISK", "VMS")
+        listing = table("HOSTNAME", "STATE", "ID", "CORES", "RAM", "DISK", "VMS")
         for h in hosts:
-            listing.add_row(h["hostname"], h["id"], usage(h["used_cores"], h["cores"], sizes=False),
+            listing.add_row(h["hostname"], h.get("status", ""), h["id"], usage(h["used_cores"], h["cores"], sizes=False),
                             usage(h["used_ram"], h["ram"]), usage(h["used_disk"], h["disk"]), str(h["vms"]))
         console().print(listing if hosts else "no hosts")
 
@@ -548,13 +548,15 @@ def _add_subcommands() -> None:
 
     # `ucloud up` lives in cli/up.py; it joins this CLI when it can be imported.
     try:
-        from ucloud.cli.up import metadata, up
+        from ucloud.cli.up import gateway_command, metadata, processes_command, up
     except ModuleNotFoundError as missing:
         if missing.name != "ucloud.cli.up":  # up.py exists but needs something missing: say so when used
             main.add_command(_unavailable("up", str(missing)))
             main.add_command(_unavailable("metadata", str(missing)))
     else:
         main.add_command(up)
+        main.add_command(gateway_command)  # `ucloud gateway`: the API as its own daemon
+        main.add_command(processes_command)  # `ucloud processes`: every process manager, leader-elected
         main.add_command(metadata)  # `ucloud metadata`: the metadata server as its own process
 
 

@@ -55,6 +55,7 @@ from ucloud.commands.service import CommandService
 from ucloud.domain.errors import InvalidValue
 from ucloud.domain.limits import DEFAULT_LIMITS, Limits, load_limits
 from ucloud.domain.network import check_pool
+from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 from ucloud.gateway.app import GatewayConfig, start
 from ucloud.gateway.metadata import MetadataConfig, RunningMetadata
@@ -63,9 +64,7 @@ from ucloud.gateway.metadata import start as start_metadata
 from ucloud.hostagent.agent import HostAgent, nocloud_serial
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
-from ucloud.processes.billing import BillingProcess
-from ucloud.processes.ipam import IpamAllocator
-from ucloud.processes.scheduler import Scheduler
+from ucloud.processes import daemon as processes
 
 log = logging.getLogger("ucloud.up")
 
@@ -224,22 +223,24 @@ async def run_up(
         if authenticator is not None:
             await authenticator.close()
         raise
+    leases = leases_for(store)
     metadata: RunningMetadata | None = None
     if metadata_port is not None:
         try:
             metadata = await start_metadata(MetadataConfig(store=store, port=metadata_port))
         except OSError as error:  # not root (port 80), or the port is taken: the rest still runs
             click.echo(f"ucloud: WARNING: no metadata server: {error}", err=True)
-    components: dict[str, Callable[[], Awaitable[None]]] = {"scheduler": Scheduler(commands, instance="up").run}
-    components["billing"] = BillingProcess(store).run  # closes billing periods, issues invoices
-    components["ipam"] = IpamAllocator(store, commands.codec, pool=ipv6_pool).run  # VNIs, /64s, MACs
+    # Every process manager (scheduler, failure detector, billing, IPAM), each under its
+    # leader lease: the same set `ucloud processes` runs, so an up can share a log with others.
+    components: dict[str, Callable[[], Awaitable[None]]] = dict(processes.build(
+        commands, leases, processes.ProcessSettings(instance=f"up-{hostname}", ipv6_pool=ipv6_pool)).components)
     if with_agent:
         images = ImageCatalogue(state_dir / "images")
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)
         await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname,
-                          metadata_url=metadata_url)
+                          metadata_url=metadata_url, leases=leases)
         components["host agent"] = agent.run
     tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in components.items()]
     config_path = write_cli_config(gateway.url, header_user=authenticator is None)
@@ -274,6 +275,7 @@ async def run_up(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await gateway.stop()
+        await leases.close()
         if metadata is not None:
             await metadata.stop()
         await store.close()
@@ -397,3 +399,118 @@ def metadata(store_url: str, listen: tuple[str, ...], port: int, no_link_local: 
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         pass
+
+
+# -- the daemons, each in a process of its own (docs/operations.md, "Production layout") --
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_processes(store_url: str, settings: processes.ProcessSettings) -> None:
+    store = open_store(store_url)
+    leases = leases_for(store)
+    try:
+        made = processes.build(CommandService(store), leases, settings)
+        work = asyncio.create_task(processes.run_all(made.components))
+        click.echo(f"ucloud processes {settings.instance}: {', '.join(made.components)} on {store_url}", err=True)
+        stopping = asyncio.create_task(wait_for_signal())
+        await asyncio.wait((work, stopping), return_when=asyncio.FIRST_COMPLETED)
+        for task in (work, stopping):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        await leases.close()
+        await store.close()
+
+
+@click.command("processes")
+@click.option("--store", "store_url", envvar="UCLOUD_STORE", required=True,
+              help="The log: etcd://host:port[,host:port][/prefix] or sqlite:///path.")
+@click.option("--instance", default=socket.gethostname(), show_default=True,
+              help="This instance's name in the leader leases (unique per instance).")
+@click.option("--lease-ttl", type=click.FloatRange(min=1, max=60), default=3.0, show_default=True,
+              help="Seconds of a leader lease: a standby takes over about this long after the leader stops.")
+@click.option("--declare-after", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Seconds a host's heartbeat lease must stay gone before it is declared dead.")
+@click.option("--ipv6-pool", envvar="UCLOUD_IPV6_POOL", metavar="PREFIX",
+              help="The IPv6 pool networks' /64s come from (as for `ucloud up`).")
+@click.option("-v", "--verbose", is_flag=True)
+def processes_command(store_url: str, instance: str, lease_ttl: float, declare_after: float,
+                      ipv6_pool: str | None, verbose: bool) -> None:
+    """Run every process manager (scheduler, failure detector, billing, IPAM), leader-elected:
+    start as many as you like; one leads each, the others take over."""
+    if ipv6_pool is not None:
+        try:
+            check_pool(ipv6_pool, "--ipv6-pool")
+        except InvalidValue as error:
+            raise click.UsageError(str(error)) from None
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(run_processes(store_url, processes.ProcessSettings(
+            instance=instance, lease_ttl=lease_ttl, declare_after=declare_after, ipv6_pool=ipv6_pool)))
+    except InvalidStoreUrl as error:
+        raise click.UsageError(str(error)) from None
+
+
+async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int,
+                      auth: AuthOptions, limits: Limits) -> None:
+    authenticator: SessionAuthenticator | None = None
+    if auth.insecure_header_auth:
+        click.echo("ucloud gateway: WARNING: --insecure-header-auth: the API trusts X-Ucloud-User headers", err=True)
+    else:
+        private_state_dir(state_dir)
+        authenticator = make_authenticator(auth, state_dir)
+    store = open_store(store_url)
+    try:
+        gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
+                                            authenticator=authenticator or "header", limits=limits))
+        click.echo(f"ucloud gateway: API {gateway.url}, log {store_url}", err=True)
+        try:
+            await wait_for_signal()
+        finally:
+            await gateway.stop()
+    finally:
+        await store.close()
+        if authenticator is not None:
+            await authenticator.close()
+
+
+@click.command("gateway")
+@click.option("--store", "store_url", envvar="UCLOUD_STORE", required=True,
+              help="The log: etcd://host:port[,host:port][/prefix] or sqlite:///path.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True,
+              help="Users and secrets of the built-in directory (use LDAP when several gateways serve).")
+@click.option("--listen", multiple=True, default=("::1", "127.0.0.1"), show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--ldap-config", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              envvar="UCLOUD_LDAP_CONFIG", help="A TOML file with an [ldap] table (docs/auth.md).")
+@click.option("--insecure-header-auth", is_flag=True,
+              help="DEVELOPMENT ONLY: trust X-Ucloud-User/X-Ucloud-Realm as sent, no tokens.")
+@click.option("--limits", "limits_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              envvar="UCLOUD_LIMITS", help="A JSON object of size and count limits to change (docs/api.md).")
+@click.option("-v", "--verbose", is_flag=True)
+def gateway_command(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, ldap_config: Path | None,
+                    insecure_header_auth: bool, limits_file: Path | None, verbose: bool) -> None:
+    """Serve the HTTP API on a log; run as many as you like behind a load balancer."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        limits = load_limits(limits_file.read_bytes()) if limits_file else DEFAULT_LIMITS
+    except ValueError as error:
+        raise click.UsageError(f"--limits {limits_file}: {error}") from None
+    auth = AuthOptions(insecure_header_auth, {}, ldap_config)
+    try:
+        asyncio.run(run_gateway(store_url, state_dir.absolute(), listen, port, auth, limits))
+    except InvalidStoreUrl as error:
+        raise click.UsageError(str(error)) from None
+    except (DirectoryError, PrivateFileError, SecretStoreError, OSError) as error:
+        raise click.ClickException(str(error)) from None

@@ -248,6 +248,65 @@ class CommandService:
 
         return await self.repository.transact(work, actor)
 
+    async def host_command(self, actor: Actor, command: host_domain.SetMaintenance | host_domain.Evacuate
+                           | host_domain.RemoveHost) -> Outcome[None]:
+        """maintenance on/off, evacuate, remove: admins only."""
+        if not actor.is_admin:
+            raise NotFound("hosts are managed in the admin realm")
+
+        async def work(session: Session) -> None:
+            host = await session.load(HOST, command.host_id)
+            session.record(HOST, command.host_id, host_domain.decide(host, command))
+
+        return await self.repository.transact(work, actor)
+
+    # -- heartbeat and failure ----------------------------------------------------------
+
+    async def mark_host_up(self, actor: Actor, host_id: UUID, session_id: int, lease_ttl: float) -> Outcome[None]:
+        """A host agent took its heartbeat lease (session ``session_id``)."""
+
+        async def work(session: Session) -> None:
+            host = await session.load(HOST, host_id)
+            session.record(HOST, host_id, host_domain.decide(
+                host, host_domain.MarkUp(host_id=host_id, session=session_id, lease_ttl=lease_ttl)))
+
+        return await self.repository.transact(work, actor)
+
+    async def declare_host_dead(self, actor: Actor, host_id: UUID, session_id: int, evidence: str, *,
+                                known: Mapping[str, Loaded[Any]] | None = None) -> Outcome[None]:
+        """The failure detector's verdict on one session of a host. Refused (Rejected) when
+        the host came up again in a newer session meanwhile: the host stream's version
+        orders the agent's ``host.up`` and this declaration, so exactly one of them wins."""
+
+        async def work(session: Session) -> None:
+            host = await session.load(HOST, host_id)
+            session.record(HOST, host_id, host_domain.decide(host, host_domain.DeclareDead(
+                host_id=host_id, session=session_id, evidence=evidence, by=actor.name)))
+
+        return await self.repository.transact(work, actor, known=known)
+
+    async def evict(self, actor: Actor, host_id: UUID, vm_ids: Sequence[UUID], reason: str,
+                    tracking: Tracking | None = None) -> Outcome[None]:
+        """Take VMs off a host (declared dead, or evacuated): ``vm.host_lost`` on each VM and
+        its claim released on the host, in one append. A VM that already left is skipped."""
+
+        async def work(session: Session) -> None:
+            host = await session.load(HOST, host_id)
+            for vm_id in vm_ids:
+                vm = await session.load(VM, vm_id)
+                if vm is None or vm.host_id != host_id:
+                    events = []
+                else:
+                    events = vm_domain.decide(vm, vm_domain.EvictVm(vm_id=vm_id, host_id=host_id, reason=reason))
+                session.record(VM, vm_id, events)
+                if host is not None and vm_id in host.claims:
+                    released = host_domain.decide(host, host_domain.ReleaseCapacity(host_id=host_id, vm_id=vm_id))
+                    for event in released:
+                        host = host_domain.evolve(host, event)
+                    session.record(HOST, host_id, released)
+
+        return await self.repository.transact(work, actor, tracking=tracking)
+
     # -- the scheduler and host agents ------------------------------------------------
 
     async def place_vm(self, actor: Actor, vm_id: UUID, host_id: UUID,

@@ -26,9 +26,13 @@ def host_id_for(hostname: str) -> UUID:
 
 
 class HostStatus(enum.StrEnum):
-    UP = "up"
-    DOWN = "down"
-    DISABLED = "disabled"
+    """What the log knows of a host's life. ``suspect`` (lease gone, not yet declared) is
+    seen by the failure detector only; it is not a state of the log."""
+
+    UNKNOWN = "unknown"  # registered, its agent never heard from
+    UP = "up"  # its agent holds its heartbeat lease (session)
+    DEAD = "dead"  # declared dead: its VMs were moved away
+    REMOVED = "removed"  # taken out by an admin
 
 
 class HostRegistered(Event, tag="host.registered", frozen=True):
@@ -68,6 +72,44 @@ class CapacityReleased(Event, tag="host.capacity_released", frozen=True):
     vm_id: UUID
 
 
+class HostUp(Event, tag="host.up", frozen=True):
+    """The host's agent took its heartbeat lease: a new session. Until its agent is up a
+    host gets no placements; a host that was declared dead comes back with this."""
+
+    host_id: UUID
+    session: int  # the lease's own id: tells this life of the agent from the next
+    lease_ttl: float
+
+
+class HostDeclaredDead(Event, tag="host.declared_dead", frozen=True):
+    """The failure detector saw the host's lease gone past the fence deadline: the host
+    has stopped its guests (or was stopped), and its VMs may run elsewhere."""
+
+    host_id: UUID
+    session: int  # the session declared dead; a newer one refutes the declaration
+    evidence: str
+    by: str = ""  # the detector instance
+
+
+class HostMaintenanceChanged(Event, tag="host.maintenance_changed", frozen=True):
+    """An admin took the host out of placement (on) or back into it (off)."""
+
+    host_id: UUID
+    maintenance: bool
+
+
+class HostEvacuationRequested(Event, tag="host.evacuation_requested", frozen=True):
+    """An admin asked for every VM of the host to be restarted elsewhere now."""
+
+    host_id: UUID
+
+
+class HostRemoved(Event, tag="host.removed", frozen=True):
+    """An admin removed a host that held no VM; registering it again brings it back."""
+
+    host_id: UUID
+
+
 class HostStoresDeclared(Event, tag="host.stores_declared", frozen=True):
     """The image stores this host reaches (a VM whose image is in a store goes only to
     hosts that reach it)."""
@@ -86,7 +128,10 @@ class ClaimChanged(Event, tag="host.claim_changed", frozen=True):
     disk: int
 
 
-HostEvent = HostRegistered | HostCapacityChanged | CapacityClaimed | CapacityReleased | HostStoresDeclared | ClaimChanged
+HostEvent = (
+    HostRegistered | HostCapacityChanged | CapacityClaimed | CapacityReleased | HostStoresDeclared | ClaimChanged
+    | HostUp | HostDeclaredDead | HostMaintenanceChanged | HostEvacuationRequested | HostRemoved
+)
 HOST_EVENT_TYPES: tuple[type[Event], ...] = HostEvent.__args__
 
 
@@ -112,6 +157,30 @@ class ReleaseCapacity(Command, tag="host.release", frozen=True):
     vm_id: UUID
 
 
+class MarkUp(Command, tag="host.mark_up", frozen=True):
+    host_id: UUID
+    session: int
+    lease_ttl: float
+
+
+class DeclareDead(Command, tag="host.declare_dead", frozen=True):
+    host_id: UUID
+    session: int
+    evidence: str
+    by: str = ""
+
+
+class SetMaintenance(Command, tag="host.set_maintenance", frozen=True):
+    host_id: UUID
+    maintenance: bool
+
+
+class Evacuate(Command, tag="host.evacuate", frozen=True):
+    host_id: UUID
+
+
+class RemoveHost(Command, tag="host.remove", frozen=True):
+    host_id: UUID
 class ChangeClaim(Command, tag="host.change_claim", frozen=True):
     host_id: UUID
     vm_id: UUID
@@ -138,6 +207,16 @@ class Host(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     disk: int
     hypervisor: str
     claims: dict[UUID, Claim] = {}
+    status: HostStatus = HostStatus.UNKNOWN
+    session: int = 0
+    lease_ttl: float = 0.0
+    maintenance: bool = False
+    reason: str = ""  # why it was declared dead
+
+    @property
+    def schedulable(self) -> bool:
+        """Only a host whose agent is up, and not in maintenance, gets placements."""
+        return self.status is HostStatus.UP and not self.maintenance
     stores: tuple[str, ...] = ()
 
     @functools.cached_property
@@ -155,6 +234,9 @@ class Host(msgspec.Struct, frozen=True, kw_only=True, dict=True):
 
 def evolve(host: Host | None, event: Event) -> Host | None:
     match event:
+        case HostRegistered() if host is not None and host.status is not HostStatus.REMOVED:
+            # Events appended before removal existed; decide no longer produces this.
+            return msgspec.structs.replace(host, cores=event.cores, ram=event.ram, disk=event.disk)
         case HostRegistered():
             return Host(id=event.host_id, hostname=event.hostname, cores=event.cores, ram=event.ram,
                         disk=event.disk, hypervisor=event.hypervisor)
@@ -171,6 +253,15 @@ def evolve(host: Host | None, event: Event) -> Host | None:
             claims = dict(host.claims)
             claims.pop(event.vm_id, None)
             return msgspec.structs.replace(host, claims=claims)
+        case HostUp():
+            return msgspec.structs.replace(host, status=HostStatus.UP, session=event.session,
+                                           lease_ttl=event.lease_ttl, reason="")
+        case HostDeclaredDead():
+            return msgspec.structs.replace(host, status=HostStatus.DEAD, reason=event.evidence)
+        case HostMaintenanceChanged():
+            return msgspec.structs.replace(host, maintenance=event.maintenance)
+        case HostRemoved():
+            return msgspec.structs.replace(host, status=HostStatus.REMOVED, claims={})
         case ClaimChanged():
             claims = dict(host.claims)
             claims[event.vm_id] = Claim(event.cores, event.ram, event.disk)
@@ -211,7 +302,7 @@ def decide(host: Host | None, command: Command, overcommit: Overcommit | None = 
             stores: list[Event] = []
             if command.stores is not None and command.stores != (host.stores if host else ()):
                 stores = [HostStoresDeclared(host_id=host_id, stores=command.stores)]
-            if host is None:
+            if host is None or host.status is HostStatus.REMOVED:
                 return [HostRegistered(host_id=host_id, hostname=command.hostname, cores=command.cores,
                                        ram=command.ram, disk=command.disk, hypervisor=command.hypervisor), *stores]
             if (host.cores, host.ram, host.disk) == (command.cores, command.ram, command.disk):
@@ -223,6 +314,8 @@ def decide(host: Host | None, command: Command, overcommit: Overcommit | None = 
                 raise NotFound(f"host {command.host_id} does not exist")
             if command.vm_id in host.claims:
                 return []
+            if not host.schedulable:
+                raise Rejected(f"host {host.hostname} takes no placements: it is {display_status(host)}")
             reason = fits(host, command.cores, command.ram, command.disk, overcommit or Overcommit())
             if reason is not None:
                 raise Rejected(f"host {host.hostname} has no room: {reason}")
@@ -248,7 +341,42 @@ def decide(host: Host | None, command: Command, overcommit: Overcommit | None = 
             if command.vm_id not in host.claims:
                 return []
             return [CapacityReleased(host_id=host.id, vm_id=command.vm_id)]
+    if host is None or host.status is HostStatus.REMOVED:
+        raise NotFound(f"host {getattr(command, 'host_id', '?')} does not exist")
+    match command:
+        case MarkUp():
+            if host.status is HostStatus.UP and host.session == command.session:
+                return []
+            return [HostUp(host_id=host.id, session=command.session, lease_ttl=command.lease_ttl)]
+        case DeclareDead():
+            if host.status is HostStatus.DEAD and host.session == command.session:
+                return []  # declared already (another detector, a retry)
+            if host.status is not HostStatus.UP or host.session != command.session:
+                raise Rejected(f"host {host.hostname} is {host.status} in session {host.session}, "
+                               f"not up in session {command.session}: nothing to declare")
+            return [HostDeclaredDead(host_id=host.id, session=command.session, evidence=command.evidence,
+                                     by=command.by)]
+        case SetMaintenance():
+            if host.maintenance == command.maintenance:
+                return []
+            return [HostMaintenanceChanged(host_id=host.id, maintenance=command.maintenance)]
+        case Evacuate():
+            return [HostEvacuationRequested(host_id=host.id)]
+        case RemoveHost():
+            if host.claims:
+                names = ", ".join(sorted(str(vm_id) for vm_id in host.claims)[:10])
+                more = f" and {len(host.claims) - 10} more" if len(host.claims) > 10 else ""
+                raise Rejected(f"host {host.hostname} still holds {len(host.claims)} VM(s): {names}{more}; "
+                               f"evacuate or delete them first")
+            return [HostRemoved(host_id=host.id)]
     raise Rejected(f"{type(command).__name__} is not a host command")
+
+
+def display_status(host: Host) -> str:
+    """The state an operator reads: maintenance shows over up and unknown."""
+    if host.maintenance and host.status in (HostStatus.UP, HostStatus.UNKNOWN):
+        return "maintenance"
+    return host.status.value
 
 
 def stream_name(host_id: UUID) -> str:

@@ -156,6 +156,15 @@ class VmDeleted(Event, tag="vm.deleted", frozen=True):
     host_id: UUID | None = None
 
 
+class VmHostLost(Event, tag="vm.host_lost", frozen=True):
+    """The VM's host was declared dead (or evacuated): its claim is released in the same
+    append and the VM leaves the host. It waits for a new host if it should run and its
+    restart policy is ``always``; it is stopped (with the reason) otherwise; a VM being
+    deleted is deleted (its disk stays on the lost host)."""
+
+    vm_id: UUID
+    host_id: UUID
+    reason: str
 class VmResized(Event, tag="vm.resized", frozen=True):
     """The owner changed the VM's size: cores and RAM while it is stopped, the disk grown at
     any time (appended with host.claim_changed when the VM is placed)."""
@@ -200,7 +209,7 @@ class VmNicRemoved(Event, tag="vm.nic_removed", frozen=True):
 VmEvent = (
     VmRequested | VmScheduled | VmUnschedulable | VmStartRequested | VmStarted | VmStopRequested
     | VmStopped | VmRebootRequested | VmRebooted | VmCrashed | VmFailed | VmDeleteRequested | VmDeleted
-    | VmNicAdded | VmNicAllocated | VmNicRemoved | VmResized | VmDiskResized
+    | VmHostLost | VmNicAdded | VmNicAllocated | VmNicRemoved | VmResized | VmDiskResized
 )
 VM_EVENT_TYPES: tuple[type[Event], ...] = VmEvent.__args__
 
@@ -293,6 +302,12 @@ class ReportDeleted(Command, tag="vm.report_deleted", frozen=True):
     host_id: UUID
 
 
+class EvictVm(Command, tag="vm.evict", frozen=True):
+    vm_id: UUID
+    host_id: UUID
+    reason: str
+
+
 class ReportDiskResized(Command, tag="vm.report_disk_resized", frozen=True):
     vm_id: UUID
     host_id: UUID
@@ -326,7 +341,7 @@ VmReport = (ReportStarted | ReportStopped | ReportRebooted | ReportCrashed | Rep
 VmCommand = (
     CreateVm | StartVm | StopVm | RebootVm | DeleteVm | PlaceVm | MarkUnschedulable | ReportStarted
     | ReportStopped | ReportRebooted | ReportCrashed | ReportFailed | ReportDeleted | AddNic | AllocateNic
-    | RemoveNic | ResizeVm | ReportDiskResized
+    | RemoveNic | ResizeVm | ReportDiskResized | EvictVm
 )
 
 
@@ -362,6 +377,9 @@ class Vm(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     accelerator: str = ""
     reboot_requests: int = 0  # a host agent reboots while reboots < reboot_requests
     reboots: int = 0
+    # Placements so far: a host agent starts a guest for one epoch and kills a survivor of
+    # an older one (a host that comes back after its VMs were moved) instead of keeping it.
+    epoch: int = 0
     image_id: UUID | None = None
     image_store: str = ""
     disk_on_host: int = 0  # the disk size the host agent last reported (vm.disk_resized)
@@ -388,11 +406,13 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
     match event:
         case VmScheduled():
             status = Status.SCHEDULED if vm.desired is Desired.RUNNING else Status.STOPPED
-            return msgspec.structs.replace(vm, host_id=event.host_id, status=status, reason="")
+            return msgspec.structs.replace(vm, host_id=event.host_id, status=status, reason="", epoch=vm.epoch + 1)
         case VmUnschedulable():
             return msgspec.structs.replace(vm, status=Status.UNSCHEDULABLE, reason=event.reason)
         case VmStartRequested():
-            return msgspec.structs.replace(vm, desired=Desired.RUNNING, status=Status.STARTING, reason="")
+            # A VM without a host (its host was lost while it was stopped) waits for one.
+            status = Status.STARTING if vm.host_id is not None else Status.REQUESTED
+            return msgspec.structs.replace(vm, desired=Desired.RUNNING, status=status, reason="")
         case VmStarted():
             return msgspec.structs.replace(
                 vm, status=Status.RUNNING, host_id=event.host_id, accelerator=event.accelerator, reason=""
@@ -416,6 +436,13 @@ def evolve(vm: Vm | None, event: Event) -> Vm | None:
             return msgspec.structs.replace(vm, desired=Desired.DELETED, status=Status.DELETING)
         case VmDeleted():
             return msgspec.structs.replace(vm, status=Status.DELETED, desired=Desired.DELETED)
+        case VmHostLost():
+            if vm.desired is Desired.DELETED:
+                return msgspec.structs.replace(vm, status=Status.DELETED, host_id=None, reason=event.reason)
+            if vm.desired is Desired.RUNNING and vm.restart_policy is RestartPolicy.ALWAYS:
+                return msgspec.structs.replace(vm, status=Status.REQUESTED, host_id=None, reason=event.reason)
+            return msgspec.structs.replace(vm, status=Status.STOPPED, desired=Desired.STOPPED, host_id=None,
+                                           reason=event.reason)
         case VmResized():
             return msgspec.structs.replace(vm, cores=event.cores, ram=event.ram, disk=event.disk)
         case VmDiskResized():
@@ -471,7 +498,8 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
     vm = _require(vm, command.vm_id)  # type: ignore[attr-defined]
     match command:
         case StartVm():
-            if vm.status in (Status.RUNNING, Status.STARTING, Status.SCHEDULED) and vm.desired is Desired.RUNNING:
+            if vm.status in (Status.RUNNING, Status.STARTING, Status.SCHEDULED, Status.REQUESTED,
+                             Status.UNSCHEDULABLE) and vm.desired is Desired.RUNNING:
                 return []  # already on its way: starting twice is not an error
             if vm.status in (Status.STOPPED, Status.CRASHED, Status.FAILED):
                 return [VmStartRequested(vm_id=vm.id)]
@@ -490,7 +518,7 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
             if vm.status is Status.DELETING:
                 return []
             if vm.host_id is None:
-                # Never placed: nothing runs anywhere, so it is gone at once.
+                # Not placed (never, or its host was lost): nothing runs anywhere, so it is gone at once.
                 return [VmDeleteRequested(vm_id=vm.id), VmDeleted(vm_id=vm.id)]
             return [VmDeleteRequested(vm_id=vm.id)]
         case PlaceVm():
@@ -536,6 +564,10 @@ def decide(vm: Vm | None, command: Command) -> list[Event]:
             if vm.status is not Status.DELETING:
                 raise Rejected(f"VM {vm.id} is {vm.status}, not being deleted")
             return [VmDeleted(vm_id=vm.id, host_id=command.host_id)]
+        case EvictVm():
+            if vm.host_id != command.host_id:
+                return []  # moved already (a retry, or a second detector)
+            return [VmHostLost(vm_id=vm.id, host_id=command.host_id, reason=command.reason)]
         case AddNic():
             if vm.status is Status.DELETING:
                 raise Rejected(f"VM {vm.id} is being deleted")

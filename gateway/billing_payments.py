@@ -42,10 +42,11 @@ from ucloud.domain.money import (
 )
 from ucloud.projections.billing import BillingView
 
-_AMOUNT = msgspec.Meta(max_length=AMOUNT_MAX_LENGTH, description=AMOUNT_RULE, examples=["20 CHF"],
-                       extra_json_schema={"pattern": AMOUNT_PATTERN})
-_CODE = msgspec.Meta(max_length=COUPON_CODE_MAX_LENGTH, description=COUPON_CODE_RULE, examples=["WELCOME-2027"],
-                     extra_json_schema={"pattern": COUPON_CODE_PATTERN})
+from .inputs import text
+from .routes import UserName
+
+Amount = Annotated[str, text(AMOUNT_MAX_LENGTH, AMOUNT_PATTERN, "20 CHF", AMOUNT_RULE)]
+CouponCode = Annotated[str, text(COUPON_CODE_MAX_LENGTH, COUPON_CODE_PATTERN, "WELCOME-2027", COUPON_CODE_RULE)]
 
 
 class PayBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -53,9 +54,30 @@ class PayBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     configured here, is refused with 422 naming the field."""
 
     method: Literal["coupon", "bank-transfer", "card"]
-    amount: Annotated[str, _AMOUNT] | None = None  # card: how much; bank-transfer: default the invoice's total
-    code: Annotated[str, _CODE] | None = None  # coupon
+    amount: Amount | None = None  # card: how much; bank-transfer: default the invoice's total
+    code: CouponCode | None = None  # coupon
     invoice: Annotated[int, msgspec.Meta(ge=1, le=CEILING)] | None = None  # bank-transfer: which invoice
+
+
+class CardIntentMetadata(msgspec.Struct, kw_only=True):
+    owner: UserName  # whose account the intent credits (set by CardMethod.pay)
+
+
+class CardIntent(msgspec.Struct, kw_only=True):
+    """The provider's payment intent as its webhook reports it (other fields are ignored)."""
+
+    id: Annotated[str, text(128, r"^[A-Za-z0-9_-]{1,128}$", "pi_4f0c2a")]
+    status: Annotated[str, text(64, r"^[a-z_]{1,64}$", "succeeded")]
+    amount_micros: Annotated[int, msgspec.Meta(ge=0, le=CEILING)]
+    currency: Annotated[str, text(3, r"^[A-Z]{3}$", "CHF")]
+    metadata: CardIntentMetadata
+
+
+class CardEvent(msgspec.Struct, kw_only=True):
+    """The body of the provider's webhook: what happened, and to which intent."""
+
+    type: Annotated[str, text(64, r"^[a-z0-9_.]{1,64}$", "payment_intent.succeeded")]
+    intent: CardIntent | None = None
 
 
 class PayOut(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -147,8 +169,8 @@ class CardMethod(PaymentMethod):
         return PayOut(method=self.name, status="pending", amount=str(amount), intent=str(created["id"]),
                       confirm_url=str(created["confirm_url"]))
 
-    def verify(self, headers: Any, body: bytes, now: float | None = None) -> dict[str, Any]:
-        """The webhook's event if its signature is right and fresh; InvalidValue otherwise."""
+    def verify(self, headers: Any, body: bytes, now: float | None = None) -> None:
+        """Nothing if the webhook's signature is right and fresh; InvalidValue otherwise."""
         header = headers.get(self.signature_header, "")
         parts = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
         if "t" not in parts or "v1" not in parts or not parts["t"].isdigit():
@@ -158,8 +180,6 @@ class CardMethod(PaymentMethod):
             raise InvalidValue(self.signature_header, "the signature does not match: not from the card provider")
         if abs((time.time() if now is None else now) - int(parts["t"])) > self.tolerance:
             raise InvalidValue(self.signature_header, "the signature is too old (a replay?)")
-        event: dict[str, Any] = msgspec.json.decode(body)
-        return event
 
 
 def methods_from_environment() -> dict[str, PaymentMethod]:

@@ -25,9 +25,6 @@ from aiohttp import web
 from ucloud.commands.billing import BillingCommands
 from ucloud.commands.unit_of_work import SYSTEM, Actor
 from ucloud.domain.account import (
-    COUPON_CODE_MAX_LENGTH,
-    COUPON_CODE_PATTERN,
-    COUPON_CODE_RULE,
     Kind,
     Source,
 )
@@ -35,7 +32,7 @@ from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import InvalidValue, NotFound, Rejected
 from ucloud.domain.invoice import InvoiceIssued, InvoiceLine
 from ucloud.domain.limits import CEILING
-from ucloud.domain.money import AMOUNT_MAX_LENGTH, AMOUNT_PATTERN, AMOUNT_RULE, Money, format_micros
+from ucloud.domain.money import Money, format_micros
 from ucloud.domain.names import NAME_MAX_LENGTH, NAME_PATTERN
 from ucloud.domain.order import Order
 from ucloud.domain.pricing import (
@@ -51,8 +48,17 @@ from ucloud.domain.vm import RestartPolicy
 from ucloud.projections.billing import BillingView, periods_from_environment
 from ucloud.projections.runner import ProjectionRunner
 
-from .billing_payments import CardMethod, PayBody, PaymentMethod, PayOut, methods_from_environment
-from .inputs import check_patterns, check_value
+from .billing_payments import (
+    Amount,
+    CardEvent,
+    CardMethod,
+    CouponCode,
+    PayBody,
+    PaymentMethod,
+    PayOut,
+    methods_from_environment,
+)
+from .inputs import check_patterns, check_value, text
 from .keys import CONFIG, STORE, VM_CREATE_GUARD, actor_of
 from .problems import PaymentRequired, PositionNotReached
 from .routes import (
@@ -97,22 +103,12 @@ def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
 # -- bodies and answers ------------------------------------------------------------------------
 
 
-def _text(max_length: int, pattern: str, rule: str, example: str, **extra: Any) -> msgspec.Meta:
-    """A text field's declared limits: a length, a pattern (checked with fullmatch by
-    inputs.check_patterns), the rule in words (the problem's detail) and an example."""
-    return msgspec.Meta(max_length=max_length, description=rule, examples=[example],
-                        extra_json_schema={"pattern": pattern, **extra})
-
-
-Amount = Annotated[str, _text(AMOUNT_MAX_LENGTH, AMOUNT_PATTERN, AMOUNT_RULE, "20 CHF")]
-PriceText = Annotated[str, _text(PRICE_MAX_LENGTH, PRICE_PATTERN, PRICE_RULE, "0.01 CHF/hour")]
-CouponCode = Annotated[str, _text(COUPON_CODE_MAX_LENGTH, COUPON_CODE_PATTERN, COUPON_CODE_RULE, "WELCOME-2027")]
+PriceText = Annotated[str, text(PRICE_MAX_LENGTH, PRICE_PATTERN, "0.01 CHF/hour", PRICE_RULE)]
 # A time as text with its pattern (msgspec's datetime would answer 400 for "2027-13-01T..."
 # although it has the declared form): parse_time answers 422 for such.
-TimeText = Annotated[str, _text(TIME_MAX_LENGTH, TIME_PATTERN, TIME_RULE, "2099-01-01T00:00:00Z",
-                                format="date-time")]
-Reference = Annotated[str, _text(200, r"^[ -~]{0,200}$", "at most 200 printable ASCII characters",
-                                 "UC-2027-000042")]
+TimeText = Annotated[str, text(TIME_MAX_LENGTH, TIME_PATTERN, "2099-01-01T00:00:00Z", TIME_RULE,
+                               format="date-time")]
+Reference = Annotated[str, text(200, r"^[ -~]{0,200}$", "UC-2027-000042", "at most 200 printable ASCII characters")]
 InvoiceNumber = Annotated[int, msgspec.Meta(ge=1, le=CEILING)]
 
 
@@ -241,7 +237,7 @@ class Redeemed(msgspec.Struct, kw_only=True):
 # strict=False: a JSON number with no fraction (2408.0) is an integer, as the schema says.
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
     t: msgspec.json.Decoder(t, strict=False) for t in (SetPriceBody, ConfigureAccountBody, CreditBody, CouponBody,
-                                                       RedeemBody, PayBody, OrderBody)}
+                                                       RedeemBody, PayBody, OrderBody, CardEvent)}
 T = TypeVar("T")
 
 
@@ -600,23 +596,30 @@ async def pay(request: web.Request) -> web.Response:
     return answer(out, 200 if out.status == "credited" else 202, out.position or None)
 
 
+# The test provider's scheme (billing_payments.CardMethod): t=<unix time>,v1=<HMAC-SHA256 hex>.
+SIGNATURE = Param.of(CardMethod.signature_header, "header",
+                     "t=<unix time>,v1=<hex HMAC-SHA256 of '<t>.<body>' with the shared secret>",
+                     Annotated[str, msgspec.Meta(max_length=100, examples=[f"t=1790000000,v1={'0' * 64}"],
+                                                 extra_json_schema={"pattern": r"^t=[0-9]{1,20},v1=[0-9a-f]{64}$"})],
+                     required=True)
+
+
 @api("POST", "/v1/payments/card/webhook", ApiDoc(
-    "Card provider webhook", "cardWebhook", "billing", response=PayOut, auth=False,
+    "Card provider webhook", "cardWebhook", "billing", response=PayOut, auth=False, params=(SIGNATURE,),
+    body=CardEvent, max_body=BODY_LIMIT,
     description="Called by the card provider. Its HMAC-SHA256 signature is checked (400 naming the header "
-                "if wrong or stale); a succeeded intent credits its owner once.", errors=(400, 404, 409, 503)))
+                "if missing, malformed, wrong or stale); a succeeded intent credits its owner once. 404 where "
+                "card payments are not configured.", errors=(400, 404, 409, 503)))
 async def card_webhook(request: web.Request) -> web.Response:
+    event = await _body(request, CardEvent)  # its declared form first, as every body (400 naming the field)
     card = request.app[PAYMENT_METHODS].get(CardMethod.name)
     if not isinstance(card, CardMethod):
         raise NotFound("card payments are not configured here")
-    event = card.verify(request.headers, await request.read())
-    intent = event.get("intent") or {}
-    if event.get("type") != "payment_intent.succeeded" or intent.get("status") != "succeeded":
+    card.verify(request.headers, await request.read())
+    intent = event.intent
+    if event.type != "payment_intent.succeeded" or intent is None or intent.status != "succeeded":
         return answer(PayOut(method=card.name, status="ignored"))
-    try:
-        amount = Money(int(intent["amount_micros"]), str(intent["currency"]))
-        owner, intent_id = str(intent["metadata"]["owner"]), str(intent["id"])
-    except (KeyError, TypeError, ValueError):
-        raise InvalidValue("body", "the webhook's intent lacks amount, currency, owner or id") from None
+    amount, owner, intent_id = Money(intent.amount_micros, intent.currency), intent.metadata.owner, intent.id
     outcome = await request.app[BILLING].settle_card_payment(SYSTEM, card.provider, intent_id, owner, amount)
     return answer(PayOut(method=card.name, status="credited" if outcome.result else "already credited",
                          position=outcome.position, credited_micros=amount.micros if outcome.result else 0,

@@ -72,6 +72,15 @@ def check_value(field: str, schema: dict[str, Any], raw: str) -> Any:
     return raw
 
 
+def text(max_length: int, pattern: str, example: str, rule: str | None = None, **extra: Any) -> msgspec.Meta:
+    """A text field's declared limits for its msgspec type: a length (msgspec checks it while
+    decoding), an anchored pattern (``check_patterns`` fullmatches it; ``extra`` adds other
+    schema keywords), an example and the rule in words (the problem's detail when the
+    pattern is not met)."""
+    return msgspec.Meta(max_length=max_length, examples=[example], description=rule,
+                        extra_json_schema={"pattern": pattern, **extra})
+
+
 def schema_of(value_type: Any) -> dict[str, Any]:
     """The JSON schema of a parameter's msgspec type (a plain, reference-free type)."""
     schema = msgspec.json.schema(value_type)
@@ -107,17 +116,22 @@ def body_rules(body_type: type) -> tuple[tuple[str, dict[str, Any], bool], ...]:
     return _RULES[body_type]
 
 
-def check_patterns(body: Any) -> None:
-    """Every patterned text of a decoded body Struct fullmatches its pattern (InvalidValue
-    naming the field, or ``field[i]`` in a list, otherwise)."""
+def check_patterns(body: Any, prefix: str = "") -> None:
+    """Every patterned text of a decoded body Struct, and of the Structs in its fields,
+    fullmatches its pattern (InvalidValue naming the field -- ``field[i]`` in a list,
+    ``outer.inner`` in a nested object -- otherwise)."""
     for name, schema, is_list in body_rules(type(body)):
         value = getattr(body, name)
         if is_list and isinstance(value, list | tuple):
             for index, item in enumerate(value):
                 if isinstance(item, str):
-                    check_value(f"{name}[{index}]", schema, item)
+                    check_value(f"{prefix}{name}[{index}]", schema, item)
         elif isinstance(value, str):
-            check_value(name, schema, value)
+            check_value(f"{prefix}{name}", schema, value)
+    for name in body.__struct_fields__:
+        value = getattr(body, name)
+        if isinstance(value, msgspec.Struct):
+            check_patterns(value, f"{prefix}{name}.")
 
 _MARK = "\ufdd0"  # a Unicode noncharacter: where a byte was not UTF-8
 
@@ -195,6 +209,8 @@ async def input_middleware(request: web.Request, handler: Handler) -> web.Stream
             values = request.headers.getall(param.name, [])
         if param.where != "path" and len(values) > 1:
             raise InvalidValue(param.name, f"given {len(values)} times; give it once")
+        if param.required and not values:
+            raise InvalidValue(param.name, f"missing: this request needs the {param.where} parameter {param.name}")
         for value in values:
             check_value(param.name, param.schema, value)
     if request.body_exists and doc.body is not None:

@@ -79,7 +79,7 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
                         if r.resource is not None and r.resource.canonical == path)
         declared = declared_params(doc, resource)
         params: list[dict[str, Any]] = [
-            {"name": p.name, "in": p.where, "required": p.where == "path",
+            {"name": p.name, "in": p.where, "required": p.required or p.where == "path",
              **({"description": p.description} if p.description else {}), "schema": p.schema}
             for p in declared]
         responses: dict[str, Any] = {}

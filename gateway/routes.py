@@ -24,6 +24,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from ucloud.commands.unit_of_work import Actor
+from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.errors import InvalidValue, NotFound, OutOfBounds, Rejected
 from ucloud.domain.host import Host, HostRegistered
@@ -127,10 +128,11 @@ class Param:
     where: str  # "path", "query" or "header"
     description: str
     schema: dict[str, Any] = dataclasses.field(default_factory=lambda: {"type": "string"})
+    required: bool = False  # a path parameter always is; a query or header one when this says so
 
     @classmethod
-    def of(cls, name: str, where: str, description: str, value_type: Any) -> Param:
-        return cls(name, where, description, schema_of(value_type))
+    def of(cls, name: str, where: str, description: str, value_type: Any, required: bool = False) -> Param:
+        return cls(name, where, description, schema_of(value_type), required)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +335,9 @@ class HostOut(msgspec.Struct, kw_only=True):
     used_ram: int
     used_disk: int
     vms: int
+    status: str  # unknown, up, maintenance, dead, removed (docs/operations.md, "Host states")
+    session: int  # the agent's heartbeat session (its lease id); 0: never up
+    reason: str  # why it was declared dead
 
 
 class HostAccepted(msgspec.Struct, kw_only=True):
@@ -465,7 +470,8 @@ def _key_out(key: SshKey) -> SshKeyOut:
 def _host_out(host: Host, vms: int) -> HostOut:
     return HostOut(id=host.id, hostname=host.hostname, cores=host.cores, ram=host.ram, disk=host.disk,
                    hypervisor=host.hypervisor, used_cores=host.used_cores, used_ram=host.used_ram,
-                   used_disk=host.used_disk, vms=vms)
+                   used_disk=host.used_disk, vms=vms, status=host_domain.display_status(host),
+                   session=host.session, reason=host.reason)
 
 
 OWNER_PARAM = Param.of("owner", "query", "Admins: only this user's resources (default: everyone's). "

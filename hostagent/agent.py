@@ -1,11 +1,22 @@
 """The host agent (ucloud-host): makes this machine match its slice of the log.
 
-It registers the host with its real capacity, follows the log through a VM read
-model, and reconciles every VM placed here: start, stop, reboot, delete, through a
-hypervisor driver. What it observes (started, stopped, crashed, failed, deleted) it
-reports back as events through the command side. Restarted, it adopts the guests
-that are still running instead of starting second copies: the driver finds them by
-their run directories, and a VM the driver reports running is never started again.
+It registers the host with its real capacity, follows its slice of the log
+(``host-<id>``: the host's events and those of the VMs placed on it) into a VM read
+model restored from its own snapshot, and reconciles every VM placed here: start, stop,
+reboot, delete, through a hypervisor driver. What it observes (started, stopped,
+crashed, failed, deleted) it reports back as events through the command side.
+Restarted, it adopts the guests that are still running instead of starting second
+copies: the driver finds them by their run directories, and a VM the driver reports
+running is never started again.
+
+Heartbeat and fencing (docs/operations.md, "Fencing"): the agent holds the lease
+``host-<id>`` and records each life of it as ``host.up``; it acts on guests only while
+the lease is valid. When a renewal is refused or late past the fence deadline (TTL
+minus a margin after the last renewal began) it kills every guest at once, before the
+lease can expire in the store and long before the failure detector can declare the
+host dead. Each renewal also feeds the watchdog (hostagent/watchdog.py), which kills the
+guests itself if the agent hangs. A guest left from an older placement of its VM (the
+host came back after its VMs were moved) is killed, never restarted.
 """
 
 from __future__ import annotations
@@ -16,16 +27,24 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from uuid import UUID
+
+import msgspec
 
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.errors import DomainError
-from ucloud.projections.runner import ProjectionRunner
+from ucloud.domain.events import Event
+from ucloud.eventstore.errors import EventStoreError
+from ucloud.eventstore.leases import Grant, HeldLease, Leases, hold
+from ucloud.eventstore.records import EventRecord
+from ucloud.projections.runner import Projection, ProjectionRunner
 from ucloud.projections.views import VmsView
 
 from .hypervisor import ExitReason, HypervisorDriver, VmSpec, VmState, VmStatus
@@ -72,6 +91,33 @@ def nocloud_serial(metadata_url: str) -> str:
     return f"ds=nocloud-net;s={metadata_url.rstrip('/')}/nocloud/"
 
 
+class SliceVms(Projection):
+    """The VMs of one host's slice, with each VM's stream version: a slice holds a VM's
+    events only while it is placed here, so the agent fills what it missed (the VM's
+    request, or its life elsewhere before it came back) from the VM's own stream."""
+
+    name = "slice-vms"
+    handles = VmsView.handles
+
+    def __init__(self) -> None:
+        self.vms = VmsView()
+        self.versions: dict[UUID, int] = {}
+
+    def apply(self, record: EventRecord, event: Event) -> None:
+        vm_id = getattr(event, "vm_id", None)
+        if vm_id is None or record.version <= self.versions.get(vm_id, 0):
+            return
+        self.vms.apply(record, event)
+        self.versions[vm_id] = record.version
+
+    def dump(self) -> Any:
+        return {"vms": self.vms.dump(), "versions": {str(k): v for k, v in self.versions.items()}}
+
+    def load(self, data: Any) -> None:
+        self.vms.load(data["vms"])
+        self.versions = {UUID(k): v for k, v in data["versions"].items()}
+
+
 class HostAgent:
     def __init__(
         self,
@@ -85,7 +131,17 @@ class HostAgent:
         resync_interval: float = 2.0,
         stop_timeout: float = 30.0,
         metadata_url: str | None = None,
+        leases: Leases | None = None,
+        lease_ttl: float = 3.0,
+        lease_margin: float = 0.5,
+        feed: Any = None,
+        snapshot_interval: float = 30.0,
+        prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``leases``: the heartbeat; None runs without one (and never fences). ``feed``:
+        called with each new fence deadline (the watchdog client). ``prepare``: slow
+        start-up work (building the tiny image) done once the lease is held, so that a
+        restarted agent resumes its lease before it runs out."""
         self.commands = commands
         self.driver = driver
         self.images = images
@@ -94,8 +150,19 @@ class HostAgent:
         self.host_id = host_domain.host_id_for(self.hostname)
         self.capacity = capacity or measure_capacity(self.state_dir)
         self.actor = Actor(f"host/{self.hostname}", "ucloud-system", is_admin=True)
-        self.vms = VmsView()
-        self.runner = ProjectionRunner(commands.store, commands.codec, [self.vms], name=f"hostagent-{self.host_id}")
+        self.slice = SliceVms()
+        self.vms = self.slice.vms
+        self.runner = ProjectionRunner(commands.store, commands.codec, [self.slice], name=f"hostagent-{self.host_id}",
+                                       snapshot_interval=snapshot_interval)
+        self.leases = leases
+        self.lease_ttl = lease_ttl
+        self.lease_margin = lease_margin
+        self.feed = feed
+        self.prepare = prepare
+        self.held: HeldLease | None = None
+        self.session = 0
+        self.read = 0  # events read from the log (slice and VM streams), for tests and benchmarks
+        self.fenced = 0  # guests killed because the lease was lost
         self.resync_interval = resync_interval
         self.stop_timeout = stop_timeout
         self.smbios_serial = nocloud_serial(metadata_url) if metadata_url else None
@@ -111,30 +178,170 @@ class HostAgent:
             hypervisor=type(self.driver).name,
         )
 
+    @property
+    def slice_name(self) -> str:
+        return host_domain.slice_name(self.host_id)
+
+    @property
+    def lease_file(self) -> Path:
+        return self.state_dir / "heartbeat-lease"
+
+    @property
+    def live(self) -> bool:
+        """May the agent act on guests now? Only while its lease is valid."""
+        return self.leases is None or (self.held is not None and self.held.valid)
+
     async def run(self) -> None:
-        await self.register()
-        follow = asyncio.create_task(self._follow())
+        if self.leases is None:  # no heartbeat: tests of the agent alone; it never fences
+            if self.prepare is not None:
+                await self.prepare()
+            await self.register()
+            await self.catch_up()
+            follow = asyncio.create_task(self._follow())
+            try:
+                await self._reconcile_forever(None)
+            finally:
+                await self._stop_following(follow)
+            return
+        # The lease first: a restarted agent resumes its session before it runs out, and
+        # keeps its guests (the rest of the start may take a while on a long log).
+        grant = await self._take_lease()
+        following: asyncio.Task[None] | None = None
         try:
             while True:
-                await self.reconcile()
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.resync_interval)
+                async with hold(self.leases, grant, margin=self.lease_margin, on_renewed=self.feed) as held:
+                    self.held = held
+                    if following is None:
+                        if self.prepare is not None:
+                            await self.prepare()
+                        await self.register()
+                        await self.catch_up()
+                        following = asyncio.create_task(self._follow())
+                    await self._up(grant)
+                    await self._reconcile_forever(held)
+                self.held = None
+                await self.fence("the heartbeat lease was lost")
+                grant = await self._take_lease()
         finally:
-            follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follow
+            if following is not None:
+                await self._stop_following(following)
+
+    async def _stop_following(self, follow: asyncio.Task[None]) -> None:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.runner.save_snapshot())
+
+    async def _reconcile_forever(self, held: HeldLease | None) -> None:
+        while held is None or held.valid:
+            await self.reconcile()
+            self._wake.clear()
+            waits = [asyncio.ensure_future(self._wake.wait())]
+            if held is not None:
+                waits.append(asyncio.ensure_future(held.lost.wait()))
+            try:
+                await asyncio.wait(waits, timeout=self.resync_interval, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+
+    async def _take_lease(self) -> Grant:
+        """Resume the lease of our last life if it still lives (a restarted agent keeps its
+        session and its guests), else wait for the name to be free and take a new one."""
+        assert self.leases is not None
+        with contextlib.suppress(OSError, ValueError, msgspec.DecodeError, EventStoreError):
+            saved = msgspec.json.decode(self.lease_file.read_bytes(), type=Grant)
+            if saved.name == self.slice_name and await self.leases.renew(saved):
+                log.info("resumed the heartbeat lease: session %d", saved.token)
+                return saved
+            log.info("the heartbeat lease of session %d is gone", saved.token)
+        while True:
+            try:
+                grant = await self.leases.acquire(self.slice_name, self.hostname, self.lease_ttl)
+            except EventStoreError as error:
+                log.info("cannot take the heartbeat lease now: %s", error)
+                grant = None
+            if grant is not None:
+                self.lease_file.write_bytes(msgspec.json.encode(grant))
+                log.info("took the heartbeat lease: session %d (TTL %gs)", grant.token, grant.ttl)
+                return grant
+            await asyncio.sleep(self.lease_ttl / 4)
+
+    async def _up(self, grant: Grant) -> None:
+        """Record this session (host.up) and read the log up to it before acting: a host
+        that was declared dead meanwhile then sees its VMs gone before it touches a guest."""
+        self.session = grant.token
+        while True:
+            try:
+                outcome = await self.commands.mark_host_up(self.actor, self.host_id, grant.token, grant.ttl)
+                break
+            except EventStoreError as error:
+                log.info("cannot record host.up now: %s", error)
+                await asyncio.sleep(0.2)
+        # Everything up to now, not only up to our own event: a VM placed here just before
+        # must be in the view before a reconcile pass looks at the guests.
+        head = await self.commands.store.head()
+        await self.runner.wait_for(max(outcome.position, head), timeout=30)
+        log.info("host %s is up in session %d", self.hostname, grant.token)
+
+    async def fence(self, why: str) -> None:
+        """Kill every guest now (no guest cooperation: the clock is against us)."""
+        for vm_id in await self.driver.list_running():
+            with contextlib.suppress(Exception):
+                await self.driver.kill(vm_id)
+                self.fenced += 1
+                log.warning("fenced VM %s: %s", vm_id, why)
+
+    async def catch_up(self) -> None:
+        """Restore our snapshot, then read what the slice does not hold (a log older than
+        slices) up to where slices begin."""
+        await self.runner.restore()
+        store = self.commands.store
+        begins = await store.slices_from()
+        if begins is not None and self.runner.position < begins:
+            for record in await store.read_all(self.runner.position, up_to=begins):
+                self.read += 1
+                if record.stream.startswith("vm-"):
+                    self.runner.apply(record)
+            self.runner.position = begins
+        # Only VMs placed here concern us; a snapshot-less start over an old log keeps them.
+        await self.runner.notify()
 
     async def _follow(self) -> None:
-        async for record in self.commands.store.subscribe(self.runner.position):
-            self.runner.apply(record)
-            await self.runner.notify()
-            if record.type.startswith("vm."):
+        store = self.commands.store
+        async for record in store.subscribe(self.runner.position, slice=self.slice_name):
+            self.read += 1
+            if record.stream.startswith("vm-"):
+                vm_id = UUID(record.stream[len("vm-"):])
+                known = self.slice.versions.get(vm_id, 0)
+                if record.version > known + 1:
+                    # The VM's events from before it came into our slice: its stream fills them.
+                    for missed in await store.read_stream(record.stream, after_version=known,
+                                                          up_to_version=record.version - 1):
+                        self.read += 1
+                        self.runner.apply(missed)
+                self.runner.apply(record)
                 self._wake.set()
+            self.runner.position = record.position
+            await self.runner.notify()
+            await self.runner.snapshot_if_due()
 
     async def reconcile(self) -> None:
         """One pass: compare what the log wants with what runs, and act on each VM."""
+        if not self.live:
+            return
+        for vm_id in await self.driver.list_running():
+            known = self.vms.get(vm_id)
+            if known is not None and known.host_id != self.host_id:
+                # A survivor of a placement the log took away (this host was declared dead,
+                # or evacuated): the VM runs, or will, elsewhere. (A guest the view does not
+                # know at all is left alone: only the log's word moves a VM.)
+                await self.driver.kill(vm_id)
+                log.warning("killed VM %s: it is no longer placed on this host", vm_id)
         for vm in self.vms.on_host(self.host_id):
+            if not self.live:
+                return
             try:
                 await self._reconcile_vm(vm)
             except DomainError as error:
@@ -148,6 +355,12 @@ class HostAgent:
             return
         observed = await self.driver.status(vm.id)
         running = observed.running
+        if running and self._epoch_of(vm.id) not in (None, vm.epoch):
+            # Started for an older placement of this VM: kill it, never keep it.
+            observed = await self.driver.kill(vm.id)
+            running = False
+            log.warning("killed VM %s: a guest of placement %s, the VM is at %d", vm.id, self._epoch_of(vm.id),
+                        vm.epoch)
         if vm.desired is D.DELETED:
             if running:
                 await self.driver.stop(vm.id, timeout=self.stop_timeout)
@@ -204,6 +417,9 @@ class HostAgent:
             observed = await self.driver.status(vm.id)
             if observed.state is not VmState.ABSENT and not observed.running:
                 await self.driver.remove(vm.id)  # the last run's leftovers (exit record, sockets)
+            self._set_epoch(vm.id, vm.epoch)
+            if not self.live:
+                return
             handle = await self.driver.start(VmSpec(
                 vm_id=vm.id, name=vm.name, cores=vm.cores, ram_bytes=vm.ram, disk_path=str(disk),
                 kernel=str(image.kernel) if image.kernel else None,
@@ -216,6 +432,20 @@ class HostAgent:
             await self._report(vm_domain.ReportFailed(vm_id=vm.id, host_id=self.host_id, reason=str(error)[:500]))
             return
         await self._report(vm_domain.ReportStarted(vm_id=vm.id, host_id=self.host_id, accelerator=handle.accel))
+
+    def _epoch_path(self, vm_id: UUID) -> Path:
+        return self.state_dir / "epochs" / str(vm_id)
+
+    def _epoch_of(self, vm_id: UUID) -> int | None:
+        try:
+            return int(self._epoch_path(vm_id).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _set_epoch(self, vm_id: UUID, epoch: int) -> None:
+        path = self._epoch_path(vm_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(epoch))
 
     async def _report(self, command: vm_domain.VmReport) -> None:
         outcome = await self.commands.report(self.actor, command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import socket
@@ -12,26 +13,34 @@ from pathlib import Path
 import click
 
 from ucloud.commands.service import CommandService
+from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 
 from .agent import HostAgent
 from .debianimage import DebianImageError
 from .images import ImageCatalogue
 from .qemu import QemuDriver
+from .watchdog import WatchdogFeed
 
 
 async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool,
-                    metadata_url: str | None = None, debian12: bool = False) -> None:
+                    metadata_url: str | None = None, lease_ttl: float = 3.0, lease_margin: float = 0.5,
+                    debian12: bool = False) -> None:
     store = open_store(store_url)
+    leases = leases_for(store)
     try:
         images = ImageCatalogue(state_dir / "images")
-        if tiny:
-            await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
-        if debian12:
-            await asyncio.to_thread(images.install_debian12, state_dir / "cache" / "debian-12")
+
+        async def prepare() -> None:
+            if tiny:
+                await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
+            if debian12:
+                await asyncio.to_thread(images.install_debian12, state_dir / "cache" / "debian-12")
+
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname,
-                          metadata_url=metadata_url)
+                          metadata_url=metadata_url, leases=leases, lease_ttl=lease_ttl,
+                          lease_margin=lease_margin, feed=WatchdogFeed(state_dir), prepare=prepare)
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -40,6 +49,7 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
         with contextlib.suppress(asyncio.CancelledError):
             await task
     finally:
+        await leases.close()
         await store.close()
 
 
@@ -53,18 +63,25 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
               help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
                    "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
+@click.option("--lease-ttl", type=click.FloatRange(min=1, max=60), default=3.0, show_default=True,
+              help="Seconds of the heartbeat lease: the host is declared dead about this long after it stops.")
+@click.option("--lease-margin", type=click.FloatRange(min=0.1), default=0.5, show_default=True,
+              help="The agent fences its guests this long before its lease could expire.")
 @click.option("--debian-12", "debian12", is_flag=True,
               help="Build (once, ~500 MB of Debian packages) and publish the stock image 'debian-12' "
                    "(cloud-init, openssh).")
 @click.option("-v", "--verbose", is_flag=True)
 def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, metadata_url: str | None,
-         debian12: bool, verbose: bool) -> None:
+         lease_ttl: float, lease_margin: float, debian12: bool, verbose: bool) -> None:
     """Run the host agent: register this host and make its VMs match the log."""
+    if lease_margin >= lease_ttl:
+        raise click.UsageError(f"--lease-margin ({lease_margin}) must be below --lease-ttl ({lease_ttl})")
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack (a hung agent)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, metadata_url,
-                              debian12))
+                              lease_ttl, lease_margin, debian12))
     except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None
     except DebianImageError as error:

@@ -19,8 +19,6 @@ overbooking.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Iterable
@@ -39,6 +37,7 @@ from ucloud.eventstore.errors import ConflictError, InvalidAppend, TrackingConfl
 from ucloud.eventstore.records import EventRecord, Tracking
 from ucloud.projections.views import HostsView, VmsView
 
+from .framework import ProcessManager, ProcessRunner
 from .placement import Needs, NoRoom, Placed, Strategy, place
 
 log = logging.getLogger(__name__)
@@ -48,8 +47,12 @@ log = logging.getLogger(__name__)
 _WATCHED = frozenset(tag_of(t) for t in (*vm_domain.VM_EVENT_TYPES, *host_domain.HOST_EVENT_TYPES))
 # Events that may make room for VMs that found none.
 _ROOM_MADE = (host_domain.HostRegistered, host_domain.HostCapacityChanged, host_domain.CapacityReleased,
-              host_domain.HostStoresDeclared, host_domain.ClaimChanged)
-_ACTIONS = frozenset({"vm.requested", "vm.deleted"})
+              host_domain.HostStoresDeclared, host_domain.ClaimChanged, host_domain.HostUp,
+              host_domain.HostMaintenanceChanged)
+_ACTIONS = frozenset({"vm.requested", "vm.deleted", "vm.host_lost", "vm.start_requested",
+                      "host.declared_dead", "host.evacuation_requested"})
+# VMs are moved off a lost host in appends of at most this many (each VM: two streams).
+_EVICT_BATCH = 16
 _WAITING = (vm_domain.Status.REQUESTED, vm_domain.Status.UNSCHEDULABLE)
 
 
@@ -67,7 +70,10 @@ class _Plan:
         return len(self.releases) + len(self.placements) + len(self.unschedulable)
 
 
-class Scheduler:
+class Scheduler(ProcessManager):
+    name = "scheduler"  # stable: its tracking key and snapshot, whichever instance runs it
+    interested_in = _WATCHED
+
     def __init__(
         self,
         commands: CommandService,
@@ -85,8 +91,8 @@ class Scheduler:
         self.overcommit = commands.overcommit
         self.strategy = strategy
         self.instance = instance or uuid.uuid4().hex[:8]
-        self.consumer = f"scheduler-{self.instance}"
-        self.actor = Actor(self.consumer, "ucloud-system", is_admin=True)
+        self.consumer = self.name
+        self.actor = Actor(f"scheduler-{self.instance}", "ucloud-system", is_admin=True)
         self.hosts = HostsView()
         self.vms = VmsView()
         self.vm_versions: dict[UUID, int] = {}
@@ -100,39 +106,19 @@ class Scheduler:
         self.fallbacks = 0  # runs handled again one event at a time
 
     async def run(self) -> None:
-        """Follow the log forever. The view is rebuilt from the start of the log; only
-        events after the tracked position are acted upon."""
-        self.tracked = await self.store.tracked_position(self.consumer)
-        # A reader fills the queue while a run of events is being decided and appended;
-        # what arrived meanwhile is the next run.
-        queue: asyncio.Queue[EventRecord] = asyncio.Queue(maxsize=10_000)
-        reader = asyncio.create_task(self._read(queue), name=f"{self.consumer}-reader")
-        get: asyncio.Future[EventRecord] | None = None
-        try:
-            carry: list[EventRecord] = []
-            while True:
-                if not carry:
-                    get = asyncio.ensure_future(queue.get())
-                    await asyncio.wait((get, reader), return_when=asyncio.FIRST_COMPLETED)
-                    if not get.done():
-                        reader.result()  # the subscription failed: raise its error
-                        raise RuntimeError("the log subscription ended")
-                    carry.append(get.result())
-                    get = None
-                while not queue.empty() and len(carry) < 10 * self.max_batch:
-                    carry.append(queue.get_nowait())
-                run, carry = self._take_run(carry)
-                await self.handle_run(run)
-        finally:
-            for task in (get, reader):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+        """Follow the log forever on the process framework, without election (tests and
+        single-process stacks; `ucloud processes` runs it under a leader lease)."""
+        await ProcessRunner(self, self.store, instance=self.instance).run()
 
-    async def _read(self, queue: asyncio.Queue[EventRecord]) -> None:
-        async for record in self.store.subscribe(0, types=_WATCHED):
-            await queue.put(record)
+    def dump(self) -> Any:
+        return {"hosts": self.hosts.dump(), "vms": self.vms.dump(),
+                "vm_versions": {str(k): v for k, v in self.vm_versions.items()}, "position": self.position}
+
+    def load(self, data: Any) -> None:
+        self.hosts.load(data["hosts"])
+        self.vms.load(data["vms"])
+        self.vm_versions = {UUID(k): v for k, v in data["vm_versions"].items()}
+        self.position = data["position"]
 
     def _take_run(self, records: list[EventRecord]) -> tuple[list[EventRecord], list[EventRecord]]:
         """The longest prefix with at most max_batch events that ask for a decision."""
@@ -150,7 +136,13 @@ class Scheduler:
 
     async def handle_run(self, records: list[EventRecord]) -> None:
         """Fold a run of events into the view, then act on those after the tracked
-        position: all of them in one transaction if it succeeds, else one at a time."""
+        position: all of them in one transaction if it succeeds, else one at a time;
+        a long run in pieces of at most max_batch decisions."""
+        while records:
+            run, records = self._take_run(records)
+            await self._handle_piece(run)
+
+    async def _handle_piece(self, records: list[EventRecord]) -> None:
         fresh: list[tuple[EventRecord, Event]] = []
         for record in records:
             event = self.codec.decode(record.type, record.schema, record.data)
@@ -221,8 +213,11 @@ class Scheduler:
             match event:
                 case vm_domain.VmRequested():
                     to_place.append(event.vm_id)
-                case vm_domain.VmUnschedulable():
-                    to_place.append(event.vm_id)  # room may have appeared while it was decided
+                case vm_domain.VmUnschedulable() | vm_domain.VmHostLost() | vm_domain.VmStartRequested():
+                    to_place.append(event.vm_id)  # room may have appeared; or it lost its host
+                case host_domain.HostDeclaredDead() | host_domain.HostEvacuationRequested():
+                    self._undo(plan)
+                    return None  # evictions go one event at a time (see _react)
                 case vm_domain.VmDeleted() if event.host_id is not None:
                     host = self.hosts.by_id.get(event.host_id)
                     if host is not None and event.vm_id in host.claims:
@@ -244,9 +239,10 @@ class Scheduler:
             if len(plan) >= 2 * self.max_batch:
                 self._undo(plan)
                 return None
-            decision = place(self.hosts.by_id.values(), Needs(vm.cores, vm.ram, vm.disk),
+            decision = place(self._candidates(), Needs(vm.cores, vm.ram, vm.disk),
                              overcommit=self.overcommit, strategy=self.strategy, store=vm.image_store)
             if isinstance(decision, NoRoom):
+                decision = self._explain(decision)
                 if vm.status is vm_domain.Status.REQUESTED:
                     plan.known[vm_domain.stream_name(vm_id)] = Loaded(vm, self.vm_versions.get(vm_id, 0), 0)
                     plan.unschedulable.append((vm_id, decision.reason))
@@ -292,6 +288,12 @@ class Scheduler:
                 await self._place(event.vm_id, tracking)
             case vm_domain.VmUnschedulable():
                 await self._place(event.vm_id, None)  # room may have appeared while it was decided
+            case vm_domain.VmHostLost() | vm_domain.VmStartRequested():
+                await self._place(event.vm_id, tracking)
+            case host_domain.HostDeclaredDead():
+                await self._evict(event.host_id, f"its host was declared dead: {event.evidence}", tracking)
+            case host_domain.HostEvacuationRequested():
+                await self._evict(event.host_id, "its host was evacuated", tracking)
             case vm_domain.VmDeleted() if event.host_id is not None:
                 outcome = await self.commands.release_capacity(self.actor, event.host_id, event.vm_id,
                                                                tracking=tracking)
@@ -302,6 +304,39 @@ class Scheduler:
                 for vm_id in sorted(waiting, key=str):
                     await self._place(vm_id, None)
 
+    def _candidates(self) -> list[host_domain.Host]:
+        """Hosts that take placements: their agent is up and they are not in maintenance."""
+        return [host for host in self.hosts.by_id.values() if host.schedulable]
+
+    def _explain(self, decision: NoRoom) -> NoRoom:
+        """When no host takes placements at all, say which hosts there are and why."""
+        if not self.hosts.by_id or any(host.schedulable for host in self.hosts.by_id.values()):
+            return decision
+        states: dict[str, list[str]] = {}
+        for host in sorted(self.hosts.by_id.values(), key=lambda h: h.hostname):
+            states.setdefault(host_domain.display_status(host), []).append(host.hostname)
+        listed = "; ".join(f"{state}: {', '.join(names[:5])}{' …' if len(names) > 5 else ''}"
+                           for state, names in sorted(states.items()))
+        return NoRoom(f"no host takes placements (only hosts whose agent is up and that are not in "
+                      f"maintenance do): {listed}")
+
+    async def _evict(self, host_id: UUID, reason: str, tracking: Tracking) -> None:
+        """Move every VM off a lost (or evacuated) host: vm.host_lost and the claim
+        released, in appends of _EVICT_BATCH VMs; the last carries the tracking position,
+        so a restart in between evicts the rest (an evicted VM is skipped)."""
+        host = self.hosts.by_id.get(host_id)
+        vm_ids = sorted(host.claims, key=str) if host is not None else []
+        batches = [vm_ids[i:i + _EVICT_BATCH] for i in range(0, len(vm_ids), _EVICT_BATCH)] or [[]]
+        for index, batch in enumerate(batches):
+            last = index == len(batches) - 1
+            if not batch:
+                await self.store.append(tracking=tracking)
+                continue
+            await self.commands.evict(self.actor, host_id, batch, reason, tracking=tracking if last else None)
+        if vm_ids:
+            log.warning("moved %d VM(s) off host %s: %s", len(vm_ids), host_id, reason)
+            await self._refresh_host(host_id)
+
     async def _place(self, vm_id: UUID, tracking: Tracking | None) -> None:
         vm = self.vms.get(vm_id)
         if vm is None or vm.status not in _WAITING:
@@ -310,9 +345,10 @@ class Scheduler:
         vm_stream = vm_domain.stream_name(vm_id)
         known_vm = Loaded(vm, self.vm_versions.get(vm_id, 0), 0)
         for _ in range(self.max_attempts):
-            decision = place(self.hosts.by_id.values(), needs, overcommit=self.overcommit, strategy=self.strategy,
+            decision = place(self._candidates(), needs, overcommit=self.overcommit, strategy=self.strategy,
                              store=vm.image_store)
             if isinstance(decision, NoRoom):
+                decision = self._explain(decision)
                 if vm.status is vm_domain.Status.REQUESTED:
                     await self.commands.mark_unschedulable(self.actor, vm_id, decision.reason, tracking=tracking,
                                                            known={vm_stream: known_vm})

@@ -114,6 +114,11 @@ class ProjectionRunner:
         except (EventStoreError, OSError, ValueError) as error:
             self._snapshot_failed("save", error)
 
+    async def snapshot_if_due(self) -> None:
+        """Save a snapshot when the interval has passed (a caller with its own follow loop)."""
+        if time.monotonic() - self._last_snapshot > self.snapshot_interval:
+            await self._save_snapshot_or_record()
+
     def _snapshot_failed(self, what: str, error: BaseException) -> None:
         self.snapshot_failures += 1
         self.last_snapshot_error = f"{what}: {error}"

@@ -523,12 +523,14 @@ async def test_hosts_are_for_the_admin_realm_and_404_for_everyone_else(gw: Gatew
     assert_problem(status, problem, response, 400, "not a size", "ram")
 
     vm = await gw.as_("alice").ok("POST", "/v1/vms", vm_body("placed", cores=2, ram="4GB", disk="20GB"))
+    await gw.app[COMMANDS].mark_host_up(SYSTEM, uuid.UUID(registered["id"]), 1, 3.0)  # as its agent would
     placed = await gw.app[COMMANDS].place_vm(SYSTEM, uuid.UUID(vm["id"]), uuid.UUID(registered["id"]))
     hosts = (await gw.admin.ok("GET", f"/v1/hosts?position={placed.position}"))["hosts"]
     assert len(hosts) == 1
     host = hosts[0]
     assert (host["hostname"], host["cores"], host["ram"], host["disk"]) == ("node1.example", 8, 32 * 1024**3, 1024**4)
     assert (host["used_cores"], host["used_ram"], host["used_disk"], host["vms"]) == (2, 4 * 1024**3, 20 * 1024**3, 1)
+    assert (host["status"], host["session"]) == ("up", 1)
 
 
 # -- errors of the event store, and aiohttp's own --------------------------------------------------------------

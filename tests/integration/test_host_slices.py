@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
+from tests.support.hosts import up_host
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import SYSTEM, Actor
 from ucloud.domain import host as host_domain
@@ -22,8 +23,8 @@ async def slice_of(store: EventStore, host_id: UUID) -> list[tuple[str, str]]:
 
 async def test_a_host_slice_holds_its_registration_and_the_life_of_the_vms_placed_on_it(store: EventStore) -> None:
     commands = CommandService(store)
-    one = (await commands.register_host(ADMIN, "one", 8, "16GB", "100GB")).result
-    two = (await commands.register_host(ADMIN, "two", 8, "16GB", "100GB")).result
+    one = (await up_host(commands, "one", 8, "16GB", "100GB")).result
+    two = (await up_host(commands, "two", 8, "16GB", "100GB")).result
     vm = (await commands.create_vm(ALICE, name="web", cores=1, ram="256MB", disk="1GB", image="tiny")).result
     other = (await commands.create_vm(ALICE, name="db", cores=1, ram="256MB", disk="1GB", image="tiny")).result
     await commands.place_vm(SYSTEM, vm, one)
@@ -34,6 +35,7 @@ async def test_a_host_slice_holds_its_registration_and_the_life_of_the_vms_place
     vm_stream, one_stream = vm_domain.stream_name(vm), host_domain.stream_name(one)
     assert await slice_of(store, one) == [
         (one_stream, "host.registered"),
+        (one_stream, "host.up"),                # its agent's heartbeat session
         (one_stream, "host.capacity_claimed"),  # in one append with the placement
         (vm_stream, "vm.scheduled"),            # the VM arrives: vm.requested came before, sliceless
         (vm_stream, "vm.started"),
@@ -44,11 +46,20 @@ async def test_a_host_slice_holds_its_registration_and_the_life_of_the_vms_place
     assert (vm_domain.stream_name(other), "vm.scheduled") in two_slice
     assert await store.slices_from() == 0
 
+    # A VM taken off a lost host leaves its slice with the event that moves it away.
+    await commands.declare_host_dead(SYSTEM, two, 1, "lease gone")
+    await commands.evict(SYSTEM, two, [other], "its host was declared dead")
+    assert (await slice_of(store, two))[-3:] == [
+        (host_domain.stream_name(two), "host.declared_dead"),
+        (vm_domain.stream_name(other), "vm.host_lost"),
+        (host_domain.stream_name(two), "host.capacity_released"),
+    ]
+
 
 async def test_slice_reads_equal_the_full_log_filtered_by_host(store: EventStore) -> None:
     """The slice is exactly what a reader filtering the whole log by host would keep."""
     commands = CommandService(store)
-    hosts = [(await commands.register_host(ADMIN, f"h{i}", 8, "16GB", "100GB")).result for i in range(3)]
+    hosts = [(await up_host(commands, f"h{i}", 8, "16GB", "100GB")).result for i in range(3)]
     placed: dict[UUID, UUID] = {}
     for i in range(12):
         vm = (await commands.create_vm(ALICE, name=f"v{i}", cores=1, ram="256MB", disk="1GB", image="tiny")).result

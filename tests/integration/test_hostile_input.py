@@ -102,6 +102,9 @@ def cases(document: dict[str, Any], base: str) -> Iterator[Case]:
                 continue
             params = operation.get("parameters", [])
             path_values = {p["name"]: str(example_of(p["schema"], components)) for p in params if p["in"] == "path"}
+            # Required query and header parameters get their examples, so that only the hostile value is wrong.
+            required = {(p["in"], p["name"]): str(example_of(p["schema"], components)) for p in params
+                        if p["in"] in ("query", "header") and p.get("required")}
             schema = body_schema(operation, components)
             body = ({name: example_of(schema["properties"][name], components) for name in schema.get("required", [])}
                     if schema else None)
@@ -116,7 +119,7 @@ def cases(document: dict[str, Any], base: str) -> Iterator[Case]:
                                                               "unicode digits", "invalid utf-8"):
                         continue  # an HTTP client cannot send these in a header at all
                     yield build(method, path, path_values, body, name, where, hostile, base,
-                                is_array=field_schema.get("type") == "array")
+                                is_array=field_schema.get("type") == "array", required=required)
 
 
 def _encode(text: str) -> str:
@@ -124,10 +127,18 @@ def _encode(text: str) -> str:
 
 
 def build(method: str, path: str, path_values: dict[str, str], body: dict[str, Any] | None, name: str,
-          where: str, hostile: Hostile, base: str, is_array: bool) -> Case:
+          where: str, hostile: Hostile, base: str, is_array: bool,
+          required: dict[tuple[str, str], str] | None = None) -> Case:
     values = dict(path_values)
     query: list[str] = []
     headers = {"Content-Type": "application/json"} if body is not None else {}
+    for (place, param), example in (required or {}).items():
+        if (place, param) == (where, name):
+            continue
+        if place == "query":
+            query.append(f"{quote(param)}={quote(example, safe='')}")
+        else:
+            headers[param] = example
     data: bytes | None = None
     if where == "path":
         values[name] = hostile.value

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import open_store
+from tests.support.hosts import up_host
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import vm as vm_domain
@@ -42,7 +43,7 @@ async def test_a_restarted_projection_replays_only_the_tail_after_its_snapshot(
 ) -> None:
     store = await open_store(backend, tmp_path, request)
     commands = CommandService(store)
-    host = (await commands.register_host(ADMIN, "h1", 8, "16GB", "100GB")).result
+    host = (await up_host(commands, "h1", 8, "16GB", "100GB")).result
     vms = [(await commands.create_vm(ALICE, name=f"v{i}", cores=1, ram="256MB", disk="1GB", image="tiny")).result
            for i in range(20)]
     for vm_id in vms[:10]:

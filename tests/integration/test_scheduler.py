@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import open_store
+from tests.support.hosts import up_host
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import vm as vm_domain
@@ -54,7 +55,7 @@ async def test_vm_is_placed_and_its_capacity_released_on_delete(backend: str, tm
                                                                  request: pytest.FixtureRequest) -> None:
     store = await open_store(backend, tmp_path, request)
     commands = CommandService(store)
-    host = (await commands.register_host(ADMIN, "h1", 2, "4GB", "20GB")).result
+    host = (await up_host(commands, "h1", 2, "4GB", "20GB")).result
     scheduler = Scheduler(commands)
     async with running(scheduler):
         vm = (await commands.create_vm(ALICE, name="a", cores=2, ram="1GB", disk="5GB", image="tiny")).result
@@ -87,7 +88,7 @@ async def test_unschedulable_vm_is_placed_when_a_host_appears(tmp_path: Path, re
         models = await settle(store, commands, [vm])
         assert models.vms.get(vm).status is vm_domain.Status.UNSCHEDULABLE
         assert "no hosts" in models.vms.get(vm).reason
-        host = (await commands.register_host(ADMIN, "late", 4, "8GB", "50GB")).result
+        host = (await up_host(commands, "late", 4, "8GB", "50GB")).result
         for _ in range(100):
             models = await settle(store, commands, [vm])
             if models.vms.get(vm).status is vm_domain.Status.SCHEDULED:
@@ -104,7 +105,7 @@ async def test_two_schedulers_never_overbook_a_host(request: pytest.FixtureReque
     every VM placed or marked unschedulable with its reason."""
     store = await open_store("etcd", tmp_path, request)
     commands = CommandService(store)
-    hosts = [(await commands.register_host(ADMIN, f"host{i:02d}", 4, "8GB", "100GB")).result for i in range(20)]
+    hosts = [(await up_host(commands, f"host{i:02d}", 4, "8GB", "100GB")).result for i in range(20)]
     # Capacity: 20 hosts x 16 schedulable cores (4x overcommit) = 320 one-core VMs by CPU,
     # but RAM (not overcommitted) allows 20 x 8 = 160 one-GiB VMs: 340 must be refused.
     async with running(Scheduler(commands, instance="a"), Scheduler(commands, instance="b")):

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import open_store, unique_prefix
 from tests.support.etcd import EtcdCluster
+from tests.support.hosts import up_host
 from ucloud.commands.aggregates import HOST, VM
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor, Loaded
@@ -75,7 +76,7 @@ async def test_a_backlog_is_placed_in_runs_of_one_transaction_each_without_overb
     store = await open_store(backend, tmp_path, request)
     commands = CommandService(store)
     for i in range(4):  # 4 x 4 GiB: room for 16 one-GiB VMs
-        await commands.register_host(ADMIN, f"h{i}", 2, "4GB", "100GB")
+        await up_host(commands, f"h{i}", 2, "4GB", "100GB")
     vm_ids = await create(commands, 40)
     scheduler = Scheduler(commands, max_batch=16)
     models = await run_until_decided(store, scheduler, vm_ids)
@@ -99,7 +100,7 @@ async def test_a_run_that_conflicts_is_decided_again_one_event_at_a_time(
         backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     store = await open_store(backend, tmp_path, request)
     commands = CommandService(store)
-    host = (await commands.register_host(ADMIN, "h1", 1, "2GB", "100GB")).result  # room for two
+    host = (await up_host(commands, "h1", 1, "2GB", "100GB")).result  # room for two
     a, b, c = await create(commands, 3)
     records = await store.read_all()
     # Someone else places `a` after the scheduler read the log: its view is stale.
@@ -121,7 +122,7 @@ async def test_a_run_too_large_for_one_etcd_transaction_is_split(etcd: EtcdClust
     store = EtcdEventStore(etcd.endpoints, prefix=unique_prefix(), max_txn_ops=32)
     commands = CommandService(store)
     for i in range(3):
-        await commands.register_host(ADMIN, f"h{i}", 8, "64GB", "100GB")
+        await up_host(commands, f"h{i}", 8, "64GB", "100GB")
     vm_ids = await create(commands, 20)
     scheduler = Scheduler(commands, max_batch=64)
     models = await run_until_decided(store, scheduler, vm_ids)
@@ -139,13 +140,14 @@ async def test_a_vm_refused_while_a_host_was_being_registered_is_placed(tmp_path
     store = await open_store("sqlite", tmp_path, request)
     commands = CommandService(store)
     (vm,) = await create(commands, 1)
-    host = (await commands.register_host(ADMIN, "late", 2, "4GB", "20GB")).result
-    requested, registered = await store.read_all()
+    host = (await up_host(commands, "late", 2, "4GB", "20GB")).result
+    requested, registered, came_up = await store.read_all()
     scheduler = Scheduler(commands)
     await scheduler.handle(requested)  # no host in its view yet
-    (refused,) = await store.read_all(after=registered.position)
+    (refused,) = await store.read_all(after=came_up.position)
     assert refused.type == "vm.unschedulable"
     await scheduler.handle(registered)  # the VM still looks requested to it here
+    await scheduler.handle(came_up)
     await scheduler.handle(refused)
     models = await models_of(store, commands)
     assert models.vms.get(vm).status is vm_domain.Status.SCHEDULED and models.vms.get(vm).host_id == host
@@ -157,7 +159,7 @@ async def test_placing_on_a_stale_view_is_decided_again_on_fresh_state(
         backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     store = await open_store(backend, tmp_path, request)
     commands = CommandService(store)
-    host = (await commands.register_host(ADMIN, "h1", 1, "1GB", "100GB")).result  # room for one
+    host = (await up_host(commands, "h1", 1, "1GB", "100GB")).result  # room for one
     first, second = await create(commands, 2)
     repository = commands.repository
     empty = await repository.load(HOST, host_domain.stream_name(host))
@@ -186,7 +188,7 @@ async def test_schedule_writes_nothing_when_one_decision_is_refused_or_stale(
         backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     store = await open_store(backend, tmp_path, request)
     commands = CommandService(store)
-    host = (await commands.register_host(ADMIN, "h1", 1, "2GB", "100GB")).result  # room for two
+    host = (await up_host(commands, "h1", 1, "2GB", "100GB")).result  # room for two
     vms = await create(commands, 3)
     head = await store.head()
     with pytest.raises(Rejected, match="no room"):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.conftest import open_store
 from tests.support.gateway import ADMIN, Api, user, vm_body
+from ucloud.commands.unit_of_work import SYSTEM
 from ucloud.gateway.app import COMMANDS, GatewayConfig, init_app
 from ucloud.processes.scheduler import Scheduler
 
@@ -22,7 +24,8 @@ async def test_an_unschedulable_vm_shows_its_needs_and_the_largest_free_in_reada
     try:
         async with TestClient(TestServer(app)) as client:
             admin, alice = Api(client, ADMIN), Api(client, user("alice"))
-            await admin.ok("POST", "/v1/hosts", {"hostname": "vm", "cores": 8, "ram": "24GiB", "disk": "1TiB"})
+            host = await admin.ok("POST", "/v1/hosts", {"hostname": "vm", "cores": 8, "ram": "24GiB", "disk": "1TiB"})
+            await app[COMMANDS].mark_host_up(SYSTEM, UUID(host["id"]), 1, 3.0)  # as its agent would
             scheduler = Scheduler(app[COMMANDS])
             task = asyncio.create_task(scheduler.run())
             try:

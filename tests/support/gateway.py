@@ -14,6 +14,7 @@ from uuid import UUID
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
+from tests.support.hosts import up_host
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import SYSTEM
 from ucloud.domain import vm as vm_domain
@@ -64,7 +65,7 @@ def vm_body(name: str = "web1", **overrides: Any) -> dict[str, Any]:
 
 async def drive_to_running(commands: CommandService, vm_id: UUID, hostname: str = "host1") -> UUID:
     """Do what the scheduler and a host agent would: register a host, place, report started."""
-    host = await commands.register_host(SYSTEM, hostname, 64, "256GiB", "10TiB")
+    host = await up_host(commands, hostname, 64, "256GiB", "10TiB")
     await commands.place_vm(SYSTEM, vm_id, host.result)
     await commands.report(SYSTEM, vm_domain.ReportStarted(vm_id=vm_id, host_id=host.result, accelerator="tcg"))
     return host.result

@@ -1,0 +1,95 @@
+"""`ucloud processes`: every process manager, each under its own leader lease.
+
+Scheduler and failure detector on the framework; billing and the IPAM allocator (loops of
+their own still) under the same kind of leader lease.
+
+Any number of instances may run (on any machines, against one log): for each process
+manager one instance leads and the others stand by to take over when its lease expires
+(processes/framework.py). `ucloud up` runs the same set in its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ucloud.commands.service import CommandService
+from ucloud.eventstore.leases import Leases
+
+from .billing import BillingProcess
+from .detector import FailureDetector
+from .framework import ProcessRunner, lead_while_holding
+from .ipam import IpamAllocator
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    instance: str
+    lease_ttl: float = 3.0  # of the process managers' leader leases
+    declare_after: float = 0.5  # the detector's grace after a host lease is gone
+    snapshot_interval: float = 30.0
+    ipv6_pool: str | None = None  # the IPAM allocator's pool (None: the log's, or a new ULA /48)
+
+
+@dataclass
+class Processes:
+    """The process managers of one `ucloud processes` (or `ucloud up`)."""
+
+    runners: list[ProcessRunner] = field(default_factory=list)
+    components: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+
+
+def build(commands: CommandService, leases: Leases | None, settings: ProcessSettings) -> Processes:
+    store = commands.store
+    made = Processes()
+    scheduler = Scheduler(commands, instance=settings.instance)
+    detector = FailureDetector(commands, leases, instance=settings.instance,
+                               declare_after=settings.declare_after) if leases is not None else None
+    for manager in (scheduler, detector):
+        if manager is None:
+            continue
+        runner = ProcessRunner(manager, store, leases, instance=settings.instance, lease_ttl=settings.lease_ttl,
+                               snapshot_interval=settings.snapshot_interval)
+        made.runners.append(runner)
+        made.components[manager.name] = runner.run
+    # Those with loops of their own, until they move onto ProcessRunner: each still runs
+    # only where it holds its leader lease.
+    billing = BillingProcess(store)
+    made.components["billing"] = lambda: lead_while_holding(leases, "billing", settings.instance,
+                                                            settings.lease_ttl, billing.run)
+    ipam = IpamAllocator(store, commands.codec, pool=settings.ipv6_pool)  # VNIs, /64s, MACs
+    made.components["ipam"] = lambda: lead_while_holding(leases, "ipam", settings.instance,
+                                                         settings.lease_ttl, ipam.run)
+    return made
+
+
+async def run_all(components: dict[str, Callable[[], Awaitable[None]]]) -> None:
+    """Run every component; one that fails is logged and started again."""
+    async def supervised(name: str, component: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await component()
+                log.warning("%s returned; starting it again", name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed; starting it again in %.1fs", name, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    tasks = [asyncio.create_task(supervised(name, run), name=name) for name, run in components.items()]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

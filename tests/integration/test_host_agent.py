@@ -22,7 +22,7 @@ from tests.support.qemu import (
     short_run_root,
     wait_for_marker,
 )
-from ucloud.commands.service import CommandService
+from ucloud.commands.service import HOST_IMAGES, CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import vm as vm_domain
 from ucloud.eventstore.leases import leases_for
@@ -72,7 +72,9 @@ class Host:
 @pytest.fixture
 async def host(tmp_path: Path) -> AsyncIterator[Host]:
     store = SqliteEventStore(tmp_path / "events.sqlite")
-    commands = CommandService(store)
+    # "no-such-image": a name the command side takes as provided by the hosts, which this
+    # host does not have (the start fails on the host, with the reason).
+    commands = CommandService(store, host_images=HOST_IMAGES | {"no-such-image"})
     with short_run_root() as root:
         images = ImageCatalogue(root / "images")
         await asyncio.to_thread(images.install_tiny, TINY_CACHE)

@@ -18,6 +18,7 @@ from ucloud.eventstore.url import InvalidStoreUrl, open_store
 from ucloud.imagestore.stores import parse_stores
 
 from .agent import HostAgent
+from .debianimage import DebianImageError
 from .images import ImageCatalogue
 from .qemu import QemuDriver
 from .watchdog import WatchdogFeed
@@ -25,7 +26,7 @@ from .watchdog import WatchdogFeed
 
 async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool,
                     metadata_url: str | None = None, lease_ttl: float = 3.0, lease_margin: float = 0.5,
-                    image_stores: tuple[str, ...] = ()) -> None:
+                    image_stores: tuple[str, ...] = (), debian12: bool = False) -> None:
     stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
     store = open_store(store_url)
     leases = leases_for(store)
@@ -35,6 +36,8 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
         async def prepare() -> None:
             if tiny:
                 await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
+            if debian12:
+                await asyncio.to_thread(images.install_debian12, state_dir / "cache" / "debian-12")
 
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname,
@@ -68,9 +71,12 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
               help="Seconds of the heartbeat lease: the host is declared dead about this long after it stops.")
 @click.option("--lease-margin", type=click.FloatRange(min=0.1), default=0.5, show_default=True,
               help="The agent fences its guests this long before its lease could expire.")
+@click.option("--debian-12", "debian12", is_flag=True,
+              help="Build (once, ~500 MB of Debian packages) and publish the stock image 'debian-12' "
+                   "(cloud-init, openssh).")
 @click.option("-v", "--verbose", is_flag=True)
 def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, image_stores: tuple[str, ...],
-         metadata_url: str | None, lease_ttl: float, lease_margin: float, verbose: bool) -> None:
+         metadata_url: str | None, lease_ttl: float, lease_margin: float, debian12: bool, verbose: bool) -> None:
     """Run the host agent: register this host and make its VMs match the log."""
     if lease_margin >= lease_ttl:
         raise click.UsageError(f"--lease-margin ({lease_margin}) must be below --lease-ttl ({lease_ttl})")
@@ -80,6 +86,8 @@ def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bo
     try:
         parse_stores(image_stores)
         asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, metadata_url,
-                              lease_ttl, lease_margin, image_stores))
+                              lease_ttl, lease_margin, image_stores, debian12))
     except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None
+    except DebianImageError as error:
+        raise click.ClickException(f"cannot build the image debian-12: {error}") from None

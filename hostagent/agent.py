@@ -45,7 +45,7 @@ from ucloud.eventstore.errors import EventStoreError
 from ucloud.eventstore.leases import Grant, HeldLease, Leases, hold
 from ucloud.eventstore.records import EventRecord
 from ucloud.projections.runner import Projection, ProjectionRunner
-from ucloud.projections.views import VmsView
+from ucloud.projections.views import HostsView, VmsView
 
 from .hypervisor import ExitReason, HypervisorDriver, VmSpec, VmState, VmStatus
 from .images import ImageCatalogue, ImageNotFound
@@ -97,13 +97,18 @@ class SliceVms(Projection):
     request, or its life elsewhere before it came back) from the VM's own stream."""
 
     name = "slice-vms"
-    handles = VmsView.handles
+    snapshot_schema = 2
+    handles = VmsView.handles | HostsView.handles
 
     def __init__(self) -> None:
         self.vms = VmsView()
+        self.hosts = HostsView()  # this host only: its slice holds no other host's events
         self.versions: dict[UUID, int] = {}
 
     def apply(self, record: EventRecord, event: Event) -> None:
+        if isinstance(event, host_domain.HOST_EVENT_TYPES):
+            self.hosts.apply(record, event)
+            return
         vm_id = getattr(event, "vm_id", None)
         if vm_id is None or record.version <= self.versions.get(vm_id, 0):
             return
@@ -111,10 +116,12 @@ class SliceVms(Projection):
         self.versions[vm_id] = record.version
 
     def dump(self) -> Any:
-        return {"vms": self.vms.dump(), "versions": {str(k): v for k, v in self.versions.items()}}
+        return {"vms": self.vms.dump(), "hosts": self.hosts.dump(),
+                "versions": {str(k): v for k, v in self.versions.items()}}
 
     def load(self, data: Any) -> None:
         self.vms.load(data["vms"])
+        self.hosts.load(data["hosts"])
         self.versions = {UUID(k): v for k, v in data["versions"].items()}
 
 
@@ -285,6 +292,20 @@ class HostAgent:
         await self.runner.wait_for(max(outcome.position, head), timeout=30)
         log.info("host %s is up in session %d", self.hostname, grant.token)
 
+    async def _evacuate(self) -> None:
+        """An admin asked for this host's VMs to run elsewhere: kill their guests here
+        first, then move the VMs (vm.host_lost, claims released, host.evacuated in one
+        append); the scheduler places them again. Never the other order: a guest must be
+        gone here before it can start elsewhere."""
+        vms = self.vms.on_host(self.host_id)
+        for vm in vms:
+            if (await self.driver.status(vm.id)).running:
+                await self.driver.kill(vm.id)
+                log.warning("stopped VM %s: its host is evacuated", vm.id)
+        outcome = await self.commands.evict(self.actor, self.host_id, [vm.id for vm in vms],
+                                            "its host was evacuated", evacuated=True)
+        await self.runner.wait_for(outcome.position, timeout=10)
+
     async def fence(self, why: str) -> None:
         """Kill every guest now (no guest cooperation: the clock is against us)."""
         for vm_id in await self.driver.list_running():
@@ -302,7 +323,7 @@ class HostAgent:
         if begins is not None and self.runner.position < begins:
             for record in await store.read_all(self.runner.position, up_to=begins):
                 self.read += 1
-                if record.stream.startswith("vm-"):
+                if record.stream.startswith("vm-") or record.stream == host_domain.stream_name(self.host_id):
                     self.runner.apply(record)
             self.runner.position = begins
         # Only VMs placed here concern us; a snapshot-less start over an old log keeps them.
@@ -323,6 +344,9 @@ class HostAgent:
                         self.runner.apply(missed)
                 self.runner.apply(record)
                 self._wake.set()
+            elif record.stream == host_domain.stream_name(self.host_id):
+                self.runner.apply(record)
+                self._wake.set()
             self.runner.position = record.position
             await self.runner.notify()
             await self.runner.snapshot_if_due()
@@ -330,6 +354,10 @@ class HostAgent:
     async def reconcile(self) -> None:
         """One pass: compare what the log wants with what runs, and act on each VM."""
         if not self.live:
+            return
+        host = self.slice.hosts.by_id.get(self.host_id)
+        if host is not None and host.evacuating:
+            await self._evacuate()
             return
         for vm_id in await self.driver.list_running():
             known = self.vms.get(vm_id)

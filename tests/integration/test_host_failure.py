@@ -17,6 +17,7 @@ import pytest
 from tests.support.cluster import ALICE, Agent, Cluster
 from tests.support.etcd import EtcdCluster
 from ucloud.commands.service import CommandService
+from ucloud.commands.unit_of_work import SYSTEM
 from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
 
@@ -156,3 +157,33 @@ async def test_a_hung_agent_is_fenced_by_its_watchdog_before_any_replacement_sta
     await made.wait(rejoined, 60, "the hung host rejoins")
     time.sleep(3)  # noqa: ASYNC251 - give it time to (wrongly) start something
     assert all(qemu_of(victim, v) is None for v in moved), "a moved VM must not run on its old host"
+
+
+async def test_an_evacuated_host_s_guests_stop_before_they_start_elsewhere(
+        cluster: tuple[Cluster, CommandService]) -> None:
+    made, commands = cluster
+    await start_hosts(made, ["ea", "eb"])
+    vms = await create_running(made, commands, 2)
+    models = await made.models()
+    source_id = models.vms.get(vms[0]).host_id
+    source = next(a for a in made.agents.values() if a.host_id == source_id)
+    moving = [v for v in vms if models.vms.get(v).host_id == source_id]
+    old = {v: qemu_of(source, v) for v in moving}
+    await commands.host_command(SYSTEM, host_domain.Evacuate(host_id=source_id))
+    died: dict[UUID, float] = {}
+    born: dict[UUID, float] = {}
+    deadline = time.monotonic() + 120
+    while len(born) < len(moving):
+        assert time.monotonic() < deadline, made.log(f"agent-{source.hostname}.log")
+        for vm_id, pid in old.items():
+            if vm_id not in died and (pid is None or not alive(pid)):
+                died[vm_id] = time.monotonic()
+        for vm_id in moving:
+            if vm_id not in born and any(qemu_of(a, vm_id) for a in made.agents.values() if a is not source):
+                born[vm_id] = time.monotonic()
+        time.sleep(0.02)  # noqa: ASYNC251 - a tight observation loop
+    assert all(died[v] <= born[v] for v in moving), "a guest stopped here before it started elsewhere"
+    models = await made.models()
+    host = models.hosts.by_id[source_id]
+    assert host.maintenance and not host.evacuating and host.claims == {}
+    assert all(models.vms.get(v).host_id not in (None, source_id) for v in moving)

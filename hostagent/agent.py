@@ -174,6 +174,7 @@ class HostAgent:
         self.stop_timeout = stop_timeout
         self.smbios_serial = nocloud_serial(metadata_url) if metadata_url else None
         self._wake = asyncio.Event()
+        self._parallel = asyncio.Semaphore(8)  # VMs reconciled at once
         self._reported_reboots: dict[UUID, int] = {}
 
     def disk_path(self, vm_id: UUID) -> Path:
@@ -226,8 +227,10 @@ class HostAgent:
                         following = asyncio.create_task(self._follow())
                     await self._up(grant)
                     await self._reconcile_forever(held)
-                self.held = None
-                await self.fence("the heartbeat lease was lost")
+                    # Fence first, inside the block: leaving it gives the lease back, which
+                    # may hang on the very network that failed us.
+                    self.held = None
+                    await self.fence("the heartbeat lease was lost")
                 grant = await self._take_lease()
         finally:
             if following is not None:
@@ -367,7 +370,12 @@ class HostAgent:
                 # know at all is left alone: only the log's word moves a VM.)
                 await self.driver.kill(vm_id)
                 log.warning("killed VM %s: it is no longer placed on this host", vm_id)
-        for vm in self.vms.on_host(self.host_id):
+        # VMs are independent (the driver locks each one): handled side by side, so five
+        # guests moved here from a dead host start together, not one after another.
+        await asyncio.gather(*(self._reconcile_guarded(vm) for vm in self.vms.on_host(self.host_id)))
+
+    async def _reconcile_guarded(self, vm: vm_domain.Vm) -> None:
+        async with self._parallel:
             if not self.live:
                 return
             try:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class ProcessSettings:
     instance: str
     lease_ttl: float = 3.0  # of the process managers' leader leases
-    declare_after: float = 0.5  # the detector's grace after a host lease is gone
+    declare_after: float = 0.25  # the detector's grace after a host lease is gone
     snapshot_interval: float = 30.0
     ipv6_pool: str | None = None  # the IPAM allocator's pool (None: the log's, or a new ULA /48)
 

@@ -64,6 +64,7 @@ from ucloud.gateway.metadata import start as start_metadata
 from ucloud.hostagent.agent import HostAgent, nocloud_serial
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
+from ucloud.imagestore.stores import parse_stores
 from ucloud.processes import daemon as processes
 
 log = logging.getLogger("ucloud.up")
@@ -193,10 +194,12 @@ async def run_up(
     files_root: Path | None = None,
     ipv6_pool: str | None = None,
     metadata_port: int | None = 80,
+    image_stores: tuple[str, ...] = (),
     metadata_url: str | None = None,
 ) -> None:
     auth = auth or AuthOptions()
     files_root = files_root or state_dir / "files"
+    stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
     private_state_dir(state_dir)
     authenticator: SessionAuthenticator | None = None
     first: FirstAdmin | None = None
@@ -217,7 +220,7 @@ async def run_up(
     try:
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
                                             authenticator=authenticator or "header", limits=limits,
-                                            files_root=files_root))
+                                            files_root=files_root, image_stores=tuple(stores)))
     except BaseException:
         await store.close()
         if authenticator is not None:
@@ -230,16 +233,19 @@ async def run_up(
             metadata = await start_metadata(MetadataConfig(store=store, port=metadata_port))
         except OSError as error:  # not root (port 80), or the port is taken: the rest still runs
             click.echo(f"ucloud: WARNING: no metadata server: {error}", err=True)
-    # Every process manager (scheduler, failure detector, billing, IPAM), each under its
-    # leader lease: the same set `ucloud processes` runs, so an up can share a log with others.
+    # Every process manager (scheduler, failure detector, billing, IPAM, image scanner), each
+    # under its leader lease: the same set `ucloud processes` runs, so an up can share a log
+    # with others.
     components: dict[str, Callable[[], Awaitable[None]]] = dict(processes.build(
-        commands, leases, processes.ProcessSettings(instance=f"up-{hostname}", ipv6_pool=ipv6_pool)).components)
+        commands, leases, processes.ProcessSettings(instance=f"up-{hostname}", ipv6_pool=ipv6_pool,
+                                                    files_root=files_root, image_stores=stores,
+                                                    max_image_size=limits.vm_disk)).components)
     if with_agent:
         images = ImageCatalogue(state_dir / "images")
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)
         await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
-        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname,
+        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname, stores=stores,
                           metadata_url=metadata_url, leases=leases)
         components["host agent"] = agent.run
     tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in components.items()]
@@ -326,6 +332,8 @@ async def run_up(
 @click.option("--metadata-port", type=click.IntRange(0, 65535), default=80, show_default=True,
               help="The metadata server's port (on [::] and fe80::a9fe:a9fe on every network bridge).")
 @click.option("--no-metadata", is_flag=True, help="Do not run a metadata server in this process.")
+@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
+              help="An image store (repeat; the first is the default). Default: local=fs:<state-dir>/image-store.")
 @click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
               help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
                    "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
@@ -334,7 +342,8 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
        ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
        insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, ipv6_pool: str | None,
-       metadata_port: int, no_metadata: bool, metadata_url: str | None, verbose: bool) -> None:
+       metadata_port: int, no_metadata: bool, image_stores: tuple[str, ...], metadata_url: str | None,
+       verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -358,10 +367,14 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
         except InvalidValue as error:
             raise click.UsageError(str(error)) from None
     try:
+        parse_stores(image_stores)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    try:
         asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent,
                            auth=auth, limits=limits, files_root=files_root.absolute() if files_root else None,
                            ipv6_pool=ipv6_pool, metadata_port=None if no_metadata else metadata_port,
-                           metadata_url=metadata_url))
+                           image_stores=image_stores, metadata_url=metadata_url))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError) as error:
@@ -442,9 +455,14 @@ async def run_processes(store_url: str, settings: processes.ProcessSettings) -> 
               help="Seconds a host's heartbeat lease must stay gone before it is declared dead.")
 @click.option("--ipv6-pool", envvar="UCLOUD_IPV6_POOL", metavar="PREFIX",
               help="The IPv6 pool networks' /64s come from (as for `ucloud up`).")
+@click.option("--files-root", type=click.Path(path_type=Path), envvar="UCLOUD_FILES_ROOT",
+              help="Users' files: run the image scanner here (where the files are). Without it, no scanner.")
+@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
+              help="An image store the image scanner imports into (repeat; the first is the default).")
 @click.option("-v", "--verbose", is_flag=True)
 def processes_command(store_url: str, instance: str, lease_ttl: float, declare_after: float,
-                      ipv6_pool: str | None, verbose: bool) -> None:
+                      ipv6_pool: str | None, files_root: Path | None, image_stores: tuple[str, ...],
+                      verbose: bool) -> None:
     """Run every process manager (scheduler, failure detector, billing, IPAM), leader-elected:
     start as many as you like; one leads each, the others take over."""
     if ipv6_pool is not None:
@@ -455,14 +473,17 @@ def processes_command(store_url: str, instance: str, lease_ttl: float, declare_a
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        stores = parse_stores(image_stores or ("local=fs:/var/lib/ucloud/image-store",))
         asyncio.run(run_processes(store_url, processes.ProcessSettings(
-            instance=instance, lease_ttl=lease_ttl, declare_after=declare_after, ipv6_pool=ipv6_pool)))
-    except InvalidStoreUrl as error:
+            instance=instance, lease_ttl=lease_ttl, declare_after=declare_after, ipv6_pool=ipv6_pool,
+            files_root=files_root.absolute() if files_root else None, image_stores=stores)))
+    except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None
 
 
 async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int,
-                      auth: AuthOptions, limits: Limits) -> None:
+                      auth: AuthOptions, limits: Limits, files_root: Path | None = None,
+                      image_stores: tuple[str, ...] = ("local",)) -> None:
     authenticator: SessionAuthenticator | None = None
     if auth.insecure_header_auth:
         click.echo("ucloud gateway: WARNING: --insecure-header-auth: the API trusts X-Ucloud-User headers", err=True)
@@ -472,7 +493,8 @@ async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], 
     store = open_store(store_url)
     try:
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
-                                            authenticator=authenticator or "header", limits=limits))
+                                            authenticator=authenticator or "header", limits=limits,
+                                            files_root=files_root, image_stores=image_stores))
         click.echo(f"ucloud gateway: API {gateway.url}, log {store_url}", err=True)
         try:
             await wait_for_signal()
@@ -497,9 +519,14 @@ async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], 
               help="DEVELOPMENT ONLY: trust X-Ucloud-User/X-Ucloud-Realm as sent, no tokens.")
 @click.option("--limits", "limits_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               envvar="UCLOUD_LIMITS", help="A JSON object of size and count limits to change (docs/api.md).")
+@click.option("--files-root", type=click.Path(path_type=Path), envvar="UCLOUD_FILES_ROOT",
+              help="Users' files (uploads land here; share it with the image scanner). Without it uploads answer 501.")
+@click.option("--image-store-name", "image_stores", multiple=True, default=("local",), show_default=True,
+              help="The names of the image stores images may be imported into (repeat; the first is the default).")
 @click.option("-v", "--verbose", is_flag=True)
 def gateway_command(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, ldap_config: Path | None,
-                    insecure_header_auth: bool, limits_file: Path | None, verbose: bool) -> None:
+                    insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None,
+                    image_stores: tuple[str, ...], verbose: bool) -> None:
     """Serve the HTTP API on a log; run as many as you like behind a load balancer."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -509,7 +536,8 @@ def gateway_command(store_url: str, state_dir: Path, listen: tuple[str, ...], po
         raise click.UsageError(f"--limits {limits_file}: {error}") from None
     auth = AuthOptions(insecure_header_auth, {}, ldap_config)
     try:
-        asyncio.run(run_gateway(store_url, state_dir.absolute(), listen, port, auth, limits))
+        asyncio.run(run_gateway(store_url, state_dir.absolute(), listen, port, auth, limits,
+                                files_root.absolute() if files_root else None, image_stores))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError, OSError) as error:

@@ -44,7 +44,7 @@ from ucloud.domain.names import NAME_MAX_LENGTH, NAME_PATTERN, NAME_RULE
 from ucloud.eventstore.errors import ConflictError
 
 from .identity import AuthenticationFailed
-from .inputs import check_patterns
+from .inputs import check_patterns, text
 from .keys import AUTHENTICATOR, actor_of
 from .routes import BODY_LIMIT, ApiDoc, Handler, Param, answer
 
@@ -89,29 +89,20 @@ class UserList(msgspec.Struct, kw_only=True):
     users: list[UserOut]
 
 
-def _text(max_length: int, pattern: str, rule: str, example: str) -> msgspec.Meta:
-    """A text field's declared limits: a length, a pattern (checked with fullmatch by
-    inputs.check_patterns), the rule in words (the problem's detail) and an example."""
-    return msgspec.Meta(max_length=max_length, description=rule, examples=[example],
-                        extra_json_schema={"pattern": pattern})
-
-
 # The built-in directory's rule for a new user's name (it stores it in lower case).
-NewUserName = Annotated[str, _text(128, r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$",
-                                   "a user name: 1-128 letters, digits and ._@+-, starting with a letter or digit",
-                                   "alice")]
+NewUserName = Annotated[str, text(128, r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$", "alice",
+                                  "a user name: 1-128 letters, digits and ._@+-, starting with a letter or digit")]
 # A realm is written as a name; one this gateway does not know is refused with 422.
-Realm = Annotated[str, _text(NAME_MAX_LENGTH, NAME_PATTERN, f"a realm name: {NAME_RULE}", "ucloud")]
+Realm = Annotated[str, text(NAME_MAX_LENGTH, NAME_PATTERN, "ucloud", f"a realm name: {NAME_RULE}")]
 # Latin letters (with accents), digits, spaces and a little punctuation: no control
 # characters, no other scripts' digits.
 _LETTER = r"A-Za-z0-9\u00C0-\u024F"
-DisplayName = Annotated[str, _text(
-    128, f"^[{_LETTER}][{_LETTER} '.,()@_+-]{{0,127}}$",
-    "a display name: 1-128 Latin letters, digits, spaces and '.,()@_+-, starting with a letter or digit",
-    "Alice Example")]
-Email = Annotated[str, _text(
-    254, r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}$",
-    "an e-mail address (ASCII): local part, '@', a domain name", "alice@example.org")]
+DisplayName = Annotated[str, text(
+    128, f"^[{_LETTER}][{_LETTER} '.,()@_+-]{{0,127}}$", "Alice Example",
+    "a display name: 1-128 Latin letters, digits, spaces and '.,()@_+-, starting with a letter or digit")]
+Email = Annotated[str, text(
+    254, r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}$", "alice@example.org",
+    "an e-mail address (ASCII): local part, '@', a domain name")]
 
 
 class AddUserBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

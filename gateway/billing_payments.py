@@ -42,12 +42,11 @@ from ucloud.domain.money import (
 )
 from ucloud.projections.billing import BillingView
 
+from .inputs import text
 from .routes import UserName
 
-_AMOUNT = msgspec.Meta(max_length=AMOUNT_MAX_LENGTH, description=AMOUNT_RULE, examples=["20 CHF"],
-                       extra_json_schema={"pattern": AMOUNT_PATTERN})
-_CODE = msgspec.Meta(max_length=COUPON_CODE_MAX_LENGTH, description=COUPON_CODE_RULE, examples=["WELCOME-2027"],
-                     extra_json_schema={"pattern": COUPON_CODE_PATTERN})
+Amount = Annotated[str, text(AMOUNT_MAX_LENGTH, AMOUNT_PATTERN, "20 CHF", AMOUNT_RULE)]
+CouponCode = Annotated[str, text(COUPON_CODE_MAX_LENGTH, COUPON_CODE_PATTERN, "WELCOME-2027", COUPON_CODE_RULE)]
 
 
 class PayBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -55,13 +54,9 @@ class PayBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     configured here, is refused with 422 naming the field."""
 
     method: Literal["coupon", "bank-transfer", "card"]
-    amount: Annotated[str, _AMOUNT] | None = None  # card: how much; bank-transfer: default the invoice's total
-    code: Annotated[str, _CODE] | None = None  # coupon
+    amount: Amount | None = None  # card: how much; bank-transfer: default the invoice's total
+    code: CouponCode | None = None  # coupon
     invoice: Annotated[int, msgspec.Meta(ge=1, le=CEILING)] | None = None  # bank-transfer: which invoice
-
-
-def _text(max_length: int, pattern: str, example: str) -> msgspec.Meta:
-    return msgspec.Meta(max_length=max_length, examples=[example], extra_json_schema={"pattern": pattern})
 
 
 class CardIntentMetadata(msgspec.Struct, kw_only=True):
@@ -71,17 +66,17 @@ class CardIntentMetadata(msgspec.Struct, kw_only=True):
 class CardIntent(msgspec.Struct, kw_only=True):
     """The provider's payment intent as its webhook reports it (other fields are ignored)."""
 
-    id: Annotated[str, _text(128, r"^[A-Za-z0-9_-]{1,128}$", "pi_4f0c2a")]
-    status: Annotated[str, _text(64, r"^[a-z_]{1,64}$", "succeeded")]
+    id: Annotated[str, text(128, r"^[A-Za-z0-9_-]{1,128}$", "pi_4f0c2a")]
+    status: Annotated[str, text(64, r"^[a-z_]{1,64}$", "succeeded")]
     amount_micros: Annotated[int, msgspec.Meta(ge=0, le=CEILING)]
-    currency: Annotated[str, _text(3, r"^[A-Z]{3}$", "CHF")]
+    currency: Annotated[str, text(3, r"^[A-Z]{3}$", "CHF")]
     metadata: CardIntentMetadata
 
 
 class CardEvent(msgspec.Struct, kw_only=True):
     """The body of the provider's webhook: what happened, and to which intent."""
 
-    type: Annotated[str, _text(64, r"^[a-z0-9_.]{1,64}$", "payment_intent.succeeded")]
+    type: Annotated[str, text(64, r"^[a-z0-9_.]{1,64}$", "payment_intent.succeeded")]
     intent: CardIntent | None = None
 
 

@@ -25,9 +25,6 @@ from aiohttp import web
 from ucloud.commands.billing import BillingCommands
 from ucloud.commands.unit_of_work import SYSTEM, Actor
 from ucloud.domain.account import (
-    COUPON_CODE_MAX_LENGTH,
-    COUPON_CODE_PATTERN,
-    COUPON_CODE_RULE,
     Kind,
     Source,
 )
@@ -35,7 +32,7 @@ from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import InvalidValue, NotFound, Rejected
 from ucloud.domain.invoice import InvoiceIssued, InvoiceLine
 from ucloud.domain.limits import CEILING
-from ucloud.domain.money import AMOUNT_MAX_LENGTH, AMOUNT_PATTERN, AMOUNT_RULE, Money, format_micros
+from ucloud.domain.money import Money, format_micros
 from ucloud.domain.names import NAME_MAX_LENGTH, NAME_PATTERN
 from ucloud.domain.order import Order
 from ucloud.domain.pricing import (
@@ -52,14 +49,16 @@ from ucloud.projections.billing import BillingView, periods_from_environment
 from ucloud.projections.runner import ProjectionRunner
 
 from .billing_payments import (
+    Amount,
     CardEvent,
     CardMethod,
+    CouponCode,
     PayBody,
     PaymentMethod,
     PayOut,
     methods_from_environment,
 )
-from .inputs import check_patterns, check_value
+from .inputs import check_patterns, check_value, text
 from .keys import CONFIG, STORE, VM_CREATE_GUARD, actor_of
 from .problems import PaymentRequired, PositionNotReached
 from .routes import (
@@ -104,22 +103,12 @@ def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
 # -- bodies and answers ------------------------------------------------------------------------
 
 
-def _text(max_length: int, pattern: str, rule: str, example: str, **extra: Any) -> msgspec.Meta:
-    """A text field's declared limits: a length, a pattern (checked with fullmatch by
-    inputs.check_patterns), the rule in words (the problem's detail) and an example."""
-    return msgspec.Meta(max_length=max_length, description=rule, examples=[example],
-                        extra_json_schema={"pattern": pattern, **extra})
-
-
-Amount = Annotated[str, _text(AMOUNT_MAX_LENGTH, AMOUNT_PATTERN, AMOUNT_RULE, "20 CHF")]
-PriceText = Annotated[str, _text(PRICE_MAX_LENGTH, PRICE_PATTERN, PRICE_RULE, "0.01 CHF/hour")]
-CouponCode = Annotated[str, _text(COUPON_CODE_MAX_LENGTH, COUPON_CODE_PATTERN, COUPON_CODE_RULE, "WELCOME-2027")]
+PriceText = Annotated[str, text(PRICE_MAX_LENGTH, PRICE_PATTERN, "0.01 CHF/hour", PRICE_RULE)]
 # A time as text with its pattern (msgspec's datetime would answer 400 for "2027-13-01T..."
 # although it has the declared form): parse_time answers 422 for such.
-TimeText = Annotated[str, _text(TIME_MAX_LENGTH, TIME_PATTERN, TIME_RULE, "2099-01-01T00:00:00Z",
-                                format="date-time")]
-Reference = Annotated[str, _text(200, r"^[ -~]{0,200}$", "at most 200 printable ASCII characters",
-                                 "UC-2027-000042")]
+TimeText = Annotated[str, text(TIME_MAX_LENGTH, TIME_PATTERN, "2099-01-01T00:00:00Z", TIME_RULE,
+                               format="date-time")]
+Reference = Annotated[str, text(200, r"^[ -~]{0,200}$", "UC-2027-000042", "at most 200 printable ASCII characters")]
 InvoiceNumber = Annotated[int, msgspec.Meta(ge=1, le=CEILING)]
 
 

@@ -54,11 +54,11 @@ class HeaderAuthenticator:
         name = headers.get(USER_HEADER, "").strip()
         if not name:
             raise AuthenticationFailed(f"missing {USER_HEADER} header: say who you are")
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise AuthenticationFailed(
                 f"{USER_HEADER} {name!r} is not a user name (1-64 letters, digits or _.@-)")
         realm = headers.get(REALM_HEADER, "").strip() or self.default_realm
-        if not _NAME.match(realm):
+        if not _NAME.fullmatch(realm):
             raise AuthenticationFailed(f"{REALM_HEADER} {realm!r} is not a realm name")
         return Actor(name, realm, is_admin=realm == self.admin_realm)
 

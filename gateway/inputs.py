@@ -72,6 +72,15 @@ def check_value(field: str, schema: dict[str, Any], raw: str) -> Any:
     return raw
 
 
+def text(max_length: int, pattern: str, example: str, rule: str | None = None, **extra: Any) -> msgspec.Meta:
+    """A text field's declared limits for its msgspec type: a length (msgspec checks it while
+    decoding), an anchored pattern (``check_patterns`` fullmatches it; ``extra`` adds other
+    schema keywords), an example and the rule in words (the problem's detail when the
+    pattern is not met)."""
+    return msgspec.Meta(max_length=max_length, examples=[example], description=rule,
+                        extra_json_schema={"pattern": pattern, **extra})
+
+
 def schema_of(value_type: Any) -> dict[str, Any]:
     """The JSON schema of a parameter's msgspec type (a plain, reference-free type)."""
     schema = msgspec.json.schema(value_type)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -35,20 +36,23 @@ from uuid import UUID
 
 import msgspec
 
+from ucloud.commands.aggregates import IMAGE
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import host as host_domain
+from ucloud.domain import image as image_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.errors import DomainError
 from ucloud.domain.events import Event
 from ucloud.eventstore.errors import EventStoreError
 from ucloud.eventstore.leases import Grant, HeldLease, Leases, hold
 from ucloud.eventstore.records import EventRecord
+from ucloud.imagestore.stores import Disk, ImageStore, StoreError, run
 from ucloud.projections.runner import Projection, ProjectionRunner
 from ucloud.projections.views import HostsView, VmsView
 
 from .hypervisor import ExitReason, HypervisorDriver, VmSpec, VmState, VmStatus
-from .images import ImageCatalogue, ImageNotFound
+from .images import Image, ImageCatalogue, ImageNotFound
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +141,7 @@ class HostAgent:
         capacity: Capacity | None = None,
         resync_interval: float = 2.0,
         stop_timeout: float = 30.0,
+        stores: dict[str, ImageStore] | None = None,
         metadata_url: str | None = None,
         leases: Leases | None = None,
         lease_ttl: float = 3.0,
@@ -145,11 +150,15 @@ class HostAgent:
         snapshot_interval: float = 30.0,
         prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """``leases``: the heartbeat; None runs without one (and never fences). ``feed``:
-        called with each new fence deadline (the watchdog client). ``prepare``: slow
-        start-up work (building the tiny image) done once the lease is held, so that a
-        restarted agent resumes its lease before it runs out."""
+        """``stores``: the image stores this host reaches (declared at registration; a VM
+        whose image is in one of them is cloned from it). ``leases``: the heartbeat; None
+        runs without one (and never fences). ``feed``: called with each new fence deadline
+        (the watchdog client). ``prepare``: slow start-up work (building the tiny image)
+        done once the lease is held, so that a restarted agent resumes its lease before it
+        runs out."""
         self.commands = commands
+        self.stores = dict(stores or {})
+        self._disk_sizes: dict[UUID, int] = {}  # what each VM's disk was last seen or grown to
         self.driver = driver
         self.images = images
         self.state_dir = Path(state_dir)
@@ -177,13 +186,24 @@ class HostAgent:
         self._parallel = asyncio.Semaphore(8)  # VMs reconciled at once
         self._reported_reboots: dict[UUID, int] = {}
 
+    @property
+    def disks(self) -> Path:
+        return self.state_dir / "disks"
+
     def disk_path(self, vm_id: UUID) -> Path:
-        return self.state_dir / "disks" / f"{vm_id}.qcow2"
+        return self.disks / f"{vm_id}.qcow2"
+
+    def disk_of(self, vm: vm_domain.Vm) -> tuple[ImageStore | None, Disk]:
+        """The store a VM's disk is a clone in (None: a host-provided image) and the disk."""
+        store = self.stores.get(vm.image_store) if vm.image_id is not None else None
+        if store is not None:
+            return store, store.disk(vm.id, self.disks)
+        return None, Disk(str(self.disk_path(vm.id)), "qcow2")
 
     async def register(self) -> None:
         await self.commands.register_host(
             self.actor, self.hostname, self.capacity.cores, self.capacity.ram, self.capacity.disk,
-            hypervisor=type(self.driver).name,
+            hypervisor=type(self.driver).name, stores=tuple(self.stores),
         )
 
     @property
@@ -402,20 +422,26 @@ class HostAgent:
                 await self.driver.stop(vm.id, timeout=self.stop_timeout)
             if observed.state is not VmState.ABSENT:
                 await self.driver.remove(vm.id)
+            store, _ = self.disk_of(vm)
+            if store is not None:
+                await store.remove_clone(vm.id, self.disks)  # the clone only: the image stays
             disk = self.disk_path(vm.id)
             if disk.exists():
                 await self.driver.delete_disk(disk)
+            self._disk_sizes.pop(vm.id, None)
             await self._report(vm_domain.ReportDeleted(vm_id=vm.id, host_id=self.host_id))
             return
         if vm.desired is D.STOPPED:
             if running:
                 observed = await self.driver.stop(vm.id, timeout=self.stop_timeout)
+            await self._grow_disk(vm, online=False)
             if vm.status is not S.STOPPED:
                 await self._report(vm_domain.ReportStopped(vm_id=vm.id, host_id=self.host_id,
                                                            reason=observed.detail or "stopped by request"))
             return
         # desired: running
         if running:
+            await self._grow_disk(vm, online=True)
             if vm.status is not S.RUNNING:  # adopted, or our report was lost
                 await self._report(vm_domain.ReportStarted(vm_id=vm.id, host_id=self.host_id))
             elif vm.reboot_requests > vm.reboots and self._reported_reboots.get(vm.id, -1) < vm.reboot_requests:
@@ -440,16 +466,40 @@ class HostAgent:
             return  # a failed start is not retried in a loop; the user starts it again
         await self._start(vm)
 
+    async def _grow_disk(self, vm: vm_domain.Vm, *, online: bool) -> None:
+        """Grow the VM's disk to its size in the log, if it is smaller (after a resize):
+        through the hypervisor while the guest runs, in the disk file or store otherwise."""
+        if self._disk_sizes.get(vm.id, -1) >= vm.disk:
+            return
+        store, disk = self.disk_of(vm)
+        if store is not None:
+            size = await store.clone_size(vm.id, self.disks)
+        elif Path(disk.path).exists():
+            info = json.loads(await run("qemu-img", "info", "--output=json", "-U", disk.path, what="reading a disk"))
+            size = int(info["virtual-size"])
+        else:
+            size = None
+        if size is None:
+            return  # no disk yet: it is made at its full size on start
+        if size < vm.disk:
+            if online:
+                await self.driver.resize_disk(vm.id, vm.disk)
+            elif store is not None:
+                await store.grow(vm.id, vm.disk, self.disks)
+            else:
+                await run("qemu-img", "resize", "-q", "-f", "qcow2", disk.path, str(vm.disk), what="growing a disk")
+            size = vm.disk
+            await self._report(vm_domain.ReportDiskResized(vm_id=vm.id, host_id=self.host_id, disk=size,
+                                                           online=online))
+        self._disk_sizes[vm.id] = size
+
     async def _start(self, vm: vm_domain.Vm) -> None:
         try:
-            image = self.images.get(vm.image)
-        except ImageNotFound as error:
-            await self._report(vm_domain.ReportFailed(vm_id=vm.id, host_id=self.host_id, reason=str(error)))
+            disk, boot = await self._prepare_disk(vm)
+        except (ImageNotFound, StoreError) as error:
+            await self._report(vm_domain.ReportFailed(vm_id=vm.id, host_id=self.host_id, reason=str(error)[:500]))
             return
-        disk = self.disk_path(vm.id)
         try:
-            if not disk.exists():
-                await self.driver.create_disk(image.disk, disk, vm.disk)
             observed = await self.driver.status(vm.id)
             if observed.state is not VmState.ABSENT and not observed.running:
                 await self.driver.remove(vm.id)  # the last run's leftovers (exit record, sockets)
@@ -457,10 +507,11 @@ class HostAgent:
             if not self.live:
                 return
             handle = await self.driver.start(VmSpec(
-                vm_id=vm.id, name=vm.name, cores=vm.cores, ram_bytes=vm.ram, disk_path=str(disk),
-                kernel=str(image.kernel) if image.kernel else None,
-                initrd=str(image.initrd) if image.initrd else None,
-                append=image.append if image.kernel else None,
+                vm_id=vm.id, name=vm.name, cores=vm.cores, ram_bytes=vm.ram, disk_path=disk.path,
+                disk_format=disk.format,
+                kernel=str(boot.kernel) if boot and boot.kernel else None,
+                initrd=str(boot.initrd) if boot and boot.initrd else None,
+                append=boot.append if boot and boot.kernel else None,
                 smbios_product=OPENSTACK_PRODUCT, smbios_serial=self.smbios_serial,
             ))
         except Exception as error:  # any start failure is reported, with its reason
@@ -468,6 +519,28 @@ class HostAgent:
             await self._report(vm_domain.ReportFailed(vm_id=vm.id, host_id=self.host_id, reason=str(error)[:500]))
             return
         await self._report(vm_domain.ReportStarted(vm_id=vm.id, host_id=self.host_id, accelerator=handle.accel))
+
+    async def _prepare_disk(self, vm: vm_domain.Vm) -> tuple[Disk, Image | None]:
+        """The VM's disk, made now if it does not exist: a clone of its catalogued image in
+        the image's store, or an overlay on a host-provided image (which may also give a
+        kernel to boot directly)."""
+        if vm.image_id is None:
+            image = self.images.get(vm.image)
+            disk = self.disk_path(vm.id)
+            if not disk.exists():
+                await self.driver.create_disk(image.disk, disk, vm.disk)
+            self._disk_sizes[vm.id] = max(vm.disk, self._disk_sizes.get(vm.id, 0))
+            return Disk(str(disk), "qcow2"), image
+        store = self.stores.get(vm.image_store)
+        if store is None:
+            raise StoreError(f"this host does not reach image store {vm.image_store!r}")
+        loaded = await self.commands.repository.load(IMAGE, image_domain.stream_name(vm.image_id))
+        catalogued = loaded.state
+        if catalogued is None or not catalogued.location:
+            raise StoreError(f"image {vm.image!r} is not ready in store {vm.image_store!r}")
+        cloned = await store.clone(catalogued.location, vm.id, vm.disk, self.disks)
+        self._disk_sizes.pop(vm.id, None)  # an existing clone may be smaller than a resize asked: look again
+        return cloned, None
 
     def _epoch_path(self, vm_id: UUID) -> Path:
         return self.state_dir / "epochs" / str(vm_id)

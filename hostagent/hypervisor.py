@@ -226,6 +226,11 @@ class HypervisorDriver(ABC):
     async def delete_disk(self, path: Path) -> None:
         """Delete a VM disk. Raises DiskError if a running VM uses it."""
 
+    async def resize_disk(self, vm_id: UUID, size: int) -> None:
+        """Grow a running VM's disk to ``size`` bytes; the guest sees the new size at once.
+        Raises VmNotRunning if it does not run."""
+        raise HypervisorError(f"{type(self).__name__} cannot grow a running VM's disk")
+
     @abstractmethod
     def run_dir(self, vm_id: UUID) -> Path: ...
 

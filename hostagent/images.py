@@ -54,14 +54,25 @@ class ImageCatalogue:
         from .tinyguest import ensure_tiny_guest
 
         guest = ensure_tiny_guest(cache_dir)
-        directory = self.root / "tiny"
+        return self._publish("tiny", guest.disk_image, guest.kernel, guest.initrd, guest.append)
+
+    def install_debian12(self, cache_dir: Path | str | None = None) -> Image:
+        """Build (or reuse) the stock Debian 12 guest (cloud-init, ssh) and publish it as
+        the image ``debian-12``."""
+        from .debianimage import ensure_debian_image
+
+        image = ensure_debian_image(cache_dir)
+        return self._publish("debian-12", image.disk_image, image.kernel, image.initrd, image.append)
+
+    def _publish(self, name: str, disk: Path, kernel: Path, initrd: Path, append: str) -> Image:
+        directory = self.root / name
         directory.mkdir(parents=True, exist_ok=True)
-        for link, target in (("disk.qcow2", guest.disk_image), ("kernel", guest.kernel), ("initrd", guest.initrd)):
+        for link, target in (("disk.qcow2", disk), ("kernel", kernel), ("initrd", initrd)):
             path = directory / link
             if path.is_symlink() or path.exists():
                 if path.resolve() == Path(target).resolve():
                     continue
                 path.unlink()
             path.symlink_to(Path(target).resolve())
-        (directory / "cmdline").write_text(guest.append + "\n")
-        return self.get("tiny")
+        (directory / "cmdline").write_text(append + "\n")
+        return self.get(name)

@@ -15,15 +15,19 @@ import click
 from ucloud.commands.service import CommandService
 from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
+from ucloud.imagestore.stores import parse_stores
 
 from .agent import HostAgent
+from .debianimage import DebianImageError
 from .images import ImageCatalogue
 from .qemu import QemuDriver
 from .watchdog import WatchdogFeed
 
 
 async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool,
-                    metadata_url: str | None = None, lease_ttl: float = 3.0, lease_margin: float = 0.5) -> None:
+                    metadata_url: str | None = None, lease_ttl: float = 3.0, lease_margin: float = 0.5,
+                    image_stores: tuple[str, ...] = (), debian12: bool = False) -> None:
+    stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
     store = open_store(store_url)
     leases = leases_for(store)
     try:
@@ -32,11 +36,13 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
         async def prepare() -> None:
             if tiny:
                 await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
+            if debian12:
+                await asyncio.to_thread(images.install_debian12, state_dir / "cache" / "debian-12")
 
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname,
                           metadata_url=metadata_url, leases=leases, lease_ttl=lease_ttl,
-                          lease_margin=lease_margin, feed=WatchdogFeed(state_dir), prepare=prepare)
+                          lease_margin=lease_margin, feed=WatchdogFeed(state_dir), prepare=prepare, stores=stores)
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,6 +62,8 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--hostname", default=socket.gethostname(), show_default=True)
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
 @click.option("--no-tiny", is_flag=True, help="Do not build and publish the built-in image 'tiny'.")
+@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
+              help="An image store this host reaches (repeat). Default: local=fs:<state-dir>/image-store.")
 @click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
               help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
                    "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
@@ -63,9 +71,12 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
               help="Seconds of the heartbeat lease: the host is declared dead about this long after it stops.")
 @click.option("--lease-margin", type=click.FloatRange(min=0.1), default=0.5, show_default=True,
               help="The agent fences its guests this long before its lease could expire.")
+@click.option("--debian-12", "debian12", is_flag=True,
+              help="Build (once, ~500 MB of Debian packages) and publish the stock image 'debian-12' "
+                   "(cloud-init, openssh).")
 @click.option("-v", "--verbose", is_flag=True)
-def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, metadata_url: str | None,
-         lease_ttl: float, lease_margin: float, verbose: bool) -> None:
+def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, image_stores: tuple[str, ...],
+         metadata_url: str | None, lease_ttl: float, lease_margin: float, debian12: bool, verbose: bool) -> None:
     """Run the host agent: register this host and make its VMs match the log."""
     if lease_margin >= lease_ttl:
         raise click.UsageError(f"--lease-margin ({lease_margin}) must be below --lease-ttl ({lease_ttl})")
@@ -73,7 +84,10 @@ def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bo
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        parse_stores(image_stores)
         asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, metadata_url,
-                              lease_ttl, lease_margin))
+                              lease_ttl, lease_margin, image_stores, debian12))
     except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None
+    except DebianImageError as error:
+        raise click.ClickException(f"cannot build the image debian-12: {error}") from None

@@ -602,6 +602,19 @@ class QemuDriver(HypervisorDriver):
             with contextlib.suppress(QMPError, EOFError, OSError):
                 await client.disconnect()
 
+    async def resize_disk(self, vm_id: UUID, size: int) -> None:
+        """QMP ``block_resize`` of the VM's disk (the drive ``disk0``)."""
+        if self._live_pid(vm_id) is None:
+            raise VmNotRunning(f"VM {vm_id} is not running")
+        try:
+            await self._qmp(vm_id, "block_resize", {"device": "disk0", "size": size})
+        except QMPError as error:
+            raise DiskError(f"VM {vm_id}: growing its disk to {size} bytes failed: {error}") from error
+
+    async def block_info(self, vm_id: UUID) -> Any:
+        """QMP ``query-block``: the VM's drives as QEMU sees them."""
+        return await self._qmp(vm_id, "query-block")
+
     async def _qmp_ok(self, vm_id: UUID, command: str) -> bool:
         try:
             await self._qmp(vm_id, command)

@@ -1,7 +1,7 @@
 """`ucloud processes`: every process manager, each under its own leader lease.
 
-Scheduler and failure detector on the framework; billing and the IPAM allocator (loops of
-their own still) under the same kind of leader lease.
+Scheduler and failure detector on the framework; billing, the IPAM allocator and the image
+scanner (loops of their own still) under the same kind of leader lease.
 
 Any number of instances may run (on any machines, against one log): for each process
 manager one instance leads and the others stand by to take over when its lease expires
@@ -15,13 +15,18 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ucloud.commands.service import CommandService
+from ucloud.domain.limits import TiB
 from ucloud.eventstore.leases import Leases
+from ucloud.imagestore.stores import ImageStore
 
 from .billing import BillingProcess
 from .detector import FailureDetector
+from .files import FileScanner
 from .framework import ProcessRunner, lead_while_holding
+from .images import ImageScanner
 from .ipam import IpamAllocator
 from .scheduler import Scheduler
 
@@ -35,6 +40,10 @@ class ProcessSettings:
     declare_after: float = 0.25  # the detector's grace after a host lease is gone
     snapshot_interval: float = 30.0
     ipv6_pool: str | None = None  # the IPAM allocator's pool (None: the log's, or a new ULA /48)
+    # The image scanner runs where the users' files are: only with a files root.
+    files_root: Path | None = None
+    image_stores: dict[str, ImageStore] = field(default_factory=dict)
+    max_image_size: int = 64 * TiB  # the largest virtual size imported
 
 
 @dataclass
@@ -66,6 +75,15 @@ def build(commands: CommandService, leases: Leases | None, settings: ProcessSett
     ipam = IpamAllocator(store, commands.codec, pool=settings.ipv6_pool)  # VNIs, /64s, MACs
     made.components["ipam"] = lambda: lead_while_holding(leases, "ipam", settings.instance,
                                                          settings.lease_ttl, ipam.run)
+    if settings.files_root is not None:
+        # Records users' files (uploads, sftp) and imports requested images from them.
+        files = FileScanner(commands, settings.files_root)
+        made.components[files.name] = lambda: lead_while_holding(leases, files.name, settings.instance,
+                                                                 settings.lease_ttl, files.run)
+        scanner = ImageScanner(commands, settings.image_stores, settings.files_root,
+                               max_virtual_size=settings.max_image_size)
+        made.components[scanner.name] = lambda: lead_while_holding(leases, scanner.name, settings.instance,
+                                                                   settings.lease_ttl, scanner.run)
     return made
 
 

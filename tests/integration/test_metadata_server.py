@@ -387,3 +387,82 @@ async def test_cloud_init_22_4s_own_readers_and_parsers_accept_what_is_served(
     [physical] = [c for c in config["config"] if c["type"] == "physical"]
     assert (physical["mac_address"], physical["name"]) == (MAC_A1, "eth0")
     assert [s["type"] for s in physical["subnets"]] == ["ipv6_slaac"]
+
+
+# -- a stock Debian 12 guest under cloud-init -------------------------------------------------
+# The seeds' flow "a user orders an IPv6-only VM with an existing OS": Debian's kernel,
+# systemd, cloud-init 22.4 and openssh (hostagent/debianimage.py) on a tap in the bridge,
+# with radvd (SLAAC only: no IPv4, no DHCP) and its NoCloud seed in the SMBIOS serial
+# pointing at the metadata server at the network's router address; stock cloud-init sets
+# the hostname and installs the owner's key, and the test logs in with ssh over the
+# guest's EUI-64 address in the /64 with the owner's private key.
+
+
+def owner_key(directory: Path) -> tuple[Path, str]:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = directory / "id_ed25519"
+    private.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()))
+    private.chmod(0o600)
+    public = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode() + " alice@test"
+    return private, public
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # building the image (once, ~6 min here) and a TCG boot of a full Debian
+async def test_a_stock_debian_12_guest_gets_its_hostname_and_key_over_ipv6_and_takes_an_ssh_login(
+        world: World, server: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    from tests.support.qemu import kill_leftovers, short_run_root, wait_for_pattern
+    from ucloud.hostagent.agent import OPENSTACK_PRODUCT, nocloud_serial
+    from ucloud.hostagent.debianimage import ensure_debian_image
+    from ucloud.hostagent.hypervisor import MIB, NetworkInterface, VmSpec
+    from ucloud.hostagent.qemu import QemuDriver
+
+    image = await asyncio.to_thread(ensure_debian_image)
+    private, public = owner_key(tmp_path)
+    await world.commands.add_ssh_key(Actor("alice"), "ssh-test", public)
+    radvd = world.lab.radvd(net.bridge_name(VNI), PREFIX, tmp_path)
+    disk = tmp_path / "a1.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk_image), str(disk))
+    tap = f"{world.lab.tag[-6:]}t1"
+    run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+    spec = VmSpec(vm_id=world.vms["a1"], name="a1", cores=2, ram_bytes=1024 * MIB, disk_path=str(disk),
+                  kernel=str(image.kernel), initrd=str(image.initrd), append=image.append,
+                  interfaces=(NetworkInterface(tap=tap, mac=MAC_A1),),
+                  smbios_product=OPENSTACK_PRODUCT, smbios_serial=nocloud_serial(f"http://[{ROUTER}]"))
+    address = net.eui64_address(PREFIX, MAC_A1)
+    with short_run_root() as run_root:
+        driver = QemuDriver(run_root, accel="tcg", start_timeout=60)
+        try:
+            await driver.start(spec)
+            run("ip", "link", "set", tap, "netns", world.lab.host)
+            in_ns(world.lab.host, "ip", "link", "set", tap, "master", net.bridge_name(VNI))
+            in_ns(world.lab.host, "ip", "link", "set", tap, "up")
+            console = driver.serial_log_path(spec.vm_id)
+            # cloud-init's last stage says it finished, and with which datasource.
+            done = await wait_for_pattern(console, r"Cloud-init v\. \S+ finished at .*Datasource (\S+)", timeout=900)
+            assert "NoCloud" in done.group(1), done.group(0)
+            login = await asyncio.to_thread(
+                in_ns, world.lab.host, "ssh", "-i", str(private), "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=20", "-o", "BatchMode=yes",
+                f"debian@{address}", "hostname; cat /etc/os-release | grep VERSION_ID; ip -6 -o addr show dev eth0",
+                timeout=180)
+            lines = login.stdout.splitlines()
+            assert lines[0] == "a1", login.stdout
+            assert lines[1] == 'VERSION_ID="12"'
+            assert address in login.stdout
+        finally:
+            for vm_id in await driver.list_running():
+                await driver.kill(vm_id)
+            kill_leftovers(run_root)
+            radvd.terminate()
+            radvd.wait(10)
+            run("ip", "link", "del", tap, check=False)

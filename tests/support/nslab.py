@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +64,16 @@ class Lab:
         in_ns(self.host, "ip", "link", "set", outside, "master", bridge)
         in_ns(self.host, "ip", "link", "set", outside, "up")
         return ns
+
+    def radvd(self, bridge: str, prefix: str, directory: Path) -> subprocess.Popen[bytes]:
+        """radvd in the host namespace advertising ``prefix`` on ``bridge`` (SLAAC); the caller stops it."""
+        config = directory / f"radvd-{bridge}.conf"
+        config.write_text(f"interface {bridge} {{\n  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n"
+                          f"  MaxRtrAdvInterval 10;\n  prefix {prefix} {{\n    AdvOnLink on;\n"
+                          f"    AdvAutonomous on;\n  }};\n}};\n")
+        return subprocess.Popen(["ip", "netns", "exec", self.host, "radvd", "-n", "-C", str(config),
+                                 "-p", str(directory / f"radvd-{bridge}.pid"), "-m", "stderr"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def remove_guest(self, ns: str) -> None:
         run("ip", "netns", "del", ns, check=False)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # folder -> installed package; the folders pyproject.toml maps onto ucloud.*
 PACKAGES = ("domain", "commands", "projections", "processes", "hostagent", "gateway", "eventstore",
-            "cli", "auth")
+            "cli", "auth", "imagestore")
 
 
 def imports_of(path: Path, package: str) -> list[tuple[int, str]]:
@@ -81,6 +81,7 @@ def test_up_imports_only_the_gateways_entry_point() -> None:
 @pytest.mark.parametrize("package, allowed", [
     ("auth", {"auth", "domain", "commands", "eventstore"}),
     ("eventstore", {"eventstore"}),
+    ("imagestore", {"imagestore"}),
     ("commands", {"commands", "domain", "eventstore"}),
     ("projections", {"projections", "domain", "eventstore"}),
 ])

@@ -1,0 +1,205 @@
+"""The image scanner: a process manager that imports requested images into their stores.
+
+For each ``image.requested`` after its tracked position it opens the user's file (never
+through a symbolic link: a user could otherwise point one at another tenant's disk or a
+system file), checks it (imagestore/inspect.py: qcow2 only, no backing file, no
+external data file, virtual size within the limit), copies it into the image's store
+while the file's sha256 is computed beside the copy, and records ``image.imported``,
+or ``image.import_failed`` with the reason, together with its tracking position
+(exactly-once). Progress is recorded in steps as the copy advances. A file whose sha256
+is no longer the one the image was asked for (it changed meanwhile) is refused. For
+``image.deleted`` it removes the image from its store.
+
+A scanner that dies during an import imports again after its restart: the store writes
+to a partial name first and removes leftovers, so nothing half-imported is ever ready.
+The loop follows processes/scheduler.py's structure until the shared process-manager
+framework is in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from ucloud.commands.aggregates import IMAGE
+from ucloud.commands.service import CommandService
+from ucloud.commands.unit_of_work import Actor
+from ucloud.domain import image as image_domain
+from ucloud.domain.errors import DomainError
+from ucloud.domain.limits import TiB
+from ucloud.eventstore.errors import TrackingConflict
+from ucloud.eventstore.records import EventRecord, Tracking
+from ucloud.imagestore.inspect import ImageRefused, inspect_qcow2
+from ucloud.imagestore.stores import ImageStore, StoreError
+
+from .files import fd_signature
+
+log = logging.getLogger(__name__)
+
+_WATCHED = frozenset({"image.requested", "image.deleted"})
+PROGRESS_STEP = 10  # percent between two progress events
+CHUNK = 4 * 1024 * 1024
+
+
+class FileRefused(Exception):
+    pass
+
+
+def open_user_file(root: Path, owner: str, name: str) -> int:
+    """A descriptor of ``<root>/<owner>/<name>``, a regular file reached without following
+    any symbolic link below ``root``; FileRefused otherwise."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        directory = os.open(root / owner, flags | os.O_DIRECTORY)
+    except OSError:
+        raise FileRefused(f"the file {name!r} is gone (no directory for {owner})") from None
+    try:
+        fd = os.open(name, flags | os.O_NONBLOCK, dir_fd=directory)
+    except FileNotFoundError:
+        raise FileRefused(f"the file {name!r} is gone") from None
+    except OSError as error:
+        raise FileRefused(f"the file {name!r} cannot be opened ({error.strerror}; a symbolic link?)") from None
+    finally:
+        os.close(directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileRefused(f"{name!r} is not a regular file")
+    return fd
+
+
+def sha256_of(fd: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+class ImageScanner:
+    name = "image-scanner"
+
+    def __init__(self, commands: CommandService, stores: dict[str, ImageStore], files_root: Path, *,
+                 max_virtual_size: int = 64 * TiB) -> None:
+        self.commands = commands
+        self.store = commands.store
+        self.codec = commands.codec
+        self.stores = stores
+        self.files_root = Path(files_root)
+        self.max_virtual_size = max_virtual_size
+        self.consumer = self.name  # stable: the tracking key
+        self.actor = Actor(self.name, "ucloud-system", is_admin=True)
+        self.imported = 0
+        self.failed = 0
+
+    async def run(self) -> None:
+        tracked = await self.store.tracked_position(self.consumer)
+        async for record in self.store.subscribe(tracked, types=_WATCHED):
+            await self.handle(record)
+
+    async def handle(self, record: EventRecord) -> None:
+        event = self.codec.decode(record.type, record.schema, record.data)
+        tracking = Tracking(self.consumer, record.position)
+        try:
+            match event:
+                case image_domain.ImageRequested():
+                    await self._requested(event.image_id, tracking)
+                case image_domain.ImageDeleted():
+                    await self._deleted(event.image_id, tracking)
+        except TrackingConflict:
+            pass  # another scanner of our name recorded it first
+
+    async def _load(self, image_id: Any) -> image_domain.Image | None:
+        loaded = await self.commands.repository.load(IMAGE, image_domain.stream_name(image_id))
+        return loaded.state
+
+    async def _requested(self, image_id: Any, tracking: Tracking) -> None:
+        image = await self._load(image_id)
+        if image is None or image.status is not image_domain.ImageStatus.IMPORTING:
+            await self.store.append(tracking=tracking)  # deleted (or done) before we came to it
+            return
+        report = await self.import_image(image)
+        try:
+            await self.commands.report_image(self.actor, report, tracking=tracking)
+        except DomainError as error:  # deleted while we imported: take it out of the store again
+            log.info("image %s: %s; removing what was imported", image.name, error)
+            if isinstance(report, image_domain.ReportImported):
+                await self.stores[image.store].remove(image.id, report.location)
+            await self.store.append(tracking=tracking)
+            return
+        if isinstance(report, image_domain.ReportImported):
+            self.imported += 1
+        else:
+            self.failed += 1
+
+    async def _deleted(self, image_id: Any, tracking: Tracking) -> None:
+        image = await self._load(image_id)
+        if image is not None and image.location and image.store in self.stores:
+            await self.stores[image.store].remove(image.id, image.location)
+        await self.store.append(tracking=tracking)
+
+    async def import_image(self, image: image_domain.Image) -> image_domain.ReportImported | image_domain.ReportImportFailed:
+        """Check and import one image; what to record about it."""
+
+        def failed(reason: str) -> image_domain.ReportImportFailed:
+            log.info("image %s of %s refused: %s", image.name, image.owner, reason)
+            return image_domain.ReportImportFailed(image_id=image.id, reason=reason)
+
+        store = self.stores.get(image.store)
+        if store is None:
+            return failed(f"this installation's image scanner has no store named {image.store!r}")
+        try:
+            fd = await asyncio.to_thread(open_user_file, self.files_root, image.owner, image.file_name)
+        except FileRefused as error:
+            return failed(str(error))
+        source = Path(f"/dev/fd/{fd}")
+        try:
+            try:
+                info = await inspect_qcow2(source, self.max_virtual_size, pass_fds=(fd,))
+            except ImageRefused as error:
+                return failed(str(error))
+            reported = 0
+
+            async def progress(percent: int) -> None:
+                nonlocal reported
+                if percent >= reported + PROGRESS_STEP:
+                    reported = percent - percent % PROGRESS_STEP
+                    await self.commands.report_image(self.actor, image_domain.ReportImportProgress(
+                        image_id=image.id, percent=reported))
+
+            # The file is the one the image was asked for if it still has the signature it had
+            # when it was hashed (inode, size, mtime, ctime: ctime moves on every change and
+            # no user can set it) and keeps it to the end of the copy. Without a signature
+            # (or with another one) the digest is computed in a thread beside the copy.
+            before = fd_signature(fd)
+            trusted = bool(image.file_signature) and before == image.file_signature
+            digest = None if trusted else asyncio.create_task(asyncio.to_thread(sha256_of, fd))
+            try:
+                imported = await store.import_image(image.id, source, progress, pass_fds=(fd,))
+            except StoreError as error:
+                if digest is not None:
+                    with contextlib.suppress(Exception):
+                        await digest  # the thread reads the descriptor closed below
+                return failed(f"the import into store {store.name} failed: {error}")
+            changed = ""
+            if digest is not None:
+                sha256 = await digest
+                if sha256 != image.file_sha256:
+                    changed = f"its sha256 is now {sha256}, not {image.file_sha256}"
+            if not changed and fd_signature(fd) != before:
+                changed = "it was written to during the import"
+            if changed:
+                await store.remove(image.id, imported.location)
+                return failed(f"the file {image.file_name!r} changed since the image was asked for ({changed})")
+        finally:
+            os.close(fd)
+        log.info("image %s of %s imported into %s (%d bytes virtual)", image.name, image.owner, store.name,
+                 info.virtual_size)
+        return image_domain.ReportImported(image_id=image.id, virtual_size=info.virtual_size,
+                                           stored_size=imported.stored_size, location=imported.location)

@@ -423,12 +423,13 @@ class CommandService:
     # -- files and images ---------------------------------------------------------------
 
     async def record_file(self, actor: Actor, name: str, size: int, sha256: str,
-                          owner: str | None = None) -> Outcome[UUID]:
-        """A file is in the owner's directory with this size and digest (scanner, upload)."""
+                          owner: str | None = None, signature: str = "") -> Outcome[UUID]:
+        """A file is in the owner's directory with this size and digest (scanner, upload);
+        ``signature``: its stat signature when it was hashed (domain/file.py)."""
         owner = self._owner(actor, owner)
         file_domain.check_file_name(name)
         file_id = file_domain.file_id_for(owner, name)
-        command = file_domain.RecordFile(owner=owner, name=name, size=size, sha256=sha256)
+        command = file_domain.RecordFile(owner=owner, name=name, size=size, sha256=sha256, signature=signature)
 
         async def work(session: Session) -> UUID:
             current = await session.load(FILE, file_id)
@@ -473,7 +474,7 @@ class CommandService:
             current = await session.load(IMAGE, image_id)
             session.record(IMAGE, image_id, image_domain.decide(current, image_domain.CreateImage(
                 owner=owner, name=name, public=public, store=store, file_id=file_id, file_name=file,
-                file_size=source.size, file_sha256=source.sha256)))
+                file_size=source.size, file_sha256=source.sha256, file_signature=source.signature)))
             return image_id
 
         return await self.repository.transact(work, actor)

@@ -43,6 +43,10 @@ def check_sha256(value: object, field: str = "sha256") -> str:
     return value
 
 
+def signature_of(inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    return f"{inode}:{size}:{mtime_ns}:{ctime_ns}"
+
+
 def file_id_for(owner: str, name: str) -> UUID:
     return uuid.uuid5(FILE_NAMESPACE, f"{owner}\0{name}")
 
@@ -55,6 +59,9 @@ class FileAppeared(Event, tag="file.appeared", frozen=True):
     name: str
     size: int
     sha256: str
+    # "inode:size:mtime_ns:ctime_ns" when the digest was taken: while a file still has it,
+    # its content is the one hashed (ctime moves on every change, and no user can set it).
+    signature: str = ""
 
 
 class FileChanged(Event, tag="file.changed", frozen=True):
@@ -63,6 +70,7 @@ class FileChanged(Event, tag="file.changed", frozen=True):
     file_id: UUID
     size: int
     sha256: str
+    signature: str = ""
 
 
 class FileRemoved(Event, tag="file.removed", frozen=True):
@@ -80,6 +88,7 @@ class RecordFile(Command, tag="file.record", frozen=True):
     name: str
     size: int
     sha256: str
+    signature: str = ""
 
 
 class RemoveFile(Command, tag="file.remove", frozen=True):
@@ -95,17 +104,20 @@ class File(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     size: int
     sha256: str
     removed: bool = False
+    signature: str = ""
 
 
 def evolve(file: File | None, event: Event) -> File | None:
     match event:
         case FileAppeared():
-            return File(id=event.file_id, owner=event.owner, name=event.name, size=event.size, sha256=event.sha256)
+            return File(id=event.file_id, owner=event.owner, name=event.name, size=event.size, sha256=event.sha256,
+                        signature=event.signature)
     if file is None:
         return None
     match event:
         case FileChanged():
-            return msgspec.structs.replace(file, size=event.size, sha256=event.sha256, removed=False)
+            return msgspec.structs.replace(file, size=event.size, sha256=event.sha256, removed=False,
+                                           signature=event.signature)
         case FileRemoved():
             return msgspec.structs.replace(file, removed=True)
     return file
@@ -121,10 +133,11 @@ def decide(file: File | None, command: Command) -> list[Event]:
             file_id = file_id_for(command.owner, command.name)
             if file is None or file.removed:
                 return [FileAppeared(file_id=file_id, owner=command.owner, name=command.name,
-                                     size=command.size, sha256=command.sha256)]
-            if (file.size, file.sha256) == (command.size, command.sha256):
+                                     size=command.size, sha256=command.sha256, signature=command.signature)]
+            if (file.size, file.sha256, file.signature) == (command.size, command.sha256, command.signature):
                 return []
-            return [FileChanged(file_id=file_id, size=command.size, sha256=command.sha256)]
+            return [FileChanged(file_id=file_id, size=command.size, sha256=command.sha256,
+                                signature=command.signature)]
         case RemoveFile():
             if file is None or file.removed:
                 if command.missing_ok:

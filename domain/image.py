@@ -57,6 +57,7 @@ class ImageRequested(Event, tag="image.requested", frozen=True):
     file_name: str
     file_size: int
     file_sha256: str
+    file_signature: str = ""  # the file's signature when hashed (domain/file.py)
 
 
 class ImageImportProgressed(Event, tag="image.import_progressed", frozen=True):
@@ -117,6 +118,7 @@ class CreateImage(Command, tag="image.create", frozen=True):
     file_name: str
     file_size: int
     file_sha256: str
+    file_signature: str = ""
 
 
 class ReportImportProgress(Command, tag="image.report_progress", frozen=True):
@@ -162,6 +164,7 @@ class Image(msgspec.Struct, frozen=True, kw_only=True):
     file_size: int
     file_sha256: str
     status: ImageStatus
+    file_signature: str = ""
     reason: str = ""
     progress: int = 0
     virtual_size: int = 0
@@ -175,7 +178,8 @@ def evolve(image: Image | None, event: Event) -> Image | None:
         case ImageRequested():
             return Image(id=event.image_id, owner=event.owner, name=event.name, public=event.public,
                          store=event.store, file_id=event.file_id, file_name=event.file_name,
-                         file_size=event.file_size, file_sha256=event.file_sha256, status=ImageStatus.IMPORTING)
+                         file_size=event.file_size, file_sha256=event.file_sha256, status=ImageStatus.IMPORTING,
+                         file_signature=event.file_signature)
     if image is None:
         return None
     match event:
@@ -210,7 +214,7 @@ def decide(image: Image | None, command: Command) -> list[Event]:
             return [ImageRequested(
                 image_id=image_key(command.owner, command.name, command.public), owner=command.owner, name=command.name,
                 public=command.public, store=command.store, file_id=command.file_id, file_name=command.file_name,
-                file_size=command.file_size, file_sha256=command.file_sha256)]
+                file_size=command.file_size, file_sha256=command.file_sha256, file_signature=command.file_signature)]
     if image is None or image.status is ImageStatus.DELETED:
         raise NotFound(f"image {getattr(command, 'image_id', '?')} does not exist")
     match command:

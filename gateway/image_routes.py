@@ -243,9 +243,11 @@ async def upload_file(request: web.Request) -> web.Response:
                            SHA256_HEADER)
         replaced = (directory / name).exists()
         os.replace(partial, directory / name)
+        st = os.stat(directory / name, follow_symlinks=False)  # after the rename: it moves ctime
+        signature = file_domain.signature_of(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     finally:
         partial.unlink(missing_ok=True)
-    outcome = await request.app[COMMANDS].record_file(actor, name, size, sha256)
+    outcome = await request.app[COMMANDS].record_file(actor, name, size, sha256, signature=signature)
     return answer(FileAccepted(name=name, size=size, sha256=sha256, position=outcome.position),
                   200 if replaced else 201, outcome.position, {"Location": f"/v1/files/{name}"})
 

@@ -24,6 +24,7 @@ from ucloud.imagestore.stores import ImageStore
 
 from .billing import BillingProcess
 from .detector import FailureDetector
+from .files import FileScanner
 from .framework import ProcessRunner, lead_while_holding
 from .images import ImageScanner
 from .ipam import IpamAllocator
@@ -72,7 +73,11 @@ def build(commands: CommandService, leases: Leases | None, settings: ProcessSett
     ipam = IpamAllocator(store, commands.codec, pool=settings.ipv6_pool)  # VNIs, /64s, MACs
     made.components["ipam"] = lambda: lead_while_holding(leases, "ipam", settings.instance,
                                                          settings.lease_ttl, ipam.run)
-    if settings.files_root is not None:  # imports requested images from users' files into the stores
+    if settings.files_root is not None:
+        # Records users' files (uploads, sftp) and imports requested images from them.
+        files = FileScanner(commands, settings.files_root)
+        made.components[files.name] = lambda: lead_while_holding(leases, files.name, settings.instance,
+                                                                 settings.lease_ttl, files.run)
         scanner = ImageScanner(commands, settings.image_stores, settings.files_root,
                                max_virtual_size=settings.max_image_size)
         made.components[scanner.name] = lambda: lead_while_holding(leases, scanner.name, settings.instance,

@@ -38,6 +38,8 @@ from ucloud.eventstore.records import EventRecord, Tracking
 from ucloud.imagestore.inspect import ImageRefused, inspect_qcow2
 from ucloud.imagestore.stores import ImageStore, StoreError
 
+from .files import fd_signature
+
 log = logging.getLogger(__name__)
 
 _WATCHED = frozenset({"image.requested", "image.deleted"})
@@ -171,19 +173,30 @@ class ImageScanner:
                     await self.commands.report_image(self.actor, image_domain.ReportImportProgress(
                         image_id=image.id, percent=reported))
 
-            # The digest is computed in a thread beside the copy (both read the same pages).
-            digest = asyncio.create_task(asyncio.to_thread(sha256_of, fd))
+            # The file is the one the image was asked for if it still has the signature it had
+            # when it was hashed (inode, size, mtime, ctime: ctime moves on every change and
+            # no user can set it) and keeps it to the end of the copy. Without a signature
+            # (or with another one) the digest is computed in a thread beside the copy.
+            before = fd_signature(fd)
+            trusted = bool(image.file_signature) and before == image.file_signature
+            digest = None if trusted else asyncio.create_task(asyncio.to_thread(sha256_of, fd))
             try:
                 imported = await store.import_image(image.id, source, progress, pass_fds=(fd,))
             except StoreError as error:
-                with contextlib.suppress(Exception):
-                    await digest  # the thread reads the descriptor closed below
+                if digest is not None:
+                    with contextlib.suppress(Exception):
+                        await digest  # the thread reads the descriptor closed below
                 return failed(f"the import into store {store.name} failed: {error}")
-            sha256 = await digest
-            if sha256 != image.file_sha256:
+            changed = ""
+            if digest is not None:
+                sha256 = await digest
+                if sha256 != image.file_sha256:
+                    changed = f"its sha256 is now {sha256}, not {image.file_sha256}"
+            if not changed and fd_signature(fd) != before:
+                changed = "it was written to during the import"
+            if changed:
                 await store.remove(image.id, imported.location)
-                return failed(f"the file {image.file_name!r} changed since the image was asked for "
-                              f"(its sha256 is now {sha256}, not {image.file_sha256})")
+                return failed(f"the file {image.file_name!r} changed since the image was asked for ({changed})")
         finally:
             os.close(fd)
         log.info("image %s of %s imported into %s (%d bytes virtual)", image.name, image.owner, store.name,

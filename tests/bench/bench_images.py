@@ -1,0 +1,141 @@
+"""Image import throughput against plain `qemu-img convert`, and clone time by image size.
+
+    .venv/bin/python -m tests.bench.run images
+    .venv/bin/python -m tests.bench.bench_images --size-mib 512 --rounds 3
+
+Import: the image scanner's whole import of one qcow2 recorded as the file scanner or an
+upload records it (header check, `qemu-img info` and `check`, the copy into a filesystem
+store with progress events, the file's signature checked before and after, the events on a
+real SQLite log) against `qemu-img convert -f qcow2 -O qcow2` of the same file
+in the same run, alternating which goes first, page cache warm and dirty pages written back
+before each; the figure is the ratio of their
+throughputs (goal: at least 0.9). Clone: `FsStore.clone` (a qcow2 overlay) of a 1 GiB and
+a 20 GiB image, median of many; the figure is the ratio (goal: within 1.2x, i.e. the
+clone costs the same for any size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from ucloud.commands.aggregates import IMAGE
+from ucloud.commands.service import CommandService
+from ucloud.commands.unit_of_work import Actor
+from ucloud.domain import image as image_domain
+from ucloud.domain.limits import GiB, MiB
+from ucloud.eventstore.sqlite import SqliteEventStore
+from ucloud.imagestore.stores import FsStore
+from ucloud.processes.files import hash_file
+from ucloud.processes.images import ImageScanner
+
+
+def make_qcow2(path: Path, data_mib: int, virtual: int) -> None:
+    raw = path.with_suffix(".raw")
+    with open(raw, "wb") as out:
+        for _ in range(data_mib):
+            out.write(os.urandom(MiB))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True)
+    raw.unlink()
+    subprocess.run(["qemu-img", "resize", "-q", "-f", "qcow2", str(path), str(virtual)], check=True)
+
+
+async def bench_import(work: Path, size_mib: int, rounds: int) -> None:
+    files = work / "files"
+    source = files / "alice" / "disk.qcow2"
+    source.parent.mkdir(parents=True)
+    make_qcow2(source, size_mib, max(GiB, size_mib * MiB))
+    hashed = hash_file(source)  # as the file scanner or an upload records it; warms the page cache too
+    assert hashed is not None
+    size, sha, signature = hashed
+    log = SqliteEventStore(work / "events.sqlite")
+    commands = CommandService(log)
+    alice = Actor("alice")
+    await commands.record_file(alice, "disk.qcow2", size, sha, signature=signature)
+    store = FsStore("local", work / "store")
+    scanner = ImageScanner(commands, {"local": store}, files)
+    plain_times, import_times = [], []
+    async def plain() -> None:
+        target = work / "plain.qcow2"
+        os.sync()  # both start without the other's dirty pages to write back
+        started = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec("qemu-img", "convert", "-f", "qcow2", "-O", "qcow2",
+                                                    str(source), str(target))
+        assert await proc.wait() == 0
+        plain_times.append(time.perf_counter() - started)
+        target.unlink()
+
+    async def scanned(round_: int) -> None:
+        created = await commands.create_image(alice, f"img{round_}", "disk.qcow2")
+        image = (await commands.repository.load(IMAGE, image_domain.stream_name(created.result))).state
+        assert image is not None
+        os.sync()
+        started = time.perf_counter()
+        report = await scanner.import_image(image)
+        await commands.report_image(scanner.actor, report)
+        import_times.append(time.perf_counter() - started)
+        assert isinstance(report, image_domain.ReportImported), report
+        Path(report.location).chmod(0o644)
+        Path(report.location).unlink()
+
+    for round_ in range(rounds):  # alternating which goes first
+        if round_ % 2:
+            await scanned(round_)
+            await plain()
+        else:
+            await plain()
+            await scanned(round_)
+    await log.close()
+    plain, imported = statistics.median(plain_times), statistics.median(import_times)
+    print(f"import of a qcow2 with {size_mib} MiB of data, {rounds} rounds, medians:")
+    print(f"  qemu-img convert   {plain:7.3f} s  {size_mib / plain:8.1f} MiB/s")
+    print(f"  image scanner      {imported:7.3f} s  {size_mib / imported:8.1f} MiB/s")
+    print(f"  throughput ratio   {plain / imported:7.3f}  (goal >= 0.9)")
+
+
+async def bench_clone(work: Path, clones: int) -> None:
+    store = FsStore("local", work / "clone-store")
+    store.root.mkdir(parents=True)
+    medians = {}
+    for label, virtual in (("1 GiB", GiB), ("20 GiB", 20 * GiB)):
+        base = store.root / f"{label.replace(' ', '')}.qcow2"
+        make_qcow2(base, 32, virtual)
+        times = []
+        disks = work / f"disks-{label.replace(' ', '')}"
+        for _ in range(clones):
+            vm_id = uuid.uuid4()
+            started = time.perf_counter()
+            await store.clone(str(base), vm_id, virtual, disks)
+            times.append(time.perf_counter() - started)
+            await store.remove_clone(vm_id, disks)
+        medians[label] = statistics.median(times)
+        print(f"clone of a {label:>6} image (32 MiB of data): median {medians[label] * 1000:7.2f} ms "
+              f"over {clones}")
+    print(f"  ratio 20 GiB / 1 GiB: {medians['20 GiB'] / medians['1 GiB']:.3f}  (goal <= 1.2)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=512, help="data in the imported qcow2")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clones", type=int, default=30)
+    parser.add_argument("--dir", default="/var/tmp", help="where the files and the store are (/dev/shm: no disk "
+                        "writeback in the figures, only the work itself)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test, not figures)")
+    args = parser.parse_args()
+    if args.quick:
+        args.size_mib, args.rounds, args.clones = 32, 1, 5
+    with tempfile.TemporaryDirectory(prefix="ucloud-bench-images-", dir=args.dir) as tmp:
+        asyncio.run(bench_import(Path(tmp), args.size_mib, args.rounds))
+        asyncio.run(bench_clone(Path(tmp), args.clones))
+
+
+if __name__ == "__main__":
+    main()

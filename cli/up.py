@@ -459,7 +459,7 @@ async def run_processes(store_url: str, settings: processes.ProcessSettings) -> 
               help="This instance's name in the leader leases (unique per instance).")
 @click.option("--lease-ttl", type=click.FloatRange(min=1, max=60), default=3.0, show_default=True,
               help="Seconds of a leader lease: a standby takes over about this long after the leader stops.")
-@click.option("--declare-after", type=click.FloatRange(min=0), default=0.5, show_default=True,
+@click.option("--declare-after", type=click.FloatRange(min=0), default=0.25, show_default=True,
               help="Seconds a host's heartbeat lease must stay gone before it is declared dead.")
 @click.option("--ipv6-pool", envvar="UCLOUD_IPV6_POOL", metavar="PREFIX",
               help="The IPv6 pool networks' /64s come from (as for `ucloud up`).")

@@ -337,7 +337,7 @@ async def run_up(
 @click.option("--metadata-port", type=click.IntRange(0, 65535), default=80, show_default=True,
               help="The metadata server's port (on [::] and fe80::a9fe:a9fe on every network bridge).")
 @click.option("--no-metadata", is_flag=True, help="Do not run a metadata server in this process.")
-@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
+@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH|NAME=rbd:POOL[:CONF]",
               help="An image store (repeat; the first is the default). Default: local=fs:<state-dir>/image-store.")
 @click.option("--debian-12", "debian12", is_flag=True,
               help="Build (once, ~500 MB of Debian packages) and publish the stock image 'debian-12' "
@@ -465,7 +465,7 @@ async def run_processes(store_url: str, settings: processes.ProcessSettings) -> 
               help="The IPv6 pool networks' /64s come from (as for `ucloud up`).")
 @click.option("--files-root", type=click.Path(path_type=Path), envvar="UCLOUD_FILES_ROOT",
               help="Users' files: run the image scanner here (where the files are). Without it, no scanner.")
-@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
+@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH|NAME=rbd:POOL[:CONF]",
               help="An image store the image scanner imports into (repeat; the first is the default).")
 @click.option("-v", "--verbose", is_flag=True)
 def processes_command(store_url: str, instance: str, lease_ttl: float, declare_after: float,

@@ -286,12 +286,18 @@ class CommandService:
         return await self.repository.transact(work, actor, known=known)
 
     async def evict(self, actor: Actor, host_id: UUID, vm_ids: Sequence[UUID], reason: str,
-                    tracking: Tracking | None = None) -> Outcome[None]:
+                    tracking: Tracking | None = None, *, evacuated: bool = False) -> Outcome[None]:
         """Take VMs off a host (declared dead, or evacuated): ``vm.host_lost`` on each VM and
-        its claim released on the host, in one append. A VM that already left is skipped."""
+        its claim released on the host, in one append. A VM that already left is skipped.
+        ``evacuated``: the last batch of an evacuation (``host.evacuated`` in the same append)."""
 
         async def work(session: Session) -> None:
             host = await session.load(HOST, host_id)
+            if evacuated and host is not None:
+                finished = host_domain.decide(host, host_domain.FinishEvacuation(host_id=host_id, vms=len(vm_ids)))
+                for event in finished:
+                    host = host_domain.evolve(host, event)
+                session.record(HOST, host_id, finished)
             for vm_id in vm_ids:
                 vm = await session.load(VM, vm_id)
                 if vm is None or vm.host_id != host_id:

@@ -50,7 +50,7 @@ from ucloud.eventstore.leases import Grant, HeldLease, Leases, hold
 from ucloud.eventstore.records import EventRecord
 from ucloud.imagestore.stores import Disk, ImageStore, StoreError, run
 from ucloud.projections.runner import Projection, ProjectionRunner
-from ucloud.projections.views import NetworksView, VmsView
+from ucloud.projections.views import HostsView, NetworksView, VmsView
 
 from .hypervisor import (
     ExitReason,
@@ -111,13 +111,18 @@ class SliceVms(Projection):
     request, or its life elsewhere before it came back) from the VM's own stream."""
 
     name = "slice-vms"
-    handles = VmsView.handles
+    snapshot_schema = 2
+    handles = VmsView.handles | HostsView.handles
 
     def __init__(self) -> None:
         self.vms = VmsView()
+        self.hosts = HostsView()  # this host only: its slice holds no other host's events
         self.versions: dict[UUID, int] = {}
 
     def apply(self, record: EventRecord, event: Event) -> None:
+        if isinstance(event, host_domain.HOST_EVENT_TYPES):
+            self.hosts.apply(record, event)
+            return
         vm_id = getattr(event, "vm_id", None)
         if vm_id is None or record.version <= self.versions.get(vm_id, 0):
             return
@@ -125,10 +130,12 @@ class SliceVms(Projection):
         self.versions[vm_id] = record.version
 
     def dump(self) -> Any:
-        return {"vms": self.vms.dump(), "versions": {str(k): v for k, v in self.versions.items()}}
+        return {"vms": self.vms.dump(), "hosts": self.hosts.dump(),
+                "versions": {str(k): v for k, v in self.versions.items()}}
 
     def load(self, data: Any) -> None:
         self.vms.load(data["vms"])
+        self.hosts.load(data["hosts"])
         self.versions = {UUID(k): v for k, v in data["versions"].items()}
 
 
@@ -206,6 +213,7 @@ class HostAgent:
         self._waiting_for_macs: dict[UUID, float] = {}
         self._ports: dict[str, PortSpec] = {}  # the ports the last pass made, by tap
         self._wake = asyncio.Event()
+        self._parallel = asyncio.Semaphore(8)  # VMs reconciled at once
         self._reported_reboots: dict[UUID, int] = {}
 
     @property
@@ -271,8 +279,10 @@ class HostAgent:
                     await self._up(grant)
                     self._synced = True
                     await self._reconcile_forever(held)
-                self.held = None
-                await self.fence("the heartbeat lease was lost")
+                    # Fence first, inside the block: leaving it gives the lease back, which
+                    # may hang on the very network that failed us.
+                    self.held = None
+                    await self.fence("the heartbeat lease was lost")
                 grant = await self._take_lease()
         finally:
             if following is not None:
@@ -339,6 +349,20 @@ class HostAgent:
         await self.runner.wait_for(max(outcome.position, head), timeout=30)
         log.info("host %s is up in session %d", self.hostname, grant.token)
 
+    async def _evacuate(self) -> None:
+        """An admin asked for this host's VMs to run elsewhere: kill their guests here
+        first, then move the VMs (vm.host_lost, claims released, host.evacuated in one
+        append); the scheduler places them again. Never the other order: a guest must be
+        gone here before it can start elsewhere."""
+        vms = self.vms.on_host(self.host_id)
+        for vm in vms:
+            if (await self.driver.status(vm.id)).running:
+                await self.driver.kill(vm.id)
+                log.warning("stopped VM %s: its host is evacuated", vm.id)
+        outcome = await self.commands.evict(self.actor, self.host_id, [vm.id for vm in vms],
+                                            "its host was evacuated", evacuated=True)
+        await self.runner.wait_for(outcome.position, timeout=10)
+
     async def fence(self, why: str) -> None:
         """Kill every guest now (no guest cooperation: the clock is against us)."""
         for vm_id in await self.driver.list_running():
@@ -356,7 +380,7 @@ class HostAgent:
         if begins is not None and self.runner.position < begins:
             for record in await store.read_all(self.runner.position, up_to=begins):
                 self.read += 1
-                if record.stream.startswith("vm-"):
+                if record.stream.startswith("vm-") or record.stream == host_domain.stream_name(self.host_id):
                     self.runner.apply(record)
             self.runner.position = begins
         # Only VMs placed here concern us; a snapshot-less start over an old log keeps them.
@@ -399,6 +423,9 @@ class HostAgent:
                         self.runner.apply(missed)
                 self.runner.apply(record)
                 self._wake.set()
+            elif record.stream == host_domain.stream_name(self.host_id):
+                self.runner.apply(record)
+                self._wake.set()
             self.runner.position = record.position
             await self.runner.notify()
             await self.runner.snapshot_if_due()
@@ -406,6 +433,10 @@ class HostAgent:
     async def reconcile(self) -> None:
         """One pass: compare what the log wants with what runs, and act on each VM."""
         if not self.live:
+            return
+        host = self.slice.hosts.by_id.get(self.host_id)
+        if host is not None and host.evacuating:
+            await self._evacuate()
             return
         for vm_id in await self.driver.list_running():
             known = self.vms.get(vm_id)
@@ -423,7 +454,17 @@ class HostAgent:
                 await self._ensure_networks(vms)
             except Exception:
                 log.exception("networks: reconcile failed")
-        for vm in vms:
+        # VMs are independent (the driver locks each one): handled side by side, so five
+        # guests moved here from a dead host start together, not one after another.
+        await asyncio.gather(*(self._reconcile_guarded(vm) for vm in vms))
+        if self.network is not None and self._synced and self.live:
+            try:
+                await self._remove_stale_networks(self.vms.on_host(self.host_id))
+            except Exception:
+                log.exception("networks: cleanup failed")
+
+    async def _reconcile_guarded(self, vm: vm_domain.Vm) -> None:
+        async with self._parallel:
             if not self.live:
                 return
             try:
@@ -433,11 +474,6 @@ class HostAgent:
                 log.info("vm %s: report not accepted: %s", vm.id, error)
             except Exception:
                 log.exception("vm %s: reconcile failed", vm.id)
-        if self.network is not None and self._synced:
-            try:
-                await self._remove_stale_networks(self.vms.on_host(self.host_id))
-            except Exception:
-                log.exception("networks: cleanup failed")
 
     # -- networks ------------------------------------------------------------------------------
 

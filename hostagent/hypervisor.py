@@ -113,6 +113,8 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise InvalidSpec(f"VM {self.name}: nothing to boot: give a disk_path or a kernel")
         for field in ("disk_path", "kernel", "initrd"):
             value = getattr(self, field)
+            if field == "disk_path" and value is not None and value.startswith("rbd:"):
+                continue  # a Ceph RBD disk QEMU opens itself (imagestore/rbd.py)
             if value is not None and not Path(value).is_absolute():
                 raise InvalidSpec(f"VM {self.name}: {field} must be an absolute path: {value!r}")
         taps = [nic.tap for nic in self.interfaces]

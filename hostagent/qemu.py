@@ -733,6 +733,8 @@ class QemuDriver(HypervisorDriver):
             ("kernel", spec.kernel),
             ("initrd", spec.initrd),
         ):
+            if what == "disk" and value is not None and value.startswith("rbd:"):
+                continue  # QEMU opens a Ceph RBD disk itself; a missing one fails its start
             if value is not None and not Path(value).is_file():
                 raise VmStartError(f"VM {spec.name} ({spec.vm_id}): {what} {value} does not exist")
         for nic in spec.interfaces:

@@ -7,21 +7,24 @@ second instance loses with a conflict, folds what the winner wrote, and decides 
 periods are closed once, invoices are numbered gap-free and issued once per owner and
 period, with no tracking position needed.
 
-TO BE REPLACED: ``BillingProcess.run`` is the smallest loop that drives ``decide`` (fold
-the log, decide when caught up, append, wait). When the shared process-manager framework
-(subscribe from a tracked position, snapshots, leader lease, metrics) lands on main, the
-view and ``decide`` move onto it unchanged and this loop goes.
+It runs on the shared process-manager framework (processes/framework.py): a leader
+lease, its view restored from its own snapshot, the log followed from there. Each run of
+events is folded into the view and decided on (without the prepaid sweep); every
+``tick`` seconds the clock is looked at too (periods to close, prepaid balances), so a
+quiet log still closes its periods. What the process appends comes back to it through
+the log like any other event; a decision taken again before that is refused by the
+stream version it was taken at and costs nothing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 from ucloud.commands.billing import BillingCommands
@@ -36,8 +39,11 @@ from ucloud.domain.metering import PeriodPolicy
 from ucloud.domain.order import Order
 from ucloud.eventstore.errors import ConflictError
 from ucloud.eventstore.interface import EventStore
-from ucloud.projections.billing import BillingView, periods_from_environment
+from ucloud.eventstore.records import EventRecord
+from ucloud.projections.billing import BILLING_TAGS, BillingView, periods_from_environment
 from ucloud.projections.runner import ProjectionRunner
+
+from .framework import ProcessManager
 
 log = logging.getLogger(__name__)
 BILLING_ACTOR = Actor("billing", "ucloud-system", is_admin=True)
@@ -170,26 +176,55 @@ def _prepaid(view: BillingView, now: int, settings: BillingSettings) -> list[Dec
     return decisions
 
 
-class BillingProcess:
-    """Drives ``decide``; see the module's note: to be replaced by the shared framework."""
+class BillingProcess(ProcessManager):
+    """The billing view and ``decide`` as a process manager (``ProcessRunner`` runs it);
+    ``step``/``run_until_idle`` drive the same view and decisions by hand (tests,
+    benchmarks, a one-off close)."""
 
     name = "billing"
+    interested_in = BILLING_TAGS
 
     def __init__(self, store: EventStore, settings: BillingSettings | None = None,
                  clock: Callable[[], float] = time.time, actor: Actor = BILLING_ACTOR) -> None:
         self.store = store
         self.settings = settings or BillingSettings()
+        self.tick_interval = self.settings.tick
         self.clock = clock
         self.actor = actor
         self.codec = build_codec()
         self.commands = BillingCommands(store, self.codec)
         self.vms = CommandService(store, self.codec)
         self.view = BillingView(self.settings.periods)
-        self.runner = ProjectionRunner(store, self.codec, [self.view], name="billing-process")
+        # Folds records into the view (the projections' decoder routing); its position is the view's.
+        self.folder = ProjectionRunner(store, self.codec, [self.view], name="billing-process")
+
+    # -- on the framework ----------------------------------------------------------------
+
+    async def handle_run(self, records: list[EventRecord]) -> None:
+        for record in records:
+            if record.position > self.folder.position:  # a step() by hand may have folded it
+                self.folder.apply(record)
+        await self._act(prepaid=False)
+
+    async def tick(self) -> None:
+        await self._act(prepaid=True)
+
+    def dump(self) -> Any:
+        return {"position": self.folder.position, "view": self.view.dump()}
+
+    def load(self, data: Any) -> None:
+        self.view.load(data["view"])
+        self.folder.position = int(data["position"])
+
+    # -- by hand -----------------------------------------------------------------------------
 
     async def step(self, prepaid: bool = True) -> int:
         """Catch up, decide once, append; the number of decisions appended."""
-        await self.runner.catch_up()
+        await self.folder.catch_up()
+        return await self._act(prepaid)
+
+    async def _act(self, prepaid: bool) -> int:
+        """Decide on the view as it is, append; the number of decisions appended."""
         appended = 0
         for decision in decide(self.view, int(self.clock()), self.settings, prepaid=prepaid):
             try:
@@ -239,19 +274,3 @@ class BillingProcess:
         """Step until nothing is left to decide (tests, ``ucloud billing close``)."""
         while await self.step():
             pass
-
-    async def run(self) -> None:
-        checked = 0.0
-        while True:
-            try:
-                prepaid = time.monotonic() - checked >= self.settings.tick
-                if prepaid:
-                    checked = time.monotonic()
-                if await self.step(prepaid=prepaid):
-                    continue
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("billing process step failed; retrying")
-            await self.store.wait_for_events(self.runner.position, self.settings.tick)
-

@@ -19,13 +19,15 @@ from tests.support.gateway import ServedGateway, served_gateway
 from ucloud.cli.main import main
 from ucloud.gateway.app import READ_MODELS
 from ucloud.processes.billing import BillingProcess, BillingSettings
+from ucloud.processes.framework import ProcessRunner
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[ServedGateway]:
     with served_gateway() as gateway:
         process = BillingProcess(gateway.store, BillingSettings(tick=0.2))
-        running = asyncio.run_coroutine_threadsafe(process.run(), gateway.loop)
+        runner = ProcessRunner(process, gateway.store)  # no lease: the only instance
+        running = asyncio.run_coroutine_threadsafe(runner.run(), gateway.loop)
         try:
             yield gateway
         finally:

@@ -206,6 +206,18 @@ class HypervisorDriver(ABC):
         """
 
     @abstractmethod
+    async def interfaces(self, vm_id: UUID) -> tuple[NetworkInterface, ...]:
+        """The NICs the VM has now (booted with or plugged since)."""
+
+    @abstractmethod
+    async def attach_interface(self, vm_id: UUID, nic: NetworkInterface) -> None:
+        """Hot-plug a NIC into a running VM (its tap must exist). No-op if it has it."""
+
+    @abstractmethod
+    async def detach_interface(self, vm_id: UUID, tap: str, timeout: float = 60.0) -> None:
+        """Hot-unplug a NIC (the guest must let go; HypervisorError if it does not in time)."""
+
+    @abstractmethod
     async def list_running(self) -> list[UUID]:
         """Ids of the VMs whose hypervisor process runs on this host (for adoption)."""
 

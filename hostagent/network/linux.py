@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,20 @@ class LinuxNetworkDriver(NetworkDriver):
         self.firewall = Firewall()
         self.radvd = Radvd(Path(state_dir) / "radvd", radvd_binary)
         self._lock = asyncio.Lock()
+        # What was made or checked, and when: the agent asks every pass (every 2 s); the
+        # devices and rules are read back and repaired at most every ``recheck`` seconds.
+        self.recheck = 30.0
+        self._checked: dict[object, tuple[object, float]] = {}
+
+    def _fresh(self, key: object, spec: object) -> bool:
+        seen = self._checked.get(key)
+        return seen is not None and seen[0] == spec and time.monotonic() - seen[1] < self.recheck
+
+    def _mark(self, key: object, spec: object | None) -> None:
+        if spec is None:
+            self._checked.pop(key, None)
+        else:
+            self._checked[key] = (spec, time.monotonic())
 
     # -- sync netlink work (run in a thread) --------------------------------------------------
 
@@ -208,6 +223,8 @@ class LinuxNetworkDriver(NetworkDriver):
     # -- the port --------------------------------------------------------------------------------
 
     async def ensure_network(self, spec: NetworkSpec) -> None:
+        if self._fresh(("network", spec.vni), spec):
+            return
         async with self._lock:
             if spec.router:  # before forwarding is on: it never routes between networks
                 await self.firewall.ensure_router(bridge_name(spec.vni))
@@ -219,8 +236,10 @@ class LinuxNetworkDriver(NetworkDriver):
                 await self.radvd.ensure(bridge, radvd_config.config(bridge, spec.prefix, self.mtu(), spec.rdnss))
             elif self.radvd.pid(bridge) is not None:
                 await self.radvd.stop(bridge)
+            self._mark(("network", spec.vni), spec)
 
     async def remove_network(self, vni: int) -> None:
+        self._mark(("network", vni), None)
         async with self._lock:
             await self.radvd.stop(bridge_name(vni))
             await asyncio.to_thread(self._remove_network, vni)
@@ -232,12 +251,16 @@ class LinuxNetworkDriver(NetworkDriver):
     async def ensure_port(self, spec: PortSpec) -> None:
         """Link first (down), its chain second, then onto the bridge and up: no frame of the
         port is ever forwarded unfiltered."""
+        if self._fresh(("port", spec.name), spec):
+            return
         async with self._lock:
             await asyncio.to_thread(self._ensure_link, spec)
             await self.firewall.ensure_port(spec)
             await asyncio.to_thread(self._plug, spec)
+            self._mark(("port", spec.name), spec)
 
     async def remove_port(self, name: str) -> None:
+        self._mark(("port", name), None)
         async with self._lock:
             await asyncio.to_thread(self._remove_link, name)
             await self.firewall.remove_port(name)

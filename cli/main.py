@@ -64,6 +64,7 @@ from ucloud.cli.client import (
     resolve_settings,
     state_home,
 )
+from ucloud.domain.host import host_id_for
 from ucloud.domain.units import format_size
 
 __all__ = ["DEFAULT_API", "DEFAULT_REALM", "EXIT_ERROR", "REQUEST_TIMEOUT", "ApiError", "Client", "Context",
@@ -511,6 +512,51 @@ def host_list(ctx: Context, as_json: bool) -> None:
             listing.add_row(h["hostname"], h.get("status", ""), h["id"], usage(h["used_cores"], h["cores"], sizes=False),
                             usage(h["used_ram"], h["ram"]), usage(h["used_disk"], h["disk"]), str(h["vms"]))
         console().print(listing if hosts else "no hosts")
+
+    ctx.run(work)
+
+
+def _host_path(hostname: str, suffix: str = "") -> str:
+    """A host's API path: its id follows from its name (the same rule as the server's)."""
+    return f"/v1/hosts/{host_id_for(hostname)}{suffix}"
+
+
+@host.command("maintenance")
+@click.argument("hostname")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@pass_context
+def host_maintenance(ctx: Context, hostname: str, state: str) -> None:
+    """Take HOSTNAME out of placement (on; its VMs keep running) or back in (off)."""
+
+    async def work(client: Client) -> None:
+        await client.request("POST", _host_path(hostname, "/maintenance"), {"maintenance": state == "on"})
+        console().print(f"host {hostname}: maintenance {state}")
+
+    ctx.run(work)
+
+
+@host.command("evacuate")
+@click.argument("hostname")
+@pass_context
+def host_evacuate(ctx: Context, hostname: str) -> None:
+    """Restart every VM of HOSTNAME on other hosts now (its guests are stopped first)."""
+
+    async def work(client: Client) -> None:
+        await client.request("POST", _host_path(hostname, "/evacuate"))
+        console().print(f"host {hostname}: evacuating (in maintenance; its VMs move to other hosts)")
+
+    ctx.run(work)
+
+
+@host.command("remove")
+@click.argument("hostname")
+@pass_context
+def host_remove(ctx: Context, hostname: str) -> None:
+    """Remove HOSTNAME (refused while VMs are placed on it)."""
+
+    async def work(client: Client) -> None:
+        await client.request("DELETE", _host_path(hostname))
+        console().print(f"host {hostname} removed")
 
     ctx.run(work)
 

@@ -32,6 +32,7 @@ from .aggregates import ADMIN, FILE, HOST, IMAGE, SSHKEY, VM
 from .networks import add_nic, check_network_names
 from .unit_of_work import Actor, Loaded, Outcome, Repository, Session
 
+NIC_ATTEMPTS = 100  # see create_vm
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c003")
 # Images the hosts provide themselves, outside the catalogue: ``tiny`` is built by every
 # host agent; ``debian-12`` is placed on hosts by the operator (docs/operations.md). Any
@@ -133,7 +134,9 @@ class CommandService:
                 vm = vm_domain.evolve(vm, session.recorded[vm_domain.stream_name(vm.id)][-1])
             return command.vm_id
 
-        return await self.repository.transact(work, actor)
+        # A NIC is a port on its network's stream too: many VMs created on one network at
+        # once conflict there and are decided again, so they get more attempts.
+        return await self.repository.transact(work, actor, attempts=NIC_ATTEMPTS if network_names else 10)
 
     async def vm_command(self, actor: Actor, command: vm_domain.VmLifecycleCommand) -> Outcome[None]:
         """start, stop, reboot, delete: on one's own VM (admins: on any)."""
@@ -286,12 +289,18 @@ class CommandService:
         return await self.repository.transact(work, actor, known=known)
 
     async def evict(self, actor: Actor, host_id: UUID, vm_ids: Sequence[UUID], reason: str,
-                    tracking: Tracking | None = None) -> Outcome[None]:
+                    tracking: Tracking | None = None, *, evacuated: bool = False) -> Outcome[None]:
         """Take VMs off a host (declared dead, or evacuated): ``vm.host_lost`` on each VM and
-        its claim released on the host, in one append. A VM that already left is skipped."""
+        its claim released on the host, in one append. A VM that already left is skipped.
+        ``evacuated``: the last batch of an evacuation (``host.evacuated`` in the same append)."""
 
         async def work(session: Session) -> None:
             host = await session.load(HOST, host_id)
+            if evacuated and host is not None:
+                finished = host_domain.decide(host, host_domain.FinishEvacuation(host_id=host_id, vms=len(vm_ids)))
+                for event in finished:
+                    host = host_domain.evolve(host, event)
+                session.record(HOST, host_id, finished)
             for vm_id in vm_ids:
                 vm = await session.load(VM, vm_id)
                 if vm is None or vm.host_id != host_id:

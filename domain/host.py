@@ -104,6 +104,14 @@ class HostEvacuationRequested(Event, tag="host.evacuation_requested", frozen=Tru
     host_id: UUID
 
 
+class HostEvacuated(Event, tag="host.evacuated", frozen=True):
+    """The host's VMs were taken off it (appended with their vm.host_lost): by its agent
+    after it stopped their guests, or by the scheduler when no agent was up to do it."""
+
+    host_id: UUID
+    vms: int
+
+
 class HostRemoved(Event, tag="host.removed", frozen=True):
     """An admin removed a host that held no VM; registering it again brings it back."""
 
@@ -130,7 +138,7 @@ class ClaimChanged(Event, tag="host.claim_changed", frozen=True):
 
 HostEvent = (
     HostRegistered | HostCapacityChanged | CapacityClaimed | CapacityReleased | HostStoresDeclared | ClaimChanged
-    | HostUp | HostDeclaredDead | HostMaintenanceChanged | HostEvacuationRequested | HostRemoved
+    | HostUp | HostDeclaredDead | HostMaintenanceChanged | HostEvacuationRequested | HostRemoved | HostEvacuated
 )
 HOST_EVENT_TYPES: tuple[type[Event], ...] = HostEvent.__args__
 
@@ -179,6 +187,11 @@ class Evacuate(Command, tag="host.evacuate", frozen=True):
     host_id: UUID
 
 
+class FinishEvacuation(Command, tag="host.finish_evacuation", frozen=True):
+    host_id: UUID
+    vms: int
+
+
 class RemoveHost(Command, tag="host.remove", frozen=True):
     host_id: UUID
 class ChangeClaim(Command, tag="host.change_claim", frozen=True):
@@ -212,6 +225,7 @@ class Host(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     lease_ttl: float = 0.0
     maintenance: bool = False
     reason: str = ""  # why it was declared dead
+    evacuating: bool = False  # asked to give up its VMs; its agent stops them, then they move
 
     @property
     def schedulable(self) -> bool:
@@ -260,6 +274,10 @@ def evolve(host: Host | None, event: Event) -> Host | None:
             return msgspec.structs.replace(host, status=HostStatus.DEAD, reason=event.evidence)
         case HostMaintenanceChanged():
             return msgspec.structs.replace(host, maintenance=event.maintenance)
+        case HostEvacuationRequested():
+            return msgspec.structs.replace(host, maintenance=True, evacuating=True)
+        case HostEvacuated():
+            return msgspec.structs.replace(host, evacuating=False)
         case HostRemoved():
             return msgspec.structs.replace(host, status=HostStatus.REMOVED, claims={})
         case ClaimChanged():
@@ -361,7 +379,13 @@ def decide(host: Host | None, command: Command, overcommit: Overcommit | None = 
                 return []
             return [HostMaintenanceChanged(host_id=host.id, maintenance=command.maintenance)]
         case Evacuate():
+            if host.evacuating:
+                return []
             return [HostEvacuationRequested(host_id=host.id)]
+        case FinishEvacuation():
+            if not host.evacuating:
+                return []
+            return [HostEvacuated(host_id=host.id, vms=command.vms)]
         case RemoveHost():
             if host.claims:
                 names = ", ".join(sorted(str(vm_id) for vm_id in host.claims)[:10])
@@ -374,6 +398,8 @@ def decide(host: Host | None, command: Command, overcommit: Overcommit | None = 
 
 def display_status(host: Host) -> str:
     """The state an operator reads: maintenance shows over up and unknown."""
+    if host.evacuating and host.status is HostStatus.UP:
+        return "evacuating"
     if host.maintenance and host.status in (HostStatus.UP, HostStatus.UNKNOWN):
         return "maintenance"
     return host.status.value

@@ -336,8 +336,9 @@ async def hold(leases: Leases, grant: Grant, *, margin: float | None = None,
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await keeper
-        with contextlib.suppress(EventStoreError, OSError):
-            await asyncio.wait_for(leases.release(grant), timeout=2)
+        if not held.lost.is_set():  # a lost lease is gone already: nothing to give back
+            with contextlib.suppress(EventStoreError, OSError, TimeoutError):
+                await asyncio.wait_for(leases.release(grant), timeout=2)
 
 
 async def _keep(leases: Leases, held: HeldLease) -> None:

@@ -247,6 +247,10 @@ class RegisterHostBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     hypervisor: Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN, examples=["qemu"])] = "qemu"
 
 
+class HostMaintenanceBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    maintenance: bool
+
+
 class Accepted(msgspec.Struct, omit_defaults=True, kw_only=True):
     """A command was recorded at ``position``; pass it to queries to read your write."""
 
@@ -364,6 +368,7 @@ class Health(msgspec.Struct, kw_only=True):
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
     t: msgspec.json.Decoder(t, strict=False) for t in (CreateVmBody, AddSshKeyBody, RegisterHostBody)
 }
+_DECODERS[HostMaintenanceBody] = msgspec.json.Decoder(HostMaintenanceBody)  # a boolean is a boolean, never "true"
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -649,6 +654,63 @@ async def register_host(request: web.Request) -> web.Response:
     created = any(isinstance(e, HostRegistered) for e in outcome.events)
     return answer(HostAccepted(id=outcome.result, hostname=body.hostname, position=outcome.position),
                   201 if created else 200, outcome.position)
+
+
+HOST_ID = Param.of("id", "path", "The host's id (``ucloud host list``).", UUID)
+
+
+def _host_id(request: web.Request) -> UUID:
+    return UUID(check_value("id", HOST_ID.schema, request.match_info["id"]))
+
+
+@api("POST", "/v1/hosts/{id}/maintenance", ApiDoc(
+    "Put a host in or out of maintenance (admin)", "setHostMaintenance", "hosts", response=Accepted,
+    params=(HOST_ID,), body=HostMaintenanceBody, max_body=BODY_LIMIT, errors=(400, 404, 409, 503),
+    description="In maintenance a host gets no new placements; its VMs keep running. Outside the admin "
+                "realm: 404."))
+async def set_host_maintenance(request: web.Request) -> web.Response:
+    host_id = _host_id(request)
+    body = await decode_body(request, HostMaintenanceBody)
+    actor = actor_of(request)
+    _require_admin(actor)
+    outcome = await request.app[COMMANDS].host_command(
+        actor, host_domain.SetMaintenance(host_id=host_id, maintenance=body.maintenance))
+    return answer(Accepted(id=host_id, position=outcome.position), position=outcome.position)
+
+
+@api("POST", "/v1/hosts/{id}/evacuate", ApiDoc(
+    "Restart a host's VMs on other hosts (admin)", "evacuateHost", "hosts", status=202, response=Accepted,
+    params=(HOST_ID,), errors=(400, 404, 409, 422, 503),
+    description="Puts the host in maintenance; its agent stops its guests, then the VMs are placed "
+                "elsewhere (a host whose agent is not up has its VMs moved at once). 422 when no other "
+                "host takes placements. Outside the admin realm: 404."))
+async def evacuate_host(request: web.Request) -> web.Response:
+    host_id = _host_id(request)
+    actor = actor_of(request)
+    _require_admin(actor)
+    # Judged on the hosts as the log has them now, not on a view a moment behind.
+    await request.app[RUNNER].wait_for(await request.app[STORE].head(), request.app[CONFIG].read_timeout)
+    hosts = request.app[READ_MODELS].hosts.by_id
+    host = hosts.get(host_id)  # an unknown host is the command side's 404
+    others = [h for h in hosts.values() if h.id != host_id and h.schedulable]
+    if host is not None and host.claims and not others:
+        raise Rejected(f"no other host takes placements: evacuating {host.hostname} would leave its "
+                       f"{len(host.claims)} VM(s) nowhere to run")
+    outcome = await request.app[COMMANDS].host_command(actor, host_domain.Evacuate(host_id=host_id))
+    return answer(Accepted(id=host_id, position=outcome.position), 202, outcome.position)
+
+
+@api("DELETE", "/v1/hosts/{id}", ApiDoc(
+    "Remove a host that holds no VM (admin)", "removeHost", "hosts", response=Accepted, params=(HOST_ID,),
+    errors=(400, 404, 409, 422, 503),
+    description="422 while VMs are placed on it (they are named). Registering it again brings it back. "
+                "Outside the admin realm: 404."))
+async def remove_host(request: web.Request) -> web.Response:
+    host_id = _host_id(request)
+    actor = actor_of(request)
+    _require_admin(actor)
+    outcome = await request.app[COMMANDS].host_command(actor, host_domain.RemoveHost(host_id=host_id))
+    return answer(Accepted(id=host_id, position=outcome.position), position=outcome.position)
 
 
 # -- operations ------------------------------------------------------------------------------------

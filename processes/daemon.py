@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class ProcessSettings:
     instance: str
     lease_ttl: float = 3.0  # of the process managers' leader leases
-    declare_after: float = 0.5  # the detector's grace after a host lease is gone
+    declare_after: float = 0.25  # the detector's grace after a host lease is gone
     snapshot_interval: float = 30.0
     ipv6_pool: str | None = None  # the IPAM allocator's pool (None: the log's, or a new ULA /48)
     # The image scanner runs where the users' files are: only with a files root.
@@ -61,7 +61,8 @@ def build(commands: CommandService, leases: Leases | None, settings: ProcessSett
     detector = FailureDetector(commands, leases, instance=settings.instance,
                                declare_after=settings.declare_after) if leases is not None else None
     billing = BillingProcess(store)  # periods, invoices, prepaid balances, orders
-    for manager in (scheduler, detector, billing):
+    ipam = IpamAllocator(store, commands.codec, pool=settings.ipv6_pool)  # VNIs, /64s, MACs
+    for manager in (scheduler, detector, billing, ipam):
         if manager is None:
             continue
         runner = ProcessRunner(manager, store, leases, instance=settings.instance, lease_ttl=settings.lease_ttl,
@@ -70,9 +71,6 @@ def build(commands: CommandService, leases: Leases | None, settings: ProcessSett
         made.components[manager.name] = runner.run
     # Those with loops of their own, until they move onto ProcessRunner: each still runs
     # only where it holds its leader lease.
-    ipam = IpamAllocator(store, commands.codec, pool=settings.ipv6_pool)  # VNIs, /64s, MACs
-    made.components["ipam"] = lambda: lead_while_holding(leases, "ipam", settings.instance,
-                                                         settings.lease_ttl, ipam.run)
     if settings.files_root is not None:
         # Records users' files (uploads, sftp) and imports requested images from them.
         files = FileScanner(commands, settings.files_root)

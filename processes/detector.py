@@ -74,7 +74,7 @@ class FailureDetector(ProcessManager):
     interested_in = _HOST_EVENTS
 
     def __init__(self, commands: CommandService, leases: Leases, *, instance: str = "",
-                 declare_after: float = 0.5, tick_interval: float = 0.2,
+                 declare_after: float = 0.25, tick_interval: float = 0.1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.commands = commands
         self.leases = leases

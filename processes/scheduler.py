@@ -293,7 +293,13 @@ class Scheduler(ProcessManager):
             case host_domain.HostDeclaredDead():
                 await self._evict(event.host_id, f"its host was declared dead: {event.evidence}", tracking)
             case host_domain.HostEvacuationRequested():
-                await self._evict(event.host_id, "its host was evacuated", tracking)
+                host = self.hosts.by_id.get(event.host_id)
+                if host is not None and host.status is host_domain.HostStatus.UP:
+                    # Its agent stops the guests first, then moves the VMs (hostagent/agent.py):
+                    # a live host's guests must be gone before they start elsewhere.
+                    await self.store.append(tracking=tracking)
+                else:
+                    await self._evict(event.host_id, "its host was evacuated", tracking, evacuated=True)
             case vm_domain.VmDeleted() if event.host_id is not None:
                 outcome = await self.commands.release_capacity(self.actor, event.host_id, event.vm_id,
                                                                tracking=tracking)
@@ -320,7 +326,7 @@ class Scheduler(ProcessManager):
         return NoRoom(f"no host takes placements (only hosts whose agent is up and that are not in "
                       f"maintenance do): {listed}")
 
-    async def _evict(self, host_id: UUID, reason: str, tracking: Tracking) -> None:
+    async def _evict(self, host_id: UUID, reason: str, tracking: Tracking, *, evacuated: bool = False) -> None:
         """Move every VM off a lost (or evacuated) host: vm.host_lost and the claim
         released, in appends of _EVICT_BATCH VMs; the last carries the tracking position,
         so a restart in between evicts the rest (an evicted VM is skipped)."""
@@ -329,10 +335,11 @@ class Scheduler(ProcessManager):
         batches = [vm_ids[i:i + _EVICT_BATCH] for i in range(0, len(vm_ids), _EVICT_BATCH)] or [[]]
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
-            if not batch:
+            if not batch and not evacuated:
                 await self.store.append(tracking=tracking)
                 continue
-            await self.commands.evict(self.actor, host_id, batch, reason, tracking=tracking if last else None)
+            await self.commands.evict(self.actor, host_id, batch, reason, tracking=tracking if last else None,
+                                      evacuated=evacuated and last)
         if vm_ids:
             log.warning("moved %d VM(s) off host %s: %s", len(vm_ids), host_id, reason)
             await self._refresh_host(host_id)

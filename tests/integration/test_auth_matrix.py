@@ -186,6 +186,14 @@ async def _host_add(stack: Stack, owner: str) -> Call:
                                    "disk": "100GB"})
 
 
+def _host_route(suffix: str, json: Any = None) -> Prepare:
+    async def prepare(stack: Stack, owner: str) -> Call:
+        host = await stack.commands.register_host(SYSTEM, f"h-{uuid.uuid4().hex[:6]}", 4, "8GB", "100GB")
+        return Call(f"/v1/hosts/{host.result}{suffix}", json=json)
+
+    return prepare
+
+
 async def _throwaway_user(stack: Stack) -> str:
     """A user the admin may change: fresh in the built-in directory; LDAP's bob otherwise
     (the built-in-only routes do not touch him there, and he is enrolled already)."""
@@ -395,6 +403,10 @@ MATRIX: dict[tuple[str, str], Spec] = {
     ("DELETE", "/v1/images/{name}"): Spec(_image(False), 202, 404, 202),
     ("GET", "/v1/hosts"): Spec(_fixed("/v1/hosts"), **NOT_FOR_USERS, admin=200),
     ("POST", "/v1/hosts"): Spec(_host_add, **NOT_FOR_USERS, admin=201),
+    ("POST", "/v1/hosts/{id}/maintenance"): Spec(_host_route("/maintenance", {"maintenance": True}),
+                                                 **NOT_FOR_USERS, admin=200),
+    ("POST", "/v1/hosts/{id}/evacuate"): Spec(_host_route("/evacuate"), **NOT_FOR_USERS, admin=202),
+    ("DELETE", "/v1/hosts/{id}"): Spec(_host_route(""), **NOT_FOR_USERS, admin=200),
     ("GET", "/v1/users"): Spec(_fixed("/v1/users", check=_every_user), **NOT_FOR_USERS, admin=200,
                                admin_with_ldap=501),
     ("POST", "/v1/users"): Spec(_user_add, **NOT_FOR_USERS, admin=201, admin_with_ldap=501),

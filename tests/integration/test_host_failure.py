@@ -1,14 +1,19 @@
 """Dead hosts, proven with every daemon its own process on a real etcd and real TCG guests:
-three `ucloud-host` agents and a `ucloud processes`; a host dies (its agent and its QEMUs
+`ucloud-host` agents and a `ucloud processes`; a host dies (its agent and its QEMUs
 SIGKILLed at once) and every VM it ran comes up on another host; a hung agent (SIGSTOP)
-is fenced by its `ucloud-watchdog` before any replacement starts."""
+is fenced by its `ucloud-watchdog` before any replacement starts; a host cut off from
+etcd (its network namespace's link dropped) fences itself before its VMs start
+elsewhere, and when the link returns rejoins without running them again; an evacuated
+host stops its guests before they start elsewhere."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from uuid import UUID
 
@@ -17,6 +22,7 @@ import pytest
 from tests.support.cluster import ALICE, Agent, Cluster
 from tests.support.etcd import EtcdCluster
 from ucloud.commands.service import CommandService
+from ucloud.commands.unit_of_work import SYSTEM
 from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
 
@@ -39,7 +45,10 @@ async def cluster(etcd: EtcdCluster, tmp_path: Path) -> AsyncIterator[tuple[Clus
 async def start_hosts(cluster: Cluster, names: list[str], *, watchdog: bool = False) -> None:
     for name in names:
         cluster.start_agent(name, watchdog=watchdog)
+    await wait_up(cluster, names)
 
+
+async def wait_up(cluster: Cluster, names: list[str]) -> None:
     async def all_up() -> bool:
         hosts = (await cluster.models()).hosts.by_id
         return all(host_domain.host_id_for(n) in hosts and hosts[host_domain.host_id_for(n)].status
@@ -156,3 +165,117 @@ async def test_a_hung_agent_is_fenced_by_its_watchdog_before_any_replacement_sta
     await made.wait(rejoined, 60, "the hung host rejoins")
     time.sleep(3)  # noqa: ASYNC251 - give it time to (wrongly) start something
     assert all(qemu_of(victim, v) is None for v in moved), "a moved VM must not run on its old host"
+
+
+async def test_an_evacuated_host_s_guests_stop_before_they_start_elsewhere(
+        cluster: tuple[Cluster, CommandService]) -> None:
+    made, commands = cluster
+    await start_hosts(made, ["ea", "eb"])
+    vms = await create_running(made, commands, 2)
+    models = await made.models()
+    source_id = models.vms.get(vms[0]).host_id
+    source = next(a for a in made.agents.values() if a.host_id == source_id)
+    moving = [v for v in vms if models.vms.get(v).host_id == source_id]
+    old = {v: qemu_of(source, v) for v in moving}
+    await commands.host_command(SYSTEM, host_domain.Evacuate(host_id=source_id))
+    died: dict[UUID, float] = {}
+    born: dict[UUID, float] = {}
+    deadline = time.monotonic() + 120
+    while len(born) < len(moving):
+        assert time.monotonic() < deadline, made.log(f"agent-{source.hostname}.log")
+        for vm_id, pid in old.items():
+            if vm_id not in died and (pid is None or not alive(pid)):
+                died[vm_id] = time.monotonic()
+        for vm_id in moving:
+            if vm_id not in born and any(qemu_of(a, vm_id) for a in made.agents.values() if a is not source):
+                born[vm_id] = time.monotonic()
+        time.sleep(0.02)  # noqa: ASYNC251 - a tight observation loop
+    assert all(died[v] <= born[v] for v in moving), "a guest stopped here before it started elsewhere"
+    models = await made.models()
+    host = models.hosts.by_id[source_id]
+    assert host.maintenance and not host.evacuating and host.claims == {}
+    assert all(models.vms.get(v).host_id not in (None, source_id) for v in moving)
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def cut_off_etcd(tmp_path: Path) -> Iterator[tuple[EtcdCluster, str, str, str]]:
+    """An etcd reachable from the root namespace on loopback and from a network namespace
+    over a veth pair whose root end the test can take down: (cluster, netns, root veth,
+    the address etcd has on it)."""
+    tag = uuid.uuid4().hex[:6]
+    netns, outside, inside = f"uchf-{tag}", f"uh{tag}r", f"uh{tag}n"
+    subnet = int(tag[:2], 16)
+    address = f"10.213.{subnet}.1"
+    ip("netns", "add", netns)
+    cluster: EtcdCluster | None = None
+    try:
+        ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+        ip("link", "set", inside, "netns", netns)
+        ip("addr", "add", f"{address}/30", "dev", outside)
+        ip("link", "set", outside, "up")
+        ip("-n", netns, "addr", "add", f"10.213.{subnet}.2/30", "dev", inside)
+        ip("-n", netns, "link", "set", inside, "up")
+        ip("-n", netns, "link", "set", "lo", "up")
+        cluster = EtcdCluster(1)
+        member = cluster.members[0]
+        port = member.client_port
+        member.extra_args += ["--listen-client-urls", f"http://127.0.0.1:{port},http://{address}:{port}"]
+        cluster.start()
+        yield cluster, netns, outside, f"{address}:{port}"
+    finally:
+        if cluster is not None:
+            cluster.close()
+        subprocess.run(["ip", "link", "del", outside], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+@pytest.mark.netns
+async def test_a_host_cut_off_from_etcd_fences_itself_and_rejoins_without_restarting_moved_vms(
+        cut_off_etcd: tuple[EtcdCluster, str, str, str], tmp_path: Path) -> None:
+    etcd, netns, link, endpoint = cut_off_etcd
+    made = Cluster(etcd.endpoints, tmp_path)
+    try:
+        commands = await made.open()
+        made.start_processes("p1")
+        made.start_agent("cut", watchdog=True, netns=netns, endpoint=endpoint)
+        await wait_up(made, ["cut"])
+        vms = await create_running(made, commands, 2)
+        await start_hosts(made, ["keep"])
+        victim = made.agents["cut"]
+        victim_id = victim.host_id
+        old = {v: qemu_of(victim, v) for v in vms}
+        assert all(old.values())
+        session = (await made.models()).hosts.by_id[victim_id].session
+        ip("link", "set", link, "down")  # the host is alive, etcd out of its reach
+        died: dict[UUID, float] = {}
+        born: dict[UUID, float] = {}
+        deadline = time.monotonic() + 120
+        while len(born) < len(vms):
+            assert time.monotonic() < deadline, made.log("agent-cut.log") + made.log("watchdog-cut.log")
+            for vm_id, pid in old.items():
+                if vm_id not in died and not alive(pid):  # type: ignore[arg-type]
+                    died[vm_id] = time.monotonic()
+            for vm_id in vms:
+                if vm_id not in born and qemu_of(made.agents["keep"], vm_id) is not None:
+                    born[vm_id] = time.monotonic()
+            time.sleep(0.02)  # noqa: ASYNC251 - a tight observation loop
+        assert all(died[v] <= born[v] for v in vms), "fenced before the replacements started"
+        ip("link", "set", link, "up")
+
+        async def rejoined() -> bool:
+            host = (await made.models()).hosts.by_id[victim_id]
+            return host.status is host_domain.HostStatus.UP and host.session != session
+
+        await made.wait(rejoined, 90, "the cut-off host rejoins in a new session")
+        time.sleep(4)  # noqa: ASYNC251 - room for a wrong restart to happen
+        assert all(qemu_of(victim, v) is None for v in vms), "a moved VM must not run on its old host again"
+        models = await made.models()
+        keep_id = made.agents["keep"].host_id
+        assert all(models.vms.get(v).host_id == keep_id and models.vms.get(v).status is S.RUNNING for v in vms)
+        assert "fenced" in made.log("agent-cut.log") or "killing" in made.log("watchdog-cut.log")
+    finally:
+        await made.close()

@@ -72,7 +72,10 @@ class Cluster:
         return self._spawn([str(BIN / "ucloud"), "processes", "--store", self.url, "--instance", instance,
                             "--lease-ttl", "2"], f"processes-{instance}.log")
 
-    def start_agent(self, hostname: str, *, watchdog: bool = False, netns: str | None = None) -> Agent:
+    def start_agent(self, hostname: str, *, watchdog: bool = False, netns: str | None = None,
+                    endpoint: str | None = None) -> Agent:
+        """``netns``: run it (and its watchdog, and so its guests) in that network namespace,
+        reaching etcd at ``endpoint``."""
         agent = self.agents.get(hostname)
         if agent is None:
             # Short: QMP/VNC socket paths under it must fit in 107 bytes.
@@ -85,7 +88,8 @@ class Cluster:
             agent.watchdog = self._spawn([*prefix, str(BIN / "ucloud-watchdog"), "--state-dir", str(agent.state_dir)],
                                          f"watchdog-{hostname}.log")
         agent.process = self._spawn(
-            [*prefix, str(BIN / "ucloud-host"), "--store", self.url, "--state-dir", str(agent.state_dir),
+            [*prefix, str(BIN / "ucloud-host"), "--store", f"etcd://{endpoint}{self.prefix}" if endpoint else self.url,
+             "--state-dir", str(agent.state_dir),
              "--hostname", hostname, "--accel", "tcg", "--lease-ttl", str(self.lease_ttl), "--lease-margin", "0.5"],
             f"agent-{hostname}.log")
         return agent

@@ -37,6 +37,7 @@ FROZEN: dict[str, tuple[int, tuple[str, ...]]] = {
     "host.maintenance_changed": (1, ('host_id', 'maintenance')),
     "host.evacuation_requested": (1, ('host_id',)),
     "host.removed": (1, ('host_id',)),
+    "host.evacuated": (1, ('host_id', 'vms')),
     "sshkey.added": (1, ('key_id', 'owner', 'name', 'public_key', 'fingerprint')),
     "sshkey.deleted": (1, ('key_id',)),
     "admin.recovered": (1, ('admin_id', 'name', 'realm', 'created_user', 'reenabled', 'granted_realm', 'replaced_seed', 'machine')),

@@ -677,7 +677,7 @@ class HostAgent:
                 kernel=str(boot.kernel) if boot and boot.kernel else None,
                 initrd=str(boot.initrd) if boot and boot.initrd else None,
                 append=boot.append if boot and boot.kernel else None,
-                smbios_product=OPENSTACK_PRODUCT, smbios_serial=self.smbios_serial,
+                smbios_product=OPENSTACK_PRODUCT, smbios_serial=self._seed(vm),
                 interfaces=self._interfaces(vm) if self.network is not None else (),
             ))
         except Exception as error:  # any start failure is reported, with its reason
@@ -685,6 +685,17 @@ class HostAgent:
             await self._report(vm_domain.ReportFailed(vm_id=vm.id, host_id=self.host_id, reason=str(error)[:500]))
             return
         await self._report(vm_domain.ReportStarted(vm_id=vm.id, host_id=self.host_id, accelerator=handle.accel))
+
+    def _seed(self, vm: vm_domain.Vm) -> str | None:
+        """The NoCloud seed in the VM's SMBIOS serial: the configured metadata URL, else the
+        router address of its first NIC's network (where the router host's metadata server
+        listens; any host's server answers any NIC), else none."""
+        if self.smbios_serial is not None:
+            return self.smbios_serial
+        network = self.networks.by_id.get(vm.nics[0].network_id) if vm.nics else None
+        if network is None or not network.prefix:
+            return None
+        return nocloud_serial(f"http://[{net.router_address(network.prefix)}]")
 
     async def _prepare_disk(self, vm: vm_domain.Vm) -> tuple[Disk, Image | None]:
         """The VM's disk, made now if it does not exist: a clone of its catalogued image in

@@ -25,12 +25,15 @@ ALICE = Actor("alice")
 
 async def run_until_up(agent: HostAgent, commands: CommandService) -> asyncio.Task[None]:
     task = asyncio.create_task(agent.run())
-    for _ in range(300):
+    for _ in range(1200):  # up to a minute on a loaded machine
         host = (await commands.repository.load(HOST, host_domain.stream_name(agent.host_id))).state
-        if host is not None and host.status is host_domain.HostStatus.UP and agent.live:
+        if (host is not None and host.status is host_domain.HostStatus.UP and agent.session
+                and host.session == agent.session and agent.live):
             await agent.runner.wait_for(await commands.store.head(), 10)
             return task
         await asyncio.sleep(0.05)
+    if task.done():
+        task.result()
     raise AssertionError("the agent did not come up")
 
 

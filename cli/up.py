@@ -62,7 +62,9 @@ from ucloud.gateway.metadata import MetadataConfig, RunningMetadata
 from ucloud.gateway.metadata import serve as serve_metadata
 from ucloud.gateway.metadata import start as start_metadata
 from ucloud.hostagent.agent import HostAgent, nocloud_serial
+from ucloud.hostagent.debianimage import DebianImageError
 from ucloud.hostagent.images import ImageCatalogue
+from ucloud.hostagent.main import NetworkOptions
 from ucloud.hostagent.qemu import QemuDriver
 from ucloud.imagestore.stores import parse_stores
 from ucloud.processes import daemon as processes
@@ -196,7 +198,10 @@ async def run_up(
     metadata_port: int | None = 80,
     image_stores: tuple[str, ...] = (),
     metadata_url: str | None = None,
+    network: NetworkOptions | None = None,
+    debian12: bool = False,
 ) -> None:
+    network = network or NetworkOptions(router=True)
     auth = auth or AuthOptions()
     files_root = files_root or state_dir / "files"
     stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
@@ -244,9 +249,14 @@ async def run_up(
         images = ImageCatalogue(state_dir / "images")
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)
         await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
+        if debian12:
+            click.echo("ucloud: preparing the image 'debian-12' (first run: mmdebstrap, a few minutes)…", err=True)
+            await asyncio.to_thread(images.install_debian12, state_dir / "cache" / "debian-12")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
+        # This machine routes every network with IPAM (its /64's first address, radvd).
         agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname, stores=stores,
-                          metadata_url=metadata_url, leases=leases)
+                          metadata_url=metadata_url, leases=leases, network=network.driver(state_dir),
+                          router=network.router, rdnss=network.rdnss)
         components["host agent"] = agent.run
     tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in components.items()]
     config_path = write_cli_config(gateway.url, header_user=authenticator is None)
@@ -332,18 +342,26 @@ async def run_up(
 @click.option("--metadata-port", type=click.IntRange(0, 65535), default=80, show_default=True,
               help="The metadata server's port (on [::] and fe80::a9fe:a9fe on every network bridge).")
 @click.option("--no-metadata", is_flag=True, help="Do not run a metadata server in this process.")
-@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
+@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH|NAME=rbd:POOL[:CONF]",
               help="An image store (repeat; the first is the default). Default: local=fs:<state-dir>/image-store.")
+@click.option("--debian-12", "debian12", is_flag=True,
+              help="Build (once, ~500 MB of Debian packages) and publish the stock image 'debian-12' "
+                   "(cloud-init, openssh) on this machine's host agent.")
 @click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
               help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
                    "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
+@click.option("--underlay", envvar="UCLOUD_UNDERLAY", metavar="DEV",
+              help="The device networks' VXLAN leaves by, for hosts elsewhere (default: none; networks stay "
+                   "on this machine). This machine routes every network with IPAM either way.")
+@click.option("--underlay-address", envvar="UCLOUD_UNDERLAY_ADDRESS", metavar="ADDR",
+              help="The IPv6 source address of VXLAN traffic on the underlay.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
        ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
        insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, ipv6_pool: str | None,
-       metadata_port: int, no_metadata: bool, image_stores: tuple[str, ...], metadata_url: str | None,
-       verbose: bool) -> None:
+       metadata_port: int, no_metadata: bool, image_stores: tuple[str, ...], debian12: bool,
+       metadata_url: str | None, underlay: str | None, underlay_address: str | None, verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -374,10 +392,11 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
         asyncio.run(run_up(store_url, state_dir.absolute(), listen, port, hostname, accel, not no_agent,
                            auth=auth, limits=limits, files_root=files_root.absolute() if files_root else None,
                            ipv6_pool=ipv6_pool, metadata_port=None if no_metadata else metadata_port,
-                           image_stores=image_stores, metadata_url=metadata_url))
+                           image_stores=image_stores, metadata_url=metadata_url, debian12=debian12,
+                           network=NetworkOptions(underlay=underlay, address=underlay_address, router=True)))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
-    except (DirectoryError, PrivateFileError, SecretStoreError) as error:
+    except (DirectoryError, PrivateFileError, SecretStoreError, DebianImageError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(str(error)) from None
@@ -463,7 +482,7 @@ async def run_processes(store_url: str, settings: processes.ProcessSettings, met
               help="The IPv6 pool networks' /64s come from (as for `ucloud up`).")
 @click.option("--files-root", type=click.Path(path_type=Path), envvar="UCLOUD_FILES_ROOT",
               help="Users' files: run the image scanner here (where the files are). Without it, no scanner.")
-@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
+@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH|NAME=rbd:POOL[:CONF]",
               help="An image store the image scanner imports into (repeat; the first is the default).")
 @click.option("--metrics-listen", default="::1", show_default=True, help="Address of the /metrics endpoint.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,

@@ -103,7 +103,8 @@ class NetworkCommands:
             vm = await self._own_vm(session, actor, vm_id)
             return await add_nic(session, vm, name, "network")
 
-        return await self.repository.transact(work, actor)
+        # The network's stream is shared by every VM on it: concurrent attaches conflict there.
+        return await self.repository.transact(work, actor, attempts=100)
 
     async def detach_network(self, actor: Actor, vm_id: UUID, name: str) -> Outcome[None]:
         check_name(name, "network")

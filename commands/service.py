@@ -32,6 +32,7 @@ from .aggregates import ADMIN, FILE, HOST, IMAGE, SSHKEY, VM
 from .networks import add_nic, check_network_names
 from .unit_of_work import Actor, Loaded, Outcome, Repository, Session
 
+NIC_ATTEMPTS = 100  # see create_vm
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c003")
 # Images the hosts provide themselves, outside the catalogue: ``tiny`` is built by every
 # host agent; ``debian-12`` is placed on hosts by the operator (docs/operations.md). Any
@@ -133,7 +134,9 @@ class CommandService:
                 vm = vm_domain.evolve(vm, session.recorded[vm_domain.stream_name(vm.id)][-1])
             return command.vm_id
 
-        return await self.repository.transact(work, actor)
+        # A NIC is a port on its network's stream too: many VMs created on one network at
+        # once conflict there and are decided again, so they get more attempts.
+        return await self.repository.transact(work, actor, attempts=NIC_ATTEMPTS if network_names else 10)
 
     async def vm_command(self, actor: Actor, command: vm_domain.VmLifecycleCommand) -> Outcome[None]:
         """start, stop, reboot, delete: on one's own VM (admins: on any)."""

@@ -115,6 +115,17 @@ class AccountResumed(Event, tag="account.resumed", frozen=True):
     vm_ids: tuple[UUID, ...] = ()
 
 
+class InvoiceReminded(Event, tag="invoice.reminded", frozen=True):
+    """Dunning: invoice ``number`` was still unpaid ``level`` reminder intervals after it fell
+    due (level 1 at the due date); ``due_micros`` is what is left to pay on it."""
+
+    owner: str
+    number: int
+    level: int
+    due: datetime
+    due_micros: int
+
+
 class PaymentSettled(Event, tag="payment.settled", frozen=True):
     """A card provider confirmed payment ``intent`` (a signed webhook); appended once, with
     its ``account.credited``, to the payment's own stream: a repeated webhook credits nothing."""
@@ -129,7 +140,7 @@ class PaymentSettled(Event, tag="payment.settled", frozen=True):
 
 ACCOUNT_EVENT_TYPES: tuple[type[Event], ...] = (
     AccountConfigured, AccountCredited, CouponCreated, CouponRedeemed, AccountDepleted, AccountSuspended,
-    AccountResumed, PaymentSettled)
+    AccountResumed, PaymentSettled, InvoiceReminded)
 PAYMENT_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c017")
 
 

@@ -204,6 +204,8 @@ class InvoiceOut(msgspec.Struct, kw_only=True):
     currency: str
     reference: str
     paid: bool
+    left_to_pay_micros: int  # what the credits have not covered yet (oldest invoices are paid first)
+    reminders: int  # dunning: reminders sent for it (0: none; it is not overdue or is paid)
     lines: list[LineOut]
     total_micros: int
     total: str
@@ -293,7 +295,8 @@ def _line_out(line: InvoiceLine, currency: str) -> LineOut:
 def _invoice_out(view: BillingView, invoice: InvoiceIssued) -> InvoiceOut:
     return InvoiceOut(number=invoice.number, owner=invoice.owner, period_start=invoice.period_start,
                       period_end=invoice.period_end, currency=invoice.currency, reference=invoice.reference,
-                      paid=view.paid(invoice), lines=[_line_out(line, invoice.currency) for line in invoice.lines],
+                      paid=view.paid(invoice), left_to_pay_micros=view.left_to_pay(invoice),
+                      reminders=view.reminder_level(invoice), lines=[_line_out(line, invoice.currency) for line in invoice.lines],
                       total_micros=invoice.total, total=format_micros(invoice.total, invoice.currency))
 
 

@@ -41,6 +41,7 @@ from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import host as host_domain
 from ucloud.domain import image as image_domain
+from ucloud.domain import network as net
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.errors import DomainError
 from ucloud.domain.events import Event
@@ -49,10 +50,19 @@ from ucloud.eventstore.leases import Grant, HeldLease, Leases, hold
 from ucloud.eventstore.records import EventRecord
 from ucloud.imagestore.stores import Disk, ImageStore, StoreError, run
 from ucloud.projections.runner import Projection, ProjectionRunner
-from ucloud.projections.views import HostsView, VmsView
+from ucloud.projections.views import HostsView, NetworksView, VmsView
 
-from .hypervisor import ExitReason, HypervisorDriver, VmSpec, VmState, VmStatus
+from .hypervisor import (
+    ExitReason,
+    HypervisorDriver,
+    HypervisorError,
+    NetworkInterface,
+    VmSpec,
+    VmState,
+    VmStatus,
+)
 from .images import Image, ImageCatalogue, ImageNotFound
+from .network.driver import NetworkDriver, NetworkError, NetworkSpec, PortSpec, tap_name
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +159,21 @@ class HostAgent:
         feed: Any = None,
         snapshot_interval: float = 30.0,
         prepare: Callable[[], Awaitable[None]] | None = None,
+        network: NetworkDriver | None = None,
+        router: bool = False,
+        rdnss: tuple[str, ...] = (),
+        nic_grace: float = 20.0,
     ) -> None:
         """``stores``: the image stores this host reaches (declared at registration; a VM
         whose image is in one of them is cloned from it). ``leases``: the heartbeat; None
         runs without one (and never fences). ``feed``: called with each new fence deadline
         (the watchdog client). ``prepare``: slow start-up work (building the tiny image)
         done once the lease is held, so that a restarted agent resumes its lease before it
-        runs out."""
+        runs out. ``network``: the network driver (None: VMs run without their NICs, with
+        a warning); ``router``: this host routes every IPAM network (holds each /64's first
+        address, runs radvd for the automatic ones); ``rdnss``: DNS servers radvd announces;
+        ``nic_grace``: how long a VM waits for the IPAM allocator to give its NICs their MACs
+        before it boots without them (they are hot-plugged when they come)."""
         self.commands = commands
         self.stores = dict(stores or {})
         self._disk_sizes: dict[UUID, int] = {}  # what each VM's disk was last seen or grown to
@@ -182,6 +200,18 @@ class HostAgent:
         self.resync_interval = resync_interval
         self.stop_timeout = stop_timeout
         self.smbios_serial = nocloud_serial(metadata_url) if metadata_url else None
+        # Networks come from the "networks" slice (every network event), in a view of their own.
+        self.networks = NetworksView()
+        self.network_runner = ProjectionRunner(commands.store, commands.codec, [self.networks],
+                                               name=f"hostagent-{self.host_id}-networks",
+                                               snapshot_interval=snapshot_interval)
+        self.network = network
+        self.router = router
+        self.rdnss = rdnss
+        self.nic_grace = nic_grace
+        self._synced = False  # the views have caught up with the log as it was at the start
+        self._waiting_for_macs: dict[UUID, float] = {}
+        self._ports: dict[str, PortSpec] = {}  # the ports the last pass made, by tap
         self._wake = asyncio.Event()
         self._parallel = asyncio.Semaphore(8)  # VMs reconciled at once
         self._reported_reboots: dict[UUID, int] = {}
@@ -226,6 +256,7 @@ class HostAgent:
             await self.register()
             await self.catch_up()
             follow = asyncio.create_task(self._follow())
+            self._synced = True
             try:
                 await self._reconcile_forever(None)
             finally:
@@ -246,6 +277,7 @@ class HostAgent:
                         await self.catch_up()
                         following = asyncio.create_task(self._follow())
                     await self._up(grant)
+                    self._synced = True
                     await self._reconcile_forever(held)
                     # Fence first, inside the block: leaving it gives the lease back, which
                     # may hang on the very network that failed us.
@@ -262,6 +294,8 @@ class HostAgent:
             await follow
         with contextlib.suppress(Exception):
             await asyncio.shield(self.runner.save_snapshot())
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.network_runner.save_snapshot())
 
     async def _reconcile_forever(self, held: HeldLease | None) -> None:
         while held is None or held.valid:
@@ -353,8 +387,30 @@ class HostAgent:
             self.runner.position = begins
         # Only VMs placed here concern us; a snapshot-less start over an old log keeps them.
         await self.runner.notify()
+        # Every network, up to now (the networks slice holds them all, from their start).
+        await self.network_runner.restore()
+        head = await store.head()
+        for record in await store.read_slice("networks", self.network_runner.position, up_to=head):
+            self.network_runner.apply(record)
+        self.network_runner.position = max(self.network_runner.position, head)
 
     async def _follow(self) -> None:
+        networks = asyncio.create_task(self._follow_networks())
+        try:
+            await self._follow_slice()
+        finally:
+            networks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await networks
+
+    async def _follow_networks(self) -> None:
+        async for record in self.commands.store.subscribe(self.network_runner.position, slice="networks"):
+            self.network_runner.apply(record)
+            self.network_runner.position = record.position
+            self._wake.set()
+            await self.network_runner.snapshot_if_due()
+
+    async def _follow_slice(self) -> None:
         store = self.commands.store
         async for record in store.subscribe(self.runner.position, slice=self.slice_name):
             self.read += 1
@@ -392,9 +448,22 @@ class HostAgent:
                 # know at all is left alone: only the log's word moves a VM.)
                 await self.driver.kill(vm_id)
                 log.warning("killed VM %s: it is no longer placed on this host", vm_id)
+        # Networks and ports first (a VM boots onto its ports), stale ones last (a NIC
+        # leaves its VM before its port goes), and only once the views caught up.
+        vms = self.vms.on_host(self.host_id)
+        if self.network is not None:
+            try:
+                await self._ensure_networks(vms)
+            except Exception:
+                log.exception("networks: reconcile failed")
         # VMs are independent (the driver locks each one): handled side by side, so five
         # guests moved here from a dead host start together, not one after another.
-        await asyncio.gather(*(self._reconcile_guarded(vm) for vm in self.vms.on_host(self.host_id)))
+        await asyncio.gather(*(self._reconcile_guarded(vm) for vm in vms))
+        if self.network is not None and self._synced and self.live:
+            try:
+                await self._remove_stale_networks(self.vms.on_host(self.host_id))
+            except Exception:
+                log.exception("networks: cleanup failed")
 
     async def _reconcile_guarded(self, vm: vm_domain.Vm) -> None:
         async with self._parallel:
@@ -407,6 +476,91 @@ class HostAgent:
                 log.info("vm %s: report not accepted: %s", vm.id, error)
             except Exception:
                 log.exception("vm %s: reconcile failed", vm.id)
+
+    # -- networks ------------------------------------------------------------------------------
+
+    def _wanted(self, vms: list[vm_domain.Vm]) -> tuple[dict[int, NetworkSpec], dict[str, PortSpec]]:
+        """The networks and ports this host should have: every NIC (with its MAC) of a VM
+        placed here and not being deleted, on a ready network; a router host also has every
+        ready IPAM network."""
+        networks: dict[int, NetworkSpec] = {}
+        ports: dict[str, PortSpec] = {}
+
+        def spec(network: net.Network) -> NetworkSpec:
+            routes = self.router and network.ipam is not net.Ipam.NONE
+            return NetworkSpec(vni=network.vni, group=network.group, ipam=network.ipam.value,
+                               prefix=network.prefix, router=routes, rdnss=self.rdnss if routes else ())
+
+        if self.router:
+            for served in self.networks.by_id.values():
+                if served.status is net.NetworkStatus.READY and served.ipam is not net.Ipam.NONE:
+                    networks[served.vni] = spec(served)
+        for vm in vms:
+            if vm.desired is D.DELETED or vm.status is S.DELETED:
+                continue
+            for nic in vm.nics:
+                network = self.networks.by_id.get(nic.network_id)
+                if not nic.mac or network is None or network.status is not net.NetworkStatus.READY:
+                    continue
+                networks.setdefault(network.vni, spec(network))
+                addresses = (net.link_local_address(nic.mac),) + (
+                    (net.eui64_address(network.prefix, nic.mac),) if network.prefix else ())
+                ports[tap_name(nic.id.hex)] = PortSpec(name=tap_name(nic.id.hex), mac=nic.mac, vni=network.vni,
+                                                       addresses=addresses)
+        return networks, ports
+
+    async def _ensure_networks(self, vms: list[vm_domain.Vm]) -> None:
+        assert self.network is not None
+        networks, ports = self._wanted(vms)
+        for spec in networks.values():
+            try:
+                await self.network.ensure_network(spec)
+            except NetworkError:
+                log.exception("network VNI %d: setup failed", spec.vni)
+        for port in ports.values():
+            try:
+                await self.network.ensure_port(port)
+            except NetworkError:
+                log.exception("port %s: setup failed", port.name)
+                ports = {k: v for k, v in ports.items() if k != port.name}
+        self._ports = ports
+
+    async def _remove_stale_networks(self, vms: list[vm_domain.Vm]) -> None:
+        assert self.network is not None
+        networks, ports = self._wanted(vms)
+        in_use: set[str] = set()
+        for vm_id in await self.driver.list_running():
+            in_use |= {nic.tap for nic in await self.driver.interfaces(vm_id)}
+        for name in await self.network.ports() - set(ports) - in_use:
+            await self.network.remove_port(name)
+        for vni in await self.network.networks() - set(networks):
+            await self.network.remove_network(vni)
+
+    def _interfaces(self, vm: vm_domain.Vm) -> tuple[NetworkInterface, ...]:
+        """The VM's NICs whose ports are ready, in the VM's order."""
+        result = []
+        for nic in vm.nics:
+            port = self._ports.get(tap_name(nic.id.hex))
+            if port is not None:
+                result.append(NetworkInterface(tap=port.name, mac=port.mac))
+        return tuple(result)
+
+    async def _plug(self, vm: vm_domain.Vm) -> None:
+        """Hot-plug the NICs a running VM lacks and unplug those it should not have."""
+        if self.network is None:
+            return
+        wanted = self._interfaces(vm)
+        has = await self.driver.interfaces(vm.id)
+        for nic in has:
+            if nic not in wanted:
+                try:
+                    await self.driver.detach_interface(vm.id, nic.tap)
+                except HypervisorError as error:
+                    log.warning("vm %s: unplugging %s: %s", vm.id, nic.tap, error)
+        for nic in wanted:
+            if nic not in has:
+                await self.driver.attach_interface(vm.id, nic)
+
 
     async def _reconcile_vm(self, vm: vm_domain.Vm) -> None:
         if vm.status is S.DELETED:
@@ -443,6 +597,7 @@ class HostAgent:
             return
         # desired: running
         if running:
+            await self._plug(vm)
             await self._grow_disk(vm, online=True)
             if vm.status is not S.RUNNING:  # adopted, or our report was lost
                 await self._report(vm_domain.ReportStarted(vm_id=vm.id, host_id=self.host_id))
@@ -496,6 +651,16 @@ class HostAgent:
         self._disk_sizes[vm.id] = size
 
     async def _start(self, vm: vm_domain.Vm) -> None:
+        if self.network is None and vm.nics:
+            log.warning("vm %s: this host has no network driver; it runs without its %d NICs", vm.id, len(vm.nics))
+        elif self.network is not None and any(not nic.mac for nic in vm.nics):
+            # The IPAM allocator gives MACs within moments; boot with every NIC if it can.
+            loop = asyncio.get_running_loop()
+            since = self._waiting_for_macs.setdefault(vm.id, loop.time())
+            if loop.time() - since < self.nic_grace:
+                return
+            log.warning("vm %s: starts without the NICs that have no MAC yet (hot-plugged later)", vm.id)
+        self._waiting_for_macs.pop(vm.id, None)
         try:
             disk, boot = await self._prepare_disk(vm)
         except (ImageNotFound, StoreError) as error:
@@ -514,7 +679,8 @@ class HostAgent:
                 kernel=str(boot.kernel) if boot and boot.kernel else None,
                 initrd=str(boot.initrd) if boot and boot.initrd else None,
                 append=boot.append if boot and boot.kernel else None,
-                smbios_product=OPENSTACK_PRODUCT, smbios_serial=self.smbios_serial,
+                smbios_product=OPENSTACK_PRODUCT, smbios_serial=self._seed(vm),
+                interfaces=self._interfaces(vm) if self.network is not None else (),
             ))
         except Exception as error:  # any start failure is reported, with its reason
             log.exception("vm %s: start failed", vm.id)
@@ -522,6 +688,17 @@ class HostAgent:
             return
         log.info("started VM %s (placement %d, %s)", vm.id, vm.epoch, handle.accel)
         await self._report(vm_domain.ReportStarted(vm_id=vm.id, host_id=self.host_id, accelerator=handle.accel))
+
+    def _seed(self, vm: vm_domain.Vm) -> str | None:
+        """The NoCloud seed in the VM's SMBIOS serial: the configured metadata URL, else the
+        router address of its first NIC's network (where the router host's metadata server
+        listens; any host's server answers any NIC), else none."""
+        if self.smbios_serial is not None:
+            return self.smbios_serial
+        network = self.networks.by_id.get(vm.nics[0].network_id) if vm.nics else None
+        if network is None or not network.prefix:
+            return None
+        return nocloud_serial(f"http://[{net.router_address(network.prefix)}]")
 
     async def _prepare_disk(self, vm: vm_domain.Vm) -> tuple[Disk, Image | None]:
         """The VM's disk, made now if it does not exist: a clone of its catalogued image in

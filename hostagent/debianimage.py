@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SUITE = "bookworm"
 PACKAGES = ("systemd-sysv", "linux-image-cloud-amd64", "cloud-init", "openssh-server", "ifupdown", "netbase",
             "iproute2", "udev", "sudo", "ca-certificates")
@@ -43,9 +43,10 @@ FILES = {
     # is what the metadata server identifies a NIC by).
     "etc/network/interfaces": "auto lo\niface lo inet loopback\n\nallow-hotplug eth0\niface eth0 inet6 auto\n",
     "etc/sysctl.d/90-ucloud.conf": "net.ipv6.conf.default.addr_gen_mode = 0\nnet.ipv6.conf.all.use_tempaddr = 0\n",
-    # NoCloud first (Debian 12's cloud-init reads its seed URL from the SMBIOS serial; the
-    # only IPv6 path it has), OpenStack after it; ifupdown keeps the network.
-    "etc/cloud/cloud.cfg.d/90-ucloud.cfg": "datasource_list: [NoCloud, OpenStack, None]\nnetwork: {config: disabled}\n",
+    # NoCloud only: Debian 12's cloud-init reads its seed URL from the SMBIOS serial, the
+    # only IPv6 path it has; its OpenStack datasource knows 169.254.169.254 alone and on an
+    # IPv6-only network spent a minute of every boot failing. ifupdown keeps the network.
+    "etc/cloud/cloud.cfg.d/90-ucloud.cfg": "datasource_list: [NoCloud, None]\nnetwork: {config: disabled}\n",
 }
 
 
@@ -131,6 +132,7 @@ def _build(cache: Path, version: str) -> DebianImage:
     manifest = {"version": version, "kernel": kernel.name, "initrd": initrd.name, "disk_image": disk.name}
     (cache / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(cache / "manifest.json.tmp", cache / "manifest.json")
+    # Earlier recipes' disks stay: VMs' overlays name their base disk by path.
     return DebianImage(kernel=kernel, initrd=initrd, disk_image=disk, version=version)
 
 

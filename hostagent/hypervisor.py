@@ -113,6 +113,8 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise InvalidSpec(f"VM {self.name}: nothing to boot: give a disk_path or a kernel")
         for field in ("disk_path", "kernel", "initrd"):
             value = getattr(self, field)
+            if field == "disk_path" and value is not None and value.startswith("rbd:"):
+                continue  # a Ceph RBD disk QEMU opens itself (imagestore/rbd.py)
             if value is not None and not Path(value).is_absolute():
                 raise InvalidSpec(f"VM {self.name}: {field} must be an absolute path: {value!r}")
         taps = [nic.tap for nic in self.interfaces]
@@ -202,6 +204,18 @@ class HypervisorDriver(ABC):
 
         Raises TimeoutError when it still runs after timeout seconds.
         """
+
+    @abstractmethod
+    async def interfaces(self, vm_id: UUID) -> tuple[NetworkInterface, ...]:
+        """The NICs the VM has now (booted with or plugged since)."""
+
+    @abstractmethod
+    async def attach_interface(self, vm_id: UUID, nic: NetworkInterface) -> None:
+        """Hot-plug a NIC into a running VM (its tap must exist). No-op if it has it."""
+
+    @abstractmethod
+    async def detach_interface(self, vm_id: UUID, tap: str, timeout: float = 60.0) -> None:
+        """Hot-unplug a NIC (the guest must let go; HypervisorError if it does not in time)."""
 
     @abstractmethod
     async def list_running(self) -> list[UUID]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import ipaddress
 import logging
 import signal
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -20,13 +22,33 @@ from ucloud.imagestore.stores import parse_stores
 from .agent import HostAgent
 from .debianimage import DebianImageError
 from .images import ImageCatalogue
+from .network.linux import LinuxNetworkDriver
 from .qemu import QemuDriver
 from .watchdog import WatchdogFeed
 
 
+@dataclass(frozen=True)
+class NetworkOptions:
+    """How this host joins networks (docs/operations.md, "Networks on a host")."""
+
+    enabled: bool = True
+    underlay: str | None = None  # the device VXLAN leaves by; None: networks stay on this host
+    address: str | None = None  # the underlay source address
+    mtu: int | None = None  # the underlay MTU (default: the device's)
+    router: bool = False  # route every IPAM network: /64's first address, radvd for auto ones
+    rdnss: tuple[str, ...] = ()
+
+    def driver(self, state_dir: Path) -> LinuxNetworkDriver | None:
+        if not self.enabled:
+            return None
+        return LinuxNetworkDriver(state_dir / "net", underlay=self.underlay, local=self.address, mtu=self.mtu)
+
+
 async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool,
                     metadata_url: str | None = None, lease_ttl: float = 3.0, lease_margin: float = 0.5,
-                    image_stores: tuple[str, ...] = (), debian12: bool = False) -> None:
+                    image_stores: tuple[str, ...] = (), debian12: bool = False,
+                    network: NetworkOptions | None = None) -> None:
+    network = network or NetworkOptions()
     stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
     store = open_store(store_url)
     leases = leases_for(store)
@@ -42,7 +64,8 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname,
                           metadata_url=metadata_url, leases=leases, lease_ttl=lease_ttl,
-                          lease_margin=lease_margin, feed=WatchdogFeed(state_dir), prepare=prepare, stores=stores)
+                          lease_margin=lease_margin, feed=WatchdogFeed(state_dir), prepare=prepare, stores=stores,
+                          network=network.driver(state_dir), router=network.router, rdnss=network.rdnss)
         task = asyncio.create_task(agent.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -62,7 +85,7 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--hostname", default=socket.gethostname(), show_default=True)
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
 @click.option("--no-tiny", is_flag=True, help="Do not build and publish the built-in image 'tiny'.")
-@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH",
+@click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH|NAME=rbd:POOL[:CONF]",
               help="An image store this host reaches (repeat). Default: local=fs:<state-dir>/image-store.")
 @click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
               help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
@@ -74,19 +97,41 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--debian-12", "debian12", is_flag=True,
               help="Build (once, ~500 MB of Debian packages) and publish the stock image 'debian-12' "
                    "(cloud-init, openssh).")
+@click.option("--underlay", envvar="UCLOUD_UNDERLAY", metavar="DEV",
+              help="The device networks' VXLAN traffic (IPv6 multicast, UDP 4789) leaves by. Without it, "
+                   "networks stay on this host (a bridge without VXLAN).")
+@click.option("--underlay-address", envvar="UCLOUD_UNDERLAY_ADDRESS", metavar="ADDR",
+              help="The IPv6 source address of VXLAN traffic on the underlay.")
+@click.option("--underlay-mtu", type=click.IntRange(1280 + 70, 65535), metavar="BYTES",
+              help="The underlay's MTU (default: the device's); NICs get 70 bytes less.")
+@click.option("--router", is_flag=True, envvar="UCLOUD_ROUTER",
+              help="This host routes every network with IPAM: it holds each /64's first address and runs "
+                   "radvd for the automatic ones (sets net.ipv6.conf.all.forwarding=1).")
+@click.option("--rdnss", multiple=True, metavar="ADDR", help="A DNS server radvd announces (repeat).")
+@click.option("--no-network", is_flag=True, help="No network driver: VMs run without their NICs.")
 @click.option("-v", "--verbose", is_flag=True)
 def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, image_stores: tuple[str, ...],
-         metadata_url: str | None, lease_ttl: float, lease_margin: float, debian12: bool, verbose: bool) -> None:
+         metadata_url: str | None, lease_ttl: float, lease_margin: float, debian12: bool, underlay: str | None,
+         underlay_address: str | None, underlay_mtu: int | None, router: bool, rdnss: tuple[str, ...],
+         no_network: bool, verbose: bool) -> None:
     """Run the host agent: register this host and make its VMs match the log."""
     if lease_margin >= lease_ttl:
         raise click.UsageError(f"--lease-margin ({lease_margin}) must be below --lease-ttl ({lease_ttl})")
+    for value, option in ((underlay_address, "--underlay-address"), *((a, "--rdnss") for a in rdnss)):
+        if value is not None:
+            try:
+                ipaddress.IPv6Address(value)
+            except ValueError:
+                raise click.UsageError(f"{option}: {value!r} is not an IPv6 address") from None
+    network = NetworkOptions(enabled=not no_network, underlay=underlay, address=underlay_address, mtu=underlay_mtu,
+                             router=router, rdnss=rdnss)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack (a hung agent)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         parse_stores(image_stores)
         asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, metadata_url,
-                              lease_ttl, lease_margin, image_stores, debian12))
+                              lease_ttl, lease_margin, image_stores, debian12, network))
     except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None
     except DebianImageError as error:

@@ -61,6 +61,7 @@ from ucloud.hostagent.hypervisor import (
     HypervisorDriver,
     HypervisorError,
     InvalidSpec,
+    NetworkInterface,
     VmAlreadyRunning,
     VmHandle,
     VmNotRunning,
@@ -114,6 +115,9 @@ class RunRecord(msgspec.Struct, kw_only=True):
     accel: str
     started_at: float
     pid: int | None = None
+    # The root port each NIC sits on, by tap: boot NICs take slots 0.., hot-plugged ones the
+    # lowest free slot. spec.interfaces is kept equal to what the guest has now.
+    nic_slots: dict[str, int] = {}
 
 
 class StopIntent(msgspec.Struct, frozen=True, kw_only=True):
@@ -211,14 +215,33 @@ def build_argv(
                                                           ("serial", spec.smbios_serial)) if value is not None]
     if smbios:
         argv += ["-smbios", ",".join(["type=1", *smbios])]
-    for index, nic in enumerate(spec.interfaces):
+    # One PCIe root port per possible NIC, so that any NIC can be hot-plugged and
+    # hot-unplugged later (q35 plugs nothing into the root complex at run time).
+    for slot in range(NIC_SLOTS):
+        argv += ["-device", f"pcie-root-port,id={nic_port(slot)},bus=pcie.0,chassis={slot + 1},io-reserve=0"]
+    for slot, nic in enumerate(spec.interfaces):
         argv += [
             "-netdev",
-            f"tap,id=net{index},ifname={nic.tap},script=no,downscript=no",
+            f"tap,id={netdev_id(nic.tap)},ifname={nic.tap},script=no,downscript=no",
             "-device",
-            f"virtio-net-pci,netdev=net{index},mac={nic.mac}",
+            f"virtio-net-pci,netdev={netdev_id(nic.tap)},mac={nic.mac},id={nic_id(nic.tap)},bus={nic_port(slot)}",
         ]
     return argv
+
+
+NIC_SLOTS = 16  # the domain's MAX_NICS
+
+
+def nic_port(slot: int) -> str:
+    return f"nicport{slot}"
+
+
+def netdev_id(tap: str) -> str:
+    return f"net-{tap}"
+
+
+def nic_id(tap: str) -> str:
+    return f"nic-{tap}"
 
 
 # --------------------------------------------------------------------------- #
@@ -677,7 +700,8 @@ class QemuDriver(HypervisorDriver):
             accel = await self.accelerator()
             run_dir = self._prepare_run_dir(vm_id)
             argv = build_argv(spec, run_dir, accel, self.qemu_binary)
-            record = RunRecord(spec=spec, argv=argv, accel=accel, started_at=time.time())
+            record = RunRecord(spec=spec, argv=argv, accel=accel, started_at=time.time(),
+                               nic_slots={nic.tap: slot for slot, nic in enumerate(spec.interfaces)})
             self._write(run_dir / VM_FILE, msgspec.json.encode(record))
             with (run_dir / QEMU_LOG).open("ab") as qemu_log:
                 try:
@@ -709,6 +733,8 @@ class QemuDriver(HypervisorDriver):
             ("kernel", spec.kernel),
             ("initrd", spec.initrd),
         ):
+            if what == "disk" and value is not None and value.startswith("rbd:"):
+                continue  # QEMU opens a Ceph RBD disk itself; a missing one fails its start
             if value is not None and not Path(value).is_file():
                 raise VmStartError(f"VM {spec.name} ({spec.vm_id}): {what} {value} does not exist")
         for nic in spec.interfaces:
@@ -757,6 +783,69 @@ class QemuDriver(HypervisorDriver):
                     f"{self.start_timeout:.0f}s; killed it. {_tail(run_dir / QEMU_LOG)}"
                 )
             await asyncio.sleep(POLL)
+
+    # -- NICs of a running VM (hot-plug through QMP) ----------------------------------
+
+    async def interfaces(self, vm_id: UUID) -> tuple[NetworkInterface, ...]:
+        record = self._record(vm_id)
+        return record.spec.interfaces if record is not None else ()
+
+    async def attach_interface(self, vm_id: UUID, nic: NetworkInterface) -> None:
+        async with self._host_lock(vm_id):
+            record = self._record(vm_id)
+            if record is None or self._live_pid(vm_id) is None:
+                raise VmNotRunning(f"VM {vm_id} is not running: cannot plug {nic.tap}")
+            if any(n.tap == nic.tap for n in record.spec.interfaces):
+                return
+            if not Path("/sys/class/net", nic.tap).exists():
+                raise HypervisorError(f"VM {vm_id}: tap {nic.tap} does not exist")
+            used = set(record.nic_slots.values())
+            slot = next((i for i in range(NIC_SLOTS) if i not in used), None)
+            if slot is None:
+                raise HypervisorError(f"VM {vm_id}: all {NIC_SLOTS} NIC slots are in use")
+            try:
+                await self._qmp(vm_id, "netdev_add", {"type": "tap", "id": netdev_id(nic.tap), "ifname": nic.tap,
+                                                      "script": "no", "downscript": "no"})
+            except QMPError as error:
+                if "Duplicate" not in str(error) and "already" not in str(error):
+                    raise HypervisorError(f"VM {vm_id}: netdev_add {nic.tap}: {error}") from error
+            try:
+                await self._qmp(vm_id, "device_add", {"driver": "virtio-net-pci", "id": nic_id(nic.tap),
+                                                      "netdev": netdev_id(nic.tap), "mac": nic.mac,
+                                                      "bus": nic_port(slot)})
+            except QMPError as error:
+                with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
+                    await self._qmp(vm_id, "netdev_del", {"id": netdev_id(nic.tap)})
+                raise HypervisorError(f"VM {vm_id}: device_add {nic.tap}: {error}") from error
+            record.spec = msgspec.structs.replace(record.spec, interfaces=(*record.spec.interfaces, nic))
+            record.nic_slots = {**record.nic_slots, nic.tap: slot}
+            self._write(self.run_dir(vm_id) / VM_FILE, msgspec.json.encode(record))
+
+    async def detach_interface(self, vm_id: UUID, tap: str, timeout: float = 60.0) -> None:
+        """Unplug a NIC: the guest acknowledges a PCIe unplug (Linux waits 5 s for a
+        cancel first); then its backend goes. HypervisorError if the guest never lets go."""
+        async with self._host_lock(vm_id):
+            record = self._record(vm_id)
+            if record is None or not any(n.tap == tap for n in record.spec.interfaces):
+                return
+            if self._live_pid(vm_id) is not None:
+                try:
+                    await self._qmp(vm_id, "device_del", {"id": nic_id(tap)})
+                except QMPError as error:
+                    if "not found" not in str(error).lower():
+                        log.info("VM %s: device_del %s: %s (waiting for it anyway)", vm_id, tap, error)
+                deadline = time.monotonic() + timeout
+                while not any(e.get("event") == "DEVICE_DELETED" and e.get("data", {}).get("device") == nic_id(tap)
+                              for e in read_events(self.run_dir(vm_id))):
+                    if time.monotonic() > deadline:
+                        raise HypervisorError(f"VM {vm_id}: the guest did not release NIC {tap} within {timeout:g}s")
+                    await asyncio.sleep(POLL)
+                with contextlib.suppress(QMPError):
+                    await self._qmp(vm_id, "netdev_del", {"id": netdev_id(tap)})
+            record.spec = msgspec.structs.replace(
+                record.spec, interfaces=tuple(n for n in record.spec.interfaces if n.tap != tap))
+            record.nic_slots = {t: s for t, s in record.nic_slots.items() if t != tap}
+            self._write(self.run_dir(vm_id) / VM_FILE, msgspec.json.encode(record))
 
     async def stop(self, vm_id: UUID, timeout: float = 30.0) -> VmStatus:
         if timeout < 0:

@@ -3,7 +3,9 @@
 The guest is a stock Debian kernel (``linux-image-<ver>-amd64``, fetched with
 ``apt-get download`` and unpacked with ``dpkg -x``; no initramfs-tools) plus a
 busybox initramfs whose ``/init`` loads the virtio modules, prints
-``UCLOUD-GUEST-READY uptime=<secs>`` on the serial console, brings ``eth0`` up
+``UCLOUD-GUEST-READY uptime=<secs>`` on the serial console, brings its NICs up (SLAAC
+configures them; a watcher brings up hot-plugged NICs and prints ``UCLOUD-LINKS`` and
+``UCLOUD-NET`` lines with the NICs and their global addresses when they change)
 and hands over to busybox ``init`` (which also runs ``acpid`` so that an ACPI
 power-button press from the host powers the guest off cleanly, and runs
 ``ucloud-init`` once: SSH keys, hostname and user data from the metadata server). A blank qcow2
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Bump when the initramfs layout or /init changes so cached builds are redone.
-RECIPE_VERSION = 6
+RECIPE_VERSION = 7
 
 MARKER = "UCLOUD-GUEST-READY"
 """Printed by the guest's /init on the serial console once it is up."""
@@ -83,8 +85,28 @@ for m in {modules}; do
     fi
 done
 ip link set lo up
-# Link up only: IPv6 SLAAC configures the address once a router advertises.
-ip link set eth0 up 2>/dev/null
+# Links up only: IPv6 SLAAC configures the addresses once a router advertises. NICs
+# hot-plugged later are brought up by the watcher below, which also prints every change
+# of the NICs and of their global addresses on the serial console:
+#   UCLOUD-LINKS eth0=02:..:01 eth1=02:..:02
+#   UCLOUD-NET eth0=fd..:1/64 eth1=fd..:2/64
+for d in /sys/class/net/eth*; do [ -e "$d" ] && ip link set "${{d##*/}}" up; done
+(
+    links=""; addrs=""
+    while true; do
+        now=""
+        for d in /sys/class/net/eth*; do
+            [ -e "$d" ] || continue
+            n=${{d##*/}}
+            [ "$(cat $d/operstate)" = "down" ] && ip link set "$n" up 2>/dev/null
+            now="$now $n=$(cat $d/address)"
+        done
+        if [ "$now" != "$links" ]; then echo "UCLOUD-LINKS$now"; links=$now; fi
+        now=$(ip -6 -o addr show scope global 2>/dev/null | awk '{{printf " %s=%s", $2, $4}}')
+        if [ "$now" != "$addrs" ]; then echo "UCLOUD-NET$now"; addrs=$now; fi
+        sleep 1
+    done
+) &
 # acpid turns the host's ACPI power-button press (system_powerdown) into a
 # clean poweroff; it starts before the marker so that "ready" includes it.
 mkdir -p /var/log

@@ -4,10 +4,12 @@ cloned from one.
 - ``FsStore`` (the default): the image is a read-only qcow2 file under the store's root;
   a VM disk is a qcow2 overlay whose backing file is the image, so a clone costs the
   same for any image size, and deleting the VM removes the overlay, never the image.
+- ``RbdStore`` (imagestore/rbd.py): the image is a raw RBD image in a Ceph pool with a
+  protected snapshot; a VM disk is a copy-on-write RBD clone of that snapshot.
 
 The image scanner imports into a store (``import_image``); the host agent clones,
 grows and removes VM disks (``clone``, ``grow``, ``remove_clone``). A store is named in
-configuration (``NAME=fs:/path``); hosts declare the
+configuration (``NAME=fs:/path``, ``NAME=rbd:POOL[:CEPH_CONF]``); hosts declare the
 stores they reach, and placement goes only to those.
 """
 
@@ -183,18 +185,25 @@ class FsStore(ImageStore):
 
 
 def parse_store(spec: str) -> ImageStore:
-    """``NAME=fs:/path`` -> a store; ValueError naming what is wrong."""
+    """``NAME=fs:/path`` or ``NAME=rbd:POOL[:CEPH_CONF]`` -> a store; ValueError naming what is wrong."""
     name, sep, rest = spec.partition("=")
     kind, sep2, where = rest.partition(":")
     if not sep or not sep2 or not where:
-        raise ValueError(f"image store {spec!r}: write NAME=fs:/path")
+        raise ValueError(f"image store {spec!r}: write NAME=fs:/path or NAME=rbd:POOL[:CEPH_CONF]")
     if not _STORE_NAME.fullmatch(name):
         raise ValueError(f"image store {spec!r}: the name must be 1-63 of a-z 0-9 '-'")
     if kind == "fs":
         if not where.startswith("/"):
             raise ValueError(f"image store {spec!r}: the path must be absolute")
         return FsStore(name, Path(where))
-    raise ValueError(f"image store {spec!r}: the kind must be fs, not {kind!r}")
+    if kind == "rbd":
+        from .rbd import RbdStore
+
+        pool, _, conf = where.partition(":")
+        if not _STORE_NAME.fullmatch(pool) or (conf and not conf.startswith("/")):
+            raise ValueError(f"image store {spec!r}: write NAME=rbd:POOL[:/path/to/ceph.conf]")
+        return RbdStore(name, pool, Path(conf) if conf else Path("/etc/ceph/ceph.conf"))
+    raise ValueError(f"image store {spec!r}: the kind must be fs or rbd, not {kind!r}")
 
 
 def parse_stores(specs: tuple[str, ...] | list[str]) -> dict[str, ImageStore]:

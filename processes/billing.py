@@ -31,7 +31,13 @@ from ucloud.commands.billing import BillingCommands
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import vm as vm_domain
-from ucloud.domain.account import AccountDepleted, AccountResumed, AccountSuspended, Kind
+from ucloud.domain.account import (
+    AccountDepleted,
+    AccountResumed,
+    AccountSuspended,
+    InvoiceReminded,
+    Kind,
+)
 from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import DomainError
 from ucloud.domain.invoice import InvoiceIssued, PeriodClosed, reference_for
@@ -57,6 +63,11 @@ class BillingSettings:
     tick: float = 5.0  # how often the clock is looked at when the log is quiet
     # Seconds a prepaid account may stay at zero before its VMs stop (UCLOUD_PREPAID_GRACE_SECONDS).
     grace: int = field(default_factory=lambda: int(os.environ.get("UCLOUD_PREPAID_GRACE_SECONDS", "3600")))
+    # Dunning: an invoice falls due this long after its period ends (UCLOUD_INVOICE_DUE_DAYS, 30);
+    # unpaid, it is reminded at the due date and every ``remind_every`` after, ``reminders`` times.
+    due_after: int = field(default_factory=lambda: 86400 * int(os.environ.get("UCLOUD_INVOICE_DUE_DAYS", "30")))
+    remind_every: int = 14 * 86400
+    reminders: int = 3
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,7 @@ class AccountChange:
     """Append to an account stream at the version the view saw."""
 
     owner: str
-    events: tuple[AccountDepleted | AccountSuspended | AccountResumed, ...]
+    events: tuple[AccountDepleted | AccountSuspended | AccountResumed | InvoiceReminded, ...]
     expected_version: int
 
 
@@ -140,6 +151,32 @@ def decide(view: BillingView, now: int, settings: BillingSettings, *, prepaid: b
     decisions += [Provision(order) for order in view.confirmed_orders()]
     if prepaid:
         decisions += _prepaid(view, now, settings)
+        decisions += _dunning(view, now, settings)
+    return decisions
+
+
+def _dunning(view: BillingView, now: int, settings: BillingSettings) -> list[Decision]:
+    """Unpaid invoices past their due date: one ``invoice.reminded`` per level reached
+    (level 1 at the due date, one more every ``remind_every``, at most ``reminders``),
+    the highest level reached only, so a long outage does not send a burst."""
+    decisions: list[Decision] = []
+    for owner, numbers in view.by_owner.items():
+        reminders: list[InvoiceReminded] = []
+        for number in numbers:
+            invoice = view.invoices[number]
+            due = int(invoice.period_end.timestamp()) + settings.due_after
+            if now < due:
+                continue
+            level = min(settings.reminders, 1 + (now - due) // settings.remind_every)
+            if level <= view.reminder_level(invoice):
+                continue
+            left = view.left_to_pay(invoice)
+            if left:
+                reminders.append(InvoiceReminded(owner=owner, number=number, level=level, due=_at(due),
+                                                 due_micros=left))
+        if reminders:
+            row = view.accounts.get(owner)
+            decisions.append(AccountChange(owner, tuple(reminders), row.version if row is not None else 0))
     return decisions
 
 

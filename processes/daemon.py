@@ -63,7 +63,8 @@ def build(commands: CommandService, leases: Leases | None, settings: ProcessSett
     detector = FailureDetector(commands, leases, instance=settings.instance,
                                declare_after=settings.declare_after) if leases is not None else None
     billing = BillingProcess(store)  # periods, invoices, prepaid balances, orders
-    for manager in (scheduler, detector, billing):
+    ipam = IpamAllocator(store, commands.codec, pool=settings.ipv6_pool)  # VNIs, /64s, MACs
+    for manager in (scheduler, detector, billing, ipam):
         if manager is None:
             continue
         runner = ProcessRunner(manager, store, leases, instance=settings.instance, lease_ttl=settings.lease_ttl,
@@ -72,9 +73,6 @@ def build(commands: CommandService, leases: Leases | None, settings: ProcessSett
         made.components[manager.name] = runner.run
     # Those with loops of their own, until they move onto ProcessRunner: each still runs
     # only where it holds its leader lease.
-    ipam = IpamAllocator(store, commands.codec, pool=settings.ipv6_pool)  # VNIs, /64s, MACs
-    made.components["ipam"] = lambda: lead_while_holding(leases, "ipam", settings.instance,
-                                                         settings.lease_ttl, ipam.run)
     if settings.files_root is not None:
         # Records users' files (uploads, sftp) and imports requested images from them.
         files = FileScanner(commands, settings.files_root)

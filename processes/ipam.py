@@ -12,6 +12,9 @@ append (exactly-once):
 - ``network.deleted``, ``vm.nic_removed``, ``vm.deleted``: the claims are released, and a
   deleted VM's NICs leave their networks (``network.port_removed``).
 
+It runs on the shared process-manager framework (processes/framework.py): leader lease
+``pm-ipam-allocator``, its view restored from its own snapshot, the log from there.
+
 The view only proposes: the claim stream of each value is appended to at the version the
 command handler read, so a value held by anyone (another allocator, a stale view) is
 refused (``Taken``) and the allocator marks it used and picks again. The pool is recorded
@@ -24,7 +27,10 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
+
+import msgspec
 
 from ucloud.commands.aggregates import VM
 from ucloud.commands.networks import NetworkCommands
@@ -35,6 +41,8 @@ from ucloud.domain.events import Event, EventCodec, tag_of
 from ucloud.eventstore.errors import TrackingConflict
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.records import EventRecord, Tracking
+
+from .framework import ProcessManager, ProcessRunner
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +122,27 @@ class IpamView:
         elif kind == "mac":
             self.macs.discard(value)
 
+    def dump(self) -> Any:
+        return {
+            "pool": self.pool, "held": {r: str(h) for r, h in self.held.items()},
+            "networks": [msgspec.to_builtins(n) for n in self.networks.values()],
+            "nics": {str(k): [str(n.vm_id), str(n.network_id), n.mac] for k, n in self.nics.items()},
+            "last_vni": self.last_vni, "next_prefix": self.next_prefix,
+        }
+
+    def load(self, data: Any) -> None:
+        self.__init__()  # type: ignore[misc]
+        self.pool = data["pool"]
+        for resource, holder in data["held"].items():
+            self._hold(resource, UUID(holder))
+        for raw in data["networks"]:
+            network = msgspec.convert(raw, net.Network)
+            self.networks[network.id] = network
+        for nic_id, (vm_id, network_id, mac) in data["nics"].items():
+            self.nics[UUID(nic_id)] = _Nic(UUID(vm_id), UUID(network_id), mac)
+            self.nics_of_vm.setdefault(UUID(vm_id), set()).add(UUID(nic_id))
+        self.last_vni, self.next_prefix = data["last_vni"], data["next_prefix"]
+
     def held_by(self, holder: UUID) -> list[str]:
         return sorted(r for r, h in self.held.items() if h == holder)
 
@@ -154,10 +183,13 @@ class IpamView:
                 return mac
 
 
-class IpamAllocator:
-    """The process manager around IpamView. ``consumer`` is stable: two allocators with
-    the same name share one tracking position (the second skips what the first did);
-    allocators with different names both act, and the claim streams keep them apart."""
+class IpamAllocator(ProcessManager):
+    """The process manager around IpamView. ``consumer`` (its name) is stable: two
+    allocators with the same name share one tracking position and one leader lease (the
+    second waits, or skips what the first did); allocators with different names both act,
+    and the claim streams keep them apart."""
+
+    interested_in = _WATCHED
 
     def __init__(self, store: EventStore, codec: EventCodec, *, pool: str | None = None,
                  consumer: str = "ipam-allocator", max_attempts: int = 64) -> None:
@@ -165,7 +197,8 @@ class IpamAllocator:
         self.codec = codec
         self.commands = NetworkCommands(Repository(store, codec))
         self.configured_pool = str(net.check_pool(pool)) if pool is not None else None
-        self.consumer = consumer
+        self.consumer = self.name = consumer
+        self._pool_ready = False
         self.actor = Actor(consumer, "ucloud-system", is_admin=True)
         self.view = IpamView()
         self.tracked = 0
@@ -178,14 +211,28 @@ class IpamAllocator:
             outcome = await self.commands.configure_pool(self.actor, self.configured_pool)
         else:
             outcome = await self.commands.ensure_pool(self.actor, net.ula_pool(secrets.randbits(40)))
-        self.view.pool = self.view.pool if self.view.pool == outcome.result else outcome.result
-        self.tracked = await self.store.tracked_position(self.consumer)
+        self.view.pool = outcome.result
+        self._pool_ready = True
         return outcome.result
 
     async def run(self) -> None:
-        await self.setup()
-        async for record in self.store.subscribe(0, types=_WATCHED):
+        """Alone, without a leader lease (tests; `ucloud processes` runs it with one)."""
+        await ProcessRunner(self, self.store).run()
+
+    def on_lead(self) -> None:
+        self._pool_ready = False  # a new leader checks the pool once more
+
+    async def handle_run(self, records: list[EventRecord]) -> None:
+        if not self._pool_ready:
+            await self.setup()
+        for record in records:
             await self.handle(record)
+
+    def dump(self) -> Any:
+        return self.view.dump()
+
+    def load(self, data: Any) -> None:
+        self.view.load(data)
 
     async def handle(self, record: EventRecord) -> None:
         event = self.codec.decode(record.type, record.schema, record.data)

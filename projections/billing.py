@@ -28,10 +28,10 @@ _METERED = METERED_EVENTS
 _FOLDED: tuple[type[Event], ...] = (
     *_METERED, PriceSet, PeriodClosed, InvoiceIssued, account_domain.AccountConfigured,
     account_domain.AccountCredited, account_domain.AccountDepleted, account_domain.AccountSuspended,
-    account_domain.AccountResumed, *order_domain.ORDER_EVENT_TYPES)
+    account_domain.AccountResumed, account_domain.InvoiceReminded, *order_domain.ORDER_EVENT_TYPES)
 BILLING_TAGS = frozenset(tag_of(t) for t in _FOLDED)
 _ACCOUNT_EVENTS = (account_domain.AccountConfigured, account_domain.AccountCredited, account_domain.AccountDepleted,
-                   account_domain.AccountSuspended, account_domain.AccountResumed)
+                   account_domain.AccountSuspended, account_domain.AccountResumed, account_domain.InvoiceReminded)
 
 
 def periods_from_environment() -> PeriodPolicy:
@@ -59,6 +59,7 @@ class AccountRow(msgspec.Struct, kw_only=True):
     grace_seconds: int = 0
     suspended: list[UUID] | None = None  # the VMs stopped for a zero balance
     reason: str = ""
+    reminded: dict[int, int] = msgspec.field(default_factory=dict)  # invoice number -> dunning level
 
 
 class Balance(msgspec.Struct, frozen=True, kw_only=True):
@@ -154,6 +155,9 @@ class BillingView(Projection):
             case account_domain.AccountResumed():
                 row = self.account(event.owner)
                 row.depleted_at, row.suspended, row.reason = None, None, ""
+            case account_domain.InvoiceReminded():
+                row = self.account(event.owner)
+                row.reminded[event.number] = event.level
             case _:
                 raise TypeError(f"not an account event: {event!r}")
         return row
@@ -198,11 +202,18 @@ class BillingView(Projection):
 
     def paid(self, invoice: InvoiceIssued) -> bool:
         """Invoices are settled oldest first from the account's credits."""
+        return self.left_to_pay(invoice) == 0
+
+    def left_to_pay(self, invoice: InvoiceIssued) -> int:
+        """Micros still owed on ``invoice`` once the credits went to it and those before it."""
         row = self.accounts.get(invoice.owner)
-        if row is None:
-            return invoice.total == 0
+        credited = row.credited if row is not None else 0
         owed = sum(self.invoices[n].total for n in self.by_owner.get(invoice.owner, []) if n <= invoice.number)
-        return row.credited >= owed
+        return min(invoice.total, max(0, owed - credited))
+
+    def reminder_level(self, invoice: InvoiceIssued) -> int:
+        row = self.accounts.get(invoice.owner)
+        return row.reminded.get(invoice.number, 0) if row is not None else 0
 
     # -- snapshots ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ceph import CephCluster, ceph_cluster
 from tests.support.etcd import EtcdCluster, etcd_cluster
 from ucloud.eventstore.etcd import EtcdEventStore
 from ucloud.eventstore.interface import EventStore
@@ -15,6 +16,14 @@ from ucloud.eventstore.memory import MemoryEventStore
 from ucloud.eventstore.sqlite import SqliteEventStore
 
 BACKENDS = ["memory", "sqlite", "etcd"]
+
+
+@pytest.fixture(scope="session")
+def ceph() -> Iterator[CephCluster]:
+    """One throwaway single-node Ceph cluster for the whole session (tests/support/ceph.py):
+    heavy on two shared cores, so few tests use it and all share it."""
+    with ceph_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,9 @@ A port's chain drops, each rule with a counter:
 - IPv6 from a source other than the NIC's link-local and /64 addresses (and ``::``, which
   duplicate address detection and MLD use);
 - neighbour advertisements for a target that is not one of those addresses;
-and accepts the rest. The last rule's comment carries a digest of the port's spec: a
+and accepts the rest. On a router host an ``inet ucloud`` table drops packets routed from
+one network's bridge to another's: networks reach the world beyond, not each other.
+The last rule's comment carries a digest of the port's spec: a
 chain that already says the same digest is left alone (no counter reset, no flap).
 Every change is one ``nft -f`` transaction.
 """
@@ -39,6 +41,24 @@ add rule {FAMILY} {TABLE} forward iifname vmap @ports
 add chain {FAMILY} {TABLE} input {{ type filter hook input priority 0; policy accept; }}
 add rule {FAMILY} {TABLE} input iifname vmap @ports
 """
+
+
+# On a router host: networks are routed to the world beyond, never to each other (each is
+# its owner's layer 2). A packet routed from one network's bridge to another's is dropped:
+# the forward chain sends what comes from a ucloud bridge to that network's chain, which
+# drops it unless it leaves by the same bridge. (With br_netfilter loaded, frames bridged
+# within a network pass these IP hooks too, with the same bridge in and out: they pass.)
+ROUTER_BASE = """add table inet ucloud
+add map inet ucloud networks { type ifname : verdict; }
+add chain inet ucloud forward { type filter hook forward priority 0; policy accept; }
+add rule inet ucloud forward iifname "ucbr*" oifname "ucbr*" iifname vmap @networks
+"""
+
+
+def router_script(bridge: str) -> str:
+    return (f"add chain inet {TABLE} from-{bridge}\n"
+            f'add rule inet {TABLE} from-{bridge} oifname != "{bridge}" counter drop comment "between-networks"\n'
+            f'add element inet {TABLE} networks {{ "{bridge}" : jump from-{bridge} }}\n')
 
 
 def chain_name(port: str) -> str:
@@ -126,6 +146,30 @@ class Firewall:
                 if comment.startswith(DIGEST_PREFIX):
                     chains[item["rule"]["chain"][len("port-"):]] = comment
         return {"table": True, "mapped": mapped, "chains": chains}
+
+    async def ensure_router(self, bridge: str) -> bool:
+        """A router host's rule that keeps ``bridge``'s network from being routed to any
+        other network; True if loaded now."""
+        try:
+            raw = await nft(None, "-j", "list", "table", "inet", TABLE)
+        except NetworkError:
+            await nft(ROUTER_BASE + router_script(bridge))
+            return True
+        chains = {item["chain"]["name"] for item in json.loads(raw).get("nftables", []) if "chain" in item}
+        if f"from-{bridge}" in chains:
+            return False
+        await nft(router_script(bridge))
+        return True
+
+    async def remove_router(self, bridge: str) -> None:
+        try:
+            raw = await nft(None, "-j", "list", "table", "inet", TABLE)
+        except NetworkError:
+            return
+        chains = {item["chain"]["name"] for item in json.loads(raw).get("nftables", []) if "chain" in item}
+        if f"from-{bridge}" in chains:
+            await nft(f'delete element inet {TABLE} networks {{ "{bridge}" }}\n'
+                      f"flush chain inet {TABLE} from-{bridge}\ndelete chain inet {TABLE} from-{bridge}\n")
 
     async def ensure_port(self, spec: PortSpec) -> bool:
         """Load the port's chain unless it is there with the same digest; True if changed."""

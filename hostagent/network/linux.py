@@ -209,6 +209,8 @@ class LinuxNetworkDriver(NetworkDriver):
 
     async def ensure_network(self, spec: NetworkSpec) -> None:
         async with self._lock:
+            if spec.router:  # before forwarding is on: it never routes between networks
+                await self.firewall.ensure_router(bridge_name(spec.vni))
             if spec.router and spec.ipam == "auto":
                 _sysctl("all/forwarding", "1")  # radvd advertises only with forwarding on
             await asyncio.to_thread(self._ensure_network, spec)
@@ -222,6 +224,7 @@ class LinuxNetworkDriver(NetworkDriver):
         async with self._lock:
             await self.radvd.stop(bridge_name(vni))
             await asyncio.to_thread(self._remove_network, vni)
+            await self.firewall.remove_router(bridge_name(vni))
 
     async def networks(self) -> set[int]:
         return await asyncio.to_thread(self._networks)

@@ -121,6 +121,85 @@ async def bench_clone(work: Path, clones: int) -> None:
     print(f"  ratio 20 GiB / 1 GiB: {medians['20 GiB'] / medians['1 GiB']:.3f}  (goal <= 1.2)")
 
 
+async def bench_rbd(work: Path, size_mib: int, rounds: int, clones: int) -> None:
+    """The same two figures with the Ceph RBD store on a throwaway single-node cluster
+    (memstore OSD: the cluster's own I/O is memory)."""
+    import rados
+    import rbd
+
+    from tests.support.ceph import ceph_cluster
+    from ucloud.imagestore.rbd import SNAPSHOT, RbdStore
+
+    with ceph_cluster() as ceph:
+        store = RbdStore("ceph", ceph.pool, ceph.conf)
+        files = work / "rbd-files"
+        source = files / "alice" / "disk.qcow2"
+        source.parent.mkdir(parents=True)
+        make_qcow2(source, size_mib, max(GiB, size_mib * MiB))
+        hashed = hash_file(source)
+        assert hashed is not None
+        log = SqliteEventStore(work / "rbd-events.sqlite")
+        commands = CommandService(log, image_stores=("ceph",))
+        alice = Actor("alice")
+        await commands.record_file(alice, "disk.qcow2", hashed[0], hashed[1], signature=hashed[2])
+        scanner = ImageScanner(commands, {"ceph": store}, files)
+        plain_times, import_times = [], []
+        for round_ in range(rounds):
+            target = f"rbd:{ceph.pool}/plain-{round_}:conf={ceph.conf}"
+            started = time.perf_counter()
+            proc = await asyncio.create_subprocess_exec("qemu-img", "convert", "-f", "qcow2", "-O", "raw",
+                                                        str(source), target)
+            assert await proc.wait() == 0
+            plain_times.append(time.perf_counter() - started)
+            ceph.rbd("rm", f"{ceph.pool}/plain-{round_}")
+            created = await commands.create_image(alice, f"img{round_}", "disk.qcow2", store="ceph")
+            image = (await commands.repository.load(IMAGE, image_domain.stream_name(created.result))).state
+            assert image is not None
+            started = time.perf_counter()
+            report = await scanner.import_image(image)
+            await commands.report_image(scanner.actor, report)
+            import_times.append(time.perf_counter() - started)
+            assert isinstance(report, image_domain.ReportImported), report
+            await store.remove(image.id, report.location)
+        await log.close()
+        plain, imported = statistics.median(plain_times), statistics.median(import_times)
+        print(f"RBD: import of a qcow2 with {size_mib} MiB of data, {rounds} rounds, medians:")
+        print(f"  qemu-img convert -O raw rbd:   {plain:7.3f} s  {size_mib / plain:8.1f} MiB/s")
+        print(f"  image scanner                  {imported:7.3f} s  {size_mib / imported:8.1f} MiB/s")
+        print(f"  throughput ratio               {plain / imported:7.3f}  (goal >= 0.9)")
+
+        def make_base(name: str, size: int) -> None:
+            cluster = rados.Rados(conffile=str(ceph.conf))
+            cluster.connect(timeout=20)
+            try:
+                with cluster.open_ioctx(ceph.pool) as ioctx:
+                    rbd.RBD().create(ioctx, name, size, old_format=False, features=rbd.RBD_FEATURE_LAYERING)
+                    with rbd.Image(ioctx, name) as image:
+                        chunk = os.urandom(MiB)
+                        for offset in range(0, 32 * MiB, MiB):
+                            image.write(chunk, offset)
+                        image.create_snap(SNAPSHOT)
+                        image.protect_snap(SNAPSHOT)
+            finally:
+                cluster.shutdown()
+
+        medians = {}
+        for label, virtual in (("1 GiB", GiB), ("20 GiB", 20 * GiB)):
+            name = f"image-{label.replace(' ', '').lower()}"
+            await asyncio.to_thread(make_base, name, virtual)
+            times = []
+            for _ in range(clones):
+                vm_id = uuid.uuid4()
+                started = time.perf_counter()
+                await store.clone(f"{ceph.pool}/{name}", vm_id, virtual, work)
+                times.append(time.perf_counter() - started)
+                await store.remove_clone(vm_id, work)
+            medians[label] = statistics.median(times)
+            print(f"RBD clone of a {label:>6} image (32 MiB of data): median {medians[label] * 1000:7.2f} ms "
+                  f"over {clones}")
+        print(f"  ratio 20 GiB / 1 GiB: {medians['20 GiB'] / medians['1 GiB']:.3f}  (goal <= 1.2)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=512, help="data in the imported qcow2")
@@ -128,6 +207,7 @@ def main() -> None:
     parser.add_argument("--clones", type=int, default=30)
     parser.add_argument("--dir", default="/var/tmp", help="where the files and the store are (/dev/shm: no disk "
                         "writeback in the figures, only the work itself)")
+    parser.add_argument("--ceph", action="store_true", help="also the RBD store, on a throwaway Ceph")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test, not figures)")
     args = parser.parse_args()
     if args.quick:
@@ -135,6 +215,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ucloud-bench-images-", dir=args.dir) as tmp:
         asyncio.run(bench_import(Path(tmp), args.size_mib, args.rounds))
         asyncio.run(bench_clone(Path(tmp), args.clones))
+        if args.ceph:
+            asyncio.run(bench_rbd(Path(tmp), min(args.size_mib, 512), args.rounds, args.clones))
 
 
 if __name__ == "__main__":

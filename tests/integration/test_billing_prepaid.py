@@ -85,3 +85,64 @@ async def test_a_prepaid_account_at_zero_is_stopped_after_the_grace_period_and_r
     account_types = [r.type for r in await store.read_all() if r.stream.startswith("account-")]
     assert account_types == ["account.configured", "account.credited", "account.depleted", "account.suspended",
                              "account.credited", "account.resumed"]
+
+
+async def test_an_unpaid_invoice_is_reminded_at_its_due_date_and_every_interval_after_until_paid(
+        store: EventStore) -> None:
+    commands, billing = CommandService(store), BillingCommands(store)
+    await billing.set_price(SYSTEM, "core", "36 CHF/hour")
+    created = await commands.create_vm(SYSTEM, name="app", cores=1, ram="256MiB", disk="1GiB", image="debian-12",
+                                       owner="dave")  # postpaid: invoiced afterwards
+    host = await drive_to_running(commands, created.result, hostname="dunning-host")
+    await commands.report(SYSTEM, vm_domain.ReportStopped(vm_id=created.result, host_id=host))
+    hour = PeriodPolicy(seconds=3600)
+    period_end = hour.bounds(int(time.time()))[1]
+    clock = [float(period_end + 10)]
+    day = 600  # short "days": every hour the clock moves is a period the process closes
+    process = BillingProcess(store, BillingSettings(periods=hour, close_delay=5, due_after=10 * day,
+                                                    remind_every=7 * day, reminders=3), clock=lambda: clock[0])
+    await process.run_until_idle()
+    [number] = process.view.by_owner["dave"]
+    invoice = process.view.invoices[number]
+    assert invoice.total == 600_000 and process.view.left_to_pay(invoice) == 600_000  # 60 s minimum at 0.01 CHF/s
+
+    def reminders() -> list[tuple[int, int]]:
+        return sorted(process.view.accounts["dave"].reminded.items())
+
+    clock[0] = period_end + 10 * day - 1  # not yet due
+    await process.run_until_idle()
+    assert "dave" not in process.view.accounts or not process.view.accounts["dave"].reminded
+    clock[0] = period_end + 10 * day + 30 * day  # due long ago: the highest level reached, once
+    await process.run_until_idle()
+    await process.run_until_idle()
+    assert reminders() == [(number, 3)]
+    events = [r for r in await store.read_all() if r.type == "invoice.reminded"]
+    assert len(events) == 1 and b'"level":3' in events[0].data and b'"due_micros":600000' in events[0].data
+
+    # Paid (a bank transfer quoting the reference): nothing more, and the view says so.
+    await billing.credit(SYSTEM, "dave", "0.60 CHF", Source.BANK_TRANSFER, invoice.reference)
+    clock[0] += 21 * day
+    await process.run_until_idle()
+    assert process.view.left_to_pay(invoice) == 0 and process.view.paid(invoice)
+    assert len([r for r in await store.read_all() if r.type == "invoice.reminded"]) == 1
+
+
+async def test_reminders_climb_one_level_per_interval(store: EventStore) -> None:
+    commands, billing = CommandService(store), BillingCommands(store)
+    await billing.set_price(SYSTEM, "core", "36 CHF/hour")
+    created = await commands.create_vm(SYSTEM, name="app", cores=1, ram="256MiB", disk="1GiB", image="debian-12",
+                                       owner="erin")
+    host = await drive_to_running(commands, created.result, hostname="climb-host")
+    await commands.report(SYSTEM, vm_domain.ReportStopped(vm_id=created.result, host_id=host))
+    hour = PeriodPolicy(seconds=3600)
+    period_end = hour.bounds(int(time.time()))[1]
+    clock = [float(period_end + 10)]
+    process = BillingProcess(store, BillingSettings(periods=hour, close_delay=5, due_after=100, remind_every=50,
+                                                    reminders=3), clock=lambda: clock[0])
+    levels = []
+    for offset in (100, 120, 150, 200, 400):
+        clock[0] = period_end + offset
+        await process.run_until_idle()
+        levels.append(max(process.view.accounts["erin"].reminded.values(), default=0))
+    assert levels == [1, 1, 2, 3, 3]
+    assert [r.type for r in await store.read_all() if r.stream.startswith("account-")].count("invoice.reminded") == 3

@@ -29,6 +29,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from tests.support.bootdisk import build_boot_disk
+from tests.support.ceph import CephCluster
 from tests.support.etcd import EtcdCluster, free_port
 from ucloud.hostagent.tinyguest import MARKER, ensure_tiny_guest
 
@@ -59,6 +60,7 @@ class Cloud:
     store_dir: Path
     tmp: Path
     processes: list[subprocess.Popen[bytes]]
+    ceph: CephCluster | None = None
 
     def ucloud(self, *args: str, timeout: float = 240, input: str | None = None,
                code: int = 0) -> subprocess.CompletedProcess[str]:
@@ -72,7 +74,9 @@ class Cloud:
 
 
 @pytest.fixture
-def cloud(etcd: EtcdCluster, tmp_path: Path) -> Iterator[Cloud]:
+def cloud(etcd: EtcdCluster, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cloud]:
+    """``ucloud up`` and ``ucloud-host`` sharing one image store: a filesystem store, or
+    (indirect parameter "rbd") a pool of the session's Ceph cluster."""
     store_url = f"etcd://{etcd.endpoints[0]}/img-{uuid.uuid4().hex[:8]}/v1"
     port = free_port()
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_STATE_HOME": str(tmp_path / "state"),
@@ -80,7 +84,11 @@ def cloud(etcd: EtcdCluster, tmp_path: Path) -> Iterator[Cloud]:
     host_dir = Path(tempfile.mkdtemp(prefix="ucimg-", dir="/tmp"))  # short: unix socket paths under it
     store_dir = tmp_path / "image-store"
     store = f"local=fs:{store_dir}"
-    cloud = Cloud(env, host_dir, store_dir, tmp_path, [])
+    ceph: CephCluster | None = None
+    if getattr(request, "param", "fs") == "rbd":
+        ceph = request.getfixturevalue("ceph")
+        store = f"ceph=rbd:{ceph.pool}:{ceph.conf}"
+    cloud = Cloud(env, host_dir, store_dir, tmp_path, [], ceph)
 
     def spawn(name: str, *argv: str) -> None:
         log = open(tmp_path / f"{name}.log", "ab")
@@ -186,3 +194,33 @@ def test_an_uploaded_qcow2_becomes_an_image_a_vm_boots_from_its_clone_and_delete
     assert not overlay.exists() and base.exists()  # the clone went, the image stayed
     cloud.ucloud("image", "delete", "mine")
     wait_for("the image to leave its store", lambda: not base.exists(), cloud, 30)
+
+
+@pytest.mark.ceph
+@pytest.mark.parametrize("cloud", ["rbd"], indirect=True)
+def test_with_the_ceph_store_a_vm_boots_from_an_rbd_clone_and_delete_removes_the_clone(
+        cloud: Cloud, tmp_path: Path) -> None:
+    ceph = cloud.ceph
+    assert ceph is not None
+    boot = build_boot_disk(ensure_tiny_guest(), tmp_path / "build")
+    cloud.ucloud("file", "upload", str(boot), "--name", "mine.qcow2")
+    created = cloud.ucloud("image", "create", "mine", "--file", "mine.qcow2", "--timeout", "120")
+    assert "mine: ready (100%), store ceph" in created.stdout, created.stdout
+    image = json.loads(cloud.ucloud("image", "show", "mine", "--json").stdout)
+    base = f"image-{image['id']}"
+    assert base in ceph.images()
+
+    vm = json.loads(cloud.ucloud("vm", "create", "rbd-os", "--image", "mine", "--ram", "256MB", "--disk", "1GB",
+                                 "--wait", "--timeout", "180", "--json").stdout)
+    vm_id = vm["id"]
+    serial = cloud.host_dir / "run" / vm_id / "serial.log"
+    wait_for("the guest's marker on its serial console",
+             lambda: serial.exists() and MARKER in serial.read_text(errors="replace"), cloud)
+    argv = Path(f"/proc/{qemu_pids(vm_id)[0]}/cmdline").read_bytes()
+    assert f"rbd:{ceph.pool}/vm-{vm_id}".encode() in argv and b"-kernel" not in argv
+    assert f"parent: {ceph.pool}/{base}@base" in ceph.rbd("info", f"{ceph.pool}/vm-{vm_id}")
+
+    cloud.ucloud("vm", "delete", vm_id, "--wait", "--timeout", "120")
+    assert ceph.images() == [base]  # the clone went, the image stayed
+    cloud.ucloud("image", "delete", "mine")
+    wait_for("the image to leave the pool", lambda: ceph.images() == [], cloud, 60)

@@ -185,3 +185,24 @@ async def test_the_generated_pool_is_generated_once(tmp_path: Path, request: pyt
         assert await IpamAllocator(store, commands.codec, pool="2001:db8::/40").setup() == "2001:db8::/40"
     finally:
         await store.close()
+
+
+async def test_the_allocators_view_survives_a_snapshot_round_trip(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store, commands, networks = await _stack("sqlite", tmp_path, request)
+    allocator = IpamAllocator(store, commands.codec, pool="fd00:9::/56")
+    try:
+        async with running(allocator):
+            await settled_network(commands, (await networks.create_network(ALICE, "lan", "auto")).result)
+            vm = await commands.create_vm(ALICE, name="v", cores=1, ram="64MB", disk="1GB", image="tiny",
+                                          networks=["lan"])
+            await allocated_vm(commands, vm.result)
+        import msgspec
+
+        restored = IpamAllocator(store, commands.codec)
+        restored.load(msgspec.msgpack.decode(msgspec.msgpack.encode(allocator.dump())))
+        view, copy = allocator.view, restored.view
+        assert (copy.pool, copy.held, copy.vnis, copy.prefixes, copy.macs, copy.networks.keys(), copy.nics.keys()) == (
+            view.pool, view.held, view.vnis, view.prefixes, view.macs, view.networks.keys(), view.nics.keys())
+        assert copy.macs and copy.vnis and copy.prefixes
+    finally:
+        await store.close()

@@ -18,10 +18,24 @@ from pathlib import Path
 from typing import Any
 
 from ucloud.hostagent.hypervisor import MIB, NetworkInterface, VmSpec
-from ucloud.hostagent.tinyguest import DEFAULT_CACHE, MARKER, TinyGuest
+from ucloud.hostagent.tinyguest import DEFAULT_CACHE, MARKER, RECIPE_VERSION, TinyGuest
 
-# A stable cache so that reruns do not rebuild the guest.
-TINY_CACHE = DEFAULT_CACHE
+# A stable cache per recipe, so that reruns do not rebuild the guest and branches with
+# different recipes (run side by side on one machine) do not rebuild each other's. The
+# kernel .deb already downloaded into the default cache is shared, not fetched again.
+TINY_CACHE = DEFAULT_CACHE.parent / f"{DEFAULT_CACHE.name}-r{RECIPE_VERSION}"
+
+
+def _share_debs() -> None:
+    source, target = DEFAULT_CACHE / "debs", TINY_CACHE / "debs"
+    with contextlib.suppress(OSError):
+        if source.is_dir() and not any(target.glob("*.deb")):
+            target.mkdir(parents=True, exist_ok=True)
+            for deb in source.glob("*.deb"):
+                os.link(deb, target / deb.name)
+
+
+_share_debs()
 
 
 def tiny_spec(

@@ -49,6 +49,7 @@ FROZEN: dict[str, tuple[int, tuple[str, ...]]] = {
     "account.depleted": (1, ('owner', 'at', 'grace_seconds')),
     "account.suspended": (1, ('owner', 'reason', 'vm_ids')),
     "account.resumed": (1, ('owner', 'vm_ids')),
+    "invoice.reminded": (1, ('owner', 'number', 'level', 'due', 'due_micros')),
     "payment.settled": (1, ('payment_id', 'provider', 'intent', 'owner', 'micros', 'currency')),
     "order.quoted": (1, ('order_id', 'owner', 'name', 'cores', 'ram', 'disk', 'image', 'ssh_keys',
                          'restart_policy', 'currency', 'per_hour', 'lines')),

@@ -87,11 +87,15 @@ def test_disk_and_direct_kernel_boot_and_nics() -> None:
         "file=/var/lib/ucloud/disks/web-1.qcow2,if=none,id=disk0,format=qcow2,discard=unmap"
     ]
     assert values_of(argv, "-netdev") == [
-        "tap,id=net0,ifname=uc-a1,script=no,downscript=no",
-        "tap,id=net1,ifname=uc-a2,script=no,downscript=no",
+        "tap,id=net-uc-a1,ifname=uc-a1,script=no,downscript=no",
+        "tap,id=net-uc-a2,ifname=uc-a2,script=no,downscript=no",
     ]
     devices = values_of(argv, "-device")
-    assert "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01" in devices
+    # Each NIC on its own PCIe root port, so that it can be unplugged later; spare ports
+    # for NICs plugged in while the VM runs.
+    assert "virtio-net-pci,netdev=net-uc-a1,mac=02:00:00:00:00:01,id=nic-uc-a1,bus=nicport0" in devices
+    assert "virtio-net-pci,netdev=net-uc-a2,mac=02:00:00:00:00:02,id=nic-uc-a2,bus=nicport1" in devices
+    assert sum(d.startswith("pcie-root-port,") for d in devices) == 16
     assert "virtio-blk-pci,drive=disk0,bootindex=1" in devices
 
 

@@ -256,7 +256,8 @@ def make_machine(etcd: EtcdCluster, tmp_path: Path) -> type[RuleBasedStateMachin
             if up_to is not None:
                 assert all(p <= up_to for p in positions)
             if types is None and limit is None:
-                assert positions == list(range(after + 1, min(self.head, up_to or self.head) + 1))
+                end = self.head if up_to is None else min(self.head, up_to)  # up_to=0 reads nothing
+                assert positions == list(range(after + 1, end + 1))
 
         @rule(
             stream=st.sampled_from([*STREAMS, NEVER_WRITTEN]),

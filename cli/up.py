@@ -445,11 +445,15 @@ async def wait_for_signal() -> None:
     await stop.wait()
 
 
-async def run_processes(store_url: str, settings: processes.ProcessSettings) -> None:
+async def run_processes(store_url: str, settings: processes.ProcessSettings, metrics_host: str = "::1",
+                        metrics_port: int | None = None) -> None:
     store = open_store(store_url)
     leases = leases_for(store)
     try:
         made = processes.build(CommandService(store), leases, settings)
+        metrics = None
+        if metrics_port is not None:
+            metrics = await processes.serve_metrics(made.runners, metrics_host, metrics_port)
         work = asyncio.create_task(processes.run_all(made.components))
         click.echo(f"ucloud processes {settings.instance}: {', '.join(made.components)} on {store_url}", err=True)
         stopping = asyncio.create_task(wait_for_signal())
@@ -458,6 +462,8 @@ async def run_processes(store_url: str, settings: processes.ProcessSettings) -> 
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if metrics is not None:
+            await metrics.cleanup()
     finally:
         await leases.close()
         await store.close()
@@ -478,10 +484,13 @@ async def run_processes(store_url: str, settings: processes.ProcessSettings) -> 
               help="Users' files: run the image scanner here (where the files are). Without it, no scanner.")
 @click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH|NAME=rbd:POOL[:CONF]",
               help="An image store the image scanner imports into (repeat; the first is the default).")
+@click.option("--metrics-listen", default="::1", show_default=True, help="Address of the /metrics endpoint.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics (leader, lag, handled, errors per process manager) on this port.")
 @click.option("-v", "--verbose", is_flag=True)
 def processes_command(store_url: str, instance: str, lease_ttl: float, declare_after: float,
                       ipv6_pool: str | None, files_root: Path | None, image_stores: tuple[str, ...],
-                      verbose: bool) -> None:
+                      metrics_listen: str, metrics_port: int | None, verbose: bool) -> None:
     """Run every process manager (scheduler, failure detector, billing, IPAM), leader-elected:
     start as many as you like; one leads each, the others take over."""
     if ipv6_pool is not None:
@@ -495,7 +504,8 @@ def processes_command(store_url: str, instance: str, lease_ttl: float, declare_a
         stores = parse_stores(image_stores or ("local=fs:/var/lib/ucloud/image-store",))
         asyncio.run(run_processes(store_url, processes.ProcessSettings(
             instance=instance, lease_ttl=lease_ttl, declare_after=declare_after, ipv6_pool=ipv6_pool,
-            files_root=files_root.absolute() if files_root else None, image_stores=stores)))
+            files_root=files_root.absolute() if files_root else None, image_stores=stores),
+            metrics_listen, metrics_port))
     except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None
 

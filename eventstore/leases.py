@@ -6,9 +6,10 @@ One small port with three adapters, all passing tests/contract/test_leases_contr
   eventstore/etcd_client.py). A lease key ``<prefix>/leases/<name>`` holds the holder's
   name and is attached to the lease, so etcd itself deletes it when the holder stops
   renewing: no clock of ours decides that a holder is gone.
-- ``SqliteLeases``: a ``leases`` table beside the log on one machine, with expiry times
-  on the wall clock (all holders share the machine's clock); ``BEGIN IMMEDIATE``
-  serialises processes.
+- ``SqliteLeases``: a ``leases`` table in a file beside the SQLite log
+  (``<log>.leases``: renewals never queue behind the log's writer), with expiry times on
+  the wall clock (all holders share the machine's clock); ``BEGIN IMMEDIATE`` serialises
+  processes.
 - ``MemoryLeases``: one process, for unit tests and in-process stacks.
 
 ``hold()`` keeps a lease renewed in the background and knows the latest moment at which
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -130,7 +132,7 @@ class MemoryLeases(Leases):
 
 
 class SqliteLeases(Leases):
-    """Leases in a table of the log's own SQLite file (wall-clock expiry, one machine)."""
+    """Leases in a SQLite file of their own beside the log (wall-clock expiry, one machine)."""
 
     def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
@@ -140,6 +142,9 @@ class SqliteLeases(Leases):
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
+            # Only the service reads it (who holds what is no secret, but the state dir is private).
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 10000")
             conn.execute("CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
@@ -274,7 +279,9 @@ def leases_for(store: EventStore) -> Leases:
     if isinstance(store, EtcdEventStore):
         return EtcdLeases(store.client, store.prefix)
     if isinstance(store, SqliteEventStore):
-        return SqliteLeases(store.path)
+        if store.path == ":memory:":
+            return _MEMORY.setdefault(id(store), MemoryLeases())
+        return SqliteLeases(store.path + ".leases")
     if isinstance(store, MemoryEventStore):
         return _MEMORY.setdefault(id(store), MemoryLeases())
     raise TypeError(f"no leases for a {type(store).__name__}")

@@ -299,8 +299,10 @@ class HostAgent:
 
     async def _reconcile_forever(self, held: HeldLease | None) -> None:
         while held is None or held.valid:
-            await self.reconcile()
+            # Cleared before the pass, not after: a VM placed here while a pass runs wakes
+            # the next one at once instead of waiting out the resync interval.
             self._wake.clear()
+            await self.reconcile()
             waits = [asyncio.ensure_future(self._wake.wait())]
             if held is not None:
                 waits.append(asyncio.ensure_future(held.lost.wait()))
@@ -684,6 +686,7 @@ class HostAgent:
             log.exception("vm %s: start failed", vm.id)
             await self._report(vm_domain.ReportFailed(vm_id=vm.id, host_id=self.host_id, reason=str(error)[:500]))
             return
+        log.info("started VM %s (placement %d, %s)", vm.id, vm.epoch, handle.accel)
         await self._report(vm_domain.ReportStarted(vm_id=vm.id, host_id=self.host_id, accelerator=handle.accel))
 
     def _seed(self, vm: vm_domain.Vm) -> str | None:

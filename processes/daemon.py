@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aiohttp import web
+
 from ucloud.commands.service import CommandService
 from ucloud.domain.limits import TiB
 from ucloud.eventstore.leases import Leases
@@ -81,6 +83,42 @@ def build(commands: CommandService, leases: Leases | None, settings: ProcessSett
         made.components[scanner.name] = lambda: lead_while_holding(leases, scanner.name, settings.instance,
                                                                    settings.lease_ttl, scanner.run)
     return made
+
+
+def metrics_text(runners: list[ProcessRunner]) -> str:
+    """The process managers' figures in Prometheus' text format."""
+    lines = []
+    figures = (
+        ("ucloud_process_leader", "gauge", "1 while this instance leads the process manager", "leader"),
+        ("ucloud_process_position", "gauge", "the last log position folded into its view", "position"),
+        ("ucloud_process_tracked", "gauge", "its recorded (tracking) position", "tracked"),
+        ("ucloud_process_lag", "gauge", "events of interest behind the newest one read", "lag"),
+        ("ucloud_process_read_total", "counter", "events read from the log", "read"),
+        ("ucloud_process_handled_total", "counter", "events handled", "handled"),
+        ("ucloud_process_errors_total", "counter", "failures (it resumes from its tracked position)", "errors"),
+        ("ucloud_process_takeovers_total", "counter", "times this instance became the leader", "takeovers"),
+        ("ucloud_process_snapshot_failures_total", "counter", "snapshots that could not be saved or read",
+         "snapshot_failures"),
+    )
+    stats = [runner.stats() for runner in runners]
+    for metric, kind, help_text, field_name in figures:
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+        for stat in stats:
+            lines.append(f'{metric}{{name="{stat.name}"}} {int(getattr(stat, field_name))}')
+    return "\n".join(lines) + "\n"
+
+
+async def serve_metrics(runners: list[ProcessRunner], host: str, port: int) -> web.AppRunner:
+    """GET /metrics on host:port (a Prometheus scrape target per instance)."""
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=metrics_text(runners), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
 
 
 async def run_all(components: dict[str, Callable[[], Awaitable[None]]]) -> None:

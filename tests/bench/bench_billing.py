@@ -110,7 +110,7 @@ async def close_period(log: list[tuple[str, Event, int]], accounts: int) -> None
     now = time.time()
     end = MONTH.bounds(int(now))[1]
     process = BillingProcess(store, BillingSettings(periods=MONTH, close_delay=1), clock=lambda: end + 5)
-    await process.runner.catch_up()  # the rebuild, measured above; not part of closing
+    await process.folder.catch_up()  # the rebuild, measured above; not part of closing
     cpu, wall = time.process_time(), time.perf_counter()
     await process.run_until_idle()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall

@@ -8,7 +8,7 @@
 For every backend (etcd: one real member, data on tmpfs, the store at max_txn_ops=1024
 unless --max-txn-ops says otherwise; SQLite: a file on tmpfs) and
 every number of scheduler instances (default 1 and 2): registers the hosts (varied
-sizes) through CommandService.register_host, starts the real Scheduler
+sizes) through CommandService.register_host (and marks them up), starts the real Scheduler
 (processes/scheduler.py), each instance in a process of its own with its own store
 connection, then creates the VMs (varied sizes) through CommandService.create_vm from
 this process with a bounded number in flight, and waits until every VM is scheduled or
@@ -186,6 +186,9 @@ async def register_hosts(commands: CommandService, count: int) -> list[UUID]:
         commands.register_host(ADMIN, f"host{i:04d}", cores, f"{ram}GiB", f"{disk}GiB")
         for i, (cores, ram, disk) in enumerate(sizes)
     ))
+    # Only up hosts take placements: each comes up as its agent would (no failure detector
+    # runs here, so no lease has to be held).
+    await asyncio.gather(*(commands.mark_host_up(ADMIN, o.result, 1, 3.0) for o in outcomes))
     return [o.result for o in outcomes]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -102,3 +103,37 @@ def test_guests_learn_their_owners_keys_and_hostname_through_ucloud_init_and_not
             break
         time.sleep(2)
     assert "KEYS-2" in answer, answer
+
+
+@pytest.mark.timeout(1500)
+def test_a_user_orders_an_ipv6_only_debian_12_vm_through_the_cli_and_logs_in_with_ssh(
+        lab: e2e.Lab, metadata_servers: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    """The seeds' flow "a user orders an IPv6-only VM with an existing OS through the CLI":
+    stock cloud-init 22.4 in the debian-12 image finds the metadata server through the
+    seed the host agent put in the SMBIOS serial, sets the hostname and installs the key;
+    the user logs in over the VM's address in the /64 with the private key."""
+    from tests.integration.test_metadata_server import owner_key
+    from ucloud.hostagent.debianimage import ensure_debian_image
+    from ucloud.hostagent.images import ImageCatalogue
+
+    image = ensure_debian_image()  # cached between runs
+    for state in lab.state.values():
+        ImageCatalogue(state / "images").install_debian12(image.disk_image.parent)
+    private, public = owner_key(tmp_path)
+    as_user(lab, "alice", "key", "add", "laptop", public)
+    lan = json.loads(as_user(lab, "alice", "network", "create", "lan", "--ipam", "auto", "--json").stdout)
+    created = json.loads(as_user(lab, "alice", "vm", "create", "deb", "--image", "debian-12", "--cores", "2",
+                                 "--ram", "1GB", "--disk", "4GB", "--network", "lan", "--wait", "--timeout", "300",
+                                 "--json").stdout)
+    vm = json.loads(as_user(lab, "alice", "vm", "show", created["id"], "--json").stdout)
+    address = vm["nics"][0]["address"]
+    assert address == net.eui64_address(lan["prefix"], vm["nics"][0]["mac"])
+    e2e.wait_for(lambda: re.search(r"Cloud-init v\. \S+ finished at .*DataSourceNoCloudNet", lab.serial(vm)),
+                 "cloud-init finished in the Debian guest", lab, timeout=1000)
+    login = subprocess.run(
+        ["ip", "netns", "exec", lab.hosts["ha"], "ssh", "-i", str(private), "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=20", "-o", "BatchMode=yes",
+         f"debian@{address}", "hostname; grep VERSION_ID /etc/os-release"],
+        capture_output=True, text=True, timeout=180, check=False)
+    assert login.returncode == 0, login.stderr
+    assert login.stdout.splitlines() == ["deb", 'VERSION_ID="12"'], login.stdout

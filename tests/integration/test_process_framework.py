@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from uuid import UUID
 import pytest
 
 from tests.conftest import open_store
-from tests.support.etcd import EtcdCluster
+from tests.support.etcd import EtcdCluster, free_port
 from tests.support.hosts import up_host
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import SYSTEM, Actor
@@ -177,10 +179,11 @@ async def test_a_declaration_loses_to_the_hosts_comeback(tmp_path: Path) -> None
     assert models.hosts.by_id[host].claims == {}
 
 
-def _processes(store_url: str, instance: str, log: Path) -> subprocess.Popen[bytes]:
+def _processes(store_url: str, instance: str, log: Path, metrics_port: int) -> subprocess.Popen[bytes]:
     out = open(log, "ab")
     process = subprocess.Popen([str(BIN / "ucloud"), "processes", "--store", store_url, "--instance", instance,
-                                "--lease-ttl", "2"], stdout=out, stderr=out, start_new_session=True)
+                                "--lease-ttl", "2", "--metrics-listen", "127.0.0.1", "--metrics-port",
+                                str(metrics_port)], stdout=out, stderr=out, start_new_session=True)
     out.close()
     return process
 
@@ -194,7 +197,8 @@ async def test_two_processes_daemons_the_leader_killed_during_creates_every_vm_p
     leases = EtcdLeases(store.client, store.prefix)
     commands = CommandService(store)
     url = f"etcd://{etcd.endpoints[0]}{prefix}"
-    daemons = {name: _processes(url, name, tmp_path / f"{name}.log") for name in ("p1", "p2")}
+    ports = {name: free_port() for name in ("p1", "p2")}
+    daemons = {name: _processes(url, name, tmp_path / f"{name}.log", ports[name]) for name in ("p1", "p2")}
     hosts = [(await commands.register_host(SYSTEM, f"h{i}", 64, "512GB", "10TB")).result for i in range(2)]
     grants = [await leases.acquire(host_domain.slice_name(h), f"h{i}", 3) for i, h in enumerate(hosts)]
     try:
@@ -215,7 +219,13 @@ async def test_two_processes_daemons_the_leader_killed_during_creates_every_vm_p
             daemons[first].wait()
             vms += await create(commands, 100)
             await until(lambda: _all_placed(store, commands, vms), 120)
-            assert await leader() not in (None, first)
+            second = await leader()
+            assert second not in (None, first) and second is not None
+            metrics = await asyncio.to_thread(_get, f"http://127.0.0.1:{ports[second]}/metrics")
+            assert 'ucloud_process_leader{name="scheduler"} 1' in metrics, metrics
+            handled = re.search(r'ucloud_process_handled_total\{name="scheduler"\} (\d+)', metrics)
+            assert handled is not None and int(handled.group(1)) > 0, metrics
+            assert 'ucloud_process_errors_total{name="scheduler"} 0' in metrics, metrics
             models = await models_of(store, commands)
             claims = [vm for h in hosts for vm in models.hosts.by_id[h].claims]
             assert sorted(claims, key=str) == sorted(vms, key=str), "every VM claimed exactly once"
@@ -230,6 +240,11 @@ async def test_two_processes_daemons_the_leader_killed_during_creates_every_vm_p
                 except subprocess.TimeoutExpired:
                     process.kill()
         await store.close()
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return str(answer.read().decode())
 
 
 async def _some(probe) -> bool:  # type: ignore[no-untyped-def]

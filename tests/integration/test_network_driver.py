@@ -199,3 +199,13 @@ def test_a_manual_network_sends_no_ra_and_a_hand_configured_eui64_address_works(
                           capture_output=True, timeout=30, check=False)
     assert done.returncode != 0
     assert hosts.drive(hosts.b, ["counters", PORT_B])[0]["ip6-source-spoof"] >= 1
+
+
+def test_an_automatic_network_announces_its_prefix_and_the_configured_dns_servers(hosts: Hosts) -> None:
+    guest = hosts.ns.guest(hosts.a, PORT_A, "gr", MAC_A)
+    spec = network(44, "auto", router=True)
+    spec[1]["rdnss"] = ["fd99::53", "fd99::54"]
+    hosts.drive(hosts.a, spec, port(PORT_A, MAC_A, 44))
+    # radvd sends an RA at start and then every 3-10 s: one arrives within 15 s.
+    heard = py(guest, "tests.support.frames", "ra", "eth0", "15")
+    assert heard == {"prefixes": [PREFIX], "rdnss": ["fd99::53", "fd99::54"]}, heard

@@ -84,9 +84,39 @@ def sniff(iface: str, seconds: float, markers: list[str]) -> dict[str, int]:
     return counts
 
 
+def router_advertisement_options(iface: str, seconds: float) -> dict[str, list[str]]:
+    """The first router advertisement arriving on ``iface`` within ``seconds``, read by
+    hand: its prefixes (option 3) and recursive DNS servers (option 25, RFC 8106)."""
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD)) as sock:
+        sock.bind((iface, 0))
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([sock], [], [], left)
+            if not ready:
+                break
+            frame = sock.recv(65535)
+            # Ethernet (14) + IPv6 (40) + ICMPv6 type 134 (RA header 16 bytes), no extension headers.
+            if len(frame) < 70 or frame[20] != 58 or frame[54] != 134:
+                continue
+            found: dict[str, list[str]] = {"prefixes": [], "rdnss": []}
+            at = 70
+            while at + 2 <= len(frame) and frame[at + 1]:
+                kind, length = frame[at], frame[at + 1] * 8
+                body = frame[at:at + length]
+                if kind == 3 and len(body) >= 32:
+                    found["prefixes"].append(f"{ipaddress.IPv6Address(body[16:32])}/{body[2]}")
+                elif kind == 25:
+                    found["rdnss"] += [str(ipaddress.IPv6Address(body[i:i + 16])) for i in range(8, len(body), 16)]
+                at += length
+            return found
+    return {}
+
+
 if __name__ == "__main__":
     command, iface, *rest = sys.argv[1:]
     if command == "send":
         send(iface, rest)
+    elif command == "ra":
+        print(json.dumps(router_advertisement_options(iface, float(rest[0]))))
     else:
         print(json.dumps(sniff(iface, float(rest[0]), rest[1:])))

@@ -1,1 +1,1 @@
-"""ucloud.cli: the console entry points (ucloud, ucloud-audit)."""
+"""ucloud.cli: the console entry points (ucloud and its daemons: up, gateway, processes, metadata; ucloud-audit)."""

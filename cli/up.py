@@ -74,21 +74,6 @@ log = logging.getLogger("ucloud.up")
 DEFAULT_STATE_DIR = Path("/var/lib/ucloud")
 
 
-async def supervise(name: str, component: Callable[[], Awaitable[None]]) -> None:
-    """Run a component forever; if it fails, log why and start it again."""
-    delay = 0.5
-    while True:
-        try:
-            await component()
-            log.warning("%s returned; starting it again", name)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s failed; starting it again in %.1fs", name, delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 30.0)
-
-
 def private_state_dir(state_dir: Path) -> None:
     """The state dir holds users, seeds, the log and disks: only the service may enter
     it. A new one is made 0700; one of ours from an earlier install that others could
@@ -258,7 +243,7 @@ async def run_up(
                           metadata_url=metadata_url, leases=leases, network=network.driver(state_dir),
                           router=network.router, rdnss=network.rdnss)
         components["host agent"] = agent.run
-    tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in components.items()]
+    tasks = [asyncio.create_task(processes.supervise(name, run), name=name) for name, run in components.items()]
     config_path = write_cli_config(gateway.url, header_user=authenticator is None)
     click.echo(f"ucloud is up: API {gateway.url}, log {store_url}, state {state_dir}", err=True)
     if config_path:

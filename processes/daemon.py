@@ -121,22 +121,25 @@ async def serve_metrics(runners: list[ProcessRunner], host: str, port: int) -> w
     return runner
 
 
+async def supervise(name: str, component: Callable[[], Awaitable[None]]) -> None:
+    """Run a component forever; if it fails or returns, log why and start it again (backing
+    off up to 30 s). `ucloud processes` and `ucloud up` supervise their parts with it."""
+    delay = 0.5
+    while True:
+        try:
+            await component()
+            log.warning("%s returned; starting it again", name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; starting it again in %.1fs", name, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 30.0)
+
+
 async def run_all(components: dict[str, Callable[[], Awaitable[None]]]) -> None:
     """Run every component; one that fails is logged and started again."""
-    async def supervised(name: str, component: Callable[[], Awaitable[None]]) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await component()
-                log.warning("%s returned; starting it again", name)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s failed; starting it again in %.1fs", name, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-
-    tasks = [asyncio.create_task(supervised(name, run), name=name) for name, run in components.items()]
+    tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in components.items()]
     try:
         await asyncio.gather(*tasks)
     finally:

@@ -159,6 +159,8 @@ def test_guests_on_two_hosts_get_slaac_and_reach_each_other_over_vxlan_and_spoof
     assert f"port-{PORT_B}" not in sh(hosts.b, "nft", "list", "table", "bridge", "ucloud")
     hosts.drive(hosts.a, ["remove_port", PORT_A], ["remove_network", 42])
     assert not (Path(hosts.state[hosts.a]) / "radvd" / f"{bridge_name(42)}.pid").exists()
+    assert not Path(f"/proc/{radvd_pid.strip()}").exists()  # the router's radvd is gone, not only its pid file
+    assert f"from-{bridge_name(42)}" not in sh(hosts.a, "nft", "list", "ruleset")  # and its routing guard
 
 
 def rules_of(host: str, port_name: str) -> str:

@@ -27,6 +27,7 @@ from aiohttp.typedefs import Handler
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain.catalogue import build_codec
+from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.url import open_store
 from ucloud.projections.runner import ProjectionRunner
 from ucloud.projections.views import ReadModels
@@ -48,6 +49,7 @@ from .keys import (
     COMMANDS,
     CONFIG,
     FOLLOWER,
+    LEASES,
     METRICS,
     READ_MODELS,
     RUNNER,
@@ -146,6 +148,7 @@ def init_app(config: GatewayConfig) -> web.Application:
     )
     app[CONFIG] = config
     app[STORE] = store
+    app[LEASES] = leases_for(store)
     app[COMMANDS] = CommandService(store, codec, limits=config.limits, image_stores=config.image_stores)
     app[READ_MODELS] = read_models
     app[RUNNER] = ProjectionRunner(store, codec, read_models.all(), name=config.projection_name,
@@ -170,6 +173,12 @@ def init_app(config: GatewayConfig) -> web.Application:
 
         app.cleanup_ctx.append(close_store)  # registered first, so it runs after the runner stopped
     app.cleanup_ctx.append(_projections)
+
+    async def close_leases(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await app[LEASES].close()
+
+    app.cleanup_ctx.append(close_leases)
     return app
 
 

@@ -10,6 +10,7 @@ from aiohttp import web
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.eventstore.interface import EventStore
+from ucloud.eventstore.leases import Leases
 from ucloud.projections.runner import ProjectionRunner
 from ucloud.projections.views import ReadModels
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 CONFIG = web.AppKey("config", GatewayConfig)
 STORE = web.AppKey("store", EventStore)
+LEASES = web.AppKey("leases", Leases)  # the hosts' heartbeat leases, read for their liveness
 COMMANDS = web.AppKey("commands", CommandService)
 READ_MODELS = web.AppKey("read_models", ReadModels)
 RUNNER = web.AppKey("runner", ProjectionRunner)

@@ -48,6 +48,7 @@ from .keys import (
     COMMANDS,
     CONFIG,
     FOLLOWER,
+    LEASES,
     METRICS,
     READ_MODELS,
     RUNNER,
@@ -339,7 +340,7 @@ class HostOut(msgspec.Struct, kw_only=True):
     used_ram: int
     used_disk: int
     vms: int
-    status: str  # unknown, up, maintenance, dead, removed (docs/operations.md, "Host states")
+    status: str  # unknown, up, suspect, maintenance, evacuating, dead, removed (docs/operations.md, "Host states")
     session: int  # the agent's heartbeat session (its lease id); 0: never up
     reason: str  # why it was declared dead
 
@@ -472,11 +473,15 @@ def _key_out(key: SshKey) -> SshKeyOut:
                      fingerprint=key.fingerprint)
 
 
-def _host_out(host: Host, vms: int) -> HostOut:
+def _host_out(host: Host, vms: int, heartbeats: frozenset[str] | None = None) -> HostOut:
+    """``heartbeats``: the hosts' heartbeat leases alive now; an up host without one is
+    ``suspect`` (gone, not yet declared dead: the detector's grace, docs/operations.md)."""
+    status = host_domain.display_status(host)
+    if heartbeats is not None and status == host_domain.HostStatus.UP.value and host_domain.slice_name(host.id) not in heartbeats:
+        status = "suspect"
     return HostOut(id=host.id, hostname=host.hostname, cores=host.cores, ram=host.ram, disk=host.disk,
                    hypervisor=host.hypervisor, used_cores=host.used_cores, used_ram=host.used_ram,
-                   used_disk=host.used_disk, vms=vms, status=host_domain.display_status(host),
-                   session=host.session, reason=host.reason)
+                   used_disk=host.used_disk, vms=vms, status=status, session=host.session, reason=host.reason)
 
 
 OWNER_PARAM = Param.of("owner", "query", "Admins: only this user's resources (default: everyone's). "
@@ -630,13 +635,15 @@ def _require_admin(actor: Actor) -> None:
 
 @api("GET", "/v1/hosts", ApiDoc(
     "List hosts (admin)", "listHosts", "hosts", response=HostList,
-    description="Hosts with capacity and what is claimed on them. Outside the admin realm: 404.",
+    description="Hosts with capacity and what is claimed on them; status suspect: up in the log, its "
+                "heartbeat lease gone, not yet declared dead. Outside the admin realm: 404.",
     errors=(400, 404), reads=True))
 async def list_hosts(request: web.Request) -> web.Response:
     _require_admin(actor_of(request))
     position = await reach_position(request)
     views = request.app[READ_MODELS]
-    hosts = [_host_out(h, len(views.vms.on_host(h.id))) for h in views.hosts.all()]
+    heartbeats = frozenset(await request.app[LEASES].holders("host-"))
+    hosts = [_host_out(h, len(views.vms.on_host(h.id)), heartbeats) for h in views.hosts.all()]
     return answer(HostList(hosts=hosts, position=position), position=position)
 
 

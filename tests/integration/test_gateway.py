@@ -48,6 +48,7 @@ from ucloud.gateway.app import (
     start,
 )
 from ucloud.gateway.identity import HeaderAuthenticator, resolve_authenticator
+from ucloud.gateway.keys import LEASES
 from ucloud.gateway.openapi import build_openapi
 from ucloud.gateway.problems import problem_for
 
@@ -530,7 +531,16 @@ async def test_hosts_are_for_the_admin_realm_and_404_for_everyone_else(gw: Gatew
     host = hosts[0]
     assert (host["hostname"], host["cores"], host["ram"], host["disk"]) == ("node1.example", 8, 32 * 1024**3, 1024**4)
     assert (host["used_cores"], host["used_ram"], host["used_disk"], host["vms"]) == (2, 4 * 1024**3, 20 * 1024**3, 1)
+    # Up in the log, but no agent holds its heartbeat lease: suspect (gone, not yet declared).
+    assert (host["status"], host["session"]) == ("suspect", 1)
+    leases = gw.app[LEASES]
+    grant = await leases.acquire(f"host-{registered['id']}", "node1.example", 5.0)  # as its agent does
+    assert grant is not None
+    [host] = (await gw.admin.ok("GET", "/v1/hosts"))["hosts"]
     assert (host["status"], host["session"]) == ("up", 1)
+    await leases.release(grant)
+    [host] = (await gw.admin.ok("GET", "/v1/hosts"))["hosts"]
+    assert host["status"] == "suspect"
 
 
 # -- errors of the event store, and aiohttp's own --------------------------------------------------------------

@@ -138,6 +138,7 @@ async def test_a_hung_agent_is_fenced_by_its_watchdog_before_any_replacement_sta
         victim_id = models.vms.get(vms[0]).host_id
         victim = next(a for a in made.agents.values() if a.host_id == victim_id)
         moved = [v for v in vms if models.vms.get(v).host_id == victim_id]
+        dead_session = models.hosts.by_id[victim_id].session  # read before the hang: it may rejoin fast
 
         async def running_on_victim(victim: Agent = victim, moved: list[UUID] = moved) -> bool:
             return all(qemu_of(victim, v) is not None for v in moved)
@@ -169,7 +170,6 @@ async def test_a_hung_agent_is_fenced_by_its_watchdog_before_any_replacement_sta
         finally:
             os.kill(victim.process.pid, signal.SIGCONT)
         # The agent wakes up, finds its VMs moved and its lease gone: it starts none of them again.
-        dead_session = (await made.models()).hosts.by_id[victim_id].session
 
         async def rejoined(victim_id: UUID = victim_id, dead_session: int = dead_session) -> bool:
             host = (await made.models()).hosts.by_id[victim_id]

@@ -443,10 +443,13 @@ async def run_processes(store_url: str, settings: processes.ProcessSettings, met
         click.echo(f"ucloud processes {settings.instance}: {', '.join(made.components)} on {store_url}", err=True)
         stopping = asyncio.create_task(wait_for_signal())
         await asyncio.wait((work, stopping), return_when=asyncio.FIRST_COMPLETED)
+        led = [runner for runner in made.runners if runner.leader]
         for task in (work, stopping):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for runner in led:  # a stop on purpose leaves each view it led as a snapshot: the next start reads the tail
+            await runner.save_snapshot()
         if metrics is not None:
             await metrics.cleanup()
     finally:

@@ -27,9 +27,12 @@ from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import SYSTEM, Actor
 from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
+from ucloud.domain.events import Event
 from ucloud.eventstore.etcd import EtcdEventStore
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.leases import EtcdLeases, MemoryLeases, hold, leases_for
+from ucloud.eventstore.records import NewEvent, StreamAppend
+from ucloud.eventstore.sqlite import SqliteEventStore
 from ucloud.processes.detector import FailureDetector, verdicts
 from ucloud.processes.framework import ProcessRunner
 from ucloud.processes.scheduler import Scheduler
@@ -257,3 +260,94 @@ def test_memory_leases_are_shared_per_store() -> None:
     store = MemoryEventStore()
     assert leases_for(store) is leases_for(store)
     assert isinstance(leases_for(store), MemoryLeases)
+
+
+async def _write_log(store: EventStore, vms: int, hosts: int) -> None:
+    """A log of ``hosts`` registrations and ``vms`` VMs requested, scheduled and claimed:
+    3 events a VM, written in large appends (the log, not the writing, is under test)."""
+    codec = CommandService(store).codec
+    host_ids = [uuid.UUID(int=i + 1) for i in range(hosts)]
+    versions: dict[str, int] = {}
+    batch: dict[str, list[NewEvent]] = {}
+
+    def add(stream: str, event: Event) -> None:
+        tag, schema, data = codec.encode(event)
+        batch.setdefault(stream, []).append(NewEvent(type=tag, data=data, schema=schema, actor="system"))
+
+    async def flush() -> None:
+        appends = [StreamAppend(stream, versions.get(stream, 0), events) for stream, events in batch.items()]
+        await store.append(*appends)
+        for stream, events in batch.items():
+            versions[stream] = versions.get(stream, 0) + len(events)
+        batch.clear()
+
+    for index, host_id in enumerate(host_ids):
+        add(host_domain.stream_name(host_id), host_domain.HostRegistered(
+            host_id=host_id, hostname=f"big{index}", cores=4096, ram=2**50, disk=2**55))
+    await flush()
+    for index in range(vms):
+        vm_id, host_id = uuid.UUID(int=10**9 + index), host_ids[index % hosts]
+        add(vm_domain.stream_name(vm_id), vm_domain.VmRequested(
+            vm_id=vm_id, owner="alice", name=f"vm{index}", cores=1, ram=2**30, disk=2**33, image="tiny"))
+        add(vm_domain.stream_name(vm_id), vm_domain.VmScheduled(vm_id=vm_id, host_id=host_id))
+        add(host_domain.stream_name(host_id), host_domain.CapacityClaimed(
+            host_id=host_id, vm_id=vm_id, cores=1, ram=2**30, disk=2**33))
+        if index % 500 == 499:
+            await flush()
+    if batch:
+        await flush()
+
+
+def _figure(metrics: str, name: str, manager: str) -> int:
+    found = re.search(rf'{name}\{{name="{manager}"\}} (\d+)', metrics)
+    assert found is not None, metrics
+    return int(found.group(1))
+
+
+@pytest.mark.slow
+async def test_ucloud_processes_restarted_over_a_100k_event_log_reads_only_the_tail(tmp_path: Path) -> None:
+    path = tmp_path / "events.sqlite"
+    store = SqliteEventStore(path)
+    await _write_log(store, 33_300, 100)
+    head = await store.head()
+    assert head >= 100_000
+    url, port = f"sqlite://{path}", free_port()
+
+    async def scheduler_at(position: int) -> str | None:
+        try:
+            metrics = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+        except OSError:
+            return None
+        if (_figure(metrics, "ucloud_process_leader", "scheduler")
+                and _figure(metrics, "ucloud_process_position", "scheduler") >= position):
+            return metrics
+        return None
+
+    async def stopped(process: subprocess.Popen[bytes]) -> None:
+        os.killpg(process.pid, signal.SIGTERM)  # a stop on purpose: it leaves its snapshot
+        assert await asyncio.to_thread(process.wait, 30) == 0
+
+    first = _processes(url, "p1", tmp_path / "p1.log", port)
+    try:
+        await until(lambda: _some(lambda: scheduler_at(head)), 120)
+        metrics = await scheduler_at(head)
+        assert metrics is not None and _figure(metrics, "ucloud_process_read_total", "scheduler") >= 99_000
+    finally:
+        await stopped(first)
+    later = await create(CommandService(store), 10)  # the tail: 10 VMs asked for while it was down
+    tail_head = await store.head()
+    second = _processes(url, "p1", tmp_path / "p1.log", port)
+    try:
+        await until(lambda: _some(lambda: scheduler_at(tail_head)), 120)
+        metrics = await scheduler_at(tail_head)
+        assert metrics is not None
+        read = _figure(metrics, "ucloud_process_read_total", "scheduler")
+        # It restored its snapshot and read what came after it: the 10 requests (and what it
+        # appended about them itself), never the 100,000 before.
+        assert 10 <= read <= 50, read
+        assert _figure(metrics, "ucloud_process_errors_total", "scheduler") == 0
+    finally:
+        await stopped(second)
+    models = await models_of(store, CommandService(store))
+    assert all(models.vms.get(v) is not None for v in later)
+    await store.close()

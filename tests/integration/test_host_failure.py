@@ -84,40 +84,53 @@ def qemu_of(agent: Agent, vm_id: UUID) -> int | None:
     return _lock_holder(agent.state_dir / "run" / str(vm_id) / PID_FILE)
 
 
+# Killed-host trials (the issue asks for ten): UCLOUD_KILL_TRIALS to run fewer or more.
+KILL_TRIALS = int(os.environ.get("UCLOUD_KILL_TRIALS", "10"))
+
+
 async def test_a_killed_host_s_vms_run_on_other_hosts(cluster: tuple[Cluster, CommandService]) -> None:
+    """KILL_TRIALS times: the host running the first VM dies (agent, watchdog and QEMUs
+    SIGKILLed at once); its VMs run on other hosts with a new placement epoch, the others
+    are untouched; a fresh host joins so that three are up for the next trial."""
     made, commands = cluster
     await start_hosts(made, ["ha", "hb", "hc"])
     vms = await create_running(made, commands, 3)
-    models = await made.models()
-    victim_id = models.vms.get(vms[0]).host_id
-    victim = next(a for a in made.agents.values() if a.host_id == victim_id)
-    moved = [v for v in vms if models.vms.get(v).host_id == victim_id]
-    made.kill_host(victim)
-
-    async def replaced() -> bool:
+    moves = dict.fromkeys(vms, 0)
+    for trial in range(KILL_TRIALS):
         models = await made.models()
-        for vm_id in moved:
-            vm = models.vms.get(vm_id)
-            if vm is None or vm.status is not S.RUNNING or vm.host_id in (None, victim_id):
-                return False
-        return True
+        victim_id = models.vms.get(vms[0]).host_id
+        victim = next(a for a in made.agents.values() if a.host_id == victim_id)
+        moved = [v for v in vms if models.vms.get(v).host_id == victim_id]
+        epochs = {v: models.vms.get(v).epoch for v in vms}
+        made.kill_host(victim)
 
-    await made.wait(replaced, 120, "the dead host's VMs running elsewhere")
-    models = await made.models()
-    dead = models.hosts.by_id[victim_id]
-    assert dead.status is host_domain.HostStatus.DEAD and dead.claims == {}
-    assert "lease" in dead.reason
-    for vm_id in moved:
-        vm = models.vms.get(vm_id)
-        assert vm is not None and vm.epoch == 2
-        survivor = next(a for a in made.agents.values() if a.host_id == vm.host_id)
-        assert qemu_of(survivor, vm_id) is not None, "a real QEMU runs it on its new host"
-        lost = [r for r in await made.store.read_stream(vm_domain.stream_name(vm_id))  # type: ignore[union-attr]
-                if r.type == "vm.host_lost"]
-        assert len(lost) == 1
-    # VMs elsewhere were not touched.
-    for vm_id in set(vms) - set(moved):
-        assert models.vms.get(vm_id).epoch == 1
+        async def replaced(moved: list[UUID] = moved, victim_id: UUID | None = victim_id) -> bool:
+            models = await made.models()
+            for vm_id in moved:
+                vm = models.vms.get(vm_id)
+                if vm is None or vm.status is not S.RUNNING or vm.host_id in (None, victim_id):
+                    return False
+            return True
+
+        await made.wait(replaced, 120, f"trial {trial}: the dead host's VMs running elsewhere")
+        models = await made.models()
+        dead = models.hosts.by_id[victim_id]
+        assert dead.status is host_domain.HostStatus.DEAD and dead.claims == {}
+        assert "lease" in dead.reason
+        for vm_id in moved:
+            moves[vm_id] += 1
+            vm = models.vms.get(vm_id)
+            assert vm is not None and vm.epoch == epochs[vm_id] + 1
+            survivor = next(a for a in made.agents.values() if a.host_id == vm.host_id)
+            assert qemu_of(survivor, vm_id) is not None, "a real QEMU runs it on its new host"
+            lost = [r for r in await made.store.read_stream(vm_domain.stream_name(vm_id))  # type: ignore[union-attr]
+                    if r.type == "vm.host_lost"]
+            assert len(lost) == moves[vm_id]
+        # VMs elsewhere were not touched.
+        for vm_id in set(vms) - set(moved):
+            assert models.vms.get(vm_id).epoch == epochs[vm_id]
+        if trial < KILL_TRIALS - 1:
+            await start_hosts(made, [f"hx{trial}"])  # three hosts up again
 
 
 # Hung-agent trials (the issue asks for twenty): UCLOUD_FENCE_TRIALS to run fewer or more.

@@ -325,7 +325,7 @@ async def run_up(
               help="The IPv6 prefix (/64 or shorter) networks get their /64 from. Default: a unique local "
                    "/48 generated at the first start and kept in the log.")
 @click.option("--metadata-port", type=click.IntRange(0, 65535), default=80, show_default=True,
-              help="The metadata server's port (on [::] and fe80::a9fe:a9fe on every network bridge).")
+              help="The metadata server's port (on fe80::a9fe:a9fe and the routable addresses of every network bridge).")
 @click.option("--no-metadata", is_flag=True, help="Do not run a metadata server in this process.")
 @click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH|NAME=rbd:POOL[:CONF]",
               help="An image store (repeat; the first is the default). Default: local=fs:<state-dir>/image-store.")

@@ -458,8 +458,10 @@ class EtcdEventStore(EventStore):
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_head())
         if self._known_head <= after:
+            # asyncio.timeout, not wait_for: see eventstore/notify.py (a lost cancel).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._head_event.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._head_event.wait()
         # The watch only wakes us; the head itself is always read fresh.
         return await self.head()
 

@@ -172,7 +172,8 @@ class GroupCommitter:
         self._closed = True
         if self._writer is not None and not self._writer.done():
             try:
-                await asyncio.wait_for(asyncio.shield(self._writer), 10)
+                async with asyncio.timeout(10):
+                    await asyncio.shield(self._writer)
             except (TimeoutError, asyncio.CancelledError):
                 self._writer.cancel()
 

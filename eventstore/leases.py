@@ -345,7 +345,8 @@ async def hold(leases: Leases, grant: Grant, *, margin: float | None = None,
             await keeper
         if not held.lost.is_set():  # a lost lease is gone already: nothing to give back
             with contextlib.suppress(EventStoreError, OSError, TimeoutError):
-                await asyncio.wait_for(leases.release(grant), timeout=2)
+                async with asyncio.timeout(2):
+                    await leases.release(grant)
 
 
 async def _keep(leases: Leases, held: HeldLease) -> None:
@@ -359,7 +360,8 @@ async def _keep(leases: Leases, held: HeldLease) -> None:
         await asyncio.sleep(min(interval, max(0.0, held.deadline - now)))
         sent = time.monotonic()
         try:
-            renewed = await asyncio.wait_for(leases.renew(held.grant), timeout=max(0.1, held.deadline - sent))
+            async with asyncio.timeout(max(0.1, held.deadline - sent)):
+                renewed = await leases.renew(held.grant)
         except (EventStoreError, OSError, TimeoutError) as error:
             log.info("lease %s: renewal failed (%s)", held.grant.name, error)
             continue

@@ -5,6 +5,10 @@ Python 3.11 when the waiter is cancelled while re-acquiring the lock after a
 timeout; waiting on an Event has no lock to lose. ``notify`` swaps in a fresh Event
 after setting the old one, so every waiter of this generation wakes and the next
 ones wait for the next change.
+
+Timeouts use ``asyncio.timeout``, never ``asyncio.wait_for``: on Python 3.11 a
+cancellation that meets a just-finished inner wait is swallowed by ``wait_for``
+(gh-86296), and a cancelled subscriber then waits on forever (tests/unit/test_notifier.py).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ class Notifier:
         """Until the next notify (True) or the timeout (False)."""
         event = self._event
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await event.wait()
         except TimeoutError:
             return False
         return True
@@ -43,7 +48,8 @@ class Notifier:
             # slip in between them unseen.
             event = self._event
             try:
-                await asyncio.wait_for(event.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await event.wait()
             except TimeoutError:
                 return predicate()
         return True

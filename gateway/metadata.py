@@ -480,7 +480,8 @@ async def start(config: MetadataConfig) -> RunningMetadata:
                 raise OSError(error.errno, f"cannot listen on [{host}]:{port}: {error.strerror}") from error
             port = runner.addresses[known][1] if len(runner.addresses) > known else port
             addresses.append((host, port))
-        await asyncio.wait_for(app[READY].wait(), timeout=60)
+        async with asyncio.timeout(60):
+            await app[READY].wait()
         bridges = task = None
         if config.bridges:
             bridges = BridgeSites(runner, app[VIEW], config)

@@ -325,7 +325,8 @@ async def probe_kvm(
                 if proc.returncode is not None:
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), POLL)
+                    async with asyncio.timeout(POLL):
+                        await proc.wait()
             took = time.monotonic() - began
             if proc.returncode is not None:
                 stderr = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
@@ -618,8 +619,10 @@ class QemuDriver(HypervisorDriver):
         """Run one QMP command on a fresh connection (QEMU serves one client at a time)."""
         client = QMPClient(f"ucloud-{vm_id}")
         try:
-            await asyncio.wait_for(client.connect(str(self.qmp_path(vm_id))), self.qmp_timeout)
-            return await asyncio.wait_for(client.execute(command, arguments), self.qmp_timeout)
+            async with asyncio.timeout(self.qmp_timeout):
+                await client.connect(str(self.qmp_path(vm_id)))
+            async with asyncio.timeout(self.qmp_timeout):
+                return await client.execute(command, arguments)
         finally:
             # After "quit" QEMU closes the socket first; disconnect then raises EOFError.
             with contextlib.suppress(QMPError, EOFError, OSError):

@@ -155,7 +155,8 @@ class FileScanner:
                     log.warning("file scan: %s", error)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.interval)
+                    async with asyncio.timeout(self.interval):
+                        await self._wake.wait()
                     await asyncio.sleep(self.settle)  # let a burst of writes finish
         finally:
             if watcher is not None:

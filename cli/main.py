@@ -80,8 +80,11 @@ POLL_INTERVAL = 0.25
 # -- output ----------------------------------------------------------------------------------------
 
 def console() -> Console:
-    """Rich output on the current stdout; piped output is never cut to 80 columns."""
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
+    """Rich output on the current stdout; piped output is never cut to 80 columns. What we
+    print is data, never markup: with rich's defaults a MAC like 9a:ab:06:... printed as
+    9a🆎06 (":ab:" is an emoji code) and a name in [brackets] would be styling."""
+    return Console(highlight=False, soft_wrap=True, markup=False, emoji=False,
+                   width=None if sys.stdout.isatty() else 1000)
 
 
 def emit_json(value: Any) -> None:

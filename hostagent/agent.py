@@ -4,7 +4,9 @@ It registers the host with its real capacity, follows its slice of the log
 (``host-<id>``: the host's events and those of the VMs placed on it) into a VM read
 model restored from its own snapshot, and reconciles every VM placed here: start, stop,
 reboot, delete, through a hypervisor driver. What it observes (started, stopped,
-crashed, failed, deleted) it reports back as events through the command side.
+crashed, failed, deleted) it reports back through its narrow write port (hostagent/
+writes.py): the command side in-process, or the gateway with this host's own credential,
+which accepts reports only about VMs placed on this host. It never writes to the log.
 Restarted, it adopts the guests that are still running instead of starting second
 copies: the driver finds them by their run directories, and a VM the driver reports
 running is never started again.

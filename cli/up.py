@@ -68,6 +68,7 @@ from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.main import NetworkOptions
 from ucloud.hostagent.qemu import QemuDriver
 from ucloud.hostagent.tinyguest import TinyGuestError
+from ucloud.hostagent.writes import DirectWrites
 from ucloud.imagestore.bootdisk import BootDiskError
 from ucloud.imagestore.stores import parse_stores
 from ucloud.processes import daemon as processes
@@ -243,7 +244,8 @@ async def run_up(
             await asyncio.to_thread(images.install_debian12, state_dir / "cache" / "debian-12")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         # This machine routes every network with IPAM (its /64's first address, radvd).
-        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname, stores=stores,
+        agent = HostAgent(commands.store, DirectWrites(commands, hostname), driver, images, state_dir=state_dir,
+                          hostname=hostname, stores=stores,
                           metadata_url=metadata_url, leases=leases, network=network.driver(state_dir),
                           router=network.router, rdnss=network.rdnss)
         components["host agent"] = agent.run

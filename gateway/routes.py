@@ -150,6 +150,8 @@ class ApiDoc:
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = ()
     auth: bool = True
+    # Authenticated by a host's own credential (gateway/host_routes.py) instead of a user's.
+    host: bool = False
     reads: bool = False  # accepts ?position= / X-Ucloud-Position
     media_type: str = "application/json"
     # The largest body this operation takes (413 beyond, before it is read or parsed);

@@ -62,13 +62,17 @@ from ucloud.gateway.metadata import MetadataConfig, RunningMetadata
 from ucloud.gateway.metadata import serve as serve_metadata
 from ucloud.gateway.metadata import start as start_metadata
 from ucloud.hostagent.agent import HostAgent, nocloud_serial
+from ucloud.hostagent.builtin import build_builtin
 from ucloud.hostagent.debianimage import DebianImageError
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.main import NetworkOptions
 from ucloud.hostagent.qemu import QemuDriver
+from ucloud.hostagent.tinyguest import TinyGuestError
 from ucloud.hostagent.writes import DirectWrites
+from ucloud.imagestore.bootdisk import BootDiskError
 from ucloud.imagestore.stores import parse_stores
 from ucloud.processes import daemon as processes
+from ucloud.processes.builtin_images import BuiltinImageError, register_builtin
 
 log = logging.getLogger("ucloud.up")
 
@@ -246,29 +250,45 @@ async def run_up(
                           router=network.router, rdnss=network.rdnss)
         components["host agent"] = agent.run
     tasks = [asyncio.create_task(processes.supervise(name, run), name=name) for name, run in components.items()]
-    config_path = write_cli_config(gateway.url, header_user=authenticator is None)
-    click.echo(f"ucloud is up: API {gateway.url}, log {store_url}, state {state_dir}", err=True)
-    if config_path:
-        click.echo(f"ucloud: wrote {config_path} so the CLI talks to this gateway", err=True)
-    if authenticator is not None and first is not None:
-        click.echo(f"ucloud: users in {authenticator.directory!r}; secrets in {authenticator.secrets!r}", err=True)
-        if first.enrolment is not None:
-            announce_first_admin(first, gateway.url, state_dir)
-        elif first.problem is not None:
-            click.echo(f"ucloud: WARNING: no first admin: {first.problem} (ucloud up --admin NAME)", err=True)
-        else:
-            click.echo("ucloud: log in with 'ucloud login NAME --realm REALM'; admins enrol users with "
-                       "'ucloud user enrol NAME'", err=True)
-    click.echo("try:  ucloud vm create --name demo --image tiny --cores 1 --ram 256MB --disk 1GB --wait", err=True)
-    click.echo("stop: Ctrl-C (guests keep running and are adopted on the next `ucloud up`)", err=True)
-    if ready is not None:
-        ready.set()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     try:
+        if with_agent:
+            # `tiny` as an ordinary public image of the catalogue: its bootable disk among the
+            # admin's files, imported by the image scanner into the default store (once; an
+            # existing image of the name is kept).
+            built = await asyncio.to_thread(build_builtin, "tiny", state_dir / "cache")
+            registering = asyncio.create_task(register_builtin(commands, files_root, auth.admin, "tiny", built))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait((registering, stopping), return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not registering.done():  # stopped while registering
+                registering.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await registering
+                return
+            catalogued = registering.result()
+            click.echo(f"ucloud: the public image 'tiny' is ready in store {catalogued.store}", err=True)
+        config_path = write_cli_config(gateway.url, header_user=authenticator is None)
+        click.echo(f"ucloud is up: API {gateway.url}, log {store_url}, state {state_dir}", err=True)
+        if config_path:
+            click.echo(f"ucloud: wrote {config_path} so the CLI talks to this gateway", err=True)
+        if authenticator is not None and first is not None:
+            click.echo(f"ucloud: users in {authenticator.directory!r}; secrets in {authenticator.secrets!r}", err=True)
+            if first.enrolment is not None:
+                announce_first_admin(first, gateway.url, state_dir)
+            elif first.problem is not None:
+                click.echo(f"ucloud: WARNING: no first admin: {first.problem} (ucloud up --admin NAME)", err=True)
+            else:
+                click.echo("ucloud: log in with 'ucloud login NAME --realm REALM'; admins enrol users with "
+                           "'ucloud user enrol NAME'", err=True)
+        click.echo("try:  ucloud vm create --name demo --image tiny --cores 1 --ram 256MB --disk 1GB --wait", err=True)
+        click.echo("stop: Ctrl-C (guests keep running and are adopted on the next `ucloud up`)", err=True)
+        if ready is not None:
+            ready.set()
         await stop.wait()
     finally:
         click.echo("ucloud: stopping…", err=True)
@@ -383,7 +403,8 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
                            network=NetworkOptions(underlay=underlay, address=underlay_address, router=True)))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
-    except (DirectoryError, PrivateFileError, SecretStoreError, DebianImageError) as error:
+    except (DirectoryError, PrivateFileError, SecretStoreError, DebianImageError, BuiltinImageError,
+            BootDiskError, TinyGuestError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(str(error)) from None

@@ -35,9 +35,12 @@ from .unit_of_work import Actor, Loaded, Outcome, Repository, Session
 
 NIC_ATTEMPTS = 100  # see create_vm
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c003")
-# Images the hosts provide themselves, outside the catalogue: ``tiny`` is built by every
-# host agent; ``debian-12`` is placed on hosts by the operator (docs/operations.md). Any
-# other image name must be a ready image of the catalogue (the owner's, or a public one).
+# Names the hosts may provide themselves, outside the catalogue: the fallback for a log in
+# which they are not catalogued (yet). ``tiny`` is registered as an ordinary public image
+# of the catalogue by `ucloud up` (with its host agent) and by `ucloud image builtin tiny`;
+# once it is, the catalogue's image is the one used. ``debian-12`` is still placed on hosts
+# by the operator (docs/operations.md). Every other name must be a ready image of the
+# catalogue (the owner's, or a public one).
 HOST_IMAGES = frozenset({"tiny", "debian-12"})
 DEFAULT_STORE = "local"
 
@@ -47,7 +50,8 @@ class CommandService:
                  overcommit: host_domain.Overcommit | None = None, limits: Limits | None = None, *,
                  host_images: frozenset[str] = HOST_IMAGES,
                  image_stores: tuple[str, ...] = (DEFAULT_STORE,)) -> None:
-        """``host_images``: names the hosts provide (see HOST_IMAGES); ``image_stores``:
+        """``host_images``: names the hosts may provide when the catalogue has no image of
+        the name (see HOST_IMAGES; empty: the catalogue only); ``image_stores``:
         the stores images may be imported into, the first the default."""
         self.host_images = host_images
         self.image_stores = image_stores
@@ -101,11 +105,12 @@ class CommandService:
                 vm_id=vm_id, owner=owner, name=name, cores=cores_count, ram=ram_bytes, disk=disk_bytes, image=image,
                 ssh_keys=keys, restart_policy=policy, user_data=user_data,
             )
-            catalogued = None
-            if image not in self.host_images:
-                catalogued = await self._visible_image(session, owner, image)
-                if catalogued is None:
-                    raise Rejected(f"image: no image named {image!r} (see 'ucloud image list')", "image")
+            # The catalogue first (the owner's image, else a public one: `tiny` once it is
+            # registered); a host-provided name only when the catalogue has no such image.
+            catalogued = await self._visible_image(session, owner, image)
+            if catalogued is None and image not in self.host_images:
+                raise Rejected(f"image: no image named {image!r} (see 'ucloud image list')", "image")
+            if catalogued is not None:
                 if catalogued.status is image_domain.ImageStatus.READY and disk_bytes < catalogued.virtual_size:
                     raise OutOfBounds("disk", f"{format_size(disk_bytes)} is smaller than the image {image!r} "
                                               f"({format_size(catalogued.virtual_size)})")

@@ -2,9 +2,11 @@
 
 For each ``image.requested`` after its tracked position it opens the user's file (never
 through a symbolic link: a user could otherwise point one at another tenant's disk or a
-system file), checks it (imagestore/inspect.py: qcow2 only, no backing file, no
-external data file, virtual size within the limit), copies it into the image's store
-while the file's sha256 is computed beside the copy, and records ``image.imported``,
+system file), checks its qcow2 header (imagestore/inspect.py: qcow2 only, no backing
+file, no external data file, virtual size within the limit), then copies it into the
+image's store while ``qemu-img info`` and ``qemu-img check`` inspect it beside the copy (a
+refusal stops the copy and removes it; the image is ready only when both passed) and, for
+a file not known by its signature, its sha256 is computed beside it; it records ``image.imported``,
 or ``image.import_failed`` with the reason, together with its tracking position
 (exactly-once). Progress is recorded in steps as the copy advances. A file whose sha256
 is no longer the one the image was asked for (it changed meanwhile) is refused. For
@@ -19,7 +21,6 @@ framework is in place.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -35,7 +36,7 @@ from ucloud.domain.errors import DomainError
 from ucloud.domain.limits import TiB
 from ucloud.eventstore.errors import TrackingConflict
 from ucloud.eventstore.records import EventRecord, Tracking
-from ucloud.imagestore.inspect import ImageRefused, inspect_qcow2
+from ucloud.imagestore.inspect import ImageRefused, check_header, inspect_qcow2
 from ucloud.imagestore.stores import ImageStore, StoreError
 
 from .files import fd_signature
@@ -159,9 +160,15 @@ class ImageScanner:
         except FileRefused as error:
             return failed(str(error))
         source = Path(f"/dev/fd/{fd}")
+        tasks: list[asyncio.Task[Any]] = []
         try:
+            # The header first, in Python: a file that passes names no backing file and no
+            # external data file, so no qemu-img that opens it opens anything else. Then
+            # `qemu-img info` and `check` run beside the copy (not before it: the copy does
+            # not wait for them), and the image is ready only when both passed; a refusal
+            # stops the copy and removes what it wrote.
             try:
-                info = await inspect_qcow2(source, self.max_virtual_size, pass_fds=(fd,))
+                await asyncio.to_thread(check_header, source, self.max_virtual_size)
             except ImageRefused as error:
                 return failed(str(error))
             reported = 0
@@ -179,13 +186,21 @@ class ImageScanner:
             # (or with another one) the digest is computed in a thread beside the copy.
             before = fd_signature(fd)
             trusted = bool(image.file_signature) and before == image.file_signature
+            inspection = asyncio.create_task(inspect_qcow2(source, self.max_virtual_size, pass_fds=(fd,)))
+            copy = asyncio.create_task(store.import_image(image.id, source, progress, pass_fds=(fd,)))
             digest = None if trusted else asyncio.create_task(asyncio.to_thread(sha256_of, fd))
+            tasks = [t for t in (inspection, copy, digest) if t is not None]
             try:
-                imported = await store.import_image(image.id, source, progress, pass_fds=(fd,))
+                info = await inspection
+            except ImageRefused as error:
+                copy.cancel()  # the store removes its partial copy
+                await asyncio.wait([copy])
+                if not copy.cancelled() and copy.exception() is None:  # it had finished first
+                    await store.remove(image.id, copy.result().location)
+                return failed(str(error))
+            try:
+                imported = await copy
             except StoreError as error:
-                if digest is not None:
-                    with contextlib.suppress(Exception):
-                        await digest  # the thread reads the descriptor closed below
                 return failed(f"the import into store {store.name} failed: {error}")
             changed = ""
             if digest is not None:
@@ -198,6 +213,13 @@ class ImageScanner:
                 await store.remove(image.id, imported.location)
                 return failed(f"the file {image.file_name!r} changed since the image was asked for ({changed})")
         finally:
+            for task in tasks[:2]:  # the inspection and the copy: their qemu-img is killed
+                task.cancel()
+            if tasks:  # the digest's thread reads the descriptor closed below: let it end
+                await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled():
+                    task.exception()  # seen: an outcome not used above is not an error of its own
             os.close(fd)
         log.info("image %s of %s imported into %s (%d bytes virtual)", image.name, image.owner, store.name,
                  info.virtual_size)

@@ -241,8 +241,16 @@ class HostAgent:
         return None, Disk(str(self.disk_path(vm.id)), "qcow2")
 
     async def register(self) -> None:
-        await self.writes.register(self.capacity.cores, self.capacity.ram, self.capacity.disk,
-                                   type(self.driver).name, tuple(self.stores))
+        """Record this host's measured capacity; retried while the writer (the log, or the
+        gateway) cannot be reached, so an agent may start before them."""
+        while True:
+            try:
+                await self.writes.register(self.capacity.cores, self.capacity.ram, self.capacity.disk,
+                                           type(self.driver).name, tuple(self.stores))
+                return
+            except EventStoreError as error:
+                log.info("cannot register this host now: %s", error)
+                await asyncio.sleep(1.0)
 
     @property
     def slice_name(self) -> str:

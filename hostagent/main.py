@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from ucloud.commands.service import CommandService
+from ucloud.domain.errors import DomainError
 from ucloud.domain.host import host_id_for
 from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
@@ -161,5 +162,7 @@ def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bo
                               lease_ttl, lease_margin, image_stores, debian12, network, gateway, credential))
     except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None
+    except DomainError as error:  # a refusal of the writer: a revoked credential, a removed host
+        raise click.ClickException(f"refused: {error}") from None
     except DebianImageError as error:
         raise click.ClickException(f"cannot build the image debian-12: {error}") from None

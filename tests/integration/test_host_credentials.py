@@ -135,6 +135,8 @@ async def test_only_the_current_credential_of_an_existing_host_is_accepted(stack
     first = await issue(stack, a, admin)
     up = {"session": 5, "lease_ttl": 3}
     assert (await stack.call("POST", "/v1/host-agent/up", bearer(first), json=up))[0] == 200
+    status, listed, _ = await stack.call("GET", "/v1/hosts", admin, query={"position": str(await stack.store.head())})
+    assert status == 200 and [h["credential"] for h in listed["hosts"] if h["id"] == str(a)] == [True], listed
     second = await issue(stack, a, admin)
     status, body, headers = await stack.call("POST", "/v1/host-agent/up", bearer(first), json=up)
     assert status == 401 and "not a valid host credential" in body["detail"], body

@@ -508,10 +508,11 @@ def host_list(ctx: Context, as_json: bool) -> None:
         if as_json:
             emit_json(hosts)
             return
-        listing = table("HOSTNAME", "STATE", "ID", "CORES", "RAM", "DISK", "VMS")
+        listing = table("HOSTNAME", "STATE", "ID", "CORES", "RAM", "DISK", "VMS", "CREDENTIAL")
         for h in hosts:
             listing.add_row(h["hostname"], h.get("status", ""), h["id"], usage(h["used_cores"], h["cores"], sizes=False),
-                            usage(h["used_ram"], h["ram"]), usage(h["used_disk"], h["disk"]), str(h["vms"]))
+                            usage(h["used_ram"], h["ram"]), usage(h["used_disk"], h["disk"]), str(h["vms"]),
+                            "issued" if h.get("credential") else "-")
         console().print(listing if hosts else "no hosts")
 
     ctx.run(work)

@@ -29,13 +29,13 @@ from aiohttp import web
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
-from ucloud.domain.errors import InvalidValue
+from ucloud.domain.errors import InvalidValue, Rejected
 from ucloud.domain.limits import CEILING
 from ucloud.domain.names import NAME_MAX_LENGTH, NAME_PATTERN
 
 from .identity import AuthenticationFailed
 from .inputs import check_patterns
-from .keys import COMMANDS, CONFIG, READ_MODELS, RUNNER, STORE, actor_of
+from .keys import COMMANDS, CONFIG, LEASES, READ_MODELS, RUNNER, STORE, actor_of
 from .problems import PositionNotReached
 from .routes import (
     BODY_LIMIT,
@@ -231,10 +231,16 @@ async def host_agent_register(request: web.Request) -> web.Response:
 @api("POST", "/v1/host-agent/up", ApiDoc(
     "A host took its heartbeat lease (host credential)", "hostAgentUp", "host-agent", response=Accepted,
     body=HostUpBody, max_body=BODY_LIMIT, host=True, errors=(404, 409, 503),
-    description="Records host.up for this session of the host's heartbeat lease."))
+    description="Records host.up for this session of the host's heartbeat lease; 422 (field session) "
+                "unless the host holds that lease now."))
 async def host_agent_up(request: web.Request) -> web.Response:
     host = host_of(request)
     body: HostUpBody = await _decode(request, HostUpBody)
+    # A host may say it is up only in a session of the heartbeat lease it really holds:
+    # the failure detector's judgement rests on that lease.
+    if not await request.app[LEASES].held(host_domain.slice_name(host.id), body.session):
+        raise Rejected(f"session: host {host.hostname} holds no heartbeat lease {body.session} now; "
+                       "take the lease first", "session")
     outcome = await request.app[COMMANDS].mark_host_up(_host_actor(host), host.id, body.session, body.lease_ttl)
     return answer(Accepted(id=host.id, position=outcome.position), position=outcome.position)
 

@@ -36,8 +36,9 @@ from ucloud.auth.sessions import SessionAuthenticator
 from ucloud.commands.billing import BillingCommands
 from ucloud.commands.networks import NetworkCommands
 from ucloud.commands.unit_of_work import SYSTEM, Actor
-from ucloud.domain.host import Evacuate, SetMaintenance
+from ucloud.domain.host import Evacuate, SetMaintenance, slice_name
 from ucloud.domain.invoice import INVOICES_STREAM, InvoiceIssued, reference_for
+from ucloud.eventstore.leases import Grant, leases_for
 from ucloud.gateway.billing_routes import BILLING
 from ucloud.gateway.host_routes import MISSING as HOST_MISSING
 from ucloud.gateway.host_routes import REFUSED as HOST_REFUSED
@@ -413,6 +414,20 @@ async def _host_report(stack: Stack, owner: str) -> Call:
     return Call(f"/v1/host-agent/vms/{await _vm_on(stack, owner)}/reports", json={"observed": "started"})
 
 
+_LEASES: dict[int, Grant] = {}
+
+
+async def _host_up(stack: Stack, owner: str) -> Call:
+    """Host A's heartbeat lease, held (a host is up only in a session of its own lease)."""
+    if id(stack) not in _LEASES:
+        leases = leases_for(stack.store)
+        grant = await leases.acquire(slice_name((await host_a(stack))[0]), "host-a", 600)
+        await leases.close()
+        assert grant is not None
+        _LEASES[id(stack)] = grant
+    return Call("/v1/host-agent/up", json={"session": _LEASES[id(stack)].token, "lease_ttl": 3})
+
+
 async def _host_evacuated(stack: Stack, owner: str) -> Call:
     vm = await _vm_on(stack, owner)
     await stack.commands.host_command(SYSTEM, Evacuate(host_id=(await host_a(stack))[0]))
@@ -458,8 +473,7 @@ MATRIX: dict[tuple[str, str], Spec] = {
     ("POST", "/v1/host-agent/register"): Spec(
         _fixed("/v1/host-agent/register", json={"cores": 64, "ram": "256GiB", "disk": "10TiB"}), **HOST_ONLY,
         host_own=200, host_other=200),  # there is no other: the host is the credential's
-    ("POST", "/v1/host-agent/up"): Spec(_fixed("/v1/host-agent/up", json={"session": 1, "lease_ttl": 3}),
-                                        **HOST_ONLY, host_own=200, host_other=200),
+    ("POST", "/v1/host-agent/up"): Spec(_host_up, **HOST_ONLY, host_own=200, host_other=200),
     ("POST", "/v1/host-agent/evacuated"): Spec(_host_evacuated, **HOST_ONLY, host_own=200,
                                                host_other=200),  # another host's VM is left alone
     ("POST", "/v1/host-agent/vms/{id}/reports"): Spec(_host_report, **HOST_ONLY, host_own=200, host_other=403),

@@ -20,6 +20,7 @@ from ucloud.commands.unit_of_work import SYSTEM, Actor
 from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.errors import Forbidden, Rejected
+from ucloud.eventstore.leases import leases_for
 from ucloud.hostagent.writes import GatewayWrites
 
 
@@ -104,10 +105,24 @@ async def test_a_host_writes_only_about_itself(stack: Stack) -> None:
     writes = GatewayWrites(stack.url, credential)
     try:
         await writes.register(16, 64 * 2**30, 2**40, "qemu", ("local",))
-        await writes.up(77, 3.0)
+        # Up only in a session of the heartbeat lease it really holds.
+        leases = leases_for(stack.store)
+        head = await stack.store.head()
+        with pytest.raises(Rejected, match="holds no heartbeat lease 77"):
+            await writes.up(77, 3.0)
+        assert await stack.store.head() == head
+        grant = await leases.acquire(host_domain.slice_name(a), "host-a", 30)
+        assert grant is not None
+        await writes.up(grant.token, grant.ttl)
         views = stack.commands
         host_a = (await views.repository.load(HOST, host_domain.stream_name(a))).state
-        assert host_a is not None and (host_a.cores, host_a.session, host_a.stores) == (16, 77, ("local",))
+        assert host_a is not None and (host_a.cores, host_a.session, host_a.stores) == (16, grant.token, ("local",))
+        # Another host's lease is not this host's session.
+        other = await leases.acquire(host_domain.slice_name(b), "host-b", 30)
+        assert other is not None
+        with pytest.raises(Rejected, match="holds no heartbeat lease"):
+            await writes.up(other.token, 3.0)
+        await leases.close()
         # No way to name another host: the body has no host, an unknown field is refused.
         head = await stack.store.head()
         status, body, _ = await stack.call("POST", "/v1/host-agent/register", bearer(credential),
@@ -133,7 +148,11 @@ async def test_only_the_current_credential_of_an_existing_host_is_accepted(stack
     admin = await stack.session("root", ADMIN)
     a = (await up_host(stack.commands, "host-a", 8, "16GiB", "100GiB")).result
     first = await issue(stack, a, admin)
-    up = {"session": 5, "lease_ttl": 3}
+    leases = leases_for(stack.store)
+    grant = await leases.acquire(host_domain.slice_name(a), "host-a", 60)
+    assert grant is not None
+    await leases.close()
+    up = {"session": grant.token, "lease_ttl": 3}
     assert (await stack.call("POST", "/v1/host-agent/up", bearer(first), json=up))[0] == 200
     status, listed, _ = await stack.call("GET", "/v1/hosts", admin, query={"position": str(await stack.store.head())})
     assert status == 200 and [h["credential"] for h in listed["hosts"] if h["id"] == str(a)] == [True], listed

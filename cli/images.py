@@ -10,9 +10,10 @@ from typing import Any
 
 import click
 
-from ucloud.cli.client import Client, Context, Failure
+from ucloud.cli.client import ApiError, Client, Context, Failure
 from ucloud.cli.main import UcloudGroup, console, emit_json, json_option, pass_context, table, vm
 from ucloud.domain.units import format_size
+from ucloud.hostagent.builtin import BUILTIN_IMAGES, build_builtin
 
 CHUNK = 1024 * 1024
 
@@ -149,6 +150,59 @@ def image_create(ctx: Context, name: str, file_name: str, public: bool, store: s
                 _show_image(found)
         elif as_json:
             emit_json(accepted)
+
+    ctx.run(work)
+
+
+@image.command("builtin")
+@click.argument("name", type=click.Choice(BUILTIN_IMAGES))
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path("/var/cache/ucloud"),
+              show_default=True, help="Where the image is built and kept.")
+@click.option("--store", help="The image store (default: the installation's first).")
+@click.option("--timeout", default=1800.0, show_default=True, help="Seconds to wait for the import.")
+@json_option
+@pass_context
+def image_builtin(ctx: Context, name: str, cache: Path, store: str | None, timeout: float, as_json: bool) -> None:
+    """Admins: make the built-in image NAME an ordinary public image: build its bootable
+    qcow2 here (tiny: a Debian kernel and a busybox initramfs; needs apt, dpkg, syslinux,
+    mtools), upload it as one of your files, create the public image and follow the import.
+    An existing public image of the name is left as it is."""
+
+    async def work(client: Client) -> None:
+        try:
+            existing: dict[str, Any] | None = await client.get(f"/v1/images/{name}", {"public": "true"})
+        except ApiError as failure:
+            if failure.status != 404:
+                raise
+            existing = None
+        if existing is not None and existing["public"] and existing["status"] != "failed":
+            found = await _wait_image(client, name, timeout, as_json)
+            if as_json:
+                emit_json(found)
+            else:
+                console().print(f"image {name} exists already")
+                _show_image(found)
+            return
+        if existing is not None and existing["public"]:  # a failed import: ask again
+            await client.request("DELETE", f"/v1/images/{name}", query={"public": "true"})
+        try:
+            built = await asyncio.to_thread(build_builtin, name, cache)
+        except (OSError, RuntimeError) as error:
+            raise Failure(f"cannot build the image {name}: {error}") from None
+        file_name = f"{name}.qcow2"
+        sha256 = await asyncio.to_thread(_sha256, built)
+        await client.request("PUT", f"/v1/files/{file_name}",
+                             headers={"X-Ucloud-Sha256": sha256, "Content-Type": "application/octet-stream"},
+                             upload=lambda: open(built, "rb"))
+        body: dict[str, Any] = {"name": name, "file": file_name, "public": True}
+        if store:
+            body["store"] = store
+        await client.request("POST", "/v1/images", body)
+        found = await _wait_image(client, name, timeout, as_json)
+        if as_json:
+            emit_json(found)
+        else:
+            _show_image(found)
 
     ctx.run(work)
 

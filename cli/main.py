@@ -2,7 +2,7 @@
 
     ucloud vm create|list|show|start|stop|reboot|delete
     ucloud key add|list|delete
-    ucloud host add|list                      (admin realm)
+    ucloud host add|list|join|maintenance|evacuate|remove   (admin realm)
     ucloud login NAME --realm R | logout      (store or forget an OTP identity)
     ucloud user add|list|show|disable|enable|enrol|unenrol   (admin realm)
     ucloud admin recover                      (root on the server: a fresh admin identity)
@@ -48,6 +48,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ucloud.auth.files import atomic_write
 from ucloud.cli.client import (
     DEFAULT_API,
     DEFAULT_REALM,
@@ -80,8 +81,11 @@ POLL_INTERVAL = 0.25
 # -- output ----------------------------------------------------------------------------------------
 
 def console() -> Console:
-    """Rich output on the current stdout; piped output is never cut to 80 columns."""
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
+    """Rich output on the current stdout; piped output is never cut to 80 columns. What we
+    print is data, never markup: with rich's defaults a MAC like 9a:ab:06:... printed as
+    9a🆎06 (":ab:" is an emoji code) and a name in [brackets] would be styling."""
+    return Console(highlight=False, soft_wrap=True, markup=False, emoji=False,
+                   width=None if sys.stdout.isatty() else 1000)
 
 
 def emit_json(value: Any) -> None:
@@ -507,10 +511,11 @@ def host_list(ctx: Context, as_json: bool) -> None:
         if as_json:
             emit_json(hosts)
             return
-        listing = table("HOSTNAME", "STATE", "ID", "CORES", "RAM", "DISK", "VMS")
+        listing = table("HOSTNAME", "STATE", "ID", "CORES", "RAM", "DISK", "VMS", "CREDENTIAL")
         for h in hosts:
             listing.add_row(h["hostname"], h.get("status", ""), h["id"], usage(h["used_cores"], h["cores"], sizes=False),
-                            usage(h["used_ram"], h["ram"]), usage(h["used_disk"], h["disk"]), str(h["vms"]))
+                            usage(h["used_ram"], h["ram"]), usage(h["used_disk"], h["disk"]), str(h["vms"]),
+                            "issued" if h.get("credential") else "-")
         console().print(listing if hosts else "no hosts")
 
     ctx.run(work)
@@ -519,6 +524,36 @@ def host_list(ctx: Context, as_json: bool) -> None:
 def _host_path(hostname: str, suffix: str = "") -> str:
     """A host's API path: its id follows from its name (the same rule as the server's)."""
     return f"/v1/hosts/{host_id_for(hostname)}{suffix}"
+
+
+@host.command("join")
+@click.argument("hostname")
+@click.option("--credential-file", "credential_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Write the credential to FILE (created 0600) instead of showing it.")
+@json_option
+@pass_context
+def host_join(ctx: Context, hostname: str, credential_file: Path | None, as_json: bool) -> None:
+    """Issue HOSTNAME (registered with 'host add', or by its agent) its own credential.
+
+    The host's agent writes with it through the gateway only, and only about itself and
+    its own VMs (docs/operations.md, "Host credentials"). Shown once; issuing again
+    revokes the previous one."""
+
+    async def work(client: Client) -> None:
+        _, issued = await client.request("POST", _host_path(hostname, "/credential"))
+        credential = issued["credential"]
+        if credential_file is not None:
+            atomic_write(credential_file, (credential + "\n").encode())
+        if as_json:
+            emit_json(issued if credential_file is None else {**issued, "credential": str(credential_file)})
+            return
+        where = f"in {credential_file} (0600)" if credential_file is not None else f"(shown once): {credential}"
+        console().print(f"host {hostname}: a new credential {where}; any earlier one is revoked.")
+        target = credential_file or "FILE"
+        console().print(f"On {hostname}, with the credential in a 0600 file: ucloud-host --hostname {hostname} "
+                        f"--gateway {client.settings.api} --credential-file {target} --store ...")
+
+    ctx.run(work)
 
 
 @host.command("maintenance")

@@ -53,8 +53,9 @@ from ucloud.auth.sessions import DEFAULT_TTL, SessionAuthenticator
 from ucloud.cli.credentials import Credentials, CredentialsError, Identity, Seed
 from ucloud.commands.service import CommandService
 from ucloud.domain.errors import InvalidValue
-from ucloud.domain.limits import DEFAULT_LIMITS, Limits, load_limits
+from ucloud.domain.limits import DEFAULT_LIMITS, GiB, Limits, load_limits
 from ucloud.domain.network import check_pool
+from ucloud.domain.units import parse_size
 from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 from ucloud.gateway.app import GatewayConfig, start
@@ -62,12 +63,17 @@ from ucloud.gateway.metadata import MetadataConfig, RunningMetadata
 from ucloud.gateway.metadata import serve as serve_metadata
 from ucloud.gateway.metadata import start as start_metadata
 from ucloud.hostagent.agent import HostAgent, nocloud_serial
+from ucloud.hostagent.builtin import build_builtin
 from ucloud.hostagent.debianimage import DebianImageError
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.main import NetworkOptions
 from ucloud.hostagent.qemu import QemuDriver
+from ucloud.hostagent.tinyguest import TinyGuestError
+from ucloud.hostagent.writes import DirectWrites
+from ucloud.imagestore.bootdisk import BootDiskError
 from ucloud.imagestore.stores import parse_stores
 from ucloud.processes import daemon as processes
+from ucloud.processes.builtin_images import BuiltinImageError, register_builtin
 
 log = logging.getLogger("ucloud.up")
 
@@ -106,6 +112,31 @@ def write_cli_config(api: str, header_user: bool = False) -> Path | None:
         text += f'user = "{os.environ.get("USER") or "root"}"\nrealm = "ucloud"\n'
     path.write_text(text)
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class FileLimits:
+    """Uploads: the largest one file and all of one user's files together (docs/api.md)."""
+
+    max_file_size: int = 64 * GiB
+    file_quota: int = 256 * GiB
+
+
+def file_limits(max_file_size: str, file_quota: str) -> FileLimits:
+    try:
+        made = FileLimits(parse_size(max_file_size, "--max-file-size"), parse_size(file_quota, "--file-quota"))
+    except InvalidValue as error:
+        raise click.UsageError(str(error)) from None
+    if made.max_file_size <= 0 or made.file_quota <= 0:
+        raise click.UsageError("--max-file-size and --file-quota must be positive")
+    return made
+
+
+def file_limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option("--file-quota", default="256GiB", show_default=True, envvar="UCLOUD_FILE_QUOTA",
+                           help="All of one user's files together (uploads beyond it: 413).")(command)
+    return click.option("--max-file-size", default="64GiB", show_default=True, envvar="UCLOUD_MAX_FILE_SIZE",
+                        help="The largest file one upload may be.")(command)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +216,7 @@ async def run_up(
     metadata_url: str | None = None,
     network: NetworkOptions | None = None,
     debian12: bool = False,
+    files: FileLimits = FileLimits(),
 ) -> None:
     network = network or NetworkOptions(router=True)
     auth = auth or AuthOptions()
@@ -210,7 +242,8 @@ async def run_up(
     try:
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
                                             authenticator=authenticator or "header", limits=limits,
-                                            files_root=files_root, image_stores=tuple(stores)))
+                                            files_root=files_root, image_stores=tuple(stores),
+                                            max_file_size=files.max_file_size, file_quota=files.file_quota))
     except BaseException:
         await store.close()
         if authenticator is not None:
@@ -239,34 +272,51 @@ async def run_up(
             await asyncio.to_thread(images.install_debian12, state_dir / "cache" / "debian-12")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         # This machine routes every network with IPAM (its /64's first address, radvd).
-        agent = HostAgent(commands, driver, images, state_dir=state_dir, hostname=hostname, stores=stores,
+        agent = HostAgent(commands.store, DirectWrites(commands, hostname), driver, images, state_dir=state_dir,
+                          hostname=hostname, stores=stores,
                           metadata_url=metadata_url, leases=leases, network=network.driver(state_dir),
                           router=network.router, rdnss=network.rdnss)
         components["host agent"] = agent.run
     tasks = [asyncio.create_task(processes.supervise(name, run), name=name) for name, run in components.items()]
-    config_path = write_cli_config(gateway.url, header_user=authenticator is None)
-    click.echo(f"ucloud is up: API {gateway.url}, log {store_url}, state {state_dir}", err=True)
-    if config_path:
-        click.echo(f"ucloud: wrote {config_path} so the CLI talks to this gateway", err=True)
-    if authenticator is not None and first is not None:
-        click.echo(f"ucloud: users in {authenticator.directory!r}; secrets in {authenticator.secrets!r}", err=True)
-        if first.enrolment is not None:
-            announce_first_admin(first, gateway.url, state_dir)
-        elif first.problem is not None:
-            click.echo(f"ucloud: WARNING: no first admin: {first.problem} (ucloud up --admin NAME)", err=True)
-        else:
-            click.echo("ucloud: log in with 'ucloud login NAME --realm REALM'; admins enrol users with "
-                       "'ucloud user enrol NAME'", err=True)
-    click.echo("try:  ucloud vm create --name demo --image tiny --cores 1 --ram 256MB --disk 1GB --wait", err=True)
-    click.echo("stop: Ctrl-C (guests keep running and are adopted on the next `ucloud up`)", err=True)
-    if ready is not None:
-        ready.set()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     try:
+        if with_agent:
+            # `tiny` as an ordinary public image of the catalogue: its bootable disk among the
+            # admin's files, imported by the image scanner into the default store (once; an
+            # existing image of the name is kept).
+            built = await asyncio.to_thread(build_builtin, "tiny", state_dir / "cache")
+            registering = asyncio.create_task(register_builtin(commands, files_root, auth.admin, "tiny", built))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait((registering, stopping), return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not registering.done():  # stopped while registering
+                registering.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await registering
+                return
+            catalogued = registering.result()
+            click.echo(f"ucloud: the public image 'tiny' is ready in store {catalogued.store}", err=True)
+        config_path = write_cli_config(gateway.url, header_user=authenticator is None)
+        click.echo(f"ucloud is up: API {gateway.url}, log {store_url}, state {state_dir}", err=True)
+        if config_path:
+            click.echo(f"ucloud: wrote {config_path} so the CLI talks to this gateway", err=True)
+        if authenticator is not None and first is not None:
+            click.echo(f"ucloud: users in {authenticator.directory!r}; secrets in {authenticator.secrets!r}", err=True)
+            if first.enrolment is not None:
+                announce_first_admin(first, gateway.url, state_dir)
+            elif first.problem is not None:
+                click.echo(f"ucloud: WARNING: no first admin: {first.problem} (ucloud up --admin NAME)", err=True)
+            else:
+                click.echo("ucloud: log in with 'ucloud login NAME --realm REALM'; admins enrol users with "
+                           "'ucloud user enrol NAME'", err=True)
+        click.echo("try:  ucloud vm create --name demo --image tiny --cores 1 --ram 256MB --disk 1GB --wait", err=True)
+        click.echo("stop: Ctrl-C (guests keep running and are adopted on the next `ucloud up`)", err=True)
+        if ready is not None:
+            ready.set()
         await stop.wait()
     finally:
         click.echo("ucloud: stopping…", err=True)
@@ -340,13 +390,15 @@ async def run_up(
                    "on this machine). This machine routes every network with IPAM either way.")
 @click.option("--underlay-address", envvar="UCLOUD_UNDERLAY_ADDRESS", metavar="ADDR",
               help="The IPv6 source address of VXLAN traffic on the underlay.")
+@file_limit_options
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
        ldap_bind_password_file: str | None, ldap_tls: str | None, ldap_config: Path | None, session_ttl: float,
        insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, ipv6_pool: str | None,
        metadata_port: int, no_metadata: bool, image_stores: tuple[str, ...], debian12: bool,
-       metadata_url: str | None, underlay: str | None, underlay_address: str | None, verbose: bool) -> None:
+       metadata_url: str | None, underlay: str | None, underlay_address: str | None, max_file_size: str,
+       file_quota: str, verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -378,10 +430,12 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
                            auth=auth, limits=limits, files_root=files_root.absolute() if files_root else None,
                            ipv6_pool=ipv6_pool, metadata_port=None if no_metadata else metadata_port,
                            image_stores=image_stores, metadata_url=metadata_url, debian12=debian12,
+                           files=file_limits(max_file_size, file_quota),
                            network=NetworkOptions(underlay=underlay, address=underlay_address, router=True)))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
-    except (DirectoryError, PrivateFileError, SecretStoreError, DebianImageError) as error:
+    except (DirectoryError, PrivateFileError, SecretStoreError, DebianImageError, BuiltinImageError,
+            BootDiskError, TinyGuestError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(str(error)) from None
@@ -500,7 +554,7 @@ def processes_command(store_url: str, instance: str, lease_ttl: float, declare_a
 
 async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int,
                       auth: AuthOptions, limits: Limits, files_root: Path | None = None,
-                      image_stores: tuple[str, ...] = ("local",)) -> None:
+                      image_stores: tuple[str, ...] = ("local",), files: FileLimits = FileLimits()) -> None:
     authenticator: SessionAuthenticator | None = None
     if auth.insecure_header_auth:
         click.echo("ucloud gateway: WARNING: --insecure-header-auth: the API trusts X-Ucloud-User headers", err=True)
@@ -511,7 +565,8 @@ async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], 
     try:
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
                                             authenticator=authenticator or "header", limits=limits,
-                                            files_root=files_root, image_stores=image_stores))
+                                            files_root=files_root, image_stores=image_stores,
+                                            max_file_size=files.max_file_size, file_quota=files.file_quota))
         click.echo(f"ucloud gateway: API {gateway.url}, log {store_url}", err=True)
         try:
             await wait_for_signal()
@@ -540,10 +595,11 @@ async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], 
               help="Users' files (uploads land here; share it with the image scanner). Without it uploads answer 501.")
 @click.option("--image-store-name", "image_stores", multiple=True, default=("local",), show_default=True,
               help="The names of the image stores images may be imported into (repeat; the first is the default).")
+@file_limit_options
 @click.option("-v", "--verbose", is_flag=True)
 def gateway_command(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, ldap_config: Path | None,
                     insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None,
-                    image_stores: tuple[str, ...], verbose: bool) -> None:
+                    image_stores: tuple[str, ...], max_file_size: str, file_quota: str, verbose: bool) -> None:
     """Serve the HTTP API on a log; run as many as you like behind a load balancer."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -552,9 +608,10 @@ def gateway_command(store_url: str, state_dir: Path, listen: tuple[str, ...], po
     except ValueError as error:
         raise click.UsageError(f"--limits {limits_file}: {error}") from None
     auth = AuthOptions(insecure_header_auth, {}, ldap_config)
+    files = file_limits(max_file_size, file_quota)
     try:
         asyncio.run(run_gateway(store_url, state_dir.absolute(), listen, port, auth, limits,
-                                files_root.absolute() if files_root else None, image_stores))
+                                files_root.absolute() if files_root else None, image_stores, files))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError, OSError) as error:

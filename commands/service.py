@@ -6,6 +6,7 @@ write happens in the domain (units, names, keys) so the gateway and CLI stay thi
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from ucloud.domain import operators as operators_domain
 from ucloud.domain import sshkey as sshkey_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.catalogue import build_codec
-from ucloud.domain.errors import InvalidValue, NotFound, OutOfBounds, Rejected
+from ucloud.domain.errors import Forbidden, InvalidValue, NotFound, OutOfBounds, Rejected
 from ucloud.domain.events import Command, Event, EventCodec
 from ucloud.domain.limits import DEFAULT_LIMITS, Limits, MiB, check_at_most, vm_request
 from ucloud.domain.names import check_hostname, check_name, check_user_name
@@ -34,9 +35,12 @@ from .unit_of_work import Actor, Loaded, Outcome, Repository, Session
 
 NIC_ATTEMPTS = 100  # see create_vm
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1f1d2e-8d53-4c1e-9a0e-4b2f5bd0c003")
-# Images the hosts provide themselves, outside the catalogue: ``tiny`` is built by every
-# host agent; ``debian-12`` is placed on hosts by the operator (docs/operations.md). Any
-# other image name must be a ready image of the catalogue (the owner's, or a public one).
+# Names the hosts may provide themselves, outside the catalogue: the fallback for a log in
+# which they are not catalogued (yet). ``tiny`` is registered as an ordinary public image
+# of the catalogue by `ucloud up` (with its host agent) and by `ucloud image builtin tiny`;
+# once it is, the catalogue's image is the one used. ``debian-12`` is still placed on hosts
+# by the operator (docs/operations.md). Every other name must be a ready image of the
+# catalogue (the owner's, or a public one).
 HOST_IMAGES = frozenset({"tiny", "debian-12"})
 DEFAULT_STORE = "local"
 
@@ -46,7 +50,8 @@ class CommandService:
                  overcommit: host_domain.Overcommit | None = None, limits: Limits | None = None, *,
                  host_images: frozenset[str] = HOST_IMAGES,
                  image_stores: tuple[str, ...] = (DEFAULT_STORE,)) -> None:
-        """``host_images``: names the hosts provide (see HOST_IMAGES); ``image_stores``:
+        """``host_images``: names the hosts may provide when the catalogue has no image of
+        the name (see HOST_IMAGES; empty: the catalogue only); ``image_stores``:
         the stores images may be imported into, the first the default."""
         self.host_images = host_images
         self.image_stores = image_stores
@@ -100,11 +105,12 @@ class CommandService:
                 vm_id=vm_id, owner=owner, name=name, cores=cores_count, ram=ram_bytes, disk=disk_bytes, image=image,
                 ssh_keys=keys, restart_policy=policy, user_data=user_data,
             )
-            catalogued = None
-            if image not in self.host_images:
-                catalogued = await self._visible_image(session, owner, image)
-                if catalogued is None:
-                    raise Rejected(f"image: no image named {image!r} (see 'ucloud image list')", "image")
+            # The catalogue first (the owner's image, else a public one: `tiny` once it is
+            # registered); a host-provided name only when the catalogue has no such image.
+            catalogued = await self._visible_image(session, owner, image)
+            if catalogued is None and image not in self.host_images:
+                raise Rejected(f"image: no image named {image!r} (see 'ucloud image list')", "image")
+            if catalogued is not None:
                 if catalogued.status is image_domain.ImageStatus.READY and disk_bytes < catalogued.virtual_size:
                     raise OutOfBounds("disk", f"{format_size(disk_bytes)} is smaller than the image {image!r} "
                                               f"({format_size(catalogued.virtual_size)})")
@@ -251,6 +257,21 @@ class CommandService:
 
         return await self.repository.transact(work, actor)
 
+    async def issue_host_credential(self, actor: Actor, host_id: UUID) -> Outcome[str]:
+        """A new credential for a registered host's agent (admins only): returned once, its
+        sha256 recorded (host.credential_issued), the host's previous credential revoked."""
+        if not actor.is_admin:
+            raise NotFound("hosts are managed in the admin realm")
+        credential = host_domain.credential_for(host_id, secrets.token_bytes(32))
+
+        async def work(session: Session) -> str:
+            host = await session.load(HOST, host_id)
+            session.record(HOST, host_id, host_domain.decide(host, host_domain.IssueCredential(
+                host_id=host_id, digest=host_domain.credential_digest(credential), by=str(actor))))
+            return credential
+
+        return await self.repository.transact(work, actor)
+
     async def host_command(self, actor: Actor, command: host_domain.SetMaintenance | host_domain.Evacuate
                            | host_domain.RemoveHost) -> Outcome[None]:
         """maintenance on/off, evacuate, remove: admins only."""
@@ -289,13 +310,18 @@ class CommandService:
         return await self.repository.transact(work, actor, known=known)
 
     async def evict(self, actor: Actor, host_id: UUID, vm_ids: Sequence[UUID], reason: str,
-                    tracking: Tracking | None = None, *, evacuated: bool = False) -> Outcome[None]:
+                    tracking: Tracking | None = None, *, evacuated: bool = False,
+                    only_if_evacuating: bool = False) -> Outcome[None]:
         """Take VMs off a host (declared dead, or evacuated): ``vm.host_lost`` on each VM and
         its claim released on the host, in one append. A VM that already left is skipped.
-        ``evacuated``: the last batch of an evacuation (``host.evacuated`` in the same append)."""
+        ``evacuated``: the last batch of an evacuation (``host.evacuated`` in the same append).
+        ``only_if_evacuating``: refused unless an admin asked the host to evacuate (a host
+        agent reporting through the gateway)."""
 
         async def work(session: Session) -> None:
             host = await session.load(HOST, host_id)
+            if only_if_evacuating and (host is None or not host.evacuating):
+                raise Rejected(f"host {host.hostname if host else host_id} was not asked to evacuate")
             if evacuated and host is not None:
                 finished = host_domain.decide(host, host_domain.FinishEvacuation(host_id=host_id, vms=len(vm_ids)))
                 for event in finished:
@@ -417,12 +443,25 @@ class CommandService:
 
         return await self.repository.transact(work, actor, tracking=tracking)
 
-    async def report(self, actor: Actor, command: vm_domain.VmReport) -> Outcome[None]:
-        """A host agent reports what it observed (started, stopped, crashed, ...)."""
+    async def report(self, actor: Actor, command: vm_domain.VmReport, *,
+                     reporter: UUID | None = None) -> Outcome[None]:
+        """A host agent reports what it observed (started, stopped, crashed, ...).
+        ``reporter``: the host a credential proved (the gateway's host routes): the report
+        is accepted only about a VM placed on that host, judged in the same transaction as
+        the append (Forbidden otherwise, naming the VM and where it is placed)."""
         vm_id = command.vm_id
+        if reporter is not None:
+            command = msgspec.structs.replace(command, host_id=reporter)
 
         async def work(session: Session) -> None:
             vm = await session.load(VM, vm_id)
+            if reporter is not None:
+                if vm is None:
+                    raise NotFound(f"no VM {vm_id}")
+                if vm.host_id != reporter:
+                    where = f"on host {vm.host_id}" if vm.host_id is not None else "on no host"
+                    raise Forbidden(f"VM {vm_id} is placed {where}, not on host {reporter} (this credential's): "
+                                    f"a host reports only about the VMs placed on it")
             events = vm_domain.decide(vm, command)
             session.record(VM, vm_id, events)
             await self._release_image(session, vm, events)

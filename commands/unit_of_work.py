@@ -117,7 +117,10 @@ class Repository:
         self.store = store
         self.codec = codec
 
-    async def load(self, aggregate: AggregateType[S], stream: str) -> Loaded[S]:
+    async def load(self, aggregate: AggregateType[S], stream: str, *, save_snapshot: bool = True) -> Loaded[S]:
+        """The stream's state from its newest snapshot and the tail; a long tail is saved as
+        the next snapshot unless ``save_snapshot`` is False (a reader without write access
+        to the store, such as a host agent)."""
         state: S | None = None
         version = 0
         snapshot = await self.store.load_snapshot(stream)
@@ -130,7 +133,7 @@ class Repository:
         for record in records:
             state = aggregate.evolve(state, self.codec.decode(record.type, record.schema, record.data))
             version, position = record.version, record.position
-        if len(records) >= SNAPSHOT_EVERY and state is not None:
+        if save_snapshot and len(records) >= SNAPSHOT_EVERY and state is not None:
             await self.store.save_snapshot(Snapshot(
                 stream=stream, version=version, type=snapshot_type, state=msgspec.msgpack.encode(state)
             ))

@@ -35,3 +35,8 @@ class OutOfBounds(Rejected):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}", field)
+
+
+class Forbidden(DomainError):
+    """The caller may not do this to this aggregate: a host reporting about a VM that is
+    not placed on it (403; the message names the VM and where it is placed)."""

@@ -136,9 +136,20 @@ class ClaimChanged(Event, tag="host.claim_changed", frozen=True):
     disk: int
 
 
+class HostCredentialIssued(Event, tag="host.credential_issued", frozen=True):
+    """An admin issued the host's agent its own credential (``ucloud host join``). Only the
+    credential's sha256 is recorded: the credential itself was shown once and is kept on
+    the host. Issuing again revokes the one before; so does removing the host."""
+
+    host_id: UUID
+    digest: str  # sha256 of the credential, 64 lowercase hex digits
+    by: str = ""  # the admin who issued it
+
+
 HostEvent = (
     HostRegistered | HostCapacityChanged | CapacityClaimed | CapacityReleased | HostStoresDeclared | ClaimChanged
     | HostUp | HostDeclaredDead | HostMaintenanceChanged | HostEvacuationRequested | HostRemoved | HostEvacuated
+    | HostCredentialIssued
 )
 HOST_EVENT_TYPES: tuple[type[Event], ...] = HostEvent.__args__
 
@@ -194,6 +205,12 @@ class FinishEvacuation(Command, tag="host.finish_evacuation", frozen=True):
 
 class RemoveHost(Command, tag="host.remove", frozen=True):
     host_id: UUID
+
+
+class IssueCredential(Command, tag="host.issue_credential", frozen=True):
+    host_id: UUID
+    digest: str
+    by: str = ""
 class ChangeClaim(Command, tag="host.change_claim", frozen=True):
     host_id: UUID
     vm_id: UUID
@@ -226,6 +243,7 @@ class Host(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     maintenance: bool = False
     reason: str = ""  # why it was declared dead
     evacuating: bool = False  # asked to give up its VMs; its agent stops them, then they move
+    credential: str = ""  # sha256 of the agent's current credential; "" when none was issued
 
     @property
     def schedulable(self) -> bool:
@@ -279,7 +297,9 @@ def evolve(host: Host | None, event: Event) -> Host | None:
         case HostEvacuated():
             return msgspec.structs.replace(host, evacuating=False)
         case HostRemoved():
-            return msgspec.structs.replace(host, status=HostStatus.REMOVED, claims={})
+            return msgspec.structs.replace(host, status=HostStatus.REMOVED, claims={}, credential="")
+        case HostCredentialIssued():
+            return msgspec.structs.replace(host, credential=event.digest)
         case ClaimChanged():
             claims = dict(host.claims)
             claims[event.vm_id] = Claim(event.cores, event.ram, event.disk)
@@ -393,6 +413,10 @@ def decide(host: Host | None, command: Command, overcommit: Overcommit | None = 
                 raise Rejected(f"host {host.hostname} still holds {len(host.claims)} VM(s): {names}{more}; "
                                f"evacuate or delete them first")
             return [HostRemoved(host_id=host.id)]
+        case IssueCredential():
+            if len(command.digest) != 64 or not all(c in "0123456789abcdef" for c in command.digest):
+                raise InvalidValue("digest", "must be a sha256 in 64 lowercase hex digits")
+            return [HostCredentialIssued(host_id=host.id, digest=command.digest, by=command.by)]
     raise Rejected(f"{type(command).__name__} is not a host command")
 
 
@@ -407,6 +431,41 @@ def display_status(host: Host) -> str:
 
 def stream_name(host_id: UUID) -> str:
     return f"host-{host_id}"
+
+
+# A host credential: ``uch1.<host id, 32 hex digits>.<43 base64url characters: 256 random
+# bits>``. The host id in it says whose digest to compare with; the random part is what
+# proves it. Only the sha256 of the whole text is recorded (host.credential_issued).
+CREDENTIAL_PREFIX = "uch1."
+CREDENTIAL_LENGTH = len(CREDENTIAL_PREFIX) + 32 + 1 + 43
+_BASE64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def credential_for(host_id: UUID, secret: bytes) -> str:
+    """The credential text for ``host_id`` with 32 random bytes (the caller draws them)."""
+    import base64
+
+    if len(secret) != 32:
+        raise ValueError("a host credential takes 32 random bytes")
+    return f"{CREDENTIAL_PREFIX}{host_id.hex}.{base64.urlsafe_b64encode(secret).decode().rstrip('=')}"
+
+
+def credential_host(text: str) -> UUID | None:
+    """The host a credential names, or None when ``text`` is not a host credential."""
+    if len(text) != CREDENTIAL_LENGTH or not text.startswith(CREDENTIAL_PREFIX):
+        return None
+    host_hex, dot, secret = text[len(CREDENTIAL_PREFIX):].partition(".")
+    if not dot or len(host_hex) != 32 or not all(c in "0123456789abcdef" for c in host_hex) or not (
+            set(secret) <= _BASE64URL):
+        return None
+    return UUID(hex=host_hex)
+
+
+def credential_digest(text: str) -> str:
+    """What the log records of a credential: its sha256, in hex."""
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def slice_name(host_id: UUID) -> str:

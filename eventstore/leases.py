@@ -74,6 +74,11 @@ class Leases(abc.ABC):
     async def holders(self, prefix: str = "") -> dict[str, str]:
         """The live leases whose names start with ``prefix``: name -> holder."""
 
+    @abc.abstractmethod
+    async def held(self, name: str, token: int) -> bool:
+        """Is the lease ``name`` live now under the grant ``token``? (The gateway checks a
+        host's claim to be up in a session against its heartbeat lease.)"""
+
     async def close(self) -> None:
         return None
 
@@ -126,6 +131,10 @@ class MemoryLeases(Leases):
     async def holders(self, prefix: str = "") -> dict[str, str]:
         return {name: entry[0] for name in list(self._held)
                 if name.startswith(prefix) and (entry := self._live(name)) is not None}
+
+    async def held(self, name: str, token: int) -> bool:
+        entry = self._live(name)
+        return entry is not None and entry[1] == token
 
 
 # -- SQLite ---------------------------------------------------------------------------------
@@ -214,6 +223,14 @@ class SqliteLeases(Leases):
 
         return await self._run(work)  # type: ignore[return-value]
 
+    async def held(self, name: str, token: int) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT token FROM leases WHERE name = ? AND expires > ?",
+                               (name, self.clock())).fetchone()
+            return row is not None and int(row[0]) == token
+
+        return bool(await self._run(work))
+
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
@@ -264,6 +281,11 @@ class EtcdLeases(Leases):
         start = self._key(prefix)
         result = await self.client.range(start, prefix_end(start))
         return {kv.key[len(self.prefix):].decode(): kv.value.decode() for kv in result.kvs}
+
+    async def held(self, name: str, token: int) -> bool:
+        # The key lives exactly as long as its etcd lease, and is attached to it.
+        kv = await self.client.get(self._key(name))
+        return kv is not None and kv.lease == token
 
 
 _MEMORY: dict[int, MemoryLeases] = {}

@@ -35,6 +35,7 @@ from ucloud.projections.views import ReadModels
 from .auth_routes import auth_routes
 from .billing_routes import setup_billing
 from .config import GatewayConfig
+from .host_routes import HOST, authenticate_host, host_routes
 from .identity import (
     AuthenticationFailed,
     Authenticator,
@@ -77,6 +78,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Ask the configured Authenticator who calls; routes documented ``auth=False`` are open."""
     doc = getattr(request.match_info.handler, "api_doc", None)
     if doc is None or not doc.auth:  # open routes, and aiohttp's own 404/405 answers
+        return await handler(request)
+    if doc.host:  # a host agent's routes: its own credential, never a user's
+        host = await authenticate_host(request)
+        request[HOST] = host
         return await handler(request)
     authenticator = request.app[AUTHENTICATOR]
     result = authenticator.authenticate(request.headers, request.remote or "")
@@ -164,6 +169,7 @@ def init_app(config: GatewayConfig) -> web.Application:
     setup_networks(app)  # networks, attach/detach (gateway/network_routes.py)
     setup_billing(app)  # prices, usage, invoices, balance, coupons (gateway/billing_routes.py)
     app.add_routes(image_routes)  # files, images, VM resize (gateway/image_routes.py)
+    app.add_routes(host_routes)  # host credentials and the host agents' writes (gateway/host_routes.py)
     app[OPENAPI] = build_openapi(app)  # refuses a route without documentation, now rather than later
 
     if owns_store:

@@ -12,10 +12,12 @@ for them, list them and delete them.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeAlias
@@ -52,6 +54,7 @@ from .routes import (
 image_routes = web.RouteTableDef()
 SHA256_HEADER = "X-Ucloud-Sha256"
 CHUNK = 1024 * 1024
+RESERVE_STEP = 64 * 1024 * 1024  # what a chunked upload reserves of the quota at a time
 
 
 def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
@@ -179,16 +182,53 @@ def _user_dir(root: Path, owner: str) -> Path:
     return root / owner
 
 
-def _used(directory: Path, but: str) -> int:
+def _used(directory: Path, *but: str) -> int:
+    """The bytes of the files in ``directory`` (uploads under way at what they reserved)."""
     if not directory.is_dir():
         return 0
+    total = 0
     with os.scandir(directory) as entries:
-        return sum(e.stat(follow_symlinks=False).st_size for e in entries
-                   if e.name != but and e.is_file(follow_symlinks=False))
+        for entry in entries:
+            if entry.name in but:
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:  # a refused upload's partial file, removed meanwhile
+                pass
+    return total
 
 
-def _sync(out: Any) -> None:
+@dataclass(frozen=True)
+class Grant:
+    reserved: int  # the upload's reservation now (its partial file's size)
+    used: int  # by the user's other files and the other uploads under way
+
+
+def _reserve(directory: Path, out: Any, partial: str, name: str, want: int, quota: int) -> Grant:
+    """Grow this upload's reservation to ``want`` bytes if the user's quota has room for it
+    besides everything else in their directory; decided under a lock on the directory
+    (``flock``: on one machine, or a files root whose file system carries it), so that
+    concurrent uploads (in this gateway or another on the same files root) see each other's
+    reservations. The reservation is the partial file's size (``ftruncate``: sparse, no
+    data written), which is what every other upload's count reads."""
+    lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the directory itself: released when closed
+        used = _used(directory, partial, name)
+        reserved = os.fstat(out.fileno()).st_size
+        if want > reserved and used + want <= quota:
+            os.ftruncate(out.fileno(), want)
+            reserved = want
+        return Grant(reserved, used)
+    finally:
+        os.close(lock)
+
+
+def _finish(out: Any, size: int) -> None:
+    """The reservation down to what arrived, and on disk."""
     out.flush()
+    os.ftruncate(out.fileno(), size)
     os.fsync(out.fileno())
 
 
@@ -212,14 +252,22 @@ async def upload_file(request: web.Request) -> web.Response:
     name = file_domain.check_file_name(request.match_info["name"])
     expected = request.headers.get(SHA256_HEADER)
     directory = _user_dir(root, actor.name)
-    # The quota counts what is on disk (uploads and sftp alike, and uploads still under
-    # way), not a read model that may lag behind the user's last upload.
-    used = await asyncio.to_thread(_used, directory, name)
-    room = min(config.max_file_size, config.file_quota - used)
-    why = (f"a file may be at most {format_size(config.max_file_size)}" if room == config.max_file_size else
-           f"over your quota: {format_size(used)} of {format_size(config.file_quota)} is used by your other files")
-    if request.content_length is not None and request.content_length > room:
-        raise _too_large(f"the body ({format_size(request.content_length)}) is too large: {why}", room)
+    limit, quota = config.max_file_size, config.file_quota
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise _too_large(f"the body ({format_size(declared)}) is too large: a file may be at most "
+                         f"{format_size(limit)}", limit)
+
+    def over_quota(grant: Grant, wanted: int) -> web.HTTPRequestEntityTooLarge:
+        room = max(0, quota - grant.used)
+        return _too_large(f"over your quota: {format_size(wanted)} would not fit; {format_size(grant.used)} of "
+                          f"your quota of {format_size(quota)} is used by your other files and uploads under way",
+                          room)
+
+    # The quota counts what is on disk (uploads and sftp alike), not a read model that may
+    # lag behind the user's last upload, and every upload under way at what it reserved: a
+    # declared length is reserved whole before a byte is accepted, a chunked body in steps
+    # as it arrives, each step decided under the user's lock (see _reserve).
     directory.mkdir(mode=0o750, parents=True, exist_ok=True)
     partial = directory / f".upload-{uuid.uuid4().hex}"
     digest = hashlib.sha256()
@@ -228,13 +276,28 @@ async def upload_file(request: web.Request) -> web.Response:
         # Disk writes and the fsync run in a thread: the event loop keeps serving others.
         out = await asyncio.to_thread(open, partial, "xb")
         try:
+            grant = Grant(0, 0)
+            if declared is not None:
+                grant = await asyncio.to_thread(_reserve, directory, out, partial.name, name, declared, quota)
+                if grant.reserved < declared:
+                    raise over_quota(grant, declared)
             async for chunk in request.content.iter_chunked(CHUNK):
                 size += len(chunk)
-                if size > room:
-                    raise _too_large(f"the body is too large: {why}", room)
+                if size > limit:
+                    raise _too_large(f"the body is too large: a file may be at most {format_size(limit)}", limit)
+                if size > grant.reserved:  # a chunked body (or more than declared): reserve the next step
+                    if declared is not None:
+                        raise _too_large(f"the body is longer than its Content-Length ({declared})", declared)
+                    # A step ahead; where the quota has no room for that, what arrived.
+                    for want in (min(limit, max(size, grant.reserved + RESERVE_STEP)), size):
+                        grant = await asyncio.to_thread(_reserve, directory, out, partial.name, name, want, quota)
+                        if grant.reserved >= size:
+                            break
+                    else:
+                        raise over_quota(grant, size)
                 digest.update(chunk)
                 await asyncio.to_thread(out.write, chunk)
-            await asyncio.to_thread(_sync, out)
+            await asyncio.to_thread(_finish, out, size)
         finally:
             out.close()
         sha256 = digest.hexdigest()

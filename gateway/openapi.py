@@ -22,7 +22,8 @@ from .routes import LIMIT_KEY, ApiDoc, declared_params
 
 _TITLES = {400: "Invalid request: the problem's detail and field say what is wrong",
            413: "The body is larger than the gateway accepts", 415: "The body is not sent as application/json",
-           401: "Not authenticated", 402: "Priced and the account prepaid: order it (POST /v1/orders)",
+           401: "Not authenticated",
+           403: "Forbidden: a host reports only about the VMs placed on it", 402: "Priced and the account prepaid: order it (POST /v1/orders)",
            404: "Not found (or not yours)", 405: "Method not allowed",
            409: "Conflict with a concurrent writer; retry",
            422: "Rejected: not allowed in the resource's current state, or a value (named by the problem's "
@@ -87,7 +88,7 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
             responses[str(status)] = {"description": doc.description}
             if doc.response is not None:
                 responses[str(status)]["content"] = {doc.media_type: {"schema": schema_of[id(doc.response)]}}
-        errors = set(doc.errors) | ({401, 429} if doc.auth else set()) | ({400, 422, 503} if doc.reads else set())
+        errors = set(doc.errors) | (({401} if doc.host else {401, 429}) if doc.auth else set()) | ({400, 422, 503} if doc.reads else set())
         if declared:
             errors.add(400)  # a parameter outside its schema
         if doc.body is not None:
@@ -109,6 +110,8 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
                                                        "max_file_size and within the user's quota (413)."}}}}
         if not doc.auth:
             operation["security"] = []
+        elif doc.host:
+            operation["security"] = [{"host": []}]
         if method == "HEAD":  # aiohttp answers HEAD for every GET: the same, without a body
             operation["operationId"] += "Head"
             operation["summary"] += " (headers only)"
@@ -131,6 +134,9 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
                          "description": "Who calls: the user's name in the directory."},
                 "realm": {"type": "apiKey", "in": "header", "name": REALM_HEADER,
                           "description": "The realm; 'ucloud' by default, 'ucloud-admin' is the admin realm."},
+                "host": {"type": "http", "scheme": "bearer",
+                         "description": "A host's own credential (POST /v1/hosts/{id}/credential, 'ucloud "
+                                        "host join'); accepted only on /v1/host-agent/..."},
                 "token": {"type": "apiKey", "in": "header", "name": TOKEN_HEADER,
                           "description": "The current TOTP (RFC 6238, 6 digits, 30 s) of the user's seed in "
                                          "the realm; accepted once."},

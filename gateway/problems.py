@@ -16,7 +16,7 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ucloud.domain.errors import InvalidValue, NotFound, Rejected
+from ucloud.domain.errors import Forbidden, InvalidValue, NotFound, Rejected
 from ucloud.eventstore.errors import ConflictError, DataError, InvalidAppend, UnavailableError
 
 from .identity import AuthenticationFailed
@@ -65,6 +65,7 @@ _MAPPING: list[tuple[type[BaseException], int, str, str]] = [
     (msgspec.DecodeError, 400, "invalid", "Invalid request"),
     (InvalidAppend, 400, "invalid", "Invalid request"),
     (PaymentRequired, 402, "payment-required", "Payment required"),
+    (Forbidden, 403, "forbidden", "Forbidden"),
     (NotFound, 404, "not-found", "Not found"),
     (ConflictError, 409, "conflict", "Conflict"),
     (Rejected, 422, "rejected", "Rejected"),

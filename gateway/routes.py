@@ -150,6 +150,8 @@ class ApiDoc:
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = ()
     auth: bool = True
+    # Authenticated by a host's own credential (gateway/host_routes.py) instead of a user's.
+    host: bool = False
     reads: bool = False  # accepts ?position= / X-Ucloud-Position
     media_type: str = "application/json"
     # The largest body this operation takes (413 beyond, before it is read or parsed);
@@ -343,6 +345,7 @@ class HostOut(msgspec.Struct, kw_only=True):
     status: str  # unknown, up, suspect, maintenance, evacuating, dead, removed (docs/operations.md, "Host states")
     session: int  # the agent's heartbeat session (its lease id); 0: never up
     reason: str  # why it was declared dead
+    credential: bool = False  # its agent has a host credential ('ucloud host join')
 
 
 class HostAccepted(msgspec.Struct, kw_only=True):
@@ -481,7 +484,8 @@ def _host_out(host: Host, vms: int, heartbeats: frozenset[str] | None = None) ->
         status = "suspect"
     return HostOut(id=host.id, hostname=host.hostname, cores=host.cores, ram=host.ram, disk=host.disk,
                    hypervisor=host.hypervisor, used_cores=host.used_cores, used_ram=host.used_ram,
-                   used_disk=host.used_disk, vms=vms, status=status, session=host.session, reason=host.reason)
+                   used_disk=host.used_disk, vms=vms, status=status, session=host.session, reason=host.reason,
+                   credential=bool(host.credential))
 
 
 OWNER_PARAM = Param.of("owner", "query", "Admins: only this user's resources (default: everyone's). "

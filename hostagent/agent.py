@@ -4,7 +4,9 @@ It registers the host with its real capacity, follows its slice of the log
 (``host-<id>``: the host's events and those of the VMs placed on it) into a VM read
 model restored from its own snapshot, and reconciles every VM placed here: start, stop,
 reboot, delete, through a hypervisor driver. What it observes (started, stopped,
-crashed, failed, deleted) it reports back as events through the command side.
+crashed, failed, deleted) it reports back through its narrow write port (hostagent/
+writes.py): the command side in-process, or the gateway with this host's own credential,
+which accepts reports only about VMs placed on this host. It never writes to the log.
 Restarted, it adopts the guests that are still running instead of starting second
 copies: the driver finds them by their run directories, and a VM the driver reports
 running is never started again.
@@ -37,15 +39,16 @@ from uuid import UUID
 import msgspec
 
 from ucloud.commands.aggregates import IMAGE
-from ucloud.commands.service import CommandService
-from ucloud.commands.unit_of_work import Actor
+from ucloud.commands.unit_of_work import Repository
 from ucloud.domain import host as host_domain
 from ucloud.domain import image as image_domain
 from ucloud.domain import network as net
 from ucloud.domain import vm as vm_domain
+from ucloud.domain.catalogue import build_codec
 from ucloud.domain.errors import DomainError
 from ucloud.domain.events import Event
 from ucloud.eventstore.errors import EventStoreError
+from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.leases import Grant, HeldLease, Leases, hold
 from ucloud.eventstore.records import EventRecord
 from ucloud.imagestore.stores import Disk, ImageStore, StoreError, run
@@ -63,6 +66,7 @@ from .hypervisor import (
 )
 from .images import Image, ImageCatalogue, ImageNotFound
 from .network.driver import NetworkDriver, NetworkError, NetworkSpec, PortSpec, tap_name
+from .writes import HostWrites
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +146,8 @@ class SliceVms(Projection):
 class HostAgent:
     def __init__(
         self,
-        commands: CommandService,
+        store: EventStore,
+        writes: HostWrites,
         driver: HypervisorDriver,
         images: ImageCatalogue,
         *,
@@ -164,7 +169,10 @@ class HostAgent:
         rdnss: tuple[str, ...] = (),
         nic_grace: float = 20.0,
     ) -> None:
-        """``stores``: the image stores this host reaches (declared at registration; a VM
+        """``store``: the log, read only (the agent's slice, VM and image streams); the agent
+        writes to it only its heartbeat lease and its own snapshots. ``writes``: everything
+        else it records (hostagent/writes.py: the command side in this process, or the
+        gateway with this host's credential). ``stores``: the image stores this host reaches (declared at registration; a VM
         whose image is in one of them is cloned from it). ``leases``: the heartbeat; None
         runs without one (and never fences). ``feed``: called with each new fence deadline
         (the watchdog client). ``prepare``: slow start-up work (building the tiny image)
@@ -174,7 +182,10 @@ class HostAgent:
         address, runs radvd for the automatic ones); ``rdnss``: DNS servers radvd announces;
         ``nic_grace``: how long a VM waits for the IPAM allocator to give its NICs their MACs
         before it boots without them (they are hot-plugged when they come)."""
-        self.commands = commands
+        self.store = store
+        self.writes = writes
+        codec = build_codec()
+        self.repository = Repository(store, codec)
         self.stores = dict(stores or {})
         self._disk_sizes: dict[UUID, int] = {}  # what each VM's disk was last seen or grown to
         self.driver = driver
@@ -183,10 +194,9 @@ class HostAgent:
         self.hostname = hostname or socket.gethostname()
         self.host_id = host_domain.host_id_for(self.hostname)
         self.capacity = capacity or measure_capacity(self.state_dir)
-        self.actor = Actor(f"host/{self.hostname}", "ucloud-system", is_admin=True)
         self.slice = SliceVms()
         self.vms = self.slice.vms
-        self.runner = ProjectionRunner(commands.store, commands.codec, [self.slice], name=f"hostagent-{self.host_id}",
+        self.runner = ProjectionRunner(store, codec, [self.slice], name=f"hostagent-{self.host_id}",
                                        snapshot_interval=snapshot_interval)
         self.leases = leases
         self.lease_ttl = lease_ttl
@@ -203,7 +213,7 @@ class HostAgent:
         self.smbios_serial = nocloud_serial(metadata_url) if metadata_url else None
         # Networks come from the "networks" slice (every network event), in a view of their own.
         self.networks = NetworksView()
-        self.network_runner = ProjectionRunner(commands.store, commands.codec, [self.networks],
+        self.network_runner = ProjectionRunner(store, codec, [self.networks],
                                                name=f"hostagent-{self.host_id}-networks",
                                                snapshot_interval=snapshot_interval)
         self.network = network
@@ -232,10 +242,16 @@ class HostAgent:
         return None, Disk(str(self.disk_path(vm.id)), "qcow2")
 
     async def register(self) -> None:
-        await self.commands.register_host(
-            self.actor, self.hostname, self.capacity.cores, self.capacity.ram, self.capacity.disk,
-            hypervisor=type(self.driver).name, stores=tuple(self.stores),
-        )
+        """Record this host's measured capacity; retried while the writer (the log, or the
+        gateway) cannot be reached, so an agent may start before them."""
+        while True:
+            try:
+                await self.writes.register(self.capacity.cores, self.capacity.ram, self.capacity.disk,
+                                           type(self.driver).name, tuple(self.stores))
+                return
+            except EventStoreError as error:
+                log.info("cannot register this host now: %s", error)
+                await asyncio.sleep(1.0)
 
     @property
     def slice_name(self) -> str:
@@ -345,15 +361,15 @@ class HostAgent:
         self.session = grant.token
         while True:
             try:
-                outcome = await self.commands.mark_host_up(self.actor, self.host_id, grant.token, grant.ttl)
+                position = await self.writes.up(grant.token, grant.ttl)
                 break
             except EventStoreError as error:
                 log.info("cannot record host.up now: %s", error)
                 await asyncio.sleep(0.2)
         # Everything up to now, not only up to our own event: a VM placed here just before
         # must be in the view before a reconcile pass looks at the guests.
-        head = await self.commands.store.head()
-        await self.runner.wait_for(max(outcome.position, head), timeout=30)
+        head = await self.store.head()
+        await self.runner.wait_for(max(position, head), timeout=30)
         log.info("host %s is up in session %d", self.hostname, grant.token)
 
     async def _evacuate(self) -> None:
@@ -366,9 +382,8 @@ class HostAgent:
             if (await self.driver.status(vm.id)).running:
                 await self.driver.kill(vm.id)
                 log.warning("stopped VM %s: its host is evacuated", vm.id)
-        outcome = await self.commands.evict(self.actor, self.host_id, [vm.id for vm in vms],
-                                            "its host was evacuated", evacuated=True)
-        await self.runner.wait_for(outcome.position, timeout=10)
+        position = await self.writes.evacuated([vm.id for vm in vms])
+        await self.runner.wait_for(position, timeout=10)
 
     async def fence(self, why: str) -> None:
         """Kill every guest now (no guest cooperation: the clock is against us)."""
@@ -382,7 +397,7 @@ class HostAgent:
         """Restore our snapshot, then read what the slice does not hold (a log older than
         slices) up to where slices begin."""
         await self.runner.restore()
-        store = self.commands.store
+        store = self.store
         begins = await store.slices_from()
         if begins is not None and self.runner.position < begins:
             for record in await store.read_all(self.runner.position, up_to=begins):
@@ -409,14 +424,14 @@ class HostAgent:
                 await networks
 
     async def _follow_networks(self) -> None:
-        async for record in self.commands.store.subscribe(self.network_runner.position, slice="networks"):
+        async for record in self.store.subscribe(self.network_runner.position, slice="networks"):
             self.network_runner.apply(record)
             self.network_runner.position = record.position
             self._wake.set()
             await self.network_runner.snapshot_if_due()
 
     async def _follow_slice(self) -> None:
-        store = self.commands.store
+        store = self.store
         async for record in store.subscribe(self.runner.position, slice=self.slice_name):
             self.read += 1
             if record.stream.startswith("vm-"):
@@ -719,7 +734,7 @@ class HostAgent:
         store = self.stores.get(vm.image_store)
         if store is None:
             raise StoreError(f"this host does not reach image store {vm.image_store!r}")
-        loaded = await self.commands.repository.load(IMAGE, image_domain.stream_name(vm.image_id))
+        loaded = await self.repository.load(IMAGE, image_domain.stream_name(vm.image_id), save_snapshot=False)
         catalogued = loaded.state
         if catalogued is None or not catalogued.location:
             raise StoreError(f"image {vm.image!r} is not ready in store {vm.image_store!r}")
@@ -742,9 +757,9 @@ class HostAgent:
         path.write_text(str(epoch))
 
     async def _report(self, command: vm_domain.VmReport) -> None:
-        outcome = await self.commands.report(self.actor, command)
+        position = await self.writes.report(command)
         # Act on the next pass only once our own report is in the view.
-        await self.runner.wait_for(outcome.position, timeout=5)
+        await self.runner.wait_for(position, timeout=5)
 
 
 def _reason(observed: VmStatus) -> str:

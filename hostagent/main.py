@@ -15,6 +15,8 @@ from pathlib import Path
 import click
 
 from ucloud.commands.service import CommandService
+from ucloud.domain.errors import DomainError
+from ucloud.domain.host import host_id_for
 from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 from ucloud.imagestore.stores import parse_stores
@@ -26,6 +28,7 @@ from .images import ImageCatalogue
 from .network.linux import LinuxNetworkDriver
 from .qemu import QemuDriver
 from .watchdog import WatchdogFeed
+from .writes import CredentialError, DirectWrites, GatewayWrites, HostWrites, read_credential
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,19 @@ class NetworkOptions:
 async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, tiny: bool,
                     metadata_url: str | None = None, lease_ttl: float = 3.0, lease_margin: float = 0.5,
                     image_stores: tuple[str, ...] = (), debian12: bool = False,
-                    network: NetworkOptions | None = None, driver: HypervisorDriver | None = None) -> None:
-    """``driver``: the hypervisor driver (None: QEMU under ``state_dir/run``); only the
-    start-up benchmark passes another one (tests/bench/fake_hypervisor.py)."""
+                    network: NetworkOptions | None = None, gateway: str | None = None,
+                    credential: str | None = None, driver: HypervisorDriver | None = None) -> None:
+    """``gateway`` and ``credential``: write through the gateway's host routes with this
+    host's credential; without them the agent writes to the log itself (it then needs
+    the control role on etcd). ``driver``: the hypervisor driver (None: QEMU under
+    ``state_dir/run``); only the start-up benchmark passes another one
+    (tests/bench/fake_hypervisor.py)."""
     network = network or NetworkOptions()
     stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
     store = open_store(store_url)
     leases = leases_for(store)
+    writes: HostWrites = (GatewayWrites(gateway, credential) if gateway is not None and credential is not None
+                          else DirectWrites(CommandService(store), hostname))
     try:
         images = ImageCatalogue(state_dir / "images")
 
@@ -66,7 +75,7 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 
         if driver is None:
             driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
-        agent = HostAgent(CommandService(store), driver, images, state_dir=state_dir, hostname=hostname,
+        agent = HostAgent(store, writes, driver, images, state_dir=state_dir, hostname=hostname,
                           metadata_url=metadata_url, leases=leases, lease_ttl=lease_ttl,
                           lease_margin=lease_margin, feed=WatchdogFeed(state_dir), prepare=prepare, stores=stores,
                           network=network.driver(state_dir), router=network.router, rdnss=network.rdnss)
@@ -78,6 +87,7 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
         with contextlib.suppress(asyncio.CancelledError):
             await task
     finally:
+        await writes.close()
         await leases.close()
         await store.close()
 
@@ -113,14 +123,32 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
                    "radvd for the automatic ones (sets net.ipv6.conf.all.forwarding=1).")
 @click.option("--rdnss", multiple=True, metavar="ADDR", help="A DNS server radvd announces (repeat).")
 @click.option("--no-network", is_flag=True, help="No network driver: VMs run without their NICs.")
+@click.option("--gateway", envvar="UCLOUD_GATEWAY", metavar="URL",
+              help="Write through this gateway's host routes with this host's credential (--credential-file) "
+                   "instead of to the log: the agent then needs only the host role on etcd "
+                   "(docs/operations.md, \"Host credentials\").")
+@click.option("--credential-file", type=click.Path(path_type=Path), envvar="UCLOUD_HOST_CREDENTIAL", metavar="FILE",
+              help="This host's credential (from 'ucloud host join'), in a 0600 file. Needs --gateway.")
 @click.option("-v", "--verbose", is_flag=True)
 def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bool, image_stores: tuple[str, ...],
          metadata_url: str | None, lease_ttl: float, lease_margin: float, debian12: bool, underlay: str | None,
          underlay_address: str | None, underlay_mtu: int | None, router: bool, rdnss: tuple[str, ...],
-         no_network: bool, verbose: bool) -> None:
+         no_network: bool, gateway: str | None, credential_file: Path | None, verbose: bool) -> None:
     """Run the host agent: register this host and make its VMs match the log."""
     if lease_margin >= lease_ttl:
         raise click.UsageError(f"--lease-margin ({lease_margin}) must be below --lease-ttl ({lease_ttl})")
+    if (gateway is None) != (credential_file is None):
+        raise click.UsageError("--gateway and --credential-file go together")
+    credential = None
+    if credential_file is not None:
+        try:
+            credential = read_credential(credential_file)
+        except CredentialError as error:
+            raise click.UsageError(str(error)) from None
+        credited = GatewayWrites(gateway or "", credential).host_id
+        if credited != host_id_for(hostname):
+            raise click.UsageError(f"the credential in {credential_file} is for host {credited}, but --hostname "
+                                   f"{hostname!r} is host {host_id_for(hostname)}")
     for value, option in ((underlay_address, "--underlay-address"), *((a, "--rdnss") for a in rdnss)):
         if value is not None:
             try:
@@ -135,8 +163,10 @@ def main(store_url: str, state_dir: Path, hostname: str, accel: str, no_tiny: bo
     try:
         parse_stores(image_stores)
         asyncio.run(run_agent(store_url, state_dir.absolute(), hostname, accel, not no_tiny, metadata_url,
-                              lease_ttl, lease_margin, image_stores, debian12, network))
+                              lease_ttl, lease_margin, image_stores, debian12, network, gateway, credential))
     except (InvalidStoreUrl, ValueError) as error:
         raise click.UsageError(str(error)) from None
+    except DomainError as error:  # a refusal of the writer: a revoked credential, a removed host
+        raise click.ClickException(f"refused: {error}") from None
     except DebianImageError as error:
         raise click.ClickException(f"cannot build the image debian-12: {error}") from None

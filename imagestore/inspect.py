@@ -39,7 +39,9 @@ class ImageInfo:
     cluster_size: int
 
 
-def _check_header(path: Path, max_virtual_size: int) -> int:
+def check_header(path: Path, max_virtual_size: int) -> int:
+    """The qcow2 header's checks (see the module), in Python: the virtual size it states;
+    ImageRefused otherwise. A file that passed makes no tool that opens it open another."""
     try:
         with open(path, "rb") as source:
             head = source.read(104)
@@ -81,7 +83,7 @@ async def inspect_qcow2(path: Path, max_virtual_size: int, pass_fds: tuple[int, 
     """What ``qemu-img`` says of a qcow2 that passed the header checks; ImageRefused otherwise.
     ``pass_fds``: descriptors ``path`` names (``/dev/fd/N``) that qemu-img inherits."""
     path = Path(path)
-    await asyncio.to_thread(_check_header, path, max_virtual_size)
+    await asyncio.to_thread(check_header, path, max_virtual_size)
     proc = await asyncio.create_subprocess_exec(
         "qemu-img", "info", "--output=json", "-f", "qcow2", str(path),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds)

@@ -103,16 +103,23 @@ async def convert(source: Path, target: str, target_format: str, progress: Progr
     assert proc.stdout is not None and proc.stderr is not None
     reported = 0
     buffer = b""
-    while chunk := await proc.stdout.read(4096):
-        buffer = (buffer + chunk)[-256:]
-        matches = _PROGRESS.findall(buffer)
-        if matches:
-            percent = int(float(matches[-1]))
-            if percent > reported and percent < 100:
-                reported = percent
-                await progress(percent)
-    err = await proc.stderr.read()
-    if await proc.wait() != 0:
+    try:
+        while chunk := await proc.stdout.read(4096):
+            buffer = (buffer + chunk)[-256:]
+            matches = _PROGRESS.findall(buffer)
+            if matches:
+                percent = int(float(matches[-1]))
+                if percent > reported and percent < 100:
+                    reported = percent
+                    await progress(percent)
+        err = await proc.stderr.read()
+        code = await proc.wait()
+    except BaseException:  # cancelled (the file was refused meanwhile) or failed: stop writing at once
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if code != 0:
         raise StoreError(f"qemu-img convert failed: {err.decode(errors='replace').strip()[-500:]}")
 
 

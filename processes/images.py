@@ -2,11 +2,14 @@
 
 For each ``image.requested`` after its tracked position it opens the user's file (never
 through a symbolic link: a user could otherwise point one at another tenant's disk or a
-system file), checks it (imagestore/inspect.py: qcow2 only, no backing file, no
-external data file, virtual size within the limit), copies it into the image's store
-while the file's sha256 is computed beside the copy, and records ``image.imported``,
+system file), checks its qcow2 header (imagestore/inspect.py: qcow2 only, no backing
+file, no external data file, virtual size within the limit), then copies it into the
+image's store while ``qemu-img info`` and ``qemu-img check`` inspect it beside the copy (a
+refusal stops the copy and removes it; the image is ready only when both passed) and, for
+a file not known by its signature, its sha256 is computed beside it; it records ``image.imported``,
 or ``image.import_failed`` with the reason, together with its tracking position
-(exactly-once). Progress is recorded in steps as the copy advances. A file whose sha256
+(exactly-once). Progress is recorded in steps of 10% as the copy advances, at most one
+every half second. A file whose sha256
 is no longer the one the image was asked for (it changed meanwhile) is refused. For
 ``image.deleted`` it removes the image from its store.
 
@@ -19,11 +22,11 @@ framework is in place.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ from ucloud.domain.errors import DomainError
 from ucloud.domain.limits import TiB
 from ucloud.eventstore.errors import TrackingConflict
 from ucloud.eventstore.records import EventRecord, Tracking
-from ucloud.imagestore.inspect import ImageRefused, inspect_qcow2
+from ucloud.imagestore.inspect import ImageRefused, check_header, inspect_qcow2
 from ucloud.imagestore.stores import ImageStore, StoreError
 
 from .files import fd_signature
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 
 _WATCHED = frozenset({"image.requested", "image.deleted"})
 PROGRESS_STEP = 10  # percent between two progress events
+# Seconds between two progress events at least: each is an append (a load of the image's
+# stream, a decision, a transaction), which an import over in a second does not need and
+# which cost it a tenth of its CPU time (docs/performance.md, images).
+PROGRESS_INTERVAL = 0.5
 CHUNK = 4 * 1024 * 1024
 
 
@@ -86,13 +93,14 @@ class ImageScanner:
     name = "image-scanner"
 
     def __init__(self, commands: CommandService, stores: dict[str, ImageStore], files_root: Path, *,
-                 max_virtual_size: int = 64 * TiB) -> None:
+                 max_virtual_size: int = 64 * TiB, progress_interval: float = PROGRESS_INTERVAL) -> None:
         self.commands = commands
         self.store = commands.store
         self.codec = commands.codec
         self.stores = stores
         self.files_root = Path(files_root)
         self.max_virtual_size = max_virtual_size
+        self.progress_interval = progress_interval
         self.consumer = self.name  # stable: the tracking key
         self.actor = Actor(self.name, "ucloud-system", is_admin=True)
         self.imported = 0
@@ -159,17 +167,24 @@ class ImageScanner:
         except FileRefused as error:
             return failed(str(error))
         source = Path(f"/dev/fd/{fd}")
+        tasks: list[asyncio.Task[Any]] = []
         try:
+            # The header first, in Python: a file that passes names no backing file and no
+            # external data file, so no qemu-img that opens it opens anything else. Then
+            # `qemu-img info` and `check` run beside the copy (not before it: the copy does
+            # not wait for them), and the image is ready only when both passed; a refusal
+            # stops the copy and removes what it wrote.
             try:
-                info = await inspect_qcow2(source, self.max_virtual_size, pass_fds=(fd,))
+                await asyncio.to_thread(check_header, source, self.max_virtual_size)
             except ImageRefused as error:
                 return failed(str(error))
-            reported = 0
+            reported, last = 0, time.monotonic()
 
             async def progress(percent: int) -> None:
-                nonlocal reported
-                if percent >= reported + PROGRESS_STEP:
-                    reported = percent - percent % PROGRESS_STEP
+                nonlocal reported, last
+                now = time.monotonic()
+                if percent >= reported + PROGRESS_STEP and now - last >= self.progress_interval:
+                    reported, last = percent - percent % PROGRESS_STEP, now
                     await self.commands.report_image(self.actor, image_domain.ReportImportProgress(
                         image_id=image.id, percent=reported))
 
@@ -179,13 +194,21 @@ class ImageScanner:
             # (or with another one) the digest is computed in a thread beside the copy.
             before = fd_signature(fd)
             trusted = bool(image.file_signature) and before == image.file_signature
+            copy = asyncio.create_task(store.import_image(image.id, source, progress, pass_fds=(fd,)))
+            inspection = asyncio.create_task(inspect_qcow2(source, self.max_virtual_size, pass_fds=(fd,)))
             digest = None if trusted else asyncio.create_task(asyncio.to_thread(sha256_of, fd))
+            tasks = [t for t in (copy, inspection, digest) if t is not None]
             try:
-                imported = await store.import_image(image.id, source, progress, pass_fds=(fd,))
+                info = await inspection
+            except ImageRefused as error:
+                copy.cancel()  # the store removes its partial copy
+                await asyncio.wait([copy])
+                if not copy.cancelled() and copy.exception() is None:  # it had finished first
+                    await store.remove(image.id, copy.result().location)
+                return failed(str(error))
+            try:
+                imported = await copy
             except StoreError as error:
-                if digest is not None:
-                    with contextlib.suppress(Exception):
-                        await digest  # the thread reads the descriptor closed below
                 return failed(f"the import into store {store.name} failed: {error}")
             changed = ""
             if digest is not None:
@@ -198,6 +221,13 @@ class ImageScanner:
                 await store.remove(image.id, imported.location)
                 return failed(f"the file {image.file_name!r} changed since the image was asked for ({changed})")
         finally:
+            for task in tasks[:2]:  # the copy and the inspection: their qemu-img is killed
+                task.cancel()
+            if tasks:  # the digest's thread reads the descriptor closed below: let it end
+                await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled():
+                    task.exception()  # seen: an outcome not used above is not an error of its own
             os.close(fd)
         log.info("image %s of %s imported into %s (%d bytes virtual)", image.name, image.owner, store.name,
                  info.virtual_size)

@@ -161,6 +161,15 @@ class Firewall:
         await nft(router_script(bridge))
         return True
 
+    async def routers(self) -> set[str]:
+        """The bridges that have a routing guard (the inet table's ``from-<bridge>`` chains)."""
+        try:
+            raw = await nft(None, "-j", "list", "table", "inet", TABLE)
+        except NetworkError:
+            return set()
+        return {item["chain"]["name"][len("from-"):] for item in json.loads(raw).get("nftables", [])
+                if "chain" in item and item["chain"]["name"].startswith("from-")}
+
     async def remove_router(self, bridge: str) -> None:
         try:
             raw = await nft(None, "-j", "list", "table", "inet", TABLE)

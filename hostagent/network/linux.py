@@ -246,7 +246,12 @@ class LinuxNetworkDriver(NetworkDriver):
             await self.firewall.remove_router(bridge_name(vni))
 
     async def networks(self) -> set[int]:
-        return await asyncio.to_thread(self._networks)
+        """Every network with anything left on this host: its bridge, or (a removal cut
+        short, say by a stop in the middle of it) only its radvd or its routing guard, so
+        that the agent's clean-up finds and removes those too."""
+        leftovers = self.radvd.bridges() | await self.firewall.routers()
+        return await asyncio.to_thread(self._networks) | {
+            vni for vni in map(vni_of_bridge, leftovers) if vni is not None}
 
     async def ensure_port(self, spec: PortSpec) -> None:
         """Link first (down), its chain second, then onto the bridge and up: no frame of the

@@ -110,3 +110,19 @@ async def test_bad_names_and_ttls_are_refused(pair: tuple[EventStore, Leases]) -
         await leases.acquire("a/b", "x", 5)
     with pytest.raises(ValueError, match="TTL"):
         await leases.acquire("ok", "x", 0)
+
+
+async def test_held_is_true_only_for_the_live_grant_of_that_name(pair: tuple[EventStore, Leases]) -> None:
+    _, leases = pair
+    first = await leases.acquire("host-h", "agent", 1.0)
+    assert first is not None
+    assert await leases.held("host-h", first.token)
+    assert not await leases.held("host-h", first.token + 1)
+    assert not await leases.held("host-other", first.token)
+    await wait_gone(leases, "host-h")
+    assert not await leases.held("host-h", first.token), "an expired lease is held by nobody"
+    second = await leases.acquire("host-h", "agent", 5.0)
+    assert second is not None and await leases.held("host-h", second.token)
+    assert not await leases.held("host-h", first.token)
+    await leases.release(second)
+    assert not await leases.held("host-h", second.token)

@@ -21,6 +21,7 @@ from ucloud.eventstore.sqlite import SqliteEventStore
 from ucloud.hostagent.agent import Capacity, HostAgent
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
+from ucloud.hostagent.writes import DirectWrites
 
 GiB = 1024**3
 ALICE = Actor("alice")
@@ -57,7 +58,8 @@ async def test_an_agent_reads_its_slice_and_resumes_from_its_snapshot(tmp_path: 
         await commands.place_vm(SYSTEM, vm, other)
     with short_run_root() as root:
         def agent() -> HostAgent:
-            return HostAgent(commands, QemuDriver(root / "run", accel="tcg"), ImageCatalogue(root / "images"),
+            return HostAgent(commands.store, DirectWrites(commands, "me"), QemuDriver(root / "run", accel="tcg"),
+                             ImageCatalogue(root / "images"),
                              state_dir=root, hostname="me", capacity=Capacity(cores=4, ram=8 * GiB, disk=50 * GiB),
                              leases=leases_for(store), resync_interval=0.2)
 

@@ -28,6 +28,7 @@ import pytest
 
 from tests.support.auth_stack import ADMIN, USER, Directory, Stack, auth_stack, ldap_people
 from tests.support.gateway import PUBLIC_KEY
+from tests.support.hosts import up_host
 from tests.support.slapd import Slapd, slapd_server
 from ucloud.auth.otp import unenrol
 from ucloud.auth.realms import AuthenticationFailed
@@ -35,8 +36,12 @@ from ucloud.auth.sessions import SessionAuthenticator
 from ucloud.commands.billing import BillingCommands
 from ucloud.commands.networks import NetworkCommands
 from ucloud.commands.unit_of_work import SYSTEM, Actor
+from ucloud.domain.host import Evacuate, SetMaintenance, slice_name
 from ucloud.domain.invoice import INVOICES_STREAM, InvoiceIssued, reference_for
+from ucloud.eventstore.leases import Grant, leases_for
 from ucloud.gateway.billing_routes import BILLING
+from ucloud.gateway.host_routes import MISSING as HOST_MISSING
+from ucloud.gateway.host_routes import REFUSED as HOST_REFUSED
 from ucloud.gateway.openapi import OPENAPI
 
 pytestmark = pytest.mark.ldap
@@ -68,6 +73,10 @@ class Spec:
     admin_with_ldap: int | None = None  # the built-in directory's routes answer 501 with LDAP
     with_session: int | None = None  # the answer to any session, where it differs
     auth: bool = True
+    # A host agent's route (/v1/host-agent/...): no user's credential opens it (own, other
+    # and admin are 401); with host A's credential, on host A's own VM and on host B's.
+    host_own: int | None = None
+    host_other: int | None = None
 
 
 async def _head(stack: Stack) -> dict[str, str]:
@@ -373,6 +382,59 @@ async def _detach(stack: Stack, owner: str) -> Call:
     return Call(f"/v1/vms/{vm_id}/networks/{name}")
 
 
+# Host agents: host A holds its own credential; "own" is a VM placed on host A, "other" one
+# placed on host B. A user's credential (even an admin's) is no host credential: 401.
+_HOSTS: dict[int, tuple[UUID, str]] = {}
+
+
+async def host_a(stack: Stack) -> tuple[UUID, str]:
+    """Host A of this stack (up, with a credential): its id and credential."""
+    if id(stack) not in _HOSTS:
+        host = await up_host(stack.commands, f"a-{uuid.uuid4().hex[:6]}", 64, "256GiB", "10TiB")
+        issued = await stack.commands.issue_host_credential(SYSTEM, host.result)
+        _HOSTS[id(stack)] = (host.result, issued.result)
+    return _HOSTS[id(stack)]
+
+
+async def _vm_on(stack: Stack, owner: str) -> UUID:
+    """A VM placed on host A (``owner`` alice: the host's own) or on another host (bob)."""
+    a = (await host_a(stack))[0]
+    # An evacuation of host A asked by an earlier case ends here, so A takes placements again.
+    await stack.commands.evict(SYSTEM, a, [], "test", evacuated=True)
+    await stack.commands.host_command(SYSTEM, SetMaintenance(host_id=a, maintenance=False))
+    on = a if owner == "alice" else (
+        await up_host(stack.commands, f"b-{uuid.uuid4().hex[:6]}", 64, "256GiB", "10TiB")).result
+    created = await stack.commands.create_vm(Actor(owner), name=f"vm-{uuid.uuid4().hex[:6]}", cores=1,
+                                             ram="256MiB", disk="1GiB", image="tiny")
+    await stack.commands.place_vm(SYSTEM, created.result, on)
+    return created.result
+
+
+async def _host_report(stack: Stack, owner: str) -> Call:
+    return Call(f"/v1/host-agent/vms/{await _vm_on(stack, owner)}/reports", json={"observed": "started"})
+
+
+_LEASES: dict[int, Grant] = {}
+
+
+async def _host_up(stack: Stack, owner: str) -> Call:
+    """Host A's heartbeat lease, held (a host is up only in a session of its own lease)."""
+    if id(stack) not in _LEASES:
+        leases = leases_for(stack.store)
+        grant = await leases.acquire(slice_name((await host_a(stack))[0]), "host-a", 600)
+        await leases.close()
+        assert grant is not None
+        _LEASES[id(stack)] = grant
+    return Call("/v1/host-agent/up", json={"session": _LEASES[id(stack)].token, "lease_ttl": 3})
+
+
+async def _host_evacuated(stack: Stack, owner: str) -> Call:
+    vm = await _vm_on(stack, owner)
+    await stack.commands.host_command(SYSTEM, Evacuate(host_id=(await host_a(stack))[0]))
+    return Call("/v1/host-agent/evacuated", json={"vms": [str(vm)]})
+
+
+HOST_ONLY = dict(own=401, other=401, admin=401)
 OPEN = Spec(_fixed(""), 200, 200, 200, auth=False)  # path filled in from the route
 NOT_FOR_USERS = dict(own=404, other=404)
 
@@ -407,6 +469,14 @@ MATRIX: dict[tuple[str, str], Spec] = {
                                                  **NOT_FOR_USERS, admin=200),
     ("POST", "/v1/hosts/{id}/evacuate"): Spec(_host_route("/evacuate"), **NOT_FOR_USERS, admin=202),
     ("DELETE", "/v1/hosts/{id}"): Spec(_host_route(""), **NOT_FOR_USERS, admin=200),
+    ("POST", "/v1/hosts/{id}/credential"): Spec(_host_route("/credential"), **NOT_FOR_USERS, admin=201),
+    ("POST", "/v1/host-agent/register"): Spec(
+        _fixed("/v1/host-agent/register", json={"cores": 64, "ram": "256GiB", "disk": "10TiB"}), **HOST_ONLY,
+        host_own=200, host_other=200),  # there is no other: the host is the credential's
+    ("POST", "/v1/host-agent/up"): Spec(_host_up, **HOST_ONLY, host_own=200, host_other=200),
+    ("POST", "/v1/host-agent/evacuated"): Spec(_host_evacuated, **HOST_ONLY, host_own=200,
+                                               host_other=200),  # another host's VM is left alone
+    ("POST", "/v1/host-agent/vms/{id}/reports"): Spec(_host_report, **HOST_ONLY, host_own=200, host_other=403),
     ("GET", "/v1/users"): Spec(_fixed("/v1/users", check=_every_user), **NOT_FOR_USERS, admin=200,
                                admin_with_ldap=501),
     ("POST", "/v1/users"): Spec(_user_add, **NOT_FOR_USERS, admin=201, admin_with_ldap=501),
@@ -518,6 +588,8 @@ async def test_nobody_and_every_bad_credential_is_refused_alike_on_every_endpoin
             "expired session": (expired, SESSION_REFUSED),
         }
         for what, (headers, detail) in cases.items():
+            if spec.host_own is not None:  # a host route: a user's credential is none of its
+                detail = HOST_REFUSED if "Authorization" in headers else HOST_MISSING
             assert_refused(await stack.call(method, url, headers), method, detail, f"{what}: {method} {path}")
 
 
@@ -546,6 +618,24 @@ async def test_own_other_and_admin_get_the_right_answer_on_every_endpoint(stack:
                     call.check(body)
                 if status == 404:  # another tenant's resource, or an admin route, does not exist for you
                     assert body is None or body["type"] == "urn:ucloud:problem:not-found", where
+
+
+async def test_a_host_credential_opens_only_its_hosts_routes_and_only_for_its_own_vms(stack: Stack) -> None:
+    _, credential = await host_a(stack)
+    host = {"Authorization": f"Bearer {credential}"}
+    for method, path in operations(stack):
+        spec = spec_of(method, path)
+        for case, owner, expected in (("own", "alice", spec.host_own), ("other", "bob", spec.host_other)):
+            call = await spec.prepare(stack, owner)
+            if not spec.auth:
+                expected = spec.own  # open routes answer alike whoever calls
+            elif expected is None:
+                expected = 401  # every user route: a host credential is nobody there
+            head = await stack.store.head()
+            status, body, _ = await stack.call(method, call.path or path, host, call.json, call.query, call.data)
+            assert status == expected, f"host {case}: {method} {call.path or path} -> {status} {body}"
+            if status == 403:  # refused: nothing was written
+                assert await stack.store.head() == head and body["type"] == "urn:ucloud:problem:forbidden"
 
 
 async def test_an_admin_lists_everyones_resources_and_a_user_only_their_own(stack: Stack) -> None:

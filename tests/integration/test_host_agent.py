@@ -30,6 +30,7 @@ from ucloud.eventstore.sqlite import SqliteEventStore
 from ucloud.hostagent.agent import Capacity, HostAgent
 from ucloud.hostagent.images import ImageCatalogue
 from ucloud.hostagent.qemu import QemuDriver
+from ucloud.hostagent.writes import DirectWrites
 from ucloud.processes.scheduler import Scheduler
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -79,7 +80,8 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
         images = ImageCatalogue(root / "images")
         await asyncio.to_thread(images.install_tiny, TINY_CACHE)
         driver = QemuDriver(root / "run", accel="tcg")
-        agent = HostAgent(commands, driver, images, state_dir=root, hostname="agent-test",
+        agent = HostAgent(commands.store, DirectWrites(commands, "agent-test"), driver, images, state_dir=root,
+                          hostname="agent-test",
                           capacity=Capacity(cores=4, ram=8 * GiB, disk=50 * GiB), resync_interval=0.5,
                           stop_timeout=10, leases=leases_for(store))
         tasks = [asyncio.create_task(agent.run()), asyncio.create_task(Scheduler(commands).run())]

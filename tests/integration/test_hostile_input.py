@@ -11,6 +11,7 @@ is covered without touching this file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import Iterator
@@ -26,12 +27,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.auth_stack import ADMIN, Stack, auth_stack
+from tests.support.hosts import up_host
+from ucloud.commands.unit_of_work import SYSTEM
 
 PROBLEM = "application/problem+json"
 # What a free-text field (x-ucloud-free-text, e.g. user_data) rightly accepts; its length
 # bound, NUL and invalid UTF-8 are still refused.
 FREE_TEXT_ACCEPTS = {"overflowing", "control character", "newline-terminated", "unicode digits"}
 MARK = "\u0000MARK\u0000"  # replaced by raw invalid UTF-8 bytes in a body
+HOST_SECURITY = {"host": []}  # a host agent's route: called with a host's own credential
+
+
+async def host_credential(stack: Stack) -> dict[str, str]:
+    """A host's own credential, for the routes that take one (/v1/host-agent/...)."""
+    host = await up_host(stack.commands, f"h-{uuid.uuid4().hex[:6]}", 8, "16GiB", "100GiB")
+    issued = await stack.commands.issue_host_credential(SYSTEM, host.result)
+    return {"Authorization": f"Bearer {issued.result}"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class Case:
     url: str
     headers: dict[str, str]
     data: bytes | None
+    host: bool = False  # a host agent's route: sent with a host's credential
 
 
 def cases(document: dict[str, Any], base: str) -> Iterator[Case]:
@@ -118,8 +130,9 @@ def cases(document: dict[str, Any], base: str) -> Iterator[Case]:
                     if where == "header" and hostile.kind in ("control character", "nul", "newline-terminated",
                                                               "unicode digits", "invalid utf-8"):
                         continue  # an HTTP client cannot send these in a header at all
-                    yield build(method, path, path_values, body, name, where, hostile, base,
-                                is_array=field_schema.get("type") == "array", required=required)
+                    case = build(method, path, path_values, body, name, where, hostile, base,
+                                 is_array=field_schema.get("type") == "array", required=required)
+                    yield dataclasses.replace(case, host=operation.get("security") == [HOST_SECURITY])
 
 
 def _encode(text: str) -> str:
@@ -192,6 +205,7 @@ async def test_every_field_of_every_operation_refuses_hostile_values_with_a_prob
     status, document, _ = await stack.call("GET", "/v1/openapi.json")
     assert status == 200
     admin = await stack.session("root", ADMIN)
+    host = await host_credential(stack)
     all_cases = list(cases(document, stack.url))
     operations = {(c.method, c.path) for c in all_cases}
     assert len(operations) >= 10 and len(all_cases) > 200  # the document really was walked
@@ -202,7 +216,7 @@ async def test_every_field_of_every_operation_refuses_hostile_values_with_a_prob
         async with aiohttp.ClientSession() as http:
             for start in range(0, len(all_cases), 8):  # a few at a time, as concurrent clients would
                 batch = all_cases[start:start + 8]
-                answers = await asyncio.gather(*(send(http, case, admin) for case in batch))
+                answers = await asyncio.gather(*(send(http, case, host if case.host else admin) for case in batch))
                 for case, (got, content_type, body) in zip(batch, answers, strict=True):
                     where = f"{case.method} {case.path} {case.field} ({case.kind}): {got} {body!r:.300}"
                     if not 400 <= got < 500 or content_type != PROBLEM:
@@ -288,14 +302,15 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow
                      max_leaves=12)
 
 
-_SESSIONS: dict[int, tuple[dict[str, Any], dict[str, str]]] = {}
+_SESSIONS: dict[int, tuple[dict[str, Any], dict[str, str], dict[str, str]]] = {}
 
 
 async def _document_and_admin(stack: Stack) -> tuple[dict[str, Any], dict[str, str]]:
     if id(stack) not in _SESSIONS:
         _, document, _ = await stack.call("GET", "/v1/openapi.json")
-        _SESSIONS[id(stack)] = (document, await stack.session("root", ADMIN))
-    return _SESSIONS[id(stack)]
+        _SESSIONS[id(stack)] = (document, await stack.session("root", ADMIN), await host_credential(stack))
+    document, admin, _ = _SESSIONS[id(stack)]
+    return document, admin
 
 
 @settings(max_examples=150, deadline=None,
@@ -305,6 +320,7 @@ async def test_no_generated_body_query_or_path_gets_a_server_error(stack: Stack,
     """One gateway for all examples; each example picks an operation of the document and
     fills its path, query and body with arbitrary JSON and text."""
     document, admin = await _document_and_admin(stack)
+    if_host = _SESSIONS[id(stack)][2]
     operations = sorted((path, method) for path, ops in document["paths"].items() for method in ops
                         if method != "head")
     path, method = data.draw(st.sampled_from(operations))
@@ -322,7 +338,8 @@ async def test_no_generated_body_query_or_path_gets_a_server_error(stack: Stack,
         raw = raw.replace(b"a", b"\xff", 1)  # invalid UTF-8 somewhere, if there is an "a"
     url = yarl.URL(stack.url + url_path + (f"?{query}" if query else ""), encoded=True)
     async with aiohttp.ClientSession() as http, http.request(
-            method.upper(), url, data=raw, headers={**admin, "Content-Type": "application/json"}) as response:
+            method.upper(), url, data=raw, headers={**(if_host if operation.get("security") == [HOST_SECURITY]
+                                                        else admin), "Content-Type": "application/json"}) as response:
         text = await response.text(errors="replace")
         assert response.status < 500, (method, url_path, query, raw, response.status, text)
         if response.status >= 400:

@@ -79,7 +79,10 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     log = SqliteEventStore(tmp_path / "events.sqlite")
     commands = CommandService(log)
     store = FsStore("local", tmp_path / "store")
-    scanner = ImageScanner(commands, {"local": store}, tmp_path / "files", max_virtual_size=4 * GiB)
+    # Every progress step recorded, however fast: these imports of a few MiB are over
+    # before the half second the scanner otherwise leaves between two progress events.
+    scanner = ImageScanner(commands, {"local": store}, tmp_path / "files", max_virtual_size=4 * GiB,
+                           progress_interval=0)
     try:
         yield Rig(tmp_path, commands, scanner, store)
     finally:

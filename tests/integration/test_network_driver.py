@@ -181,6 +181,21 @@ def exchange(receiver: str, sender: str, sent: dict[str, bytes]) -> dict[str, in
     return counts
 
 
+def test_a_removal_cut_short_is_found_and_finished(hosts: Hosts) -> None:
+    """A stop in the middle of removing a router's network (its links gone, its radvd and
+    routing guard not yet): the network is still listed, so the agent's clean-up pass
+    removes what is left; nothing of it stays on the host."""
+    hosts.drive(hosts.a, network(46, "auto", router=True))
+    pidfile = Path(hosts.state[hosts.a]) / "radvd" / f"{bridge_name(46)}.pid"
+    radvd_pid = wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "radvd started")
+    sh(hosts.a, "ip", "link", "del", vxlan_name(46))
+    sh(hosts.a, "ip", "link", "del", bridge_name(46))
+    assert hosts.drive(hosts.a, ["networks"]) == [[46]]
+    assert hosts.drive(hosts.a, ["remove_network", 46], ["networks"])[1] == []
+    assert not pidfile.exists() and not Path(f"/proc/{radvd_pid}").exists()
+    assert f"from-{bridge_name(46)}" not in sh(hosts.a, "nft", "list", "ruleset")
+
+
 def test_a_manual_network_sends_no_ra_and_a_hand_configured_eui64_address_works(hosts: Hosts) -> None:
     ns = hosts.ns
     guest_a = ns.guest(hosts.a, PORT_A, "ga", MAC_A)

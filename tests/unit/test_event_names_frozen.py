@@ -64,6 +64,7 @@ FROZEN: dict[str, tuple[int, tuple[str, ...]]] = {
     "vm.disk_resized": (1, ('vm_id', 'host_id', 'disk', 'online')),
     "host.stores_declared": (1, ('host_id', 'stores')),
     "host.claim_changed": (1, ('host_id', 'vm_id', 'cores', 'ram', 'disk')),
+    "host.credential_issued": (1, ('host_id', 'digest', 'by')),
     "file.appeared": (1, ('file_id', 'owner', 'name', 'size', 'sha256')),
     "file.changed": (1, ('file_id', 'size', 'sha256')),
     "file.removed": (1, ('file_id',)),

@@ -1,0 +1,124 @@
+"""The per-user upload quota holds under concurrency, against a real `ucloud gateway`
+process: many uploads of one user at once, each streamed slowly so that all are under way
+together, with and without Content-Length. The user's directory never holds more than the
+quota (sampled while they run: uploads under way count at what they reserved), the
+accepted files together fit in it, every refusal is a 413 problem naming the quota, and
+nothing partial is left."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.slapd import free_port
+from ucloud.domain.limits import MiB
+
+BIN = Path(sys.executable).parent
+QUOTA = 10 * MiB
+SIZE = 3 * MiB
+UPLOADS = 12
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    port = free_port()
+    files = tmp_path / "files"
+    log = open(tmp_path / "gateway.log", "wb")
+    process = subprocess.Popen(
+        [str(BIN / "ucloud"), "gateway", "--store", f"sqlite://{tmp_path / 'events.sqlite'}", "--state-dir",
+         str(tmp_path / "state"), "--listen", "127.0.0.1", "--port", str(port), "--insecure-header-auth",
+         "--files-root", str(files), "--max-file-size", "4MiB", "--file-quota", "10MiB"],
+        stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    api = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/healthz", timeout=1):
+                    break
+            except OSError:
+                assert process.poll() is None, (tmp_path / "gateway.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
+                time.sleep(0.1)
+        yield api, files
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def on_disk(directory: Path) -> int:
+    total = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            total += entry.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:  # renamed or removed meanwhile
+            pass
+    return total
+
+
+async def test_concurrent_uploads_never_exceed_the_quota(gateway: tuple[str, Path]) -> None:
+    api, files = gateway
+    directory = files / "alice"
+    headers = {"X-Ucloud-User": "alice", "X-Ucloud-Realm": "ucloud", "Content-Type": "application/octet-stream"}
+    started = asyncio.Event()
+
+    async def slowly() -> AsyncIterator[bytes]:
+        await started.wait()  # every upload is connected before any sends its body
+        for _ in range(SIZE // (256 * 1024)):
+            yield b"u" * (256 * 1024)
+            await asyncio.sleep(0.02)
+
+    async def upload(session: aiohttp.ClientSession, index: int) -> tuple[int, dict[str, object]]:
+        declared = {"Content-Length": str(SIZE)} if index % 2 else {}  # half chunked, half declared
+        async with session.put(f"{api}/v1/files/f{index}.qcow2", data=slowly(),
+                               headers={**headers, **declared}) as answer:
+            return answer.status, await answer.json(content_type=None)
+
+    peak = 0
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, await asyncio.to_thread(on_disk, directory))
+            await asyncio.sleep(0.005)
+
+    async with aiohttp.ClientSession() as session:
+        sampler = asyncio.create_task(sample())
+        uploads = [asyncio.create_task(upload(session, i)) for i in range(UPLOADS)]
+        await asyncio.sleep(0.5)
+        started.set()
+        answers = await asyncio.gather(*uploads)
+        stop.set()
+        await sampler
+
+    accepted = [a for status, a in answers if status == 201]
+    refused = [(status, a) for status, a in answers if status != 201]
+    assert accepted and refused, answers
+    assert sum(int(a["size"]) for a in accepted) <= QUOTA  # type: ignore[call-overload]
+    for status, problem in refused:
+        assert status == 413, problem
+        assert "quota" in str(problem["detail"]), problem
+    assert peak <= QUOTA, f"the directory held {peak} bytes at once, the quota is {QUOTA}"
+    left = sorted(p.name for p in directory.iterdir())
+    assert left == sorted(str(a["name"]) for a in accepted)  # nothing partial left
+    assert on_disk(directory) <= QUOTA

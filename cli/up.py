@@ -217,8 +217,10 @@ async def run_up(
     network: NetworkOptions | None = None,
     debian12: bool = False,
     files: FileLimits = FileLimits(),
+    cache_dir: Path | None = None,
 ) -> None:
     network = network or NetworkOptions(router=True)
+    cache_dir = cache_dir or state_dir / "cache"
     auth = auth or AuthOptions()
     files_root = files_root or state_dir / "files"
     stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
@@ -266,10 +268,10 @@ async def run_up(
     if with_agent:
         images = ImageCatalogue(state_dir / "images")
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)
-        await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
+        await asyncio.to_thread(images.install_tiny, cache_dir / "tinyguest")
         if debian12:
             click.echo("ucloud: preparing the image 'debian-12' (first run: mmdebstrap, a few minutes)…", err=True)
-            await asyncio.to_thread(images.install_debian12, state_dir / "cache" / "debian-12")
+            await asyncio.to_thread(images.install_debian12, cache_dir / "debian-12")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         # This machine routes every network with IPAM (its /64's first address, radvd).
         agent = HostAgent(commands.store, DirectWrites(commands, hostname), driver, images, state_dir=state_dir,
@@ -284,22 +286,22 @@ async def run_up(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        if with_agent:
-            # `tiny` as an ordinary public image of the catalogue: its bootable disk among the
-            # admin's files, imported by the image scanner into the default store (once; an
-            # existing image of the name is kept).
-            built = await asyncio.to_thread(build_builtin, "tiny", state_dir / "cache")
-            registering = asyncio.create_task(register_builtin(commands, files_root, auth.admin, "tiny", built))
+        # `tiny` (and `debian-12` when asked for) as ordinary public images of the catalogue:
+        # each one's bootable disk among the admin's files, imported by the image scanner into
+        # the default store (once; an existing image of the name is kept).
+        for name in (("tiny", "debian-12") if debian12 else ("tiny",)) if with_agent else ():
+            built = await asyncio.to_thread(build_builtin, name, cache_dir)
+            registering = asyncio.create_task(register_builtin(commands, files_root, auth.admin, name, built))
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait((registering, stopping), return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not registering.done():  # stopped while registering
-                registering.cancel()
+            for waited in (stopping, registering):
+                waited.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await registering
+                    await waited
+            if registering.cancelled():  # stopped while registering
                 return
             catalogued = registering.result()
-            click.echo(f"ucloud: the public image 'tiny' is ready in store {catalogued.store}", err=True)
+            click.echo(f"ucloud: the public image {name!r} is ready in store {catalogued.store}", err=True)
         config_path = write_cli_config(gateway.url, header_user=authenticator is None)
         click.echo(f"ucloud is up: API {gateway.url}, log {store_url}, state {state_dir}", err=True)
         if config_path:
@@ -391,6 +393,8 @@ async def run_up(
 @click.option("--underlay-address", envvar="UCLOUD_UNDERLAY_ADDRESS", metavar="ADDR",
               help="The IPv6 source address of VXLAN traffic on the underlay.")
 @file_limit_options
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="UCLOUD_CACHE",
+              help="Where the built-in images are built and kept (default: <state-dir>/cache).")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
@@ -398,7 +402,7 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
        insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, ipv6_pool: str | None,
        metadata_port: int, no_metadata: bool, image_stores: tuple[str, ...], debian12: bool,
        metadata_url: str | None, underlay: str | None, underlay_address: str | None, max_file_size: str,
-       file_quota: str, verbose: bool) -> None:
+       file_quota: str, cache_dir: Path | None, verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -431,6 +435,7 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
                            ipv6_pool=ipv6_pool, metadata_port=None if no_metadata else metadata_port,
                            image_stores=image_stores, metadata_url=metadata_url, debian12=debian12,
                            files=file_limits(max_file_size, file_quota),
+                           cache_dir=cache_dir.absolute() if cache_dir else None,
                            network=NetworkOptions(underlay=underlay, address=underlay_address, router=True)))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None

@@ -52,6 +52,7 @@ class Machine:
     port: int
     process: subprocess.Popen[bytes] | None = None
     runs: int = 0
+    args: tuple[str, ...] = ()
 
     @property
     def state(self) -> Path:
@@ -67,7 +68,7 @@ class Machine:
         self.process = subprocess.Popen(
             [str(BIN / "ucloud"), "up", "--store", f"sqlite://{self.root / 'events.sqlite'}", "--state-dir",
              str(self.state), "--listen", "127.0.0.1", "--port", str(self.port), "--no-metadata",
-             "--hostname", "first-vm"],
+             "--hostname", "first-vm", *self.args],
             stdout=out, stderr=out, env=home_env(self.root / "home"), start_new_session=True)
         out.close()
         deadline = time.monotonic() + 600  # a fresh state dir: the tiny guest is built (a kernel download)
@@ -221,3 +222,40 @@ def test_an_admin_registers_tiny_for_hosts_elsewhere_with_image_builtin(up: Up, 
     assert "exists already" in again
     listed = [i for i in json.loads(up.ucloud("image", "list", "--json").stdout) if i["name"] == "tiny"]
     assert [i["id"] for i in listed] == [made["id"]]
+
+
+def test_debian_12_is_a_public_catalogue_image_that_boots_from_its_own_disk(machine: Machine) -> None:
+    """`ucloud up --debian-12`: the stock Debian image becomes the public image `debian-12`
+    (its file system the second partition of a bootable disk) and a VM of it boots from
+    its clone, no -kernel, with its root on /dev/vda2. The Debian build is the machine's
+    cached one (/var/cache/ucloud/debian-12, built by tests/integration/test_metadata_e2e.py
+    or `python -m ucloud.hostagent.debianimage`), reached through the cache directory."""
+    from ucloud.hostagent.debianimage import ensure_debian_image
+
+    shared = ensure_debian_image().disk_image.parent  # builds it once if this machine has none
+    cache = machine.root / "cache"
+    cache.mkdir()
+    (cache / "debian-12").symlink_to(shared)
+    machine.args = ("--debian-12", "--cache-dir", str(cache))
+    said = machine.start()
+    assert "the public image 'debian-12' is ready in store local" in said
+
+    images = {i["name"]: i for i in json.loads(machine.ucloud("image", "list", "--json").stdout)}
+    debian = images["debian-12"]
+    assert (debian["public"], debian["status"], debian["file"]) == (True, "ready", "debian-12.qcow2")
+    created = json.loads(machine.ucloud("vm", "create", "--image", "debian-12", "--cores", "2", "--ram", "1GB",
+                                        "--disk", "4GB", "--wait", "--timeout", "600", "--json",
+                                        timeout=700).stdout)
+    vm_id = created["id"]
+    disk = machine.state / "disks" / f"{vm_id}.qcow2"
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(disk)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["full-backing-filename"] == str(machine.state / "image-store" / f"{debian['id']}.qcow2")
+    assert b"-kernel" not in qemu_cmdline(vm_id)
+    serial = machine.state / "run" / vm_id / "serial.log"
+    deadline = time.monotonic() + 1200  # a whole Debian boot under TCG on a shared machine
+    while not (serial.exists() and "Cloud-init v. " in (text := serial.read_text(errors="replace"))
+               and " finished at " in text):
+        assert time.monotonic() < deadline, f"Debian did not finish booting\n{serial.read_text()[-3000:]}"
+        time.sleep(2)
+    assert "root=/dev/vda2" in text and "EXT4-fs (vda2): mounted" in text

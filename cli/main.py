@@ -81,8 +81,11 @@ POLL_INTERVAL = 0.25
 # -- output ----------------------------------------------------------------------------------------
 
 def console() -> Console:
-    """Rich output on the current stdout; piped output is never cut to 80 columns."""
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
+    """Rich output on the current stdout; piped output is never cut to 80 columns. What we
+    print is data, never markup: with rich's defaults a MAC like 9a:ab:06:... printed as
+    9a🆎06 (":ab:" is an emoji code) and a name in [brackets] would be styling."""
+    return Console(highlight=False, soft_wrap=True, markup=False, emoji=False,
+                   width=None if sys.stdout.isatty() else 1000)
 
 
 def emit_json(value: Any) -> None:
@@ -508,10 +511,11 @@ def host_list(ctx: Context, as_json: bool) -> None:
         if as_json:
             emit_json(hosts)
             return
-        listing = table("HOSTNAME", "STATE", "ID", "CORES", "RAM", "DISK", "VMS")
+        listing = table("HOSTNAME", "STATE", "ID", "CORES", "RAM", "DISK", "VMS", "CREDENTIAL")
         for h in hosts:
             listing.add_row(h["hostname"], h.get("status", ""), h["id"], usage(h["used_cores"], h["cores"], sizes=False),
-                            usage(h["used_ram"], h["ram"]), usage(h["used_disk"], h["disk"]), str(h["vms"]))
+                            usage(h["used_ram"], h["ram"]), usage(h["used_disk"], h["disk"]), str(h["vms"]),
+                            "issued" if h.get("credential") else "-")
         console().print(listing if hosts else "no hosts")
 
     ctx.run(work)

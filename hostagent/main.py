@@ -23,6 +23,7 @@ from ucloud.imagestore.stores import parse_stores
 
 from .agent import HostAgent
 from .debianimage import DebianImageError
+from .hypervisor import HypervisorDriver
 from .images import ImageCatalogue
 from .network.linux import LinuxNetworkDriver
 from .qemu import QemuDriver
@@ -51,10 +52,12 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
                     metadata_url: str | None = None, lease_ttl: float = 3.0, lease_margin: float = 0.5,
                     image_stores: tuple[str, ...] = (), debian12: bool = False,
                     network: NetworkOptions | None = None, gateway: str | None = None,
-                    credential: str | None = None) -> None:
+                    credential: str | None = None, driver: HypervisorDriver | None = None) -> None:
     """``gateway`` and ``credential``: write through the gateway's host routes with this
     host's credential; without them the agent writes to the log itself (it then needs
-    the control role on etcd)."""
+    the control role on etcd). ``driver``: the hypervisor driver (None: QEMU under
+    ``state_dir/run``); only the start-up benchmark passes another one
+    (tests/bench/fake_hypervisor.py)."""
     network = network or NetworkOptions()
     stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
     store = open_store(store_url)
@@ -70,7 +73,8 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
             if debian12:
                 await asyncio.to_thread(images.install_debian12, state_dir / "cache" / "debian-12")
 
-        driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
+        if driver is None:
+            driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         agent = HostAgent(store, writes, driver, images, state_dir=state_dir, hostname=hostname,
                           metadata_url=metadata_url, leases=leases, lease_ttl=lease_ttl,
                           lease_margin=lease_margin, feed=WatchdogFeed(state_dir), prepare=prepare, stores=stores,

@@ -40,6 +40,7 @@ from ucloud.eventstore.errors import DataError, EventStoreError
 from ucloud.eventstore.interface import EventStore
 from ucloud.eventstore.leases import Leases, acquire_when_free, hold
 from ucloud.eventstore.records import EventRecord, Snapshot
+from ucloud.projections.runner import no_cyclic_gc
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,8 @@ class ProcessRunner:
             return
         if snapshot is None or snapshot.type != self.snapshot_type or snapshot.version <= self.position:
             return
-        self.manager.load(msgspec.msgpack.decode(snapshot.state))
+        with no_cyclic_gc():
+            self.manager.load(msgspec.msgpack.decode(snapshot.state))
         self.position = self._snapshot_position = snapshot.version
         log.info("%s: restored its view at position %d", self.manager.name, self.position)
 

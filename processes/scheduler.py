@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 from uuid import UUID
 
+import msgspec
+
 from ucloud.commands.aggregates import HOST
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor, Loaded, Outcome
@@ -70,9 +72,14 @@ class _Plan:
         return len(self.releases) + len(self.placements) + len(self.unschedulable)
 
 
+_ENCODE = msgspec.msgpack.Encoder().encode
+_VERSIONS = msgspec.msgpack.Decoder(dict[UUID, int])
+
+
 class Scheduler(ProcessManager):
     name = "scheduler"  # stable: its tracking key and snapshot, whichever instance runs it
     interested_in = _WATCHED
+    snapshot_schema = 2  # 2: its VMs view dumps its rows as one msgpack blob
 
     def __init__(
         self,
@@ -111,13 +118,16 @@ class Scheduler(ProcessManager):
         await ProcessRunner(self, self.store, instance=self.instance).run()
 
     def dump(self) -> Any:
+        # The versions as one msgpack blob, read back by a typed decoder (see VmsView.dump).
         return {"hosts": self.hosts.dump(), "vms": self.vms.dump(),
-                "vm_versions": {str(k): v for k, v in self.vm_versions.items()}, "position": self.position}
+                "vm_versions": _ENCODE(self.vm_versions), "position": self.position}
 
     def load(self, data: Any) -> None:
         self.hosts.load(data["hosts"])
         self.vms.load(data["vms"])
-        self.vm_versions = {UUID(k): v for k, v in data["vm_versions"].items()}
+        versions = data["vm_versions"]  # a blob; a dict of str keys in schema 1
+        self.vm_versions = (_VERSIONS.decode(versions) if isinstance(versions, bytes)
+                            else {UUID(k): v for k, v in versions.items()})
         self.position = data["position"]
 
     def _take_run(self, records: list[EventRecord]) -> tuple[list[EventRecord], list[EventRecord]]:

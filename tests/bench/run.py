@@ -8,7 +8,7 @@
     .venv/bin/python -m tests.bench.run scheduler -- --backend etcd --schedulers 1
                                                               # after --: arguments for each one run
 
-Every module of tests/bench/ but this one is a benchmark, named after its file without
+Every module of tests/bench/ but this one and the helpers (HELPERS) is a benchmark, named after its file without
 the ``bench_`` prefix, and runs as ``python -m tests.bench.<module>`` in a process of its
 own (each starts and stops its own etcd, `ucloud up` or QEMU). First the machine is
 printed (CPU count, memory, CPU model, kernel, Python, load average, commit), then each
@@ -27,12 +27,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+HELPERS = {"fake_hypervisor"}  # modules a benchmark starts, not benchmarks themselves
 ROOT = HERE.parents[1]
 
 
 def benchmarks() -> dict[str, str]:
     """name -> module file stem, for every benchmark in tests/bench/."""
-    stems = sorted(p.stem for p in HERE.glob("*.py") if p.stem not in {"run", "__init__"})
+    stems = sorted(p.stem for p in HERE.glob("*.py") if p.stem not in {"run", "__init__", *HELPERS})
     return {stem.removeprefix("bench_"): stem for stem in stems}
 
 

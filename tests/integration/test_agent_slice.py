@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
+
+import pytest
 
 from tests.support.hosts import up_host
 from tests.support.qemu import short_run_root
@@ -44,7 +47,9 @@ async def stop(task: asyncio.Task[None]) -> None:
         await task
 
 
-async def test_an_agent_reads_its_slice_and_resumes_from_its_snapshot(tmp_path: Path) -> None:
+async def test_an_agent_reads_its_slice_and_resumes_from_its_snapshot(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ucloud.hostagent.agent")
     store = SqliteEventStore(tmp_path / "events.sqlite")
     commands = CommandService(store)
     other = (await up_host(commands, "other", 64, "256GB", "10TB")).result
@@ -64,6 +69,13 @@ async def test_an_agent_reads_its_slice_and_resumes_from_its_snapshot(tmp_path: 
         assert head > 180
         # Its registration and its host.up: nothing of the 60 VMs elsewhere.
         assert 2 <= first.read <= 5, first.read
+        for _ in range(1200):
+            if first.passes:
+                break
+            await asyncio.sleep(0.05)
+        # The end of its start is in its log, with what it read (tests/bench/bench_startup.py reads it).
+        assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("reconciled:")] == [
+            f"reconciled: first pass over the 0 VMs of this host done, {first.read} events read since the start"]
         await stop(task)  # saves its snapshot on the way out
 
         for i in range(20):  # more of the log that is not ours

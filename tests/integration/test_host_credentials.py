@@ -6,6 +6,7 @@ against the same gateway."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,13 +16,15 @@ import pytest
 
 from tests.support.auth_stack import ADMIN, USER, Stack, auth_stack
 from tests.support.hosts import up_host
+from tests.support.slapd import free_port
 from ucloud.commands.aggregates import HOST
 from ucloud.commands.unit_of_work import SYSTEM, Actor
 from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.errors import Forbidden, Rejected
+from ucloud.eventstore.errors import UnavailableError
 from ucloud.eventstore.leases import leases_for
-from ucloud.hostagent.writes import GatewayWrites
+from ucloud.hostagent.writes import CredentialError, GatewayWrites, read_credential
 
 
 @pytest.fixture
@@ -196,3 +199,26 @@ async def test_user_credentials_do_not_open_host_routes_and_a_host_credential_op
     status, body, _ = await stack.call("POST", f"/v1/hosts/{a}/credential", await stack.session("alice", USER))
     assert status == 404, body
 
+
+
+async def test_an_unreachable_gateway_is_unavailable_and_a_bad_credential_file_is_refused(tmp_path: Path) -> None:
+    credential = host_domain.credential_for(uuid.uuid4(), os.urandom(32))
+    writes = GatewayWrites(f"http://127.0.0.1:{free_port()}", credential)
+    try:
+        with pytest.raises(UnavailableError, match="cannot be reached"):  # retried by the agent, not fatal
+            await writes.up(1, 3.0)
+    finally:
+        await writes.close()
+    path = tmp_path / "credential"
+    path.write_text(credential + "\n")
+    path.chmod(0o600)
+    assert read_credential(path) == credential
+    path.chmod(0o640)
+    with pytest.raises(CredentialError, match="readable by others"):
+        read_credential(path)
+    path.write_text("not a credential\n")
+    path.chmod(0o600)
+    with pytest.raises(CredentialError, match="holds no host credential"):
+        read_credential(path)
+    with pytest.raises(CredentialError, match="cannot read"):
+        read_credential(tmp_path / "missing")

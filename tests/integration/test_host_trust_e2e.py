@@ -154,6 +154,9 @@ async def test_a_host_with_only_its_own_credentials_runs_its_vm_and_cannot_write
         assert "--credential-file" in done.stdout and (credential_file.stat().st_mode & 0o777) == 0o600
         credential = credential_file.read_text().strip()
         assert credential not in done.stdout  # written, not shown
+        listed = await asyncio.to_thread(subprocess.run, [str(BIN / "ucloud"), *admin, "host", "list", "--json"],
+                                         env=home_env(tmp_path / "home"), capture_output=True, text=True, timeout=60)
+        assert [h["credential"] for h in json.loads(listed.stdout) if h["hostname"] == "node1"] == [True], listed
 
         host_url = url(etcd, "host-node1", "node1-password")
         agent_args = ["ucloud-host", "--store", host_url, "--state-dir", str(state), "--hostname", "node1",

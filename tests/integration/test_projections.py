@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from tests.conftest import open_store
@@ -74,10 +75,8 @@ async def test_a_restarted_projection_replays_only_the_tail_after_its_snapshot(
     scratch = ReadModels()
     full = ProjectionRunner(store, commands.codec, scratch.all(), name="scratch")
     await full.catch_up()
-    def by_id(dump: list[dict]) -> dict:
-        return {row["vm"]["id"]: row for row in dump}
-
-    assert by_id(second.vms.dump()) == by_id(scratch.vms.dump())
+    assert second.vms.by_id == scratch.vms.by_id
+    assert second.vms.by_owner == scratch.vms.by_owner and second.vms.by_host == scratch.vms.by_host
     assert second.hosts.dump() == scratch.hosts.dump()
     await store.close()
 
@@ -115,4 +114,58 @@ async def test_wait_for_a_position_and_the_lag(tmp_path: Path, request: pytest.F
             await task
     await commands.create_vm(ALICE, name="b", cores=1, ram="256MB", disk="1GB", image="tiny")
     assert await runner.lag() == 1  # stopped: it falls behind by exactly what it missed
+    await store.close()
+
+
+async def test_a_wait_for_a_restored_position_ends_with_the_restore(tmp_path: Path,
+                                                                    request: pytest.FixtureRequest) -> None:
+    """A runner restored at the head gets no event to apply; whoever waits for a position
+    its snapshot holds must not wait for the next event (or the timeout)."""
+    store = await open_store("sqlite", tmp_path, request)
+    commands = CommandService(store)
+    await commands.create_vm(ALICE, name="a", cores=1, ram="256MB", disk="1GB", image="tiny")
+    runner = ProjectionRunner(store, commands.codec, ReadModels().all(), name="quiet")
+    await runner.catch_up()
+    await runner.save_snapshot()
+    head = await store.head()
+    restarted = ProjectionRunner(store, commands.codec, ReadModels().all(), name="quiet")
+    waiting = asyncio.create_task(restarted.wait_for(head, timeout=600))
+    await asyncio.sleep(0)  # the waiter waits before the restore
+    await restarted.restore()
+    assert restarted.position == head
+    for _ in range(10):  # a few turns of the loop, no clock: the restore woke it, or nothing did
+        await asyncio.sleep(0)
+    try:
+        assert waiting.done() and waiting.result()
+    finally:
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+    await store.close()
+
+
+async def test_vm_rows_load_from_both_snapshot_shapes(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Schema 2 dumps the VM rows as one msgpack blob; the rows of schema 1 (plain objects)
+    load to the same view."""
+    store = await open_store("sqlite", tmp_path, request)
+    commands = CommandService(store)
+    host = (await up_host(commands, "h1", 64, "256GB", "10TB")).result
+    for i in range(5):
+        await commands.create_vm(ALICE, name=f"v{i}", cores=1, ram="256MB", disk="1GB", image="tiny")
+    await commands.create_vm(Actor("bob"), name="b", cores=1, ram="256MB", disk="1GB", image="tiny")
+    models = ReadModels()
+    await ProjectionRunner(store, commands.codec, models.all(), name="shapes").catch_up()
+    placed = next(iter(models.vms.by_id))
+    await commands.place_vm(ADMIN, placed, host)
+    await ProjectionRunner(store, commands.codec, models.all(), name="shapes").catch_up()
+    assert models.vms.by_host == {host: {placed}}
+
+    blob = msgspec.msgpack.decode(msgspec.msgpack.encode({"vms": models.vms.dump()}))["vms"]
+    assert isinstance(blob, bytes)
+    plain = msgspec.msgpack.decode(msgspec.msgpack.encode([msgspec.to_builtins(r) for r in models.vms.by_id.values()]))
+    for data in (blob, plain):
+        view = ReadModels().vms
+        view.load(data)
+        assert view.by_id == models.vms.by_id
+        assert view.by_owner == models.vms.by_owner and view.by_host == models.vms.by_host
     await store.close()

@@ -68,8 +68,10 @@ async def wait_for_links(serial: Path, *macs: str, timeout: float = 90) -> None:
 
 async def test_a_nic_is_hot_plugged_and_unplugged_in_a_running_guest(guest: TinyGuest, driver: QemuDriver) -> None:
     vm_id = uuid.uuid4()
-    first = NetworkInterface(tap=f"uct{vm_id.hex[:8]}a", mac="02:00:5e:10:00:0a")
-    second = NetworkInterface(tap=f"uct{vm_id.hex[:8]}b", mac="02:00:5e:10:00:0b")
+    # Not "uct...": a host agent running on this machine removes the uct* links it does
+    # not know, and these taps belong to no agent.
+    first = NetworkInterface(tap=f"tst{vm_id.hex[:8]}a", mac="02:00:5e:10:00:0a")
+    second = NetworkInterface(tap=f"tst{vm_id.hex[:8]}b", mac="02:00:5e:10:00:0b")
     with host_tap(first.tap), host_tap(second.tap):
         await driver.start(tiny_spec(guest, vm_id=vm_id, interfaces=(first,)))
         serial = driver.serial_log_path(vm_id)

@@ -1,0 +1,527 @@
+"""Start-up over 100,000 VMs: each daemon from spawn to ready, with and without its snapshots.
+
+    .venv/bin/python -m tests.bench.run startup                  # through the runner
+    .venv/bin/python -m tests.bench.bench_startup [--runs 3] [--vms 100000] [--hosts 1000]
+    .venv/bin/python -m tests.bench.bench_startup --quick        # 5,000 VMs on 50 hosts, 1 run
+
+The log (SQLite, a file in /tmp) is written first, not timed: real domain events encoded
+by the domain codec, each indexed under the slices the command side gives it (the VM's
+host), in appends of a few thousand events:
+- 1,000 hosts: ``host.registered``, ``host.up`` (a session from a heartbeat lease this
+  script takes for an hour, so the failure detector sees every host alive);
+- 100,000 VMs, VM i on host i mod 1,000: requested, scheduled + ``host.capacity_claimed``,
+  started; then one in ten stopped (stop requested, stopped), one in twenty deleted (delete
+  requested, deleted, ``host.capacity_released``), one in ten rebooted (reboot requested,
+  rebooted), by a hash of its number (every host gets the mix). About 4.6 events a VM.
+
+Then the snapshots, as production leaves them: each daemon runs once on the log as its own
+process until caught up and is stopped with SIGTERM (`ucloud gateway` saves its read
+models' snapshot on the way out, `ucloud processes` each view it led, the host agent its
+slice's). Then a tail: 1,000 more VMs requested, scheduled and started on other hosts, and
+two stop requests for VMs of the measured host. That log is kept twice: as it is, and a
+copy whose snapshots table is emptied (the baseline: the same log, no snapshots).
+
+Measured, each as its own process, on a fresh copy of the log for every run (so every run
+starts from the same snapshots and tail), clock from spawn (Python's start included):
+- gateway: `ucloud gateway --store sqlite://… --insecure-header-auth`: "serving" = the
+  first 200 from GET /healthz; "caught up" = /healthz says lag 0 at the log's head. Events
+  read: the head minus the position its snapshot restored (from its log line; it reads
+  every event after that).
+- processes: `ucloud processes --store … --metrics-port P`: each process manager leading
+  with its position at the newest event of a type it follows (from /metrics; a manager's
+  position only moves on those). Events read: ``ucloud_process_read_total`` per manager.
+- host agent: the real agent (``run_agent`` of `ucloud-host`) for one of the 1,000 hosts
+  (about 100 VMs), in its own process, with the pretend hypervisor of
+  tests/bench/fake_hypervisor.py (its ~90 running guests are in a file; it adopts them)
+  and no network driver: "caught up" = its log line "is up in session" (lease held,
+  registered, slice read to the head, host.up recorded); "reconciled" = its line
+  "reconciled: first pass …", which gives the events it read (slice, VM streams, the
+  networks slice). The pass stops the two VMs asked to stop in the tail and reports them.
+CPU seconds are the process's own (/proc/PID/stat, all threads) at the moment it was seen
+ready. Reported: the median of the runs (wall s, CPU s, events read) per daemon, with and
+without snapshots. Figures: docs/performance.md, "Start-up over 100,000 VMs".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.bench.fake_hypervisor import FakeHypervisor
+from tests.support.etcd import free_port
+from ucloud.commands.aggregates import HOST, VM
+from ucloud.commands.service import CommandService
+from ucloud.commands.unit_of_work import AggregateType
+from ucloud.domain import host as host_domain
+from ucloud.domain import vm as vm_domain
+from ucloud.domain.catalogue import build_codec
+from ucloud.domain.events import Event
+from ucloud.eventstore.leases import Grant, SqliteLeases
+from ucloud.eventstore.records import NewEvent, StreamAppend
+from ucloud.eventstore.sqlite import SqliteEventStore
+from ucloud.processes import daemon as processes
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
+GiB = 1024**3
+TICK = os.sysconf("SC_CLK_TCK")
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq3bX9bVtY5wJgV0k2mB8dQx5s7Zr3hYv1fJ0pLkq2a alice@laptop"
+MEASURED = 7  # the host whose agent is measured
+
+
+def hostname(index: int) -> str:
+    return f"bench-host-{index:04d}"
+
+
+class Log:
+    """Domain events into a SQLite log, with the slices the command side would give them."""
+
+    def __init__(self, store: SqliteEventStore) -> None:
+        self.store = store
+        self.codec = build_codec()
+        self.states: dict[str, Any] = {}
+        self.versions: dict[str, int] = {}
+        self.batch: dict[str, list[NewEvent]] = {}
+        self.pending = 0
+        self.written = 0
+
+    async def add(self, aggregate: AggregateType[Any], stream: str, event: Event, actor: str) -> None:
+        before = self.states.get(stream)
+        after = aggregate.evolve(before, event)
+        assert aggregate.slices is not None
+        had, has = aggregate.slices(before), aggregate.slices(after)
+        self.states[stream] = after
+        tag, schema, data = self.codec.encode(event)
+        self.batch.setdefault(stream, []).append(NewEvent(
+            type=tag, schema=schema, data=data, actor=actor, correlation_id=uuid.uuid4(),
+            slices=had + tuple(s for s in has if s not in had)))
+        self.pending += 1
+        if self.pending >= 5000:
+            await self.flush()
+
+    async def vm(self, event: Event, actor: str) -> None:
+        await self.add(VM, vm_domain.stream_name(event.vm_id), event, actor)  # type: ignore[attr-defined]
+
+    async def host(self, event: Event, actor: str) -> None:
+        await self.add(HOST, host_domain.stream_name(event.host_id), event, actor)  # type: ignore[attr-defined]
+
+    async def flush(self) -> None:
+        if not self.batch:
+            return
+        appends = [StreamAppend(stream, self.versions.get(stream, 0), events) for stream, events in self.batch.items()]
+        await self.store.append(*appends)
+        for stream, events in self.batch.items():
+            self.versions[stream] = self.versions.get(stream, 0) + len(events)
+        self.written += self.pending
+        self.batch.clear()
+        self.pending = 0
+
+    def vm_state(self, vm_id: uuid.UUID) -> vm_domain.Vm | None:
+        state: vm_domain.Vm | None = self.states.get(vm_domain.stream_name(vm_id))
+        return state
+
+
+@dataclass
+class Population:
+    host_ids: list[uuid.UUID]
+    vm_ids: list[uuid.UUID]
+    grants: dict[uuid.UUID, Grant]
+
+
+async def populate(path: Path, vms: int, hosts: int) -> tuple[Log, Population]:
+    store = SqliteEventStore(path)
+    log = Log(store)
+    leases = SqliteLeases(str(path) + ".leases")
+    host_ids, grants = [], {}
+    for index in range(hosts):
+        name = hostname(index)
+        host_id = host_domain.host_id_for(name)
+        grant = await leases.acquire(host_domain.slice_name(host_id), name, 3600)
+        assert grant is not None
+        host_ids.append(host_id)
+        grants[host_id] = grant
+        actor = f"host/{name}@ucloud-system"
+        await log.host(host_domain.HostRegistered(host_id=host_id, hostname=name, cores=256, ram=1024 * GiB,
+                                                  disk=64 * 1024 * GiB), actor)
+        await log.host(host_domain.HostUp(host_id=host_id, session=grant.token, lease_ttl=3600), actor)
+    await leases.close()
+    vm_ids = [uuid.UUID(int=(10**12 + i) << 64 | i) for i in range(vms)]
+    for index, vm_id in enumerate(vm_ids):
+        await lifecycle(log, vm_id, index, host_ids[index % hosts])
+    await log.flush()
+    return log, Population(host_ids, vm_ids, grants)
+
+
+async def lifecycle(log: Log, vm_id: uuid.UUID, index: int, host_id: uuid.UUID, *, full: bool = True) -> None:
+    owner = f"user{index % 10_000}@users"
+    agent = f"host/{hostname(0)}@ucloud-system"  # who reports does not change what is read
+    cores, ram, disk = 1 + index % 4, (1 + index % 8) * GiB, (10 + index % 90) * GiB
+    await log.vm(vm_domain.VmRequested(vm_id=vm_id, owner=f"user{index % 10_000}", name=f"vm-{index}", cores=cores,
+                                       ram=ram, disk=disk, image="tiny", ssh_keys=(SSH_KEY,)), owner)
+    await log.vm(vm_domain.VmScheduled(vm_id=vm_id, host_id=host_id), "scheduler@ucloud-system")
+    await log.host(host_domain.CapacityClaimed(host_id=host_id, vm_id=vm_id, cores=cores, ram=ram, disk=disk),
+                   "scheduler@ucloud-system")
+    await log.vm(vm_domain.VmStarted(vm_id=vm_id, host_id=host_id, accelerator="kvm"), agent)
+    if not full:
+        return
+    fate = (index * 2654435761 >> 8) % 40  # not by host: every host gets the whole mix
+    if fate % 10 == 3:
+        await log.vm(vm_domain.VmStopRequested(vm_id=vm_id), owner)
+        await log.vm(vm_domain.VmStopped(vm_id=vm_id, host_id=host_id), agent)
+    elif fate % 20 == 7:
+        await log.vm(vm_domain.VmDeleteRequested(vm_id=vm_id), owner)
+        await log.vm(vm_domain.VmDeleted(vm_id=vm_id, host_id=host_id), agent)
+        await log.host(host_domain.CapacityReleased(host_id=host_id, vm_id=vm_id), "scheduler@ucloud-system")
+    elif fate % 8 == 5:
+        await log.vm(vm_domain.VmRebootRequested(vm_id=vm_id), owner)
+        await log.vm(vm_domain.VmRebooted(vm_id=vm_id, host_id=host_id), agent)
+
+
+# -- the daemons -------------------------------------------------------------------------------
+
+
+@dataclass
+class Started:
+    ready: float  # wall seconds from spawn
+    cpu: float  # the process's CPU seconds then
+    read: int  # events read
+    first: float | None = None  # gateway: first 200 from /healthz; agent: caught up
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+class Daemon:
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.began = time.perf_counter()
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                        start_new_session=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.began
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.process.args} ended ({self.process.returncode}):\n{self.output()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            code = self.process.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            code = self.process.wait()
+        self.log.close()
+        if code != 0:
+            raise RuntimeError(f"{self.process.args} stopped with {code}:\n{self.output()[-3000:]}")
+
+
+def until(daemon: Daemon, ready: Callable[[], bool], timeout: float = 600.0) -> None:
+    while not ready():
+        daemon.check()
+        if daemon.elapsed() > timeout:
+            raise TimeoutError(f"{daemon.process.args} not ready after {timeout}s:\n{daemon.output()[-3000:]}")
+        time.sleep(0.01)
+
+
+def run_gateway(store: Path, work: Path, head: int) -> Started:
+    port = free_port()
+    daemon = Daemon([str(BIN / "ucloud"), "gateway", "--store", f"sqlite://{store}", "--insecure-header-auth",
+                     "--listen", "127.0.0.1", "--port", str(port), "--state-dir", str(work / "gateway")],
+                    work / "gateway.log")
+    first: float | None = None
+    seen: dict[str, float] = {}
+
+    def ready() -> bool:
+        nonlocal first
+        try:
+            status, body = get(f"http://127.0.0.1:{port}/healthz")
+        except OSError:
+            return False
+        if status != 200:
+            return False
+        at, cpu = daemon.elapsed(), cpu_seconds(daemon.process.pid)
+        if first is None:
+            first = at
+        health = json.loads(body)
+        if health["lag"] == 0 and health["position"] >= head:
+            seen.update(at=at, cpu=cpu)
+            return True
+        return False
+
+    try:
+        until(daemon, ready)
+    finally:
+        daemon.stop()
+    restored = re.search(r"projections read-models restored at position (\d+)", daemon.output())
+    read = head - (int(restored.group(1)) if restored else 0)
+    return Started(seen["at"], seen["cpu"], read, first)
+
+
+def figure(metrics: str, name: str, manager: str) -> int:
+    found = re.search(rf'^{name}\{{name="{manager}"\}} (\d+)$', metrics, re.MULTILINE)
+    if found is None:
+        raise AssertionError(f"{name} of {manager} not in:\n{metrics}")
+    return int(found.group(1))
+
+
+def run_processes(store: Path, work: Path, targets: dict[str, int]) -> Started:
+    port = free_port()
+    daemon = Daemon([str(BIN / "ucloud"), "processes", "--store", f"sqlite://{store}", "--instance", "bench",
+                     "--metrics-listen", "127.0.0.1", "--metrics-port", str(port)], work / "processes.log")
+    each: dict[str, float] = {}
+    seen: dict[str, Any] = {}
+
+    def ready() -> bool:
+        try:
+            _, metrics = get(f"http://127.0.0.1:{port}/metrics")
+        except OSError:
+            return False
+        at, cpu = daemon.elapsed(), cpu_seconds(daemon.process.pid)
+        for name, target in targets.items():
+            if name not in each and figure(metrics, "ucloud_process_leader", name) and \
+                    figure(metrics, "ucloud_process_position", name) >= target:
+                each[name] = at
+        if len(each) < len(targets):
+            return False
+        seen.update(at=at, cpu=cpu, metrics=metrics)
+        return True
+
+    try:
+        until(daemon, ready)
+    finally:
+        daemon.stop()
+    reads = {name: figure(seen["metrics"], "ucloud_process_read_total", name) for name in targets}
+    return Started(seen["at"], seen["cpu"], sum(reads.values()), detail={
+        name: f"{each[name]:.2f} s, {reads[name]:,} read" for name in targets})
+
+
+def run_agent(store: Path, work: Path, state: Path) -> Started:
+    daemon = Daemon([sys.executable, "-m", "tests.bench.fake_hypervisor", "--store", f"sqlite://{store}",
+                     "--state-dir", str(state), "--hostname", hostname(MEASURED)], work / "agent.log")
+    up: float | None = None
+    seen: dict[str, Any] = {}
+
+    def ready() -> bool:
+        nonlocal up
+        output = daemon.output()
+        if up is None and " is up in session " in output:
+            up = daemon.elapsed()
+        done = re.search(r"reconciled: first pass over the (\d+) VMs of this host done, (\d+) events read", output)
+        if done is None:
+            return False
+        seen.update(at=daemon.elapsed(), cpu=cpu_seconds(daemon.process.pid), vms=int(done.group(1)),
+                     read=int(done.group(2)))
+        return True
+
+    try:
+        until(daemon, ready)
+    finally:
+        daemon.stop()
+    return Started(seen["at"], seen["cpu"], seen["read"], up, detail={"VMs": seen["vms"]})
+
+
+# -- the log, its snapshots and its tail --------------------------------------------------------
+
+
+def copy_log(source: Path, target: Path) -> None:
+    """The log and its leases (every connection to the source is closed: no -wal file)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", ".leases"):
+        shutil.copyfile(str(source) + suffix, str(target) + suffix)
+
+
+def manager_targets(path: Path) -> dict[str, int]:
+    """Per process manager: the newest position of an event of a type it follows."""
+    async def interests() -> dict[str, frozenset[str] | None]:
+        store = SqliteEventStore(path)
+        from ucloud.eventstore.leases import leases_for
+        leases = leases_for(store)
+        made = processes.build(CommandService(store), leases, processes.ProcessSettings(instance="bench"))
+        found = {runner.manager.name: runner.manager.interested_in for runner in made.runners}
+        await leases.close()
+        await store.close()
+        return found
+
+    targets = {}
+    with sqlite3.connect(path) as conn:
+        head = conn.execute("SELECT MAX(position) FROM events").fetchone()[0]
+        for name, types in asyncio.run(interests()).items():
+            if types is None:
+                targets[name] = head
+                continue
+            marks = ",".join("?" * len(types))
+            targets[name] = conn.execute(f"SELECT MAX(position) FROM events WHERE type IN ({marks})",
+                                         tuple(types)).fetchone()[0] or 0
+    return targets
+
+
+def head_of(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT MAX(position) FROM events").fetchone()[0])
+
+
+def prepare(root: Path, vms: int, hosts: int) -> tuple[Path, Path, Path, int]:
+    """The log with snapshots, the same log without, and the measured agent's state dir."""
+    log_path = root / "made" / "events.sqlite"
+    log_path.parent.mkdir(parents=True)
+    began = time.perf_counter()
+    log, population = asyncio.run(populate(log_path, vms, hosts))
+    asyncio.run(log.store.close())
+    print(f"log: {log.written:,} events of {vms:,} VMs on {hosts:,} hosts written in "
+          f"{time.perf_counter() - began:.1f} s ({log_path.stat().st_size / 2**20:.0f} MiB)", flush=True)
+    measured = population.host_ids[MEASURED]
+    mine = [v for v in population.vm_ids if (s := log.vm_state(v)) is not None and s.host_id == measured]
+    running = [v for v in mine if (s := log.vm_state(v)) is not None and s.status is vm_domain.Status.RUNNING]
+    agent_state = root / "made" / "agent"
+    FakeHypervisor.write(agent_state, running)
+    grant = population.grants[measured]
+    (agent_state / "heartbeat-lease").write_text(json.dumps(
+        {"name": grant.name, "holder": grant.holder, "ttl": grant.ttl, "token": grant.token}))
+    print(f"measured host {hostname(MEASURED)}: {len(mine)} VMs, {len(running)} running", flush=True)
+
+    # The snapshots, as each daemon leaves them when stopped on purpose.
+    work = root / "made" / "first"
+    work.mkdir()
+    for what in ("gateway", "processes", "host agent"):
+        if what == "gateway":
+            first = run_gateway(log_path, work, head_of(log_path))
+        elif what == "processes":
+            first = run_processes(log_path, work, manager_targets(log_path))
+        else:
+            first = run_agent(log_path, work, agent_state)
+        print(f"  first start of the {what}, to save its snapshots: {first.ready:.2f} s, {first.read:,} read",
+              flush=True)
+
+    # The tail: what happened while they were down.
+    async def tail() -> int:
+        log.store = SqliteEventStore(log_path)
+        log.versions = {}
+        with sqlite3.connect(log_path) as conn:
+            for stream, version in conn.execute("SELECT stream, MAX(version) FROM events GROUP BY stream"):
+                log.versions[stream] = version
+        before = log.written
+        for index in range(vms, vms + 1000):
+            host_at = index % hosts if index % hosts != MEASURED else (MEASURED + 1) % hosts
+            await lifecycle(log, uuid.UUID(int=(10**12 + index) << 64 | index), index, population.host_ids[host_at],
+                            full=False)
+        for vm_id in running[:2]:
+            await log.vm(vm_domain.VmStopRequested(vm_id=vm_id), "user7")
+        await log.flush()
+        await log.store.close()
+        return log.written - before
+
+    print(f"tail: {asyncio.run(tail()):,} events after the snapshots", flush=True)
+    with sqlite3.connect(str(log_path) + ".leases") as conn:
+        conn.execute("DELETE FROM leases WHERE name LIKE 'pm-%'")  # no leader leases left over
+    with sqlite3.connect(log_path) as conn:
+        snapshots = conn.execute("SELECT stream, version, length(snapshot) FROM snapshots").fetchall()
+    aggregates = 0
+    for stream, version, size in snapshots:
+        if stream.startswith(("projection-", "process-")):
+            print(f"  snapshot {stream}: at {version:,}, {size / 2**20:.1f} MiB", flush=True)
+        else:
+            aggregates += 1
+    print(f"  and {aggregates} snapshots of aggregates (the command side's)", flush=True)
+    bare = root / "bare" / "events.sqlite"
+    copy_log(log_path, bare)
+    with sqlite3.connect(bare) as conn:
+        conn.execute("DELETE FROM snapshots")
+    conn.close()
+    return log_path, bare, agent_state, head_of(log_path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vms", type=int, default=100_000)
+    parser.add_argument("--hosts", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="5,000 VMs on 50 hosts, one run (a smoke test)")
+    parser.add_argument("--keep", action="store_true", help="keep the logs in /tmp")
+    parser.add_argument("--only", choices=("gateway", "processes", "agent"), action="append")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the daemons (finally blocks) when stopped
+    if args.quick:
+        args.vms, args.hosts, args.runs = 5000, 50, 1
+    root = Path(tempfile.mkdtemp(prefix="ucloud-startup-", dir="/tmp"))
+    try:
+        with_snapshots, bare, agent_state, head = prepare(root, args.vms, args.hosts)
+        targets = manager_targets(with_snapshots)
+        print(f"log head {head:,}; process managers caught up at {targets}", flush=True)
+        cases: dict[str, Callable[[Path, Path], Started]] = {
+            "gateway": lambda store, work: run_gateway(store, work, head),
+            "processes": lambda store, work: run_processes(store, work, targets),
+            "agent": lambda store, work: run_agent(store, work, work / "agent-state"),
+        }
+        rows = []
+        for name, case in cases.items():
+            if args.only and name not in args.only:
+                continue
+            for label, source in (("no snapshots", bare), ("snapshots", with_snapshots)):
+                results = []
+                for run in range(args.runs):
+                    work = root / "runs" / f"{name}-{label.replace(' ', '-')}-{run}"
+                    copy_log(source, work / "events.sqlite")
+                    shutil.copytree(agent_state, work / "agent-state")
+                    result = case(work / "events.sqlite", work)
+                    results.append(result)
+                    firsts = f", first {result.first:.2f} s" if result.first is not None else ""
+                    print(f"  {name}, {label}, run {run + 1}: ready {result.ready:.2f} s (CPU {result.cpu:.2f} s)"
+                          f"{firsts}, {result.read:,} events read {result.detail or ''}", flush=True)
+                ready = statistics.median(r.ready for r in results)
+                cpu = statistics.median(r.cpu for r in results)
+                read = statistics.median(r.read for r in results)
+                firsts_known = [r.first for r in results if r.first is not None]
+                first = statistics.median(firsts_known) if firsts_known else None
+                rows.append((name, label, ready, cpu, read, first))
+        print()
+        print("| daemon | log | ready: wall s (median) | CPU s | events read | events/CPU-s | first sign |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for name, label, ready, cpu, read, first in rows:
+            rate = f"{read / cpu:,.0f}" if cpu else "-"
+            print(f"| {name} | {label} | {ready:.2f} | {cpu:.2f} | {read:,.0f} | {rate} | "
+                  f"{'-' if first is None else f'{first:.2f}'} |")
+    finally:
+        if args.keep:
+            print(f"kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

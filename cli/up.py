@@ -51,7 +51,7 @@ from ucloud.auth.otp import render_qr
 from ucloud.auth.secrets import SecretStoreError
 from ucloud.auth.sessions import DEFAULT_TTL, SessionAuthenticator
 from ucloud.cli.credentials import Credentials, CredentialsError, Identity, Seed
-from ucloud.commands.service import CommandService
+from ucloud.commands.service import HOST_IMAGES, CommandService
 from ucloud.domain.errors import InvalidValue
 from ucloud.domain.limits import DEFAULT_LIMITS, GiB, Limits, load_limits
 from ucloud.domain.network import check_pool
@@ -240,12 +240,16 @@ async def run_up(
             await authenticator.close()
             raise
     store = open_store(store_url)
-    commands = CommandService(store, limits=limits)
+    # With its agent, `ucloud up` registers the built-in images in the catalogue (below):
+    # a VM names a catalogue image, never one the host would provide by itself.
+    host_images: frozenset[str] = frozenset() if with_agent else HOST_IMAGES
+    commands = CommandService(store, limits=limits, host_images=host_images)
     try:
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
                                             authenticator=authenticator or "header", limits=limits,
                                             files_root=files_root, image_stores=tuple(stores),
-                                            max_file_size=files.max_file_size, file_quota=files.file_quota))
+                                            max_file_size=files.max_file_size, file_quota=files.file_quota,
+                                            host_images=tuple(sorted(host_images))))
     except BaseException:
         await store.close()
         if authenticator is not None:
@@ -559,7 +563,8 @@ def processes_command(store_url: str, instance: str, lease_ttl: float, declare_a
 
 async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int,
                       auth: AuthOptions, limits: Limits, files_root: Path | None = None,
-                      image_stores: tuple[str, ...] = ("local",), files: FileLimits = FileLimits()) -> None:
+                      image_stores: tuple[str, ...] = ("local",), files: FileLimits = FileLimits(),
+                      host_images: bool = True) -> None:
     authenticator: SessionAuthenticator | None = None
     if auth.insecure_header_auth:
         click.echo("ucloud gateway: WARNING: --insecure-header-auth: the API trusts X-Ucloud-User headers", err=True)
@@ -571,7 +576,8 @@ async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], 
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
                                             authenticator=authenticator or "header", limits=limits,
                                             files_root=files_root, image_stores=image_stores,
-                                            max_file_size=files.max_file_size, file_quota=files.file_quota))
+                                            max_file_size=files.max_file_size, file_quota=files.file_quota,
+                                            host_images=tuple(sorted(HOST_IMAGES)) if host_images else ()))
         click.echo(f"ucloud gateway: API {gateway.url}, log {store_url}", err=True)
         try:
             await wait_for_signal()
@@ -601,10 +607,15 @@ async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], 
 @click.option("--image-store-name", "image_stores", multiple=True, default=("local",), show_default=True,
               help="The names of the image stores images may be imported into (repeat; the first is the default).")
 @file_limit_options
+@click.option("--host-images/--no-host-images", default=True, show_default=True,
+              help="Accept the names the hosts provide themselves (tiny, debian-12) when the catalogue has no "
+                   "image of the name; --no-host-images: catalogue images only (register them with "
+                   "'ucloud image builtin').")
 @click.option("-v", "--verbose", is_flag=True)
 def gateway_command(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, ldap_config: Path | None,
                     insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None,
-                    image_stores: tuple[str, ...], max_file_size: str, file_quota: str, verbose: bool) -> None:
+                    image_stores: tuple[str, ...], max_file_size: str, file_quota: str, host_images: bool,
+                    verbose: bool) -> None:
     """Serve the HTTP API on a log; run as many as you like behind a load balancer."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -616,7 +627,7 @@ def gateway_command(store_url: str, state_dir: Path, listen: tuple[str, ...], po
     files = file_limits(max_file_size, file_quota)
     try:
         asyncio.run(run_gateway(store_url, state_dir.absolute(), listen, port, auth, limits,
-                                files_root.absolute() if files_root else None, image_stores, files))
+                                files_root.absolute() if files_root else None, image_stores, files, host_images))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError, OSError) as error:

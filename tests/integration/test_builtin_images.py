@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.gateway import gateway_process
 from tests.support.qemu import qemu_processes
 from tests.support.slapd import free_port
 from tests.support.up import Up, home_env, up_fixture  # noqa: F401 (the `up` fixture)
@@ -129,6 +132,10 @@ def test_tiny_is_a_public_catalogue_image_and_the_readme_walkthrough_uses_it(mac
     assert shown["id"] == tiny["id"] and shown["used_by"] == []
     stored = machine.state / "image-store" / f"{tiny['id']}.qcow2"
     assert stored.is_file()
+    # Catalogue images only: debian-12 was not registered (no --debian-12), so it is refused
+    # here rather than accepted as a name the host might provide.
+    refused = machine.ucloud("vm", "create", "--image", "debian-12", code=1)
+    assert "no image named 'debian-12'" in refused.stderr
 
     # README, "Your first VM", as typed (no --disk: the default size).
     created = json.loads(machine.ucloud("vm", "create", "--image", "tiny", "--cores", "1", "--ram", "256MB",
@@ -222,6 +229,9 @@ def test_an_admin_registers_tiny_for_hosts_elsewhere_with_image_builtin(up: Up, 
     assert "exists already" in again
     listed = [i for i in json.loads(up.ucloud("image", "list", "--json").stdout) if i["name"] == "tiny"]
     assert [i["id"] for i in listed] == [made["id"]]
+    created = json.loads(up.ucloud("vm", "create", "--image", "tiny", "--ram", "256MB", "--json").stdout)
+    shown = json.loads(up.ucloud("image", "show", "tiny", "--json").stdout)
+    assert shown["used_by"] == [created["id"]]  # the VM names the catalogue's image
 
 
 def test_debian_12_is_a_public_catalogue_image_that_boots_from_its_own_disk(machine: Machine) -> None:
@@ -259,3 +269,24 @@ def test_debian_12_is_a_public_catalogue_image_that_boots_from_its_own_disk(mach
         assert time.monotonic() < deadline, f"Debian did not finish booting\n{serial.read_text()[-3000:]}"
         time.sleep(2)
     assert "root=/dev/vda2" in text and "EXT4-fs (vda2): mounted" in text
+
+
+@pytest.mark.parametrize("host_images", [True, False])
+def test_a_gateway_without_host_images_accepts_catalogue_images_only(tmp_path: Path, host_images: bool) -> None:
+    """`ucloud gateway --no-host-images`: `tiny` not in the catalogue is 422 naming `image`;
+    by default the name the hosts provide is still accepted (docs/operations.md)."""
+    flag = "--host-images" if host_images else "--no-host-images"
+    with gateway_process(tmp_path, flag) as api:
+        body = json.dumps({"name": "a", "cores": 1, "ram": "256MB", "disk": "1GB", "image": "tiny"}).encode()
+        request = urllib.request.Request(f"{api}/v1/vms", data=body, method="POST", headers={
+            "X-Ucloud-User": "alice", "X-Ucloud-Realm": "ucloud", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                status, problem = answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            status, problem = error.code, json.loads(error.read())
+    if host_images:
+        assert status == 202, problem
+    else:
+        assert (status, problem.get("field")) == (422, "image"), problem
+        assert "no image named 'tiny'" in problem["detail"]

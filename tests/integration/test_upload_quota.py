@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.support.slapd import free_port
+from tests.support.gateway import gateway_process
 from ucloud.domain.limits import MiB
 
-BIN = Path(sys.executable).parent
 QUOTA = 10 * MiB
 SIZE = 3 * MiB
 UPLOADS = 12
@@ -31,34 +25,10 @@ UPLOADS = 12
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    port = free_port()
     files = tmp_path / "files"
-    log = open(tmp_path / "gateway.log", "wb")
-    process = subprocess.Popen(
-        [str(BIN / "ucloud"), "gateway", "--store", f"sqlite://{tmp_path / 'events.sqlite'}", "--state-dir",
-         str(tmp_path / "state"), "--listen", "127.0.0.1", "--port", str(port), "--insecure-header-auth",
-         "--files-root", str(files), "--max-file-size", "4MiB", "--file-quota", "10MiB"],
-        stdout=log, stderr=log, start_new_session=True)
-    log.close()
-    api = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{api}/healthz", timeout=1):
-                    break
-            except OSError:
-                assert process.poll() is None, (tmp_path / "gateway.log").read_text()
-                assert time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
-                time.sleep(0.1)
+    with gateway_process(tmp_path, "--files-root", str(files), "--max-file-size", "4MiB",
+                         "--file-quota", "10MiB") as api:
         yield api, files
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def on_disk(directory: Path) -> int:

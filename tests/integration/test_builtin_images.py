@@ -269,6 +269,8 @@ def test_debian_12_is_a_public_catalogue_image_that_boots_from_its_own_disk(mach
         assert time.monotonic() < deadline, f"Debian did not finish booting\n{serial.read_text()[-3000:]}"
         time.sleep(2)
     assert "root=/dev/vda2" in text and "EXT4-fs (vda2): mounted" in text
+    # cloud-init grew the root partition (growpart) and its file system to the 4 GB disk.
+    assert "EXT4-fs (vda2): resized filesystem to" in text, text[-3000:]
 
 
 @pytest.mark.parametrize("host_images", [True, False])

@@ -1,5 +1,5 @@
 """The per-user upload quota holds under concurrency, against a real `ucloud gateway`
-process: many uploads of one user at once, each streamed slowly so that all are under way
+process (or two sharing the files root): many uploads of one user at once, each streamed slowly so that all are under way
 together, with and without Content-Length. The user's directory never holds more than the
 quota (sampled while they run: uploads under way count at what they reserved), the
 accepted files together fit in it, every refusal is a 413 problem naming the quota, and
@@ -8,6 +8,7 @@ nothing partial is left."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,12 +24,18 @@ SIZE = 3 * MiB
 UPLOADS = 12
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+@pytest.fixture(params=[1, 2], ids=["one gateway", "two gateways"])
+def gateway(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[list[str], Path]]:
+    """One `ucloud gateway`, or two sharing the files root (the uploads alternate)."""
     files = tmp_path / "files"
-    with gateway_process(tmp_path, "--files-root", str(files), "--max-file-size", "4MiB",
-                         "--file-quota", "10MiB") as api:
-        yield api, files
+    with contextlib.ExitStack() as stack:
+        apis = []
+        for index in range(request.param):
+            root = tmp_path / f"gateway-{index}"
+            root.mkdir()
+            apis.append(stack.enter_context(gateway_process(
+                root, "--files-root", str(files), "--max-file-size", "4MiB", "--file-quota", "10MiB")))
+        yield apis, files
 
 
 def on_disk(directory: Path) -> int:
@@ -45,8 +52,8 @@ def on_disk(directory: Path) -> int:
     return total
 
 
-async def test_concurrent_uploads_never_exceed_the_quota(gateway: tuple[str, Path]) -> None:
-    api, files = gateway
+async def test_concurrent_uploads_never_exceed_the_quota(gateway: tuple[list[str], Path]) -> None:
+    apis, files = gateway
     directory = files / "alice"
     headers = {"X-Ucloud-User": "alice", "X-Ucloud-Realm": "ucloud", "Content-Type": "application/octet-stream"}
     started = asyncio.Event()
@@ -59,6 +66,7 @@ async def test_concurrent_uploads_never_exceed_the_quota(gateway: tuple[str, Pat
 
     async def upload(session: aiohttp.ClientSession, index: int) -> tuple[int, dict[str, object]]:
         declared = {"Content-Length": str(SIZE)} if index % 2 else {}  # half chunked, half declared
+        api = apis[index % len(apis)]
         async with session.put(f"{api}/v1/files/f{index}.qcow2", data=slowly(),
                                headers={**headers, **declared}) as answer:
             return answer.status, await answer.json(content_type=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -164,9 +165,10 @@ def image_create(ctx: Context, name: str, file_name: str, public: bool, store: s
 @pass_context
 def image_builtin(ctx: Context, name: str, cache: Path, store: str | None, timeout: float, as_json: bool) -> None:
     """Admins: make the built-in image NAME an ordinary public image: build its bootable
-    qcow2 here (tiny: a Debian kernel and a busybox initramfs; needs apt, dpkg, syslinux,
-    mtools), upload it as one of your files, create the public image and follow the import.
-    An existing public image of the name is left as it is."""
+    qcow2 here (tiny: a Debian kernel and a busybox initramfs; debian-12: stock Debian with
+    cloud-init, as root with mmdebstrap; both need syslinux and mtools), upload it as one of
+    your files, create the public image and follow the import. An existing public image of
+    the name is left as it is."""
 
     async def work(client: Client) -> None:
         try:
@@ -187,7 +189,7 @@ def image_builtin(ctx: Context, name: str, cache: Path, store: str | None, timeo
             await client.request("DELETE", f"/v1/images/{name}", query={"public": "true"})
         try:
             built = await asyncio.to_thread(build_builtin, name, cache)
-        except (OSError, RuntimeError) as error:
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             raise Failure(f"cannot build the image {name}: {error}") from None
         file_name = f"{name}.qcow2"
         sha256 = await asyncio.to_thread(_sha256, built)

@@ -51,7 +51,7 @@ from ucloud.auth.otp import render_qr
 from ucloud.auth.secrets import SecretStoreError
 from ucloud.auth.sessions import DEFAULT_TTL, SessionAuthenticator
 from ucloud.cli.credentials import Credentials, CredentialsError, Identity, Seed
-from ucloud.commands.service import CommandService
+from ucloud.commands.service import HOST_IMAGES, CommandService
 from ucloud.domain.errors import InvalidValue
 from ucloud.domain.limits import DEFAULT_LIMITS, GiB, Limits, load_limits
 from ucloud.domain.network import check_pool
@@ -211,6 +211,7 @@ async def run_up(
     network: NetworkOptions | None = None,
     debian12: bool = False,
     files: FileLimits = FileLimits(),
+    cache_dir: Path | None = None,
 ) -> None:
     from ucloud.gateway.metadata import MetadataConfig, RunningMetadata
     from ucloud.gateway.metadata import start as start_metadata
@@ -223,6 +224,7 @@ async def run_up(
     from ucloud.processes.builtin_images import register_builtin
 
     network = network or NetworkOptions(router=True)
+    cache_dir = cache_dir or state_dir / "cache"
     auth = auth or AuthOptions()
     files_root = files_root or state_dir / "files"
     stores = parse_stores(image_stores or (f"local=fs:{state_dir / 'image-store'}",))
@@ -242,12 +244,16 @@ async def run_up(
             await authenticator.close()
             raise
     store = open_store(store_url)
-    commands = CommandService(store, limits=limits)
+    # With its agent, `ucloud up` registers the built-in images in the catalogue (below):
+    # a VM names a catalogue image, never one the host would provide by itself.
+    host_images: frozenset[str] = frozenset() if with_agent else HOST_IMAGES
+    commands = CommandService(store, limits=limits, host_images=host_images)
     try:
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
                                             authenticator=authenticator or "header", limits=limits,
                                             files_root=files_root, image_stores=tuple(stores),
-                                            max_file_size=files.max_file_size, file_quota=files.file_quota))
+                                            max_file_size=files.max_file_size, file_quota=files.file_quota,
+                                            host_images=tuple(sorted(host_images))))
     except BaseException:
         await store.close()
         if authenticator is not None:
@@ -270,10 +276,10 @@ async def run_up(
     if with_agent:
         images = ImageCatalogue(state_dir / "images")
         click.echo("ucloud: preparing the built-in image 'tiny' (first run downloads a kernel)…", err=True)
-        await asyncio.to_thread(images.install_tiny, state_dir / "cache" / "tinyguest")
+        await asyncio.to_thread(images.install_tiny, cache_dir / "tinyguest")
         if debian12:
             click.echo("ucloud: preparing the image 'debian-12' (first run: mmdebstrap, a few minutes)…", err=True)
-            await asyncio.to_thread(images.install_debian12, state_dir / "cache" / "debian-12")
+            await asyncio.to_thread(images.install_debian12, cache_dir / "debian-12")
         driver = QemuDriver(state_dir / "run", accel=accel)  # type: ignore[arg-type]
         # This machine routes every network with IPAM (its /64's first address, radvd).
         agent = HostAgent(commands.store, DirectWrites(commands, hostname), driver, images, state_dir=state_dir,
@@ -288,22 +294,22 @@ async def run_up(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        if with_agent:
-            # `tiny` as an ordinary public image of the catalogue: its bootable disk among the
-            # admin's files, imported by the image scanner into the default store (once; an
-            # existing image of the name is kept).
-            built = await asyncio.to_thread(build_builtin, "tiny", state_dir / "cache")
-            registering = asyncio.create_task(register_builtin(commands, files_root, auth.admin, "tiny", built))
+        # `tiny` (and `debian-12` when asked for) as ordinary public images of the catalogue:
+        # each one's bootable disk among the admin's files, imported by the image scanner into
+        # the default store (once; an existing image of the name is kept).
+        for name in (("tiny", "debian-12") if debian12 else ("tiny",)) if with_agent else ():
+            built = await asyncio.to_thread(build_builtin, name, cache_dir)
+            registering = asyncio.create_task(register_builtin(commands, files_root, auth.admin, name, built))
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait((registering, stopping), return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not registering.done():  # stopped while registering
-                registering.cancel()
+            for waited in (stopping, registering):
+                waited.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await registering
+                    await waited
+            if registering.cancelled():  # stopped while registering
                 return
             catalogued = registering.result()
-            click.echo(f"ucloud: the public image 'tiny' is ready in store {catalogued.store}", err=True)
+            click.echo(f"ucloud: the public image {name!r} is ready in store {catalogued.store}", err=True)
         config_path = write_cli_config(gateway.url, header_user=authenticator is None)
         click.echo(f"ucloud is up: API {gateway.url}, log {store_url}, state {state_dir}", err=True)
         if config_path:
@@ -395,6 +401,8 @@ async def run_up(
 @click.option("--underlay-address", envvar="UCLOUD_UNDERLAY_ADDRESS", metavar="ADDR",
               help="The IPv6 source address of VXLAN traffic on the underlay.")
 @file_limit_options
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="UCLOUD_CACHE",
+              help="Where the built-in images are built and kept (default: <state-dir>/cache).")
 @click.option("-v", "--verbose", is_flag=True)
 def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, hostname: str, accel: str,
        no_agent: bool, admin: str, ldap_urls: tuple[str, ...], ldap_base_dn: str | None, ldap_bind_dn: str | None,
@@ -402,7 +410,7 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
        insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None, ipv6_pool: str | None,
        metadata_port: int, no_metadata: bool, image_stores: tuple[str, ...], debian12: bool,
        metadata_url: str | None, underlay: str | None, underlay_address: str | None, max_file_size: str,
-       file_quota: str, verbose: bool) -> None:
+       file_quota: str, cache_dir: Path | None, verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
     from ucloud.hostagent.agent import nocloud_serial
     from ucloud.hostagent.debianimage import DebianImageError
@@ -442,6 +450,7 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
                            ipv6_pool=ipv6_pool, metadata_port=None if no_metadata else metadata_port,
                            image_stores=image_stores, metadata_url=metadata_url, debian12=debian12,
                            files=file_limits(max_file_size, file_quota),
+                           cache_dir=cache_dir.absolute() if cache_dir else None,
                            network=NetworkOptions(underlay=underlay, address=underlay_address, router=True)))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
@@ -568,7 +577,8 @@ def processes_command(store_url: str, instance: str, lease_ttl: float, declare_a
 
 async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int,
                       auth: AuthOptions, limits: Limits, files_root: Path | None = None,
-                      image_stores: tuple[str, ...] = ("local",), files: FileLimits = FileLimits()) -> None:
+                      image_stores: tuple[str, ...] = ("local",), files: FileLimits = FileLimits(),
+                      host_images: bool = True) -> None:
     authenticator: SessionAuthenticator | None = None
     if auth.insecure_header_auth:
         click.echo("ucloud gateway: WARNING: --insecure-header-auth: the API trusts X-Ucloud-User headers", err=True)
@@ -580,7 +590,8 @@ async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], 
         gateway = await start(GatewayConfig(store=store, listen=listen, port=port,
                                             authenticator=authenticator or "header", limits=limits,
                                             files_root=files_root, image_stores=image_stores,
-                                            max_file_size=files.max_file_size, file_quota=files.file_quota))
+                                            max_file_size=files.max_file_size, file_quota=files.file_quota,
+                                            host_images=tuple(sorted(HOST_IMAGES)) if host_images else ()))
         click.echo(f"ucloud gateway: API {gateway.url}, log {store_url}", err=True)
         try:
             await wait_for_signal()
@@ -610,10 +621,15 @@ async def run_gateway(store_url: str, state_dir: Path, listen: tuple[str, ...], 
 @click.option("--image-store-name", "image_stores", multiple=True, default=("local",), show_default=True,
               help="The names of the image stores images may be imported into (repeat; the first is the default).")
 @file_limit_options
+@click.option("--host-images/--no-host-images", default=True, show_default=True,
+              help="Accept the names the hosts provide themselves (tiny, debian-12) when the catalogue has no "
+                   "image of the name; --no-host-images: catalogue images only (register them with "
+                   "'ucloud image builtin').")
 @click.option("-v", "--verbose", is_flag=True)
 def gateway_command(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, ldap_config: Path | None,
                     insecure_header_auth: bool, limits_file: Path | None, files_root: Path | None,
-                    image_stores: tuple[str, ...], max_file_size: str, file_quota: str, verbose: bool) -> None:
+                    image_stores: tuple[str, ...], max_file_size: str, file_quota: str, host_images: bool,
+                    verbose: bool) -> None:
     """Serve the HTTP API on a log; run as many as you like behind a load balancer."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -625,7 +641,7 @@ def gateway_command(store_url: str, state_dir: Path, listen: tuple[str, ...], po
     files = file_limits(max_file_size, file_quota)
     try:
         asyncio.run(run_gateway(store_url, state_dir.absolute(), listen, port, auth, limits,
-                                files_root.absolute() if files_root else None, image_stores, files))
+                                files_root.absolute() if files_root else None, image_stores, files, host_images))
     except InvalidStoreUrl as error:
         raise click.UsageError(str(error)) from None
     except (DirectoryError, PrivateFileError, SecretStoreError, OSError) as error:

@@ -154,7 +154,8 @@ def init_app(config: GatewayConfig) -> web.Application:
     app[CONFIG] = config
     app[STORE] = store
     app[LEASES] = leases_for(store)
-    app[COMMANDS] = CommandService(store, codec, limits=config.limits, image_stores=config.image_stores)
+    app[COMMANDS] = CommandService(store, codec, limits=config.limits, image_stores=config.image_stores,
+                                   host_images=frozenset(config.host_images))
     app[READ_MODELS] = read_models
     app[RUNNER] = ProjectionRunner(store, codec, read_models.all(), name=config.projection_name,
                                    snapshot_interval=config.snapshot_interval)

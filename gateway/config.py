@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ucloud.commands.service import HOST_IMAGES
 from ucloud.domain.limits import DEFAULT_LIMITS, GiB, Limits
 from ucloud.eventstore.interface import EventStore
 
@@ -45,6 +46,9 @@ class GatewayConfig:
     file_quota: int = 256 * GiB  # all of one user's files together
     # The image stores images may be imported into (the first is the default).
     image_stores: tuple[str, ...] = ("local",)
+    # Image names the hosts may provide themselves when the catalogue has none of the name
+    # (commands/service.py, HOST_IMAGES); empty: catalogue images only.
+    host_images: tuple[str, ...] = tuple(sorted(HOST_IMAGES))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

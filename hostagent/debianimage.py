@@ -27,10 +27,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SUITE = "bookworm"
+# cloud-guest-utils: growpart, so that cloud-init grows the root partition of the bootable
+# disk (hostagent/builtin.py) to the VM's disk; the bare file system grows without it.
 PACKAGES = ("systemd-sysv", "linux-image-cloud-amd64", "cloud-init", "openssh-server", "ifupdown", "netbase",
-            "iproute2", "udev", "sudo", "ca-certificates")
+            "iproute2", "udev", "sudo", "ca-certificates", "cloud-guest-utils")
 DISK_SIZE = "2G"
 # Classic interface names (eth0) so that one ifupdown stanza fits every machine type.
 KERNEL_APPEND = "root=/dev/vda rw console=ttyS0 net.ifnames=0"

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
 SECTOR = 512
@@ -37,9 +38,22 @@ def _run(*argv: str) -> None:
         raise BootDiskError(f"{' '.join(argv)}: {done.stderr.strip()[-1000:]}")
 
 
-def build_boot_disk(kernel: Path, initrd: Path, append: str, target: Path) -> Path:
+def _copy_sparse(source: Path, disk: Any, offset: int) -> None:
+    """``source`` into ``disk`` at ``offset``, leaving its runs of zeros unwritten (holes)."""
+    with open(source, "rb") as data:
+        position = offset
+        while chunk := data.read(4 * 1024 * 1024):
+            if chunk.count(0) != len(chunk):
+                disk.seek(position)
+                disk.write(chunk)
+            position += len(chunk)
+
+
+def build_boot_disk(kernel: Path, initrd: Path, append: str, target: Path, *, root: Path | None = None) -> Path:
     """``target``: a qcow2 that boots ``kernel`` with ``initrd`` and ``append`` (written
-    under a temporary name and renamed, so a half-built disk never has the target's name)."""
+    under a temporary name and renamed, so a half-built disk never has the target's name).
+    ``root``: a raw file system image that becomes the second partition (``/dev/vda2`` in
+    the guest), after the boot partition."""
     if not MBR.is_file():
         raise BootDiskError(f"{MBR} is missing: install syslinux")
     target = Path(target)
@@ -56,15 +70,22 @@ def build_boot_disk(kernel: Path, initrd: Path, append: str, target: Path) -> Pa
         _run("syslinux", "--install", str(fat))
         raw = scratch / "boot.raw"
         sectors = fat.stat().st_size // SECTOR
+        root_start = START + sectors
+        root_sectors = -(-root.stat().st_size // SECTOR) if root is not None else 0
         with open(raw, "wb") as disk:
-            disk.truncate((START + sectors) * SECTOR)
+            disk.truncate((root_start + root_sectors) * SECTOR)
             mbr = bytearray(MBR.read_bytes()[:440].ljust(SECTOR, b"\0"))
-            # One active FAT16 (LBA) partition; CHS fields say "use LBA".
+            # An active FAT16 (LBA) partition, then a Linux one; CHS fields say "use LBA".
             mbr[446:462] = struct.pack("<B3sB3sII", 0x80, b"\xfe\xff\xff", 0x0E, b"\xfe\xff\xff", START, sectors)
+            if root is not None:
+                mbr[462:478] = struct.pack("<B3sB3sII", 0x00, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff",
+                                           root_start, root_sectors)
             mbr[510:512] = b"\x55\xaa"
             disk.write(mbr)
             disk.seek(START * SECTOR)
             disk.write(fat.read_bytes())
+            if root is not None:
+                _copy_sparse(root, disk, root_start * SECTOR)
         partial = scratch / "boot.qcow2"
         _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(partial))
         os.replace(partial, target)

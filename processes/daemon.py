@@ -71,17 +71,19 @@ def build(commands: CommandService, leases: Leases | None, settings: ProcessSett
                                snapshot_interval=settings.snapshot_interval)
         made.runners.append(runner)
         made.components[manager.name] = runner.run
-    # Those with loops of their own, until they move onto ProcessRunner: each still runs
-    # only where it holds its leader lease.
     if settings.files_root is not None:
-        # Records users' files (uploads, sftp) and imports requested images from them.
+        # Imports requested images from users' files (where the files are), on the framework.
+        scanner = ImageScanner(commands, settings.image_stores, settings.files_root,
+                               max_virtual_size=settings.max_image_size)
+        runner = ProcessRunner(scanner, store, leases, instance=settings.instance, lease_ttl=settings.lease_ttl,
+                               snapshot_interval=settings.snapshot_interval)
+        made.runners.append(runner)
+        made.components[scanner.name] = runner.run
+        # Records users' files (uploads, sftp): a loop of its own (it watches directories,
+        # not the log), run only where it holds its leader lease.
         files = FileScanner(commands, settings.files_root)
         made.components[files.name] = lambda: lead_while_holding(leases, files.name, settings.instance,
                                                                  settings.lease_ttl, files.run)
-        scanner = ImageScanner(commands, settings.image_stores, settings.files_root,
-                               max_virtual_size=settings.max_image_size)
-        made.components[scanner.name] = lambda: lead_while_holding(leases, scanner.name, settings.instance,
-                                                                   settings.lease_ttl, scanner.run)
     return made
 
 

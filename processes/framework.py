@@ -264,9 +264,8 @@ class ProcessRunner:
 async def lead_while_holding(leases: Leases | None, name: str, instance: str, ttl: float,
                              work: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run ``work`` only while holding the lease ``pm-<name>``, for a process that keeps
-    its own loop (the IPAM allocator and the image scanner, until they move onto
-    ProcessRunner): cancelled when the lease is lost, started again after the next
-    take-over."""
+    its own loop (the file scanner, which watches directories rather than the log):
+    cancelled when the lease is lost, started again after the next take-over."""
     while True:
         if leases is None:
             await work()

@@ -15,8 +15,8 @@ is no longer the one the image was asked for (it changed meanwhile) is refused. 
 
 A scanner that dies during an import imports again after its restart: the store writes
 to a partial name first and removes leftovers, so nothing half-imported is ever ready.
-The loop follows processes/scheduler.py's structure until the shared process-manager
-framework is in place.
+It runs on the shared process-manager framework (processes/framework.py): leader lease,
+subscription from its position, snapshots, metrics.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from ucloud.imagestore.inspect import ImageRefused, check_header, inspect_qcow2
 from ucloud.imagestore.stores import ImageStore, StoreError
 
 from .files import fd_signature
+from .framework import ProcessManager, ProcessRunner
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,14 @@ def sha256_of(fd: int) -> str:
     return digest.hexdigest()
 
 
-class ImageScanner:
+class ImageScanner(ProcessManager):
+    """On the shared framework (processes/framework.py): ``ProcessRunner`` subscribes from
+    its snapshot's position to the two event types, holds the leader lease, counts and
+    snapshots; this manager's view is empty (each image is loaded from its own stream when
+    its event comes), so a snapshot only records how far the log was read."""
+
     name = "image-scanner"
+    interested_in = _WATCHED
 
     def __init__(self, commands: CommandService, stores: dict[str, ImageStore], files_root: Path, *,
                  max_virtual_size: int = 64 * TiB, progress_interval: float = PROGRESS_INTERVAL) -> None:
@@ -107,9 +114,22 @@ class ImageScanner:
         self.failed = 0
 
     async def run(self) -> None:
-        tracked = await self.store.tracked_position(self.consumer)
-        async for record in self.store.subscribe(tracked, types=_WATCHED):
+        """Follow the log alone, no leader election (tests, one process): the framework's
+        runner without leases."""
+        await ProcessRunner(self, self.store).run()
+
+    async def handle_run(self, records: list[EventRecord]) -> None:
+        for record in records:
+            if record.position <= self.tracked:
+                continue  # handled before (its tracking position is recorded)
             await self.handle(record)
+            self.tracked = record.position
+
+    def dump(self) -> Any:
+        return None
+
+    def load(self, data: Any) -> None:
+        pass
 
     async def handle(self, record: EventRecord) -> None:
         event = self.codec.decode(record.type, record.schema, record.data)

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.gateway import gateway_process
 from tests.support.qemu import qemu_processes
 from tests.support.slapd import free_port
 from tests.support.up import Up, home_env, up_fixture  # noqa: F401 (the `up` fixture)
@@ -52,6 +55,7 @@ class Machine:
     port: int
     process: subprocess.Popen[bytes] | None = None
     runs: int = 0
+    args: tuple[str, ...] = ()
 
     @property
     def state(self) -> Path:
@@ -67,7 +71,7 @@ class Machine:
         self.process = subprocess.Popen(
             [str(BIN / "ucloud"), "up", "--store", f"sqlite://{self.root / 'events.sqlite'}", "--state-dir",
              str(self.state), "--listen", "127.0.0.1", "--port", str(self.port), "--no-metadata",
-             "--hostname", "first-vm"],
+             "--hostname", "first-vm", *self.args],
             stdout=out, stderr=out, env=home_env(self.root / "home"), start_new_session=True)
         out.close()
         deadline = time.monotonic() + 600  # a fresh state dir: the tiny guest is built (a kernel download)
@@ -128,6 +132,10 @@ def test_tiny_is_a_public_catalogue_image_and_the_readme_walkthrough_uses_it(mac
     assert shown["id"] == tiny["id"] and shown["used_by"] == []
     stored = machine.state / "image-store" / f"{tiny['id']}.qcow2"
     assert stored.is_file()
+    # Catalogue images only: debian-12 was not registered (no --debian-12), so it is refused
+    # here rather than accepted as a name the host might provide.
+    refused = machine.ucloud("vm", "create", "--image", "debian-12", code=1)
+    assert "no image named 'debian-12'" in refused.stderr
 
     # README, "Your first VM", as typed (no --disk: the default size).
     created = json.loads(machine.ucloud("vm", "create", "--image", "tiny", "--cores", "1", "--ram", "256MB",
@@ -221,3 +229,66 @@ def test_an_admin_registers_tiny_for_hosts_elsewhere_with_image_builtin(up: Up, 
     assert "exists already" in again
     listed = [i for i in json.loads(up.ucloud("image", "list", "--json").stdout) if i["name"] == "tiny"]
     assert [i["id"] for i in listed] == [made["id"]]
+    created = json.loads(up.ucloud("vm", "create", "--image", "tiny", "--ram", "256MB", "--json").stdout)
+    shown = json.loads(up.ucloud("image", "show", "tiny", "--json").stdout)
+    assert shown["used_by"] == [created["id"]]  # the VM names the catalogue's image
+
+
+def test_debian_12_is_a_public_catalogue_image_that_boots_from_its_own_disk(machine: Machine) -> None:
+    """`ucloud up --debian-12`: the stock Debian image becomes the public image `debian-12`
+    (its file system the second partition of a bootable disk) and a VM of it boots from
+    its clone, no -kernel, with its root on /dev/vda2. The Debian build is the machine's
+    cached one (/var/cache/ucloud/debian-12, built by tests/integration/test_metadata_e2e.py
+    or `python -m ucloud.hostagent.debianimage`), reached through the cache directory."""
+    from ucloud.hostagent.debianimage import ensure_debian_image
+
+    shared = ensure_debian_image().disk_image.parent  # builds it once if this machine has none
+    cache = machine.root / "cache"
+    cache.mkdir()
+    (cache / "debian-12").symlink_to(shared)
+    machine.args = ("--debian-12", "--cache-dir", str(cache))
+    said = machine.start()
+    assert "the public image 'debian-12' is ready in store local" in said
+
+    images = {i["name"]: i for i in json.loads(machine.ucloud("image", "list", "--json").stdout)}
+    debian = images["debian-12"]
+    assert (debian["public"], debian["status"], debian["file"]) == (True, "ready", "debian-12.qcow2")
+    created = json.loads(machine.ucloud("vm", "create", "--image", "debian-12", "--cores", "2", "--ram", "1GB",
+                                        "--disk", "4GB", "--wait", "--timeout", "600", "--json",
+                                        timeout=700).stdout)
+    vm_id = created["id"]
+    disk = machine.state / "disks" / f"{vm_id}.qcow2"
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(disk)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["full-backing-filename"] == str(machine.state / "image-store" / f"{debian['id']}.qcow2")
+    assert b"-kernel" not in qemu_cmdline(vm_id)
+    serial = machine.state / "run" / vm_id / "serial.log"
+    deadline = time.monotonic() + 1200  # a whole Debian boot under TCG on a shared machine
+    while not (serial.exists() and "Cloud-init v. " in (text := serial.read_text(errors="replace"))
+               and " finished at " in text):
+        assert time.monotonic() < deadline, f"Debian did not finish booting\n{serial.read_text()[-3000:]}"
+        time.sleep(2)
+    assert "root=/dev/vda2" in text and "EXT4-fs (vda2): mounted" in text
+    # cloud-init grew the root partition (growpart) and its file system to the 4 GB disk.
+    assert "EXT4-fs (vda2): resized filesystem to" in text, text[-3000:]
+
+
+@pytest.mark.parametrize("host_images", [True, False])
+def test_a_gateway_without_host_images_accepts_catalogue_images_only(tmp_path: Path, host_images: bool) -> None:
+    """`ucloud gateway --no-host-images`: `tiny` not in the catalogue is 422 naming `image`;
+    by default the name the hosts provide is still accepted (docs/operations.md)."""
+    flag = "--host-images" if host_images else "--no-host-images"
+    with gateway_process(tmp_path, flag) as api:
+        body = json.dumps({"name": "a", "cores": 1, "ram": "256MB", "disk": "1GB", "image": "tiny"}).encode()
+        request = urllib.request.Request(f"{api}/v1/vms", data=body, method="POST", headers={
+            "X-Ucloud-User": "alice", "X-Ucloud-Realm": "ucloud", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                status, problem = answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            status, problem = error.code, json.loads(error.read())
+    if host_images:
+        assert status == 202, problem
+    else:
+        assert (status, problem.get("field")) == (422, "image"), problem
+        assert "no image named 'tiny'" in problem["detail"]

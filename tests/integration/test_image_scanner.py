@@ -19,9 +19,11 @@ from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import image as image_domain
 from ucloud.domain.limits import GiB, MiB
+from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.sqlite import SqliteEventStore
 from ucloud.imagestore.stores import FsStore
 from ucloud.processes.files import hash_file
+from ucloud.processes.framework import ProcessRunner
 from ucloud.processes.images import ImageScanner
 
 ALICE, BOB = Actor("alice"), Actor("bob")
@@ -199,3 +201,52 @@ async def test_deleting_an_image_removes_it_from_the_store(rig: Rig) -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert rig.stored() == []
+
+
+async def test_the_scanner_runs_on_the_framework_one_leader_imports_each_image_once(rig: Rig) -> None:
+    """Two instances on the process-manager framework under one leader lease: only the
+    leader imports; when it stops the other takes over from the tracked position; every
+    image is imported exactly once, and the runner counts and snapshots like any manager."""
+    log = rig.commands.store
+    leases = leases_for(log)
+    other = ImageScanner(rig.commands, {"local": rig.store}, rig.root / "files", max_virtual_size=4 * GiB,
+                         progress_interval=0)
+    runners = {name: ProcessRunner(scanner, log, leases, instance=name, lease_ttl=2, snapshot_interval=0)
+               for name, scanner in (("a", rig.scanner), ("b", other))}
+    tasks = {name: asyncio.create_task(runner.run()) for name, runner in runners.items()}
+
+    async def ready(name: str) -> image_domain.Image:
+        for _ in range(600):
+            image = (await rig.commands.repository.load(
+                IMAGE, image_domain.stream_name(image_domain.image_id_for("alice", name)))).state
+            if image is not None and image.status is not image_domain.ImageStatus.IMPORTING:
+                return image
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"image {name} was not imported")
+
+    try:
+        for index in range(2):
+            qemu_img("create", "-f", "qcow2", str(rig.file("alice", f"d{index}.qcow2")), "64M")
+            await rig.record(ALICE, f"d{index}.qcow2")
+        await rig.commands.create_image(ALICE, "first", "d0.qcow2")
+        assert (await ready("first")).status is image_domain.ImageStatus.READY
+        leaders = [name for name, runner in runners.items() if runner.leader]
+        assert len(leaders) == 1, leaders
+        (leader,) = leaders
+        tasks[leader].cancel()  # the leader stops (its lease is released): the other takes over
+        await asyncio.gather(tasks[leader], return_exceptions=True)
+        await rig.commands.create_image(ALICE, "second", "d1.qcow2")
+        assert (await ready("second")).status is image_domain.ImageStatus.READY
+        follower = "b" if leader == "a" else "a"
+        assert runners[follower].leader and runners[follower].takeovers == 1
+        for name in ("first", "second"):
+            types = [r.type for r in await log.read_stream(
+                image_domain.stream_name(image_domain.image_id_for("alice", name)))]
+            assert types.count("image.imported") == 1, types
+        assert await log.tracked_position("image-scanner") == runners[follower].manager.tracked
+        assert runners[follower].handled >= 1 and runners[leader].handled >= 1
+        assert runners[leader].snapshots_saved >= 1  # an empty view, at the position it read to
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)

@@ -1,5 +1,5 @@
 """The per-user upload quota holds under concurrency, against a real `ucloud gateway`
-process: many uploads of one user at once, each streamed slowly so that all are under way
+process (or two sharing the files root): many uploads of one user at once, each streamed slowly so that all are under way
 together, with and without Content-Length. The user's directory never holds more than the
 quota (sampled while they run: uploads under way count at what they reserved), the
 accepted files together fit in it, every refusal is a 413 problem naming the quota, and
@@ -8,57 +8,34 @@ nothing partial is left."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.support.slapd import free_port
+from tests.support.gateway import gateway_process
 from ucloud.domain.limits import MiB
 
-BIN = Path(sys.executable).parent
 QUOTA = 10 * MiB
 SIZE = 3 * MiB
 UPLOADS = 12
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    port = free_port()
+@pytest.fixture(params=[1, 2], ids=["one gateway", "two gateways"])
+def gateway(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[list[str], Path]]:
+    """One `ucloud gateway`, or two sharing the files root (the uploads alternate)."""
     files = tmp_path / "files"
-    log = open(tmp_path / "gateway.log", "wb")
-    process = subprocess.Popen(
-        [str(BIN / "ucloud"), "gateway", "--store", f"sqlite://{tmp_path / 'events.sqlite'}", "--state-dir",
-         str(tmp_path / "state"), "--listen", "127.0.0.1", "--port", str(port), "--insecure-header-auth",
-         "--files-root", str(files), "--max-file-size", "4MiB", "--file-quota", "10MiB"],
-        stdout=log, stderr=log, start_new_session=True)
-    log.close()
-    api = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{api}/healthz", timeout=1):
-                    break
-            except OSError:
-                assert process.poll() is None, (tmp_path / "gateway.log").read_text()
-                assert time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
-                time.sleep(0.1)
-        yield api, files
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with contextlib.ExitStack() as stack:
+        apis = []
+        for index in range(request.param):
+            root = tmp_path / f"gateway-{index}"
+            root.mkdir()
+            apis.append(stack.enter_context(gateway_process(
+                root, "--files-root", str(files), "--max-file-size", "4MiB", "--file-quota", "10MiB")))
+        yield apis, files
 
 
 def on_disk(directory: Path) -> int:
@@ -75,8 +52,8 @@ def on_disk(directory: Path) -> int:
     return total
 
 
-async def test_concurrent_uploads_never_exceed_the_quota(gateway: tuple[str, Path]) -> None:
-    api, files = gateway
+async def test_concurrent_uploads_never_exceed_the_quota(gateway: tuple[list[str], Path]) -> None:
+    apis, files = gateway
     directory = files / "alice"
     headers = {"X-Ucloud-User": "alice", "X-Ucloud-Realm": "ucloud", "Content-Type": "application/octet-stream"}
     started = asyncio.Event()
@@ -89,6 +66,7 @@ async def test_concurrent_uploads_never_exceed_the_quota(gateway: tuple[str, Pat
 
     async def upload(session: aiohttp.ClientSession, index: int) -> tuple[int, dict[str, object]]:
         declared = {"Content-Length": str(SIZE)} if index % 2 else {}  # half chunked, half declared
+        api = apis[index % len(apis)]
         async with session.put(f"{api}/v1/files/f{index}.qcow2", data=slowly(),
                                headers={**headers, **declared}) as answer:
             return answer.status, await answer.json(content_type=None)

@@ -4,10 +4,16 @@ free loopback port from a background thread with its own event loop (for the CLI
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -114,3 +120,37 @@ def served_gateway(store_factory: Any = MemoryEventStore, **config: Any) -> Iter
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@contextmanager
+def gateway_process(root: Path, *args: str) -> Iterator[str]:
+    """`ucloud gateway --insecure-header-auth` as a process of its own on a SQLite log under
+    ``root``, on a free loopback port; yields its base URL."""
+    from tests.support.slapd import free_port
+
+    port = free_port()
+    log_path = root / "gateway.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ucloud"), "gateway", "--store", f"sqlite://{root / 'events.sqlite'}",
+             "--state-dir", str(root / "state"), "--listen", "127.0.0.1", "--port", str(port),
+             "--insecure-header-auth", *args], stdout=log, stderr=log, start_new_session=True)
+    api = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/healthz", timeout=1):
+                    break
+            except OSError:
+                assert process.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+        yield api
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -33,7 +33,7 @@ import stat
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -59,21 +59,15 @@ from ucloud.domain.units import parse_size
 from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 from ucloud.gateway.app import GatewayConfig, start
-from ucloud.gateway.metadata import MetadataConfig, RunningMetadata
-from ucloud.gateway.metadata import serve as serve_metadata
-from ucloud.gateway.metadata import start as start_metadata
-from ucloud.hostagent.agent import HostAgent, nocloud_serial
-from ucloud.hostagent.builtin import build_builtin
-from ucloud.hostagent.debianimage import DebianImageError
-from ucloud.hostagent.images import ImageCatalogue
-from ucloud.hostagent.main import NetworkOptions
-from ucloud.hostagent.qemu import QemuDriver
-from ucloud.hostagent.tinyguest import TinyGuestError
-from ucloud.hostagent.writes import DirectWrites
-from ucloud.imagestore.bootdisk import BootDiskError
 from ucloud.imagestore.stores import parse_stores
 from ucloud.processes import daemon as processes
-from ucloud.processes.builtin_images import BuiltinImageError, register_builtin
+
+if TYPE_CHECKING:
+    from ucloud.hostagent.main import NetworkOptions
+
+# What only `ucloud up` and `ucloud metadata` use (a host agent, QEMU, the metadata server,
+# the built-in images) is imported in them: `ucloud gateway` and `ucloud processes` start
+# without it (docs/performance.md, "Start-up over 100,000 VMs").
 
 log = logging.getLogger("ucloud.up")
 
@@ -219,6 +213,16 @@ async def run_up(
     files: FileLimits = FileLimits(),
     cache_dir: Path | None = None,
 ) -> None:
+    from ucloud.gateway.metadata import MetadataConfig, RunningMetadata
+    from ucloud.gateway.metadata import start as start_metadata
+    from ucloud.hostagent.agent import HostAgent
+    from ucloud.hostagent.builtin import build_builtin
+    from ucloud.hostagent.images import ImageCatalogue
+    from ucloud.hostagent.main import NetworkOptions
+    from ucloud.hostagent.qemu import QemuDriver
+    from ucloud.hostagent.writes import DirectWrites
+    from ucloud.processes.builtin_images import register_builtin
+
     network = network or NetworkOptions(router=True)
     cache_dir = cache_dir or state_dir / "cache"
     auth = auth or AuthOptions()
@@ -408,6 +412,13 @@ def up(store_url: str, state_dir: Path, listen: tuple[str, ...], port: int, host
        metadata_url: str | None, underlay: str | None, underlay_address: str | None, max_file_size: str,
        file_quota: str, cache_dir: Path | None, verbose: bool) -> None:
     """Start ucloud on this machine: log, API, scheduler and a host agent."""
+    from ucloud.hostagent.agent import nocloud_serial
+    from ucloud.hostagent.debianimage import DebianImageError
+    from ucloud.hostagent.main import NetworkOptions
+    from ucloud.hostagent.tinyguest import TinyGuestError
+    from ucloud.imagestore.bootdisk import BootDiskError
+    from ucloud.processes.builtin_images import BuiltinImageError
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ldap = {"urls": list(ldap_urls) or None, "base_dn": ldap_base_dn, "bind_dn": ldap_bind_dn,
@@ -467,6 +478,9 @@ def metadata(store_url: str, listen: tuple[str, ...], port: int, no_link_local: 
     """Run a metadata server: guests learn their SSH keys, hostname, user data and network
     configuration (ucloud, OpenStack and NoCloud formats; docs/metadata.md). Run one on
     every host; any number of instances may share a host and a port."""
+    from ucloud.gateway.metadata import MetadataConfig
+    from ucloud.gateway.metadata import serve as serve_metadata
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = MetadataConfig(store_url=store_url, listen=listen, port=port, link_local=not no_link_local,

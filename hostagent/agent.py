@@ -115,7 +115,7 @@ class SliceVms(Projection):
     request, or its life elsewhere before it came back) from the VM's own stream."""
 
     name = "slice-vms"
-    snapshot_schema = 3  # 3: its VMs view dumps its rows as one msgpack blob
+    snapshot_schema = 4  # 3: its VMs view dumps its rows as one msgpack blob; 4: its hosts view too
     handles = VmsView.handles | HostsView.handles
 
     def __init__(self) -> None:

@@ -219,6 +219,7 @@ class BillingProcess(ProcessManager):
     benchmarks, a one-off close)."""
 
     name = "billing"
+    snapshot_schema = 2  # 2: its view dumps one msgpack blob
     interested_in = BILLING_TAGS
 
     def __init__(self, store: EventStore, settings: BillingSettings | None = None,

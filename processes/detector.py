@@ -72,6 +72,7 @@ def verdicts(hosts: Iterable[host_domain.Host], alive: Mapping[str, str], missin
 class FailureDetector(ProcessManager):
     name = "failure-detector"
     interested_in = _HOST_EVENTS
+    snapshot_schema = 2  # 2: its hosts view dumps msgpack blobs
 
     def __init__(self, commands: CommandService, leases: Leases, *, instance: str = "",
                  declare_after: float = 0.25, tick_interval: float = 0.1,

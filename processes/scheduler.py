@@ -79,7 +79,7 @@ _VERSIONS = msgspec.msgpack.Decoder(dict[UUID, int])
 class Scheduler(ProcessManager):
     name = "scheduler"  # stable: its tracking key and snapshot, whichever instance runs it
     interested_in = _WATCHED
-    snapshot_schema = 2  # 2: its VMs view dumps its rows as one msgpack blob
+    snapshot_schema = 3  # 2: its VMs view dumps its rows as one msgpack blob; 3: its hosts view too
 
     def __init__(
         self,

@@ -85,9 +85,14 @@ class BillingState(msgspec.Struct, kw_only=True):
     orders: list[tuple[order_domain.Order, int]] = []
 
 
+_ENCODE = msgspec.msgpack.Encoder().encode
+_STATE = msgspec.msgpack.Decoder(BillingState)
+
+
 class BillingView(Projection):
     name = "billing"
     handles = BILLING_TAGS
+    snapshot_schema = 2  # 2: one msgpack blob (1: plain values)
 
     def __init__(self, periods: PeriodPolicy | None = None) -> None:
         self.meter = Meter(periods)
@@ -218,14 +223,16 @@ class BillingView(Projection):
     # -- snapshots ----------------------------------------------------------------------------
 
     def dump(self) -> Any:
-        return msgspec.to_builtins(BillingState(
+        """One msgpack blob, read back by a typed decoder (see VmsView.dump)."""
+        return _ENCODE(BillingState(
             meter=self.meter.dump(), accounts=list(self.accounts.values()), invoices=list(self.invoices.values()),
             invoices_version=self.invoices_version, periods_version=self.periods_version,
             first_time=self.first_time, pending=[(o, s, e) for (o, s), e in self.pending.items()],
             orders=list(self.orders.values())))
 
     def load(self, data: Any) -> None:
-        state = msgspec.convert(data, BillingState)
+        """From ``dump``'s blob, or from plain values (schema 1)."""
+        state = _STATE.decode(data) if isinstance(data, bytes) else msgspec.convert(data, BillingState)
         self.__init__(PeriodPolicy(seconds=state.meter.periods))  # type: ignore[misc]
         self.meter = Meter.load(state.meter)
         self.accounts = {row.owner: row for row in state.accounts}

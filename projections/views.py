@@ -107,10 +107,15 @@ class VmsView(Projection):
                 placed.add(vm.id)
 
 
+_HOSTS = msgspec.msgpack.Decoder(list[host_domain.Host])
+_VERSIONS = msgspec.msgpack.Decoder(dict[UUID, int])
+
+
 class HostsView(Projection):
     """Hosts with capacity and usage (usage is the sum of the claims on each host)."""
 
     name = "hosts"
+    snapshot_schema = 2  # 2: hosts and versions are msgpack blobs (1: plain values)
     handles = frozenset(tag_of(t) for t in host_domain.HOST_EVENT_TYPES)
 
     def __init__(self) -> None:
@@ -130,12 +135,19 @@ class HostsView(Projection):
         return sorted(self.by_id.values(), key=lambda h: h.hostname)
 
     def dump(self) -> Any:
-        return {"hosts": [msgspec.to_builtins(h) for h in self.by_id.values()],
-                "versions": {str(k): v for k, v in self.versions.items()}}
+        """Hosts and versions as msgpack blobs, read back by typed decoders (see VmsView.dump):
+        1,000 hosts hold 100,000 claims."""
+        return {"hosts": _ENCODE(list(self.by_id.values())), "versions": _ENCODE(self.versions)}
 
     def load(self, data: Any) -> None:
-        self.by_id = {h.id: h for h in (msgspec.convert(raw, host_domain.Host) for raw in data["hosts"])}
-        self.versions = {UUID(k): v for k, v in data["versions"].items()}
+        """From ``dump``'s blobs, or from lists and dicts of plain values (schema 1)."""
+        hosts, versions = data["hosts"], data["versions"]
+        if isinstance(hosts, bytes):
+            self.by_id = {h.id: h for h in _HOSTS.decode(hosts)}
+            self.versions = _VERSIONS.decode(versions)
+            return
+        self.by_id = {h.id: h for h in (msgspec.convert(raw, host_domain.Host) for raw in hosts)}
+        self.versions = {UUID(k): v for k, v in versions.items()}
 
 
 class SshKeysView(Projection):

@@ -144,9 +144,9 @@ async def test_a_wait_for_a_restored_position_ends_with_the_restore(tmp_path: Pa
     await store.close()
 
 
-async def test_vm_rows_load_from_both_snapshot_shapes(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """Schema 2 dumps the VM rows as one msgpack blob; the rows of schema 1 (plain objects)
-    load to the same view."""
+async def test_vm_and_host_rows_load_from_both_snapshot_shapes(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Schema 2 dumps the VM rows (and the hosts) as msgpack blobs; the rows of schema 1
+    (plain objects) load to the same views."""
     store = await open_store("sqlite", tmp_path, request)
     commands = CommandService(store)
     host = (await up_host(commands, "h1", 64, "256GB", "10TB")).result
@@ -168,4 +168,15 @@ async def test_vm_rows_load_from_both_snapshot_shapes(tmp_path: Path, request: p
         view.load(data)
         assert view.by_id == models.vms.by_id
         assert view.by_owner == models.vms.by_owner and view.by_host == models.vms.by_host
+
+    hosts = msgspec.msgpack.decode(msgspec.msgpack.encode(models.hosts.dump()))
+    assert isinstance(hosts["hosts"], bytes) and isinstance(hosts["versions"], bytes)
+    plain_hosts = msgspec.msgpack.decode(msgspec.msgpack.encode({
+        "hosts": [msgspec.to_builtins(h) for h in models.hosts.by_id.values()],
+        "versions": {str(k): v for k, v in models.hosts.versions.items()}}))
+    for data in (hosts, plain_hosts):
+        loaded = ReadModels().hosts
+        loaded.load(data)
+        assert loaded.by_id == models.hosts.by_id and loaded.versions == models.hosts.versions
+        assert loaded.by_id[host].claims == models.hosts.by_id[host].claims != {}
     await store.close()

@@ -16,7 +16,7 @@ from ucloud.domain.metering import PeriodPolicy
 from ucloud.domain.order import OrderConfirmed, OrderQuoted
 from ucloud.domain.pricing import PriceSet, Resource
 from ucloud.eventstore.records import EventRecord
-from ucloud.projections.billing import BillingView
+from ucloud.projections.billing import BillingState, BillingView
 
 T0 = 1_800_000_000
 HOST = uuid.UUID(int=1)
@@ -51,11 +51,17 @@ def test_a_snapshot_restores_usage_invoices_accounts_and_orders() -> None:
     view = BillingView(PeriodPolicy(seconds=3600))
     for position, event in enumerate(events, 1):
         view.apply(_record(position, event, T0 + position), event)
-    restored = BillingView()
-    restored.load(msgspec.msgpack.decode(msgspec.msgpack.encode(view.dump())))
-    now = T0 + 5000
-    assert restored.balance("alice", now) == view.balance("alice", now)
-    assert restored.invoices == view.invoices and restored.invoiced == view.invoiced
-    assert restored.usage("alice", now) == view.usage("alice", now)
-    assert restored.orders == view.orders and [o.id for o in restored.confirmed_orders()] == [order_id]
-    assert restored.meter.periods == view.meter.periods and restored.meter.closed_until == view.meter.closed_until
+    blob = msgspec.msgpack.decode(msgspec.msgpack.encode(view.dump()))
+    assert isinstance(blob, bytes)  # schema 2: one msgpack blob
+    plain = msgspec.msgpack.decode(msgspec.msgpack.encode(msgspec.to_builtins(
+        msgspec.msgpack.decode(blob, type=BillingState))))  # schema 1: plain values
+    for data in (blob, plain):
+        restored = BillingView()
+        restored.load(data)
+        now = T0 + 5000
+        assert restored.balance("alice", now) == view.balance("alice", now)
+        assert restored.invoices == view.invoices and restored.invoiced == view.invoiced
+        assert restored.usage("alice", now) == view.usage("alice", now)
+        assert restored.orders == view.orders and [o.id for o in restored.confirmed_orders()] == [order_id]
+        assert restored.meter.periods == view.meter.periods
+        assert restored.meter.closed_until == view.meter.closed_until

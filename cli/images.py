@@ -193,6 +193,9 @@ def image_builtin(ctx: Context, name: str, cache: Path, store: str | None, timeo
             raise Failure(f"cannot build the image {name}: {error}") from None
         file_name = f"{name}.qcow2"
         sha256 = await asyncio.to_thread(_sha256, built)
+        mine = {f["name"]: f["sha256"] for f in (await client.get("/v1/files"))["files"]}
+        if mine.get(file_name, sha256) != sha256:
+            raise Failure(f"you have a file {file_name} that is not this build; delete or rename it first")
         await client.request("PUT", f"/v1/files/{file_name}",
                              headers={"X-Ucloud-Sha256": sha256, "Content-Type": "application/octet-stream"},
                              upload=lambda: open(built, "rb"))

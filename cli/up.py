@@ -59,6 +59,7 @@ from ucloud.domain.units import parse_size
 from ucloud.eventstore.leases import leases_for
 from ucloud.eventstore.url import InvalidStoreUrl, open_store
 from ucloud.gateway.app import GatewayConfig, start
+from ucloud.hostagent.options import agent_options
 from ucloud.imagestore.stores import parse_stores
 from ucloud.processes import daemon as processes
 
@@ -353,9 +354,7 @@ async def run_up(
 @click.option("--listen", multiple=True, default=("::1", "127.0.0.1"), show_default=True,
               help="Addresses the API listens on (repeat).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--hostname", default=socket.gethostname(), show_default=True, help="This host's name in ucloud.")
-@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
-              help="auto: KVM only when a test boot proves it works, else TCG.")
+@agent_options
 @click.option("--no-agent", is_flag=True, help="Do not run a host agent on this machine.")
 @click.option("--admin", default=FIRST_ADMIN, show_default=True, envvar="UCLOUD_ADMIN",
               help="The first admin, created (built-in directory) and enrolled in the admin realm on the "
@@ -392,14 +391,6 @@ async def run_up(
 @click.option("--debian-12", "debian12", is_flag=True,
               help="Build (once, ~500 MB of Debian packages) and publish the stock image 'debian-12' "
                    "(cloud-init, openssh) on this machine's host agent.")
-@click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
-              help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
-                   "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
-@click.option("--underlay", envvar="UCLOUD_UNDERLAY", metavar="DEV",
-              help="The device networks' VXLAN leaves by, for hosts elsewhere (default: none; networks stay "
-                   "on this machine). This machine routes every network with IPAM either way.")
-@click.option("--underlay-address", envvar="UCLOUD_UNDERLAY_ADDRESS", metavar="ADDR",
-              help="The IPv6 source address of VXLAN traffic on the underlay.")
 @file_limit_options
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="UCLOUD_CACHE",
               help="Where the built-in images are built and kept (default: <state-dir>/cache).")

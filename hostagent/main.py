@@ -8,7 +8,6 @@ import faulthandler
 import ipaddress
 import logging
 import signal
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from .debianimage import DebianImageError
 from .hypervisor import HypervisorDriver
 from .images import ImageCatalogue
 from .network.linux import LinuxNetworkDriver
+from .options import agent_options
 from .qemu import QemuDriver
 from .watchdog import WatchdogFeed
 from .writes import CredentialError, DirectWrites, GatewayWrites, HostWrites, read_credential
@@ -96,14 +96,10 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--store", "store_url", envvar="UCLOUD_STORE", required=True,
               help="The log: etcd://host:port[,host:port][/prefix] or sqlite:///path.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=Path("/var/lib/ucloud"), show_default=True)
-@click.option("--hostname", default=socket.gethostname(), show_default=True)
-@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
+@agent_options
 @click.option("--no-tiny", is_flag=True, help="Do not build and publish the built-in image 'tiny'.")
 @click.option("--image-store", "image_stores", multiple=True, metavar="NAME=fs:/PATH|NAME=rbd:POOL[:CONF]",
               help="An image store this host reaches (repeat). Default: local=fs:<state-dir>/image-store.")
-@click.option("--metadata-url", envvar="UCLOUD_METADATA_URL", metavar="URL",
-              help="The metadata server's routable base URL (e.g. http://[2001:db8::1]); guests' cloud-init "
-                   "gets it as its NoCloud seed in the SMBIOS serial (docs/metadata.md).")
 @click.option("--lease-ttl", type=click.FloatRange(min=1, max=60), default=3.0, show_default=True,
               help="Seconds of the heartbeat lease: the host is declared dead about this long after it stops.")
 @click.option("--lease-margin", type=click.FloatRange(min=0.1), default=0.5, show_default=True,
@@ -111,11 +107,6 @@ async def run_agent(store_url: str, state_dir: Path, hostname: str, accel: str, 
 @click.option("--debian-12", "debian12", is_flag=True,
               help="Build (once, ~500 MB of Debian packages) and publish the stock image 'debian-12' "
                    "(cloud-init, openssh).")
-@click.option("--underlay", envvar="UCLOUD_UNDERLAY", metavar="DEV",
-              help="The device networks' VXLAN traffic (IPv6 multicast, UDP 4789) leaves by. Without it, "
-                   "networks stay on this host (a bridge without VXLAN).")
-@click.option("--underlay-address", envvar="UCLOUD_UNDERLAY_ADDRESS", metavar="ADDR",
-              help="The IPv6 source address of VXLAN traffic on the underlay.")
 @click.option("--underlay-mtu", type=click.IntRange(1280 + 70, 65535), metavar="BYTES",
               help="The underlay's MTU (default: the device's); NICs get 70 bytes less.")
 @click.option("--router", is_flag=True, envvar="UCLOUD_ROUTER",

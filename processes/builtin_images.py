@@ -40,8 +40,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _place(source: Path, directory: Path, name: str) -> None:
+def _place(source: Path, directory: Path, name: str, sha256: str) -> None:
+    """The built file as ``directory/name``; a different file of that name is the admin's
+    own and is not overwritten."""
     directory.mkdir(parents=True, exist_ok=True)
+    existing = directory / name
+    if existing.exists() and _sha256(existing) != sha256:
+        raise BuiltinImageError(f"{existing} exists and is another file; move it away to register the "
+                                f"built-in image")
     partial = directory / f".upload-builtin-{name}"
     shutil.copyfile(source, partial)
     os.replace(partial, directory / name)
@@ -85,7 +91,7 @@ async def _register(commands: CommandService, files_root: Path, actor: Actor, ad
             return file is not None and not file.removed and file.sha256 == sha256
 
         if not await recorded():
-            await asyncio.to_thread(_place, built, Path(files_root) / admin, file_name)
+            await asyncio.to_thread(_place, built, Path(files_root) / admin, file_name, sha256)
             await _until(commands, recorded, poll)  # the file scanner hashes and records it
         try:
             await commands.create_image(actor, name, file_name, public=True, owner=admin)

@@ -40,7 +40,7 @@ from ucloud.eventstore.sqlite import SqliteEventStore
 from ucloud.hostagent.builtin import build_builtin
 from ucloud.hostagent.tinyguest import MARKER
 from ucloud.imagestore.stores import FsStore
-from ucloud.processes.builtin_images import register_builtin
+from ucloud.processes.builtin_images import BuiltinImageError, register_builtin
 from ucloud.processes.files import FileScanner
 from ucloud.processes.images import ImageScanner
 
@@ -292,3 +292,19 @@ def test_a_gateway_without_host_images_accepts_catalogue_images_only(tmp_path: P
     else:
         assert (status, problem.get("field")) == (422, "image"), problem
         assert "no image named 'tiny'" in problem["detail"]
+
+
+async def test_registering_never_overwrites_an_admins_own_file_of_that_name(tmp_path: Path) -> None:
+    built = await asyncio.to_thread(build_builtin, "tiny", tmp_path / "cache")
+    files = tmp_path / "files"
+    (files / "admin").mkdir(parents=True)
+    own = files / "admin" / "tiny.qcow2"
+    own.write_bytes(b"the admin's own file")
+    log = SqliteEventStore(tmp_path / "events.sqlite")
+    try:
+        with pytest.raises(BuiltinImageError, match="exists and is another file"):
+            await register_builtin(CommandService(log), files, "admin", "tiny", built, timeout=60)
+    finally:
+        await log.close()
+    assert own.read_bytes() == b"the admin's own file"
+    assert sorted(p.name for p in (files / "admin").iterdir()) == ["tiny.qcow2"]

@@ -3,6 +3,7 @@
     .venv/bin/python -m tests.bench.run startup                  # through the runner
     .venv/bin/python -m tests.bench.bench_startup [--runs 3] [--vms 100000] [--hosts 1000]
     .venv/bin/python -m tests.bench.bench_startup --quick        # 5,000 VMs on 50 hosts, 1 run
+    .venv/bin/python -m tests.bench.bench_startup --only agent --keep   # one daemon; keep the logs in /tmp
 
 The log (SQLite, a file in /tmp) is written first, not timed: real domain events encoded
 by the domain codec, each indexed under the slices the command side gives it (the VM's

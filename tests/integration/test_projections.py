@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from pathlib import Path
 
 import msgspec
@@ -15,7 +16,7 @@ from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import Actor
 from ucloud.domain import vm as vm_domain
 from ucloud.eventstore.records import EventRecord
-from ucloud.projections.runner import ProjectionRunner
+from ucloud.projections.runner import ProjectionRunner, no_cyclic_gc
 from ucloud.projections.views import ReadModels
 
 ADMIN = Actor("root", "ucloud-admin", is_admin=True)
@@ -180,3 +181,20 @@ async def test_vm_and_host_rows_load_from_both_snapshot_shapes(tmp_path: Path, r
         assert loaded.by_id == models.hosts.by_id and loaded.versions == models.hosts.versions
         assert loaded.by_id[host].claims == models.hosts.by_id[host].claims != {}
     await store.close()
+
+
+def test_a_restore_pauses_the_cyclic_gc_and_gives_it_back() -> None:
+    assert gc.isenabled()
+    with no_cyclic_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ValueError), no_cyclic_gc():
+        raise ValueError("a snapshot that does not decode")
+    assert gc.isenabled()  # given back after a failed restore too
+    gc.disable()
+    try:
+        with no_cyclic_gc():
+            pass
+        assert not gc.isenabled()  # not switched on behind the back of whoever turned it off
+    finally:
+        gc.enable()

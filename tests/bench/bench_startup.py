@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.fake_hypervisor import FakeHypervisor
-from tests.support.etcd import free_port
+from tests.support.etcd import MAX_TXN_OPS, EtcdMember, _tmp_root, free_port
 from ucloud.commands.aggregates import HOST, VM
 from ucloud.commands.service import CommandService
 from ucloud.commands.unit_of_work import AggregateType
@@ -75,7 +75,10 @@ from ucloud.domain import host as host_domain
 from ucloud.domain import vm as vm_domain
 from ucloud.domain.catalogue import build_codec
 from ucloud.domain.events import Event
-from ucloud.eventstore.leases import Grant, SqliteLeases
+from ucloud.eventstore.etcd import EtcdEventStore
+from ucloud.eventstore.etcd_client import prefix_end
+from ucloud.eventstore.interface import EventStore
+from ucloud.eventstore.leases import Grant, Leases, SqliteLeases, leases_for
 from ucloud.eventstore.records import NewEvent, StreamAppend
 from ucloud.eventstore.sqlite import SqliteEventStore
 from ucloud.processes import daemon as processes
@@ -90,6 +93,9 @@ PACKAGES = ("auth", "cli", "commands", "domain", "eventstore", "gateway", "hosta
             "projections")
 
 
+Server = Callable[[], float] | None  # the etcd member's CPU seconds, when the log is in etcd
+
+
 def hostname(index: int) -> str:
     return f"bench-host-{index:04d}"
 
@@ -97,8 +103,10 @@ def hostname(index: int) -> str:
 class Log:
     """Domain events into a SQLite log, with the slices the command side would give them."""
 
-    def __init__(self, store: SqliteEventStore) -> None:
+    def __init__(self, store: EventStore, flush_at: int = 5000) -> None:
         self.store = store
+        self.flush_at = flush_at  # events per append (etcd: bounded by --max-txn-ops)
+        self.ask_versions = False  # look up the version of a stream not seen yet (the tail on etcd)
         self.codec = build_codec()
         self.states: dict[str, Any] = {}
         self.versions: dict[str, int] = {}
@@ -117,7 +125,7 @@ class Log:
             type=tag, schema=schema, data=data, actor=actor, correlation_id=uuid.uuid4(),
             slices=had + tuple(s for s in has if s not in had)))
         self.pending += 1
-        if self.pending >= 5000:
+        if self.pending >= self.flush_at:
             await self.flush()
 
     async def vm(self, event: Event, actor: str) -> None:
@@ -129,6 +137,10 @@ class Log:
     async def flush(self) -> None:
         if not self.batch:
             return
+        if self.ask_versions:
+            unknown = [stream for stream in self.batch if stream not in self.versions]
+            found = await asyncio.gather(*(self.store.stream_version(stream) for stream in unknown))
+            self.versions.update(zip(unknown, found, strict=True))
         appends = [StreamAppend(stream, self.versions.get(stream, 0), events) for stream, events in self.batch.items()]
         await self.store.append(*appends)
         for stream, events in self.batch.items():
@@ -149,10 +161,9 @@ class Population:
     grants: dict[uuid.UUID, Grant]
 
 
-async def populate(path: Path, vms: int, hosts: int) -> tuple[Log, Population]:
-    store = SqliteEventStore(path)
-    log = Log(store)
-    leases = SqliteLeases(str(path) + ".leases")
+async def populate(store: EventStore, leases: Leases, vms: int, hosts: int, flush_at: int = 5000
+                   ) -> tuple[Log, Population]:
+    log = Log(store, flush_at)
     host_ids, grants = [], {}
     for index in range(hosts):
         name = hostname(index)
@@ -206,6 +217,7 @@ class Started:
     ready: float  # wall seconds from spawn
     cpu: float  # the process's CPU seconds then
     read: int  # events read
+    server_cpu: float | None = None  # etcd's CPU seconds from the spawn to then
     first: float | None = None  # gateway: first 200 from /healthz; agent: caught up
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -262,9 +274,10 @@ def until(daemon: Daemon, ready: Callable[[], bool], timeout: float = 600.0) -> 
         time.sleep(0.01)
 
 
-def run_gateway(store: Path, work: Path, head: int) -> Started:
+def run_gateway(store: str, work: Path, head: int, server: Server = None) -> Started:
     port = free_port()
-    daemon = Daemon([str(BIN / "ucloud"), "gateway", "--store", f"sqlite://{store}", "--insecure-header-auth",
+    began = server() if server else 0.0
+    daemon = Daemon([str(BIN / "ucloud"), "gateway", "--store", store, "--insecure-header-auth",
                      "--listen", "127.0.0.1", "--port", str(port), "--state-dir", str(work / "gateway")],
                     work / "gateway.log")
     first: float | None = None
@@ -283,7 +296,7 @@ def run_gateway(store: Path, work: Path, head: int) -> Started:
             first = at
         health = json.loads(body)
         if health["lag"] == 0 and health["position"] >= head:
-            seen.update(at=at, cpu=cpu)
+            seen.update(at=at, cpu=cpu, server=server() - began if server else None)
             return True
         return False
 
@@ -293,7 +306,7 @@ def run_gateway(store: Path, work: Path, head: int) -> Started:
         daemon.stop()
     restored = re.search(r"projections read-models restored at position (\d+)", daemon.output())
     read = head - (int(restored.group(1)) if restored else 0)
-    return Started(seen["at"], seen["cpu"], read, first)
+    return Started(seen["at"], seen["cpu"], read, seen["server"], first)
 
 
 def figure(metrics: str, name: str, manager: str) -> int:
@@ -303,9 +316,10 @@ def figure(metrics: str, name: str, manager: str) -> int:
     return int(found.group(1))
 
 
-def run_processes(store: Path, work: Path, targets: dict[str, int]) -> Started:
+def run_processes(store: str, work: Path, targets: dict[str, int], server: Server = None) -> Started:
     port = free_port()
-    daemon = Daemon([str(BIN / "ucloud"), "processes", "--store", f"sqlite://{store}", "--instance", "bench",
+    began = server() if server else 0.0
+    daemon = Daemon([str(BIN / "ucloud"), "processes", "--store", store, "--instance", "bench",
                      "--metrics-listen", "127.0.0.1", "--metrics-port", str(port)], work / "processes.log")
     each: dict[str, float] = {}
     seen: dict[str, Any] = {}
@@ -322,7 +336,7 @@ def run_processes(store: Path, work: Path, targets: dict[str, int]) -> Started:
                 each[name] = at
         if len(each) < len(targets):
             return False
-        seen.update(at=at, cpu=cpu, metrics=metrics)
+        seen.update(at=at, cpu=cpu, metrics=metrics, server=server() - began if server else None)
         return True
 
     try:
@@ -330,12 +344,13 @@ def run_processes(store: Path, work: Path, targets: dict[str, int]) -> Started:
     finally:
         daemon.stop()
     reads = {name: figure(seen["metrics"], "ucloud_process_read_total", name) for name in targets}
-    return Started(seen["at"], seen["cpu"], sum(reads.values()), detail={
+    return Started(seen["at"], seen["cpu"], sum(reads.values()), seen["server"], detail={
         name: f"{each[name]:.2f} s, {reads[name]:,} read" for name in targets})
 
 
-def run_agent(store: Path, work: Path, state: Path) -> Started:
-    daemon = Daemon([sys.executable, "-m", "tests.bench.fake_hypervisor", "--store", f"sqlite://{store}",
+def run_agent(store: str, work: Path, state: Path, server: Server = None) -> Started:
+    began = server() if server else 0.0
+    daemon = Daemon([sys.executable, "-m", "tests.bench.fake_hypervisor", "--store", store,
                      "--state-dir", str(state), "--hostname", hostname(MEASURED)], work / "agent.log")
     up: float | None = None
     seen: dict[str, Any] = {}
@@ -349,14 +364,14 @@ def run_agent(store: Path, work: Path, state: Path) -> Started:
         if done is None:
             return False
         seen.update(at=daemon.elapsed(), cpu=cpu_seconds(daemon.process.pid), vms=int(done.group(1)),
-                     read=int(done.group(2)))
+                     read=int(done.group(2)), server=server() - began if server else None)
         return True
 
     try:
         until(daemon, ready)
     finally:
         daemon.stop()
-    return Started(seen["at"], seen["cpu"], seen["read"], up, detail={"VMs": seen["vms"]})
+    return Started(seen["at"], seen["cpu"], seen["read"], seen["server"], up, detail={"VMs": seen["vms"]})
 
 
 # -- the log, its snapshots and its tail --------------------------------------------------------
@@ -369,22 +384,22 @@ def copy_log(source: Path, target: Path) -> None:
         shutil.copyfile(str(source) + suffix, str(target) + suffix)
 
 
+async def interests(store: EventStore) -> dict[str, frozenset[str] | None]:
+    """Per process manager: the event types it follows (None: all)."""
+    leases = leases_for(store)
+    made = processes.build(CommandService(store), leases, processes.ProcessSettings(instance="bench"))
+    found = {runner.manager.name: runner.manager.interested_in for runner in made.runners}
+    await leases.close()
+    await store.close()
+    return found
+
+
 def manager_targets(path: Path) -> dict[str, int]:
     """Per process manager: the newest position of an event of a type it follows."""
-    async def interests() -> dict[str, frozenset[str] | None]:
-        store = SqliteEventStore(path)
-        from ucloud.eventstore.leases import leases_for
-        leases = leases_for(store)
-        made = processes.build(CommandService(store), leases, processes.ProcessSettings(instance="bench"))
-        found = {runner.manager.name: runner.manager.interested_in for runner in made.runners}
-        await leases.close()
-        await store.close()
-        return found
-
     targets = {}
     with sqlite3.connect(path) as conn:
         head = conn.execute("SELECT MAX(position) FROM events").fetchone()[0]
-        for name, types in asyncio.run(interests()).items():
+        for name, types in asyncio.run(interests(SqliteEventStore(path))).items():
             if types is None:
                 targets[name] = head
                 continue
@@ -399,37 +414,65 @@ def head_of(path: Path) -> int:
         return int(conn.execute("SELECT MAX(position) FROM events").fetchone()[0])
 
 
-def prepare(root: Path, vms: int, hosts: int) -> tuple[Path, Path, Path, int]:
-    """The log with snapshots, the same log without, and the measured agent's state dir."""
-    log_path = root / "made" / "events.sqlite"
-    log_path.parent.mkdir(parents=True)
-    began = time.perf_counter()
-    log, population = asyncio.run(populate(log_path, vms, hosts))
-    asyncio.run(log.store.close())
-    print(f"log: {log.written:,} events of {vms:,} VMs on {hosts:,} hosts written in "
-          f"{time.perf_counter() - began:.1f} s ({log_path.stat().st_size / 2**20:.0f} MiB)", flush=True)
+def agent_host(log: Log, population: Population, agent_state: Path) -> list[uuid.UUID]:
+    """The measured host's guests (the running ones) and heartbeat lease, in its agent's state dir."""
     measured = population.host_ids[MEASURED]
     mine = [v for v in population.vm_ids if (s := log.vm_state(v)) is not None and s.host_id == measured]
     running = [v for v in mine if (s := log.vm_state(v)) is not None and s.status is vm_domain.Status.RUNNING]
-    agent_state = root / "made" / "agent"
     FakeHypervisor.write(agent_state, running)
     grant = population.grants[measured]
     (agent_state / "heartbeat-lease").write_text(json.dumps(
         {"name": grant.name, "holder": grant.holder, "ttl": grant.ttl, "token": grant.token}))
     print(f"measured host {hostname(MEASURED)}: {len(mine)} VMs, {len(running)} running", flush=True)
+    return running
 
-    # The snapshots, as each daemon leaves them when stopped on purpose.
-    work = root / "made" / "first"
+
+def first_starts(work: Path, url: str, agent_state: Path, head: Callable[[], int],
+                 targets: Callable[[], dict[str, int]]) -> None:
+    """Each daemon once, until caught up, then SIGTERM: the snapshots production leaves."""
     work.mkdir()
     for what in ("gateway", "processes", "host agent"):
         if what == "gateway":
-            first = run_gateway(log_path, work, head_of(log_path))
+            first = run_gateway(url, work, head())
         elif what == "processes":
-            first = run_processes(log_path, work, manager_targets(log_path))
+            first = run_processes(url, work, targets())
         else:
-            first = run_agent(log_path, work, agent_state)
+            first = run_agent(url, work, agent_state)
         print(f"  first start of the {what}, to save its snapshots: {first.ready:.2f} s, {first.read:,} read",
               flush=True)
+
+
+async def write_tail(log: Log, population: Population, running: list[uuid.UUID], vms: int, hosts: int) -> int:
+    """What happened while the daemons were down: 1,000 VMs placed elsewhere, two stop requests."""
+    before = log.written
+    for index in range(vms, vms + 1000):
+        host_at = index % hosts if index % hosts != MEASURED else (MEASURED + 1) % hosts
+        await lifecycle(log, uuid.UUID(int=(10**12 + index) << 64 | index), index, population.host_ids[host_at],
+                        full=False)
+    for vm_id in running[:2]:
+        await log.vm(vm_domain.VmStopRequested(vm_id=vm_id), "user7")
+    await log.flush()
+    await log.store.close()
+    return log.written - before
+
+
+def prepare(root: Path, vms: int, hosts: int) -> tuple[Path, Path, Path, int]:
+    """The log with snapshots, the same log without, and the measured agent's state dir."""
+    log_path = root / "made" / "events.sqlite"
+    log_path.parent.mkdir(parents=True)
+    began = time.perf_counter()
+    log, population = asyncio.run(populate(SqliteEventStore(log_path), SqliteLeases(str(log_path) + ".leases"),
+                                           vms, hosts))
+    asyncio.run(log.store.close())
+    print(f"log: {log.written:,} events of {vms:,} VMs on {hosts:,} hosts written in "
+          f"{time.perf_counter() - began:.1f} s ({log_path.stat().st_size / 2**20:.0f} MiB)", flush=True)
+    agent_state = root / "made" / "agent"
+    running = agent_host(log, population, agent_state)
+
+    # The snapshots, as each daemon leaves them when stopped on purpose.
+    url = f"sqlite://{log_path}"
+    first_starts(root / "made" / "first", url, agent_state, lambda: head_of(log_path),
+                 lambda: manager_targets(log_path))
 
     # The tail: what happened while they were down.
     async def tail() -> int:
@@ -438,16 +481,7 @@ def prepare(root: Path, vms: int, hosts: int) -> tuple[Path, Path, Path, int]:
         with sqlite3.connect(log_path) as conn:
             for stream, version in conn.execute("SELECT stream, MAX(version) FROM events GROUP BY stream"):
                 log.versions[stream] = version
-        before = log.written
-        for index in range(vms, vms + 1000):
-            host_at = index % hosts if index % hosts != MEASURED else (MEASURED + 1) % hosts
-            await lifecycle(log, uuid.UUID(int=(10**12 + index) << 64 | index), index, population.host_ids[host_at],
-                            full=False)
-        for vm_id in running[:2]:
-            await log.vm(vm_domain.VmStopRequested(vm_id=vm_id), "user7")
-        await log.flush()
-        await log.store.close()
-        return log.written - before
+        return await write_tail(log, population, running, vms, hosts)
 
     print(f"tail: {asyncio.run(tail()):,} events after the snapshots", flush=True)
     with sqlite3.connect(str(log_path) + ".leases") as conn:
@@ -469,32 +503,207 @@ def prepare(root: Path, vms: int, hosts: int) -> tuple[Path, Path, Path, int]:
     return log_path, bare, agent_state, head_of(log_path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vms", type=int, default=100_000)
-    parser.add_argument("--hosts", type=int, default=1000)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="5,000 VMs on 50 hosts, one run (a smoke test)")
-    parser.add_argument("--keep", action="store_true", help="keep the logs in /tmp")
-    parser.add_argument("--only", choices=("gateway", "processes", "agent"), action="append")
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the daemons (finally blocks) when stopped
-    if args.quick:
-        args.vms, args.hosts, args.runs = 5000, 50, 1
-    # An installed ucloud has its bytecode compiled (pip does it); an editable checkout under
-    # PYTHONDONTWRITEBYTECODE=1 (as on the machine of docs/performance.md) would compile
-    # every module at every start instead, about 0.2 CPU-s of each daemon's start.
-    packages = [str(ROOT / p) for p in PACKAGES] + [str(ROOT / "tests")]
-    subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], check=True, stdout=subprocess.DEVNULL)
-    root = Path(tempfile.mkdtemp(prefix="ucloud-startup-", dir="/tmp"))
+# -- the same on etcd ------------------------------------------------------------------------------
+
+ETCD_PREFIX = "/v1"
+ETCD_OPTIONS: dict[str, Any] = {"prefix": ETCD_PREFIX, "max_txn_ops": MAX_TXN_OPS, "max_txn_bytes": 6 << 20}
+# Events per append while populating: ~3.5 etcd operations an event (the event, its stream
+# key, one or two slice keys) plus 2 per stream, under the member's --max-txn-ops of 4,096.
+ETCD_FLUSH_AT = 800
+
+
+class EtcdServer:
+    """One etcd member, started as tests/support/etcd.py starts it (data on /dev/shm, the
+    test fixture's --max-txn-ops and --max-request-bytes), with a quota of 8 GiB instead of
+    2: each run gets a fresh copy of a data dir, always on the same two ports."""
+
+    def __init__(self) -> None:
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.member: EtcdMember | None = None
+
+    @property
+    def url(self) -> str:
+        return f"etcd://127.0.0.1:{self.client_port}{ETCD_PREFIX}"
+
+    def store(self) -> EtcdEventStore:
+        return EtcdEventStore([f"127.0.0.1:{self.client_port}"], **ETCD_OPTIONS)
+
+    def start(self, data_dir: Path) -> None:
+        self.member = EtcdMember("bench", data_dir, self.client_port, self.peer_port,
+                                 f"bench=http://127.0.0.1:{self.peer_port}",
+                                 extra_args=["--quota-backend-bytes", str(8 << 30)])
+        self.member.start()
+        self.member.wait_ready(120)
+
+    def cpu(self) -> float:
+        assert self.member is not None and self.member.process is not None
+        return cpu_seconds(self.member.process.pid)
+
+    def stop(self) -> None:
+        """SIGTERM (a clean stop: its data dir is copied next)."""
+        if self.member is None or self.member.process is None:
+            return
+        process = self.member.process
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.member = None
+
+
+def etcd_targets(server: EtcdServer) -> tuple[int, dict[str, int]]:
+    """The head, and per process manager the newest position of an event of a type it
+    follows (read from the whole log: etcd has no index by type)."""
+    async def scan() -> tuple[int, dict[str, int]]:
+        store = server.store()
+        head = await store.head()
+        newest: dict[str, int] = {}
+        after = 0
+        while after < head:
+            records = await store.read_all(after, limit=10_000)
+            if not records:
+                break
+            for record in records:
+                newest[record.type] = record.position
+            after = records[-1].position
+        await store.close()
+        targets = {}
+        for name, types in (await interests(server.store())).items():
+            targets[name] = head if types is None else max((newest.get(t, 0) for t in types), default=0)
+        return head, targets
+
+    return asyncio.run(scan())
+
+
+async def etcd_clear(server: EtcdServer, *prefixes: str) -> None:
+    """Delete every key under the log's prefix + each of ``prefixes``."""
+    store = server.store()
+    for prefix in prefixes:
+        start = store.prefix + prefix.encode()
+        await store.client.delete(start, prefix_end(start))
+    await store.close()
+
+
+def prepare_etcd(root: Path, server: EtcdServer, vms: int, hosts: int) -> tuple[Path, Path, Path, int,
+                                                                                  dict[str, int]]:
+    """The etcd data dir with snapshots, the same without, the measured agent's state dir,
+    the head and the process managers' targets (as ``prepare``, on etcd)."""
+    made = root / "made"
+    made.mkdir(parents=True)
+    server.start(made / "etcd")
+    began, cpu = time.perf_counter(), server.cpu()
+
+    async def write() -> tuple[Log, Population, int]:
+        store = server.store()
+        log, population = await populate(store, leases_for(store), vms, hosts, ETCD_FLUSH_AT)
+        size = int((await store.client.status()).dbSize)
+        await store.close()
+        return log, population, size
+
+    log, population, size = asyncio.run(write())
+    print(f"log: {log.written:,} events of {vms:,} VMs on {hosts:,} hosts written to etcd in "
+          f"{time.perf_counter() - began:.1f} s (etcd {server.cpu() - cpu:.1f} CPU-s; db {size / 2**20:.0f} MiB)",
+          flush=True)
+    agent_state = made / "agent"
+    running = agent_host(log, population, agent_state)
+    first_starts(made / "first", server.url, agent_state, lambda: etcd_targets(server)[0],
+                 lambda: etcd_targets(server)[1])
+
+    async def tail() -> int:
+        log.store = server.store()
+        log.versions = {}
+        log.ask_versions = True  # streams the first starts may have moved (the agent's host)
+        return await write_tail(log, population, running, vms, hosts)
+
+    print(f"tail: {asyncio.run(tail()):,} events after the snapshots", flush=True)
+    asyncio.run(etcd_clear(server, "/leases/pm-"))  # no leader leases left over
+
+    async def snapshots() -> None:
+        store = server.store()
+        start = store.prefix + b"/snapshots/"
+        found = await store.client.range(start, prefix_end(start), keys_only=True)
+        aggregates = 0
+        for kv in found.kvs:
+            stream = kv.key[len(start):].decode()
+            if stream.startswith(("projection-", "process-")):
+                snapshot = await store.load_snapshot(stream)
+                assert snapshot is not None
+                print(f"  snapshot {stream}: at {snapshot.version:,}, {len(snapshot.state) / 2**20:.1f} MiB",
+                      flush=True)
+            else:
+                aggregates += 1
+        print(f"  and {aggregates} snapshots of aggregates (the command side's)", flush=True)
+        await store.close()
+
+    asyncio.run(snapshots())
+    head, targets = etcd_targets(server)
+    server.stop()
+    bare = root / "bare" / "etcd"
+    shutil.copytree(made / "etcd", bare)
+    server.start(bare)
+    asyncio.run(etcd_clear(server, "/snapshots/", "/snapshot-chunks/"))
+    server.stop()
+    return made / "etcd", bare, agent_state, head, targets
+
+
+Row = tuple[str, str, str, float, float, float | None, float, float | None]
+
+
+def report(name: str, label: str, backend: str, results: list[Started]) -> Row:
+    ready = statistics.median(r.ready for r in results)
+    cpu = statistics.median(r.cpu for r in results)
+    read = statistics.median(r.read for r in results)
+    servers = [r.server_cpu for r in results if r.server_cpu is not None]
+    firsts_known = [r.first for r in results if r.first is not None]
+    return (backend, name, label, ready, cpu, statistics.median(servers) if servers else None, read,
+            statistics.median(firsts_known) if firsts_known else None)
+
+
+def show(name: str, label: str, run: int, result: Started) -> None:
+    firsts = f", first {result.first:.2f} s" if result.first is not None else ""
+    server = f", etcd CPU {result.server_cpu:.2f} s" if result.server_cpu is not None else ""
+    print(f"  {name}, {label}, run {run + 1}: ready {result.ready:.2f} s (CPU {result.cpu:.2f} s{server})"
+          f"{firsts}, {result.read:,} events read {result.detail or ''}", flush=True)
+
+
+def bench_sqlite(root: Path, args: argparse.Namespace) -> list[Row]:
+    with_snapshots, bare, agent_state, head = prepare(root, args.vms, args.hosts)
+    targets = manager_targets(with_snapshots)
+    print(f"log head {head:,}; process managers caught up at {targets}", flush=True)
+    cases: dict[str, Callable[[str, Path], Started]] = {
+        "gateway": lambda store, work: run_gateway(store, work, head),
+        "processes": lambda store, work: run_processes(store, work, targets),
+        "agent": lambda store, work: run_agent(store, work, work / "agent-state"),
+    }
+    rows = []
+    for name, case in cases.items():
+        if args.only and name not in args.only:
+            continue
+        for label, source in (("no snapshots", bare), ("snapshots", with_snapshots)):
+            results = []
+            for run in range(args.runs):
+                work = root / "runs" / f"{name}-{label.replace(' ', '-')}-{run}"
+                copy_log(source, work / "events.sqlite")
+                shutil.copytree(agent_state, work / "agent-state")
+                result = case(f"sqlite://{work / 'events.sqlite'}", work)
+                results.append(result)
+                show(name, label, run, result)
+            rows.append(report(name, label, "SQLite", results))
+    return rows
+
+
+def bench_etcd(root: Path, args: argparse.Namespace) -> list[Row]:
+    server = EtcdServer()
     try:
-        with_snapshots, bare, agent_state, head = prepare(root, args.vms, args.hosts)
-        targets = manager_targets(with_snapshots)
+        with_snapshots, bare, agent_state, head, targets = prepare_etcd(root, server, args.vms, args.hosts)
         print(f"log head {head:,}; process managers caught up at {targets}", flush=True)
-        cases: dict[str, Callable[[Path, Path], Started]] = {
-            "gateway": lambda store, work: run_gateway(store, work, head),
-            "processes": lambda store, work: run_processes(store, work, targets),
-            "agent": lambda store, work: run_agent(store, work, work / "agent-state"),
+        cases: dict[str, Callable[[str, Path], Started]] = {
+            "gateway": lambda store, work: run_gateway(store, work, head, server.cpu),
+            "processes": lambda store, work: run_processes(store, work, targets, server.cpu),
+            "agent": lambda store, work: run_agent(store, work, work / "agent-state", server.cpu),
         }
         rows = []
         for name, case in cases.items():
@@ -504,31 +713,67 @@ def main() -> None:
                 results = []
                 for run in range(args.runs):
                     work = root / "runs" / f"{name}-{label.replace(' ', '-')}-{run}"
-                    copy_log(source, work / "events.sqlite")
+                    work.mkdir(parents=True)
+                    shutil.copytree(source, work / "etcd")
                     shutil.copytree(agent_state, work / "agent-state")
-                    result = case(work / "events.sqlite", work)
+                    server.start(work / "etcd")
+                    try:
+                        result = case(server.url, work)
+                    finally:
+                        server.stop()
+                        shutil.rmtree(work / "etcd", ignore_errors=True)
                     results.append(result)
-                    firsts = f", first {result.first:.2f} s" if result.first is not None else ""
-                    print(f"  {name}, {label}, run {run + 1}: ready {result.ready:.2f} s (CPU {result.cpu:.2f} s)"
-                          f"{firsts}, {result.read:,} events read {result.detail or ''}", flush=True)
-                ready = statistics.median(r.ready for r in results)
-                cpu = statistics.median(r.cpu for r in results)
-                read = statistics.median(r.read for r in results)
-                firsts_known = [r.first for r in results if r.first is not None]
-                first = statistics.median(firsts_known) if firsts_known else None
-                rows.append((name, label, ready, cpu, read, first))
+                    show(name, label, run, result)
+                rows.append(report(name, label, "etcd", results))
+        return rows
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vms", type=int, default=100_000)
+    parser.add_argument("--hosts", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="5,000 VMs on 50 hosts, one run (a smoke test)")
+    parser.add_argument("--keep", action="store_true", help="keep the logs in /tmp")
+    parser.add_argument("--only", choices=("gateway", "processes", "agent"), action="append")
+    parser.add_argument("--backend", choices=("sqlite", "etcd", "both"), default="both",
+                        help="the log in a SQLite file, in a single etcd member on tmpfs, or both (default)")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the daemons (finally blocks) when stopped
+    if args.quick:
+        args.vms, args.hosts, args.runs = 5000, 50, 1
+    # An installed ucloud has its bytecode compiled (pip does it); an editable checkout under
+    # PYTHONDONTWRITEBYTECODE=1 (as on the machine of docs/performance.md) would compile
+    # every module at every start instead, about 0.2 CPU-s of each daemon's start.
+    packages = [str(ROOT / p) for p in PACKAGES] + [str(ROOT / "tests")]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], check=True, stdout=subprocess.DEVNULL)
+    rows: list[Row] = []
+    roots = []
+    try:
+        if args.backend in ("sqlite", "both"):
+            roots.append(Path(tempfile.mkdtemp(prefix="ucloud-startup-", dir="/tmp")))
+            rows += bench_sqlite(roots[-1], args)
+        if args.backend in ("etcd", "both"):
+            # etcd's data dirs on tmpfs, as tests/support/etcd.py has them.
+            roots.append(Path(tempfile.mkdtemp(prefix="ucloud-startup-etcd-", dir=_tmp_root())))
+            rows += bench_etcd(roots[-1], args)
         print()
-        print("| daemon | log | ready: wall s (median) | CPU s | events read | events/CPU-s | first sign |")
-        print("|---|---|---:|---:|---:|---:|---:|")
-        for name, label, ready, cpu, read, first in rows:
+        print("| log in | daemon | log | ready: wall s (median) | CPU s | etcd CPU s | events read | events/CPU-s "
+              "| first sign |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        for backend, name, label, ready, cpu, server, read, first in rows:
             rate = f"{read / cpu:,.0f}" if cpu else "-"
-            print(f"| {name} | {label} | {ready:.2f} | {cpu:.2f} | {read:,.0f} | {rate} | "
+            print(f"| {backend} | {name} | {label} | {ready:.2f} | {cpu:.2f} | "
+                  f"{'-' if server is None else f'{server:.2f}'} | {read:,.0f} | {rate} | "
                   f"{'-' if first is None else f'{first:.2f}'} |")
     finally:
-        if args.keep:
-            print(f"kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        for root in roots:
+            if args.keep:
+                print(f"kept: {root}")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

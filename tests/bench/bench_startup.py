@@ -263,7 +263,7 @@ class Daemon:
 
     def check(self) -> None:
         if self.process.poll() is not None:
-            raise RuntimeError(f"{self.process.args} ended ({self.process.returncode}):\n{self.output()[-3000:]}")
+            raise RuntimeError(f"{self.process.args!r} ended ({self.process.returncode}):\n{self.output()[-3000:]}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -275,14 +275,14 @@ class Daemon:
             code = self.process.wait()
         self.log.close()
         if code != 0:
-            raise RuntimeError(f"{self.process.args} stopped with {code}:\n{self.output()[-3000:]}")
+            raise RuntimeError(f"{self.process.args!r} stopped with {code}:\n{self.output()[-3000:]}")
 
 
 def until(daemon: Daemon, ready: Callable[[], bool], timeout: float = 600.0) -> None:
     while not ready():
         daemon.check()
         if daemon.elapsed() > timeout:
-            raise TimeoutError(f"{daemon.process.args} not ready after {timeout}s:\n{daemon.output()[-3000:]}")
+            raise TimeoutError(f"{daemon.process.args!r} not ready after {timeout}s:\n{daemon.output()[-3000:]}")
         time.sleep(0.01)
 
 
@@ -293,7 +293,7 @@ def run_gateway(store: str, work: Path, head: int, server: Server = None) -> Sta
                      "--listen", "127.0.0.1", "--port", str(port), "--state-dir", str(work / "gateway")],
                     work / "gateway.log")
     first: float | None = None
-    seen: dict[str, float] = {}
+    seen: dict[str, Any] = {}
 
     def ready() -> bool:
         nonlocal first

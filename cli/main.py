@@ -629,7 +629,8 @@ def _add_subcommands() -> None:
 
     # `ucloud up` lives in cli/up.py; it joins this CLI when it can be imported.
     try:
-        from ucloud.cli.up import gateway_command, metadata, processes_command, up
+        from ucloud.cli.run_processes import processes_command
+        from ucloud.cli.up import gateway_command, metadata, up
     except ModuleNotFoundError as missing:
         if missing.name != "ucloud.cli.up":  # up.py exists but needs something missing: say so when used
             main.add_command(_unavailable("up", str(missing)))

@@ -46,7 +46,7 @@ from ucloud.eventstore.errors import ConflictError
 from .identity import AuthenticationFailed
 from .inputs import check_patterns, text
 from .keys import AUTHENTICATOR, actor_of
-from .routes import BODY_LIMIT, ApiDoc, Handler, Param, answer
+from .routes import BODY_LIMIT, ApiDoc, Handler, Param, answer, api_on
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,7 @@ auth_routes = web.RouteTableDef()
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
-    def register(handler: Handler) -> Handler:
-        handler.api_doc = doc  # type: ignore[attr-defined]
-        auth_routes.route(method, path)(handler)
-        return handler
-
-    return register
+api = api_on(auth_routes)
 
 
 # -- bodies and answers ------------------------------------------------------------------------

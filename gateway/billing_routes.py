@@ -77,6 +77,7 @@ from .routes import (
     VmRam,
     _meta,
     answer,
+    api_on,
     reach_position,
 )
 
@@ -91,13 +92,7 @@ PAYMENT_METHODS: web.AppKey[dict[str, PaymentMethod]] = web.AppKey("payment_meth
 billing_routes = web.RouteTableDef()
 
 
-def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
-    def register(handler: Handler) -> Handler:
-        handler.api_doc = doc  # type: ignore[attr-defined]
-        billing_routes.route(method, path)(handler)
-        return handler
-
-    return register
+api = api_on(billing_routes)
 
 
 # -- bodies and answers ------------------------------------------------------------------------

@@ -19,7 +19,6 @@ it likes (its etcd role has no write access to the log: docs/operations.md).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 from uuid import UUID
 
@@ -42,7 +41,6 @@ from .routes import (
     HOST_ID,
     Accepted,
     ApiDoc,
-    Handler,
     HostAccepted,
     Param,
     _cores,
@@ -51,6 +49,7 @@ from .routes import (
     _require_admin,
     _size,
     answer,
+    api_on,
 )
 
 host_routes = web.RouteTableDef()
@@ -67,13 +66,7 @@ class HostAuthenticationFailed(AuthenticationFailed):
         super().__init__(message, CHALLENGE)
 
 
-def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
-    def register(handler: Handler) -> Handler:
-        handler.api_doc = doc  # type: ignore[attr-defined]
-        host_routes.route(method, path)(handler)
-        return handler
-
-    return register
+api = api_on(host_routes)
 
 
 async def authenticate_host(request: web.Request) -> host_domain.Host:

@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import os
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +39,6 @@ from .routes import (
     VM_ID,
     Accepted,
     ApiDoc,
-    Handler,
     Param,
     UserName,
     _cores,
@@ -48,6 +46,7 @@ from .routes import (
     _size,
     _visible_owner,
     answer,
+    api_on,
     reach_position,
 )
 
@@ -57,13 +56,7 @@ CHUNK = 1024 * 1024
 RESERVE_STEP = 64 * 1024 * 1024  # what a chunked upload reserves of the quota at a time
 
 
-def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
-    def register(handler: Handler) -> Handler:
-        handler.api_doc = doc  # type: ignore[attr-defined]
-        image_routes.route(method, path)(handler)
-        return handler
-
-    return register
+api = api_on(image_routes)
 
 
 FileName = Annotated[str, _meta(max_length=file_domain.FILE_NAME_MAX_LENGTH, pattern=file_domain.FILE_NAME_PATTERN,

@@ -29,6 +29,7 @@ from .routes import (
     _visible_owner,
     _vm_id,
     answer,
+    api_on,
     reach_position,
 )
 
@@ -40,13 +41,7 @@ BODY_LIMIT = 128 * 1024  # as the other routes: far above any valid body, refuse
 NetworkName = Annotated[str, _meta(max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN, examples=["lan"])]
 
 
-def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
-    def register(handler: Handler) -> Handler:
-        handler.api_doc = doc  # type: ignore[attr-defined]
-        network_routes.route(method, path)(handler)
-        return handler
-
-    return register
+api = api_on(network_routes)
 
 
 class CreateNetworkBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

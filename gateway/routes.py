@@ -187,15 +187,22 @@ def declared_params(doc: ApiDoc, resource: Any) -> tuple[Param, ...]:
 routes = web.RouteTableDef()
 
 
-def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
-    """Register a handler under ``method path`` with its documentation."""
+def api_on(table: web.RouteTableDef) -> Callable[[str, str, ApiDoc], Callable[[Handler], Handler]]:
+    """The ``@api(method, path, doc)`` decorator of one route table: it registers a handler
+    under ``method path`` with its documentation (the OpenAPI document is built from it)."""
 
-    def register(handler: Handler) -> Handler:
-        handler.api_doc = doc  # type: ignore[attr-defined]
-        routes.route(method, path)(handler)
-        return handler
+    def api(method: str, path: str, doc: ApiDoc) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            handler.api_doc = doc  # type: ignore[attr-defined]
+            table.route(method, path)(handler)
+            return handler
 
-    return register
+        return register
+
+    return api
+
+
+api = api_on(routes)
 
 
 # -- bodies and answers ------------------------------------------------------------------------
